@@ -1,0 +1,125 @@
+"""The bundled default model: a tiny Llama with GQA, made deterministically on first use.
+
+`llmc build` with no argument compiles it through exactly the same loader path as a user's
+model (a real HF directory: config.json, model.safetensors, tokenizer.json), so the default
+build exercises everything without a hub. Weights are random with a fixed seed; the tokenizer
+is a byte-level BPE trained on the text below, so the directory is identical on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "llmc-tiny-llama"
+_VERSION = "v1"
+
+_CORPUS = """\
+The compiler reads a model directory, exports a graph, rewrites it, and builds an engine.
+Every stage hands a small typed object to the next one, and nothing reaches back.
+A language model predicts the next token from the tokens before it, one step at a time.
+The key and value cache keeps what attention has already computed, so decoding is cheap.
+Grouped query attention shares each key and value head among several query heads.
+Rotary position embeddings turn positions into rotations of pairs of channels.
+Numbers in half precision carry about three decimal digits; accumulations need care.
+Once upon a time there was a small model that wanted to run fast on a large machine.
+It learned to count: one, two, three, four, five, six, seven, eight, nine, ten.
+The quick brown fox jumps over the lazy dog while the engine warms its caches.
+"""
+
+
+def cache_root() -> Path:
+    """Where llmc keeps generated models and timing caches (override with LLMC_CACHE)."""
+    return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc"))
+
+
+def make_tiny_model(
+    out_dir: Path,
+    architecture: str = "llama",
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+    seed: int = 0,
+    initializer_range: float = 0.08,
+) -> Path:
+    """Write a random tiny causal LM of a real architecture (llama, qwen2, mistral) as an HF directory.
+
+    Used for the bundled default and by the tests. `initializer_range` is larger than HF's 0.02 so
+    that logits are spread out and greedy decoding has clear winners instead of near-ties.
+    """
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _make_tokenizer(vocab_size)
+    common = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4096),
+    }
+    if architecture not in configs:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose from {sorted(configs)}")
+    config = configs[architecture]()
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _make_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def default_model_dir() -> Path:
+    """Return the bundled default model's directory, creating it atomically on first use."""
+    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{_VERSION}"
+    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        make_tiny_model(staging / DEFAULT_MODEL_NAME)
+        if target.exists():  # another process won the race: keep its copy
+            return target
+        os.replace(staging / DEFAULT_MODEL_NAME, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,44 @@
+"""Errors a user can act on, each with its own process exit code.
+
+CI scripts branch on the exit code, so every failure class gets a distinct, documented one.
+"""
+
+
+class LlmcError(Exception):
+    """Base error: the message names the cause and the fix, in one line where possible."""
+
+    exit_code = 1
+
+
+class BadInputError(LlmcError):
+    """The model directory, recipe or options are wrong (missing, malformed, out of range)."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(LlmcError):
+    """The model is valid but llmc does not compile its architecture (yet)."""
+
+    exit_code = 3
+
+
+class BackendBuildError(LlmcError):
+    """TensorRT(-RTX) could not parse or build the graph, or lacks a needed capability."""
+
+    exit_code = 4
+
+
+class AccuracyError(LlmcError):
+    """The compiled graph's numerics fall outside the recipe's tolerance."""
+
+    exit_code = 5
+
+
+EXIT_CODES = {
+    0: "built, and numerics within the recipe's tolerance",
+    1: "internal error (a bug in llmc: please report it with the traceback)",
+    BadInputError.exit_code: "bad input: missing/malformed model directory, recipe or option",
+    UnsupportedModelError.exit_code: "unsupported model architecture or format",
+    BackendBuildError.exit_code: "TensorRT(-RTX) parse or build failure",
+    AccuracyError.exit_code: "accuracy outside the recipe's tolerance",
+}

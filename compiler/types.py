@@ -1,0 +1,161 @@
+"""The small typed objects that stages hand each other.
+
+Each stage takes the previous stage's object and returns its own; nothing else is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts every later stage needs, read once from config.json."""
+
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Output of load: the reference PyTorch model (FP32, eval mode) and its tokenizer."""
+
+    path: Path
+    name: str
+    spec: ModelSpec
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    num_parameters: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    """The public I/O contract of the exported graph (names follow Optimum / onnxruntime-genai)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names]
+
+
+@dataclasses.dataclass
+class ExportedGraph:
+    """Output of export (and of each pass): an in-memory ONNX model plus its I/O contract."""
+
+    model: Any  # onnx_ir.Model
+    io: GraphIO
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """What 'numerically correct' means for a recipe (compiled ONNX vs PyTorch FP32)."""
+
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    min_greedy_agreement: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named, ordered pass list plus the tolerance its output must meet (recipes/*.yaml)."""
+
+    name: str
+    description: str
+    passes: tuple[str, ...]
+    tolerance: Tolerance
+    source: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Engine shape limits: one optimization profile covers prefill and decode."""
+
+    max_batch: int = 1
+    max_seq: int = 256
+
+    def __post_init__(self) -> None:
+        from .errors import BadInputError
+
+        if self.max_batch < 1:
+            raise BadInputError(f"--max-batch must be >= 1 (got {self.max_batch})")
+        if self.max_seq < 2:
+            raise BadInputError(f"--max-seq must be >= 2 (got {self.max_seq})")
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did: for the report and for debugging a pipeline."""
+
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One engine I/O tensor as the built network declares it (-1 = dynamic)."""
+
+    name: str
+    dtype: str  # numpy-style name: float16, int64, bool, ...
+    shape: tuple[int, ...]
+    is_input: bool
+
+
+@dataclasses.dataclass
+class EngineArtifact:
+    """Output of build: the serialized engine and the facts needed to serve it."""
+
+    plan_path: Path
+    onnx_path: Path
+    backend: str
+    backend_version: str
+    tensors: list[TensorInfo]
+    layer_types: dict[str, int]
+    seconds: float
+    timing_cache: str
+
+
+@dataclasses.dataclass
+class ValidationResult:
+    """Output of validate: compiled ONNX (onnxruntime) vs the PyTorch reference."""
+
+    prompt: str
+    prompt_tokens: int
+    decode_steps: int
+    max_abs_error: float
+    mean_abs_error: float
+    greedy_agreement: float
+    reference_tokens: list[int]
+    compiled_tokens: list[int]
+    tolerance: Tolerance
+    passed: bool
+    failures: list[str]
+    seconds: float
