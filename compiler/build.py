@@ -1,0 +1,150 @@
+"""Stage 4, build: parse the final ONNX with TensorRT(-RTX) and serialize an engine.
+
+One optimization profile spans prefill and decode (sequence 1..max_seq, past 0..max_seq-1);
+the timing cache is reused across builds; parser errors name the ONNX node and op.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import onnx
+
+from .backend import Backend
+from .errors import BackendBuildError, BadInputError
+from .export import BATCH, PAST, SEQ, TOTAL
+from .types import BuildOptions, EngineArtifact, TensorInfo
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _capturing_logger(trt):
+    class CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.messages.append(str(msg))
+
+    return CapturingLogger()
+
+
+def custom_domain_nodes(onnx_path: Path) -> list[str]:
+    """Nodes that need plugins; checked before parsing because TensorRT-RTX aborts on them."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return [f"{n.name or '?'} ({n.domain}::{n.op_type})" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS]
+
+
+def profile_shapes(dims, options: BuildOptions) -> tuple[tuple, tuple, tuple]:
+    """(min, opt, max) for one input; opt is a decode step at half the context (what serving runs most)."""
+    b, s = options.max_batch, options.max_seq
+    table = {
+        BATCH: (1, b, b),
+        SEQ: (1, 1, s),
+        PAST: (0, s // 2, s - 1),
+        TOTAL: (1, s // 2 + 1, s),
+    }
+    mins, opts, maxs = [], [], []
+    for d in dims:
+        if isinstance(d, int) and d >= 0:
+            mins.append(d), opts.append(d), maxs.append(d)
+        elif d in table:
+            lo, mid, hi = table[d]
+            mins.append(lo), opts.append(mid), maxs.append(hi)
+        else:
+            raise BackendBuildError(f"graph input has a dynamic dim {d!r} llmc has no profile rule for")
+    return tuple(mins), tuple(opts), tuple(maxs)
+
+
+def _input_dims(onnx_path: Path) -> dict[str, list]:
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    out = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        out[vi.name] = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return out
+
+
+def _np_dtype(trt, dtype) -> str:
+    names = {
+        trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int8: "int8",
+        trt.int32: "int32", trt.int64: "int64", trt.bool: "bool", trt.uint8: "uint8",
+    }
+    return names.get(dtype, str(dtype).split(".")[-1].lower())
+
+
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    options: BuildOptions,
+    backend: Backend,
+    timing_cache_path: Path | None = None,
+) -> EngineArtifact:
+    """Parse, build and write `plan_path`; raise BackendBuildError naming the node/op on failure."""
+    trt = backend.trt
+    start = time.perf_counter()
+    custom = custom_domain_nodes(onnx_path)
+    if custom:
+        backend.require_plugins(f"custom-domain nodes {', '.join(custom[:3])}")
+
+    logger = _capturing_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            errors.append(f"node {e.node_name() or e.node()!r} (op {e.node_operator() or '?'}): {e.desc()}")
+        raise BackendBuildError(f"{backend.name} could not parse {onnx_path.name}: " + "; ".join(errors or logger.messages))
+
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    dims = _input_dims(onnx_path)
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name not in dims:
+            raise BadInputError(f"network input {tensor.name} not found among the ONNX graph inputs")
+        profile.set_shape(tensor.name, *profile_shapes(dims[tensor.name], options))
+    config.add_optimization_profile(profile)
+
+    cache_note = "none"
+    if timing_cache_path is not None:
+        blob = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=True)
+        cache_note = f"reused {timing_cache_path}" if blob else f"created {timing_cache_path}"
+
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise BackendBuildError(f"{backend.name} failed to build the engine: " + " | ".join(logger.messages[-5:]))
+    plan_path.write_bytes(bytes(engine))
+    if timing_cache_path is not None:
+        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = timing_cache_path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(timing_cache_path)
+
+    tensors = []
+    for getter, count, is_input in ((network.get_input, network.num_inputs, True),
+                                    (network.get_output, network.num_outputs, False)):
+        for i in range(count):
+            t = getter(i)
+            tensors.append(TensorInfo(t.name, _np_dtype(trt, t.dtype), tuple(int(d) for d in t.shape), is_input))
+    layer_types = collections.Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
+    return EngineArtifact(
+        plan_path=plan_path,
+        onnx_path=onnx_path,
+        backend=backend.name,
+        backend_version=backend.version,
+        tensors=tensors,
+        layer_types=dict(sorted(layer_types.items())),
+        seconds=time.perf_counter() - start,
+        timing_cache=cache_note,
+    )

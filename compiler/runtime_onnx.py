@@ -1,0 +1,41 @@
+"""Executor over the compiled ONNX with onnxruntime: the CI executor for every numerics claim.
+
+The graph it runs is byte-for-byte the one TensorRT parsed, so its outputs are what the engine
+is supposed to compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(bfloat16)": np.float32,
+}
+
+
+class OnnxRuntimeExecutor:
+    """CPU by default; the CUDA provider when present and asked for."""
+
+    def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        self.name = f"onnxruntime ({self.session.get_providers()[0]})"
+        self._types = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._types[name])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in feeds.items() if k in self._types}
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))

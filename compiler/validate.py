@@ -1,0 +1,96 @@
+"""Stage 5, validate: the compiled ONNX (onnxruntime) against the original PyTorch model (FP32).
+
+Same prompt, same tokenizer. PyTorch decodes greedily; the compiled graph is fed the reference's
+tokens through its KV-cache I/O (teacher forcing), so one near-tie flip cannot cascade and every
+step compares logits for the same context. Reported: max / mean absolute logit error over the
+prefill positions and every decode step, and greedy next-token agreement.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .runtime import Executor, KVCacheSession
+from .types import GraphIO, LoadedModel, Tolerance, ValidationResult
+
+DEFAULT_PROMPT = "The compiler reads a model directory, exports a graph, and"
+
+
+def reference_decode(loaded: LoadedModel, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """PyTorch greedy decoding with HF's own cache: logits per step ([seq, vocab] then [1, vocab]...) and tokens."""
+    import torch
+    from transformers import DynamicCache
+
+    model = loaded.model
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt_ids])
+    logits_steps, tokens = [], []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            out = model(input_ids=ids, cache=cache, use_cache=True)
+            logits = out.logits[0].float().numpy()
+            logits_steps.append(logits)
+            token = int(logits[-1].argmax())
+            tokens.append(token)
+            ids = torch.tensor([[token]])
+    return logits_steps, tokens
+
+
+def compare(
+    loaded: LoadedModel,
+    executor: Executor,
+    io: GraphIO,
+    tolerance: Tolerance,
+    prompt: str = DEFAULT_PROMPT,
+    decode_steps: int = 16,
+) -> ValidationResult:
+    start = time.perf_counter()
+    prompt_ids = loaded.tokenizer(prompt).input_ids
+    if not prompt_ids:
+        raise ValueError("the validation prompt tokenizes to nothing")
+    ref_logits, ref_tokens = reference_decode(loaded, prompt_ids, decode_steps)
+
+    session = KVCacheSession(executor, io)
+    got_tokens, errors = [], []
+    feed = np.array([prompt_ids], dtype=np.int64)
+    for step, expected in enumerate(ref_logits):
+        logits = session.step(feed)[0]
+        errors.append(np.abs(logits - expected).ravel())
+        got_tokens.append(int(logits[-1].argmax()))
+        feed = np.array([[ref_tokens[step]]], dtype=np.int64)
+    err = np.concatenate(errors)
+    max_err, mean_err = float(err.max()), float(err.mean())
+    agreement = float(np.mean(np.array(got_tokens) == np.array(ref_tokens)))
+    failures = []
+    if not np.isfinite(err).all():
+        failures.append("non-finite logits in the compiled graph")
+    if max_err > tolerance.max_abs_logit_error:
+        failures.append(f"max |logit error| {max_err:.4g} > {tolerance.max_abs_logit_error:g}")
+    if mean_err > tolerance.mean_abs_logit_error:
+        failures.append(f"mean |logit error| {mean_err:.4g} > {tolerance.mean_abs_logit_error:g}")
+    if agreement < tolerance.min_greedy_agreement:
+        failures.append(f"greedy agreement {agreement:.1%} < {tolerance.min_greedy_agreement:.1%}")
+    return ValidationResult(
+        prompt=prompt,
+        prompt_tokens=len(prompt_ids),
+        decode_steps=decode_steps,
+        max_abs_error=max_err,
+        mean_abs_error=mean_err,
+        greedy_agreement=agreement,
+        reference_tokens=ref_tokens,
+        compiled_tokens=got_tokens,
+        tolerance=tolerance,
+        passed=not failures,
+        failures=failures,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def validate(loaded: LoadedModel, onnx_path: Path, io: GraphIO, tolerance: Tolerance, **kwargs) -> ValidationResult:
+    """Validate the compiled ONNX on onnxruntime (CPU; the contract TensorRT parsed)."""
+    from .runtime_onnx import OnnxRuntimeExecutor
+
+    return compare(loaded, OnnxRuntimeExecutor(onnx_path), io, tolerance, **kwargs)

@@ -1,0 +1,37 @@
+"""Graph passes, one per file; recipes name them, this registry maps names to classes.
+
+The registry below is the only list of passes in llmc: to find where a rewrite happens, look up
+its recipe name here and open the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import onnx_ir as ir
+
+from .cast_fp16 import CastFp16Pass
+from .cleanup import CleanupPass
+from .rotary_2d_cache import Rotary2DCachePass
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """Build facts some passes need (e.g. how many positions the rotary table must cover)."""
+
+    max_positions: int
+
+
+REGISTRY: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
+    "cleanup": lambda ctx: CleanupPass(),
+    "rotary-2d-cache": lambda ctx: Rotary2DCachePass(max_positions=ctx.max_positions),
+    "cast-fp16": lambda ctx: CastFp16Pass(),
+}
+
+
+def make_pass(name: str, ctx: PassContext) -> ir.passes.PassBase:
+    try:
+        return REGISTRY[name](ctx)
+    except KeyError:
+        raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(REGISTRY)}") from None

@@ -1,0 +1,64 @@
+"""Lower every FP32 tensor of the graph to FP16.
+
+Why: TensorRT builds strongly typed networks, where the ONNX types *are* the engine's precision,
+and its fused attention kernels exist only for FP16/BF16 ("not supported by a dedicated kernel"
+in FP32). The model is exported in FP32 so that constant tables (rotary caches) are computed at
+full precision first; this pass then converts weights, graph I/O, Cast targets and constants.
+Values outside FP16's range (e.g. -3.4e38 mask fills) are clamped to +-65504 instead of
+becoming inf, which would turn a fully masked row into NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _to_f16(tensor) -> ir.Tensor:
+    arr = np.clip(tensor.numpy().astype(np.float32), -_F16_MAX, _F16_MAX).astype(np.float16)
+    return ir.tensor(arr, name=tensor.name)
+
+
+class CastFp16Pass(ir.passes.InPlacePass):
+    """FP32 -> FP16 for initializers, graph I/O, Cast/Constant/ConstantOfShape and every value."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        graph = model.graph
+        for init in graph.initializers.values():
+            if init.dtype == F32 and init.const_value is not None:
+                init.const_value = _to_f16(init.const_value)
+                init.dtype = F16
+                modified = True
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.op_type == "Cast" and node.attributes["to"].as_int() == F32:
+                node.attributes["to"] = ir.AttrInt64("to", F16)
+                modified = True
+            elif node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+                tensor = node.attributes["value"].as_tensor()
+                if tensor.dtype == F32:
+                    node.attributes["value"] = ir.AttrTensor("value", _to_f16(tensor))
+                    modified = True
+            elif node.op_type == "Constant" and ("value_float" in node.attributes or "value_floats" in node.attributes):
+                key = "value_float" if "value_float" in node.attributes else "value_floats"
+                data = np.asarray(node.attributes.pop(key).value, dtype=np.float32)
+                node.attributes["value"] = ir.AttrTensor("value", _to_f16(ir.tensor(data)))
+                modified = True
+            for value in node.outputs:
+                if value.dtype == F32:
+                    value.dtype = F16
+                    modified = True
+        for value in graph.inputs:
+            if value.dtype == F32:
+                value.dtype = F16
+                modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        leftovers = [v.name for v in (*model.graph.inputs, *model.graph.initializers.values()) if v.dtype == F32]
+        leftovers += [v.name for n in model.graph for v in n.outputs if v.dtype == F32]
+        if leftovers:
+            raise ir.passes.PostconditionError(f"FP32 tensors remain after cast-fp16: {leftovers[:5]}")

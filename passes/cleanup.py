@@ -1,0 +1,32 @@
+"""Constant folding, common-subexpression elimination and dead-code removal.
+
+Why: the exporter leaves shape arithmetic and per-layer duplicates that a rewrite rule must not
+have to look through, and every rewrite leaves dead producers behind. Runs onnxscript's optimizer
+(constant folding + its basic rules) and onnx-ir's CSE / unused-node / unused-initializer passes.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    return (
+        tuple((n.op_type, len(n.inputs)) for n in model.graph),
+        tuple(sorted(model.graph.initializers)),
+    )
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    """Fold constants, dedupe, and drop whatever no output depends on."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnxscript.optimizer
+
+        before = _fingerprint(model)
+        onnxscript.optimizer.optimize_ir(model, num_iterations=2)
+        common.CommonSubexpressionEliminationPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        common.RemoveUnusedOpsetsPass()(model)
+        return ir.passes.PassResult(model, modified=_fingerprint(model) != before)
