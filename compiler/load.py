@@ -76,6 +76,8 @@ def load_model(path: str | Path) -> LoadedModel:
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - tokenizers raise many types; the message says which file

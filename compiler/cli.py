@@ -1,0 +1,112 @@
+"""The `llmc` command line: `llmc build [MODEL_DIR]` and friends.
+
+Errors the user can act on print one line and exit with a documented code (see errors.py);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_CODES, LlmcError
+from .types import BuildOptions, PassRecord
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class RichProgress:
+    """Per-stage spinner and timing lines on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._status = None
+
+    def stage_start(self, index: int, name: str) -> None:
+        from .driver import STAGES
+
+        self._status = self.console.status(f"[{index + 1}/{len(STAGES)}] {name} ...")
+        self._status.start()
+
+    def stage_end(self, index: int, name: str, seconds: float, detail: str = "") -> None:
+        from .driver import STAGES
+
+        if self._status:
+            self._status.stop()
+        extra = f"  ({detail})" if detail else ""
+        self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<8} done in {seconds:6.2f} s{extra}")
+
+    def pass_done(self, record: PassRecord) -> None:
+        flag = "changed" if record.modified else "no-op"
+        self.console.print(f"      pass {record.name:<16} {flag:<7} {record.nodes_before} -> {record.nodes_after} nodes")
+
+
+def print_summary(report: dict) -> None:
+    num = report["numerics"]
+    table = Table(title=f"llmc build: {report['model']['name']} ({report['recipe']['name']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("backend", f"{report['backend']['name']} {report['backend']['version']}")
+    table.add_row("stages", ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
+    table.add_row("sizes", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report["sizes_bytes"].items()))
+    layers = report["engine"]["layer_types"]
+    native = [k for k in ("ATTENTION_INPUT", "ROTARY_EMBEDDING", "KV_CACHE_UPDATE") if k in layers]
+    table.add_row("native layers", ", ".join(f"{k} x{layers[k]}" for k in native) or "none")
+    table.add_row("numerics", f"max |err| {num.max_abs_error:.4g}, mean |err| {num.mean_abs_error:.3g}, "
+                              f"greedy agreement {num.greedy_agreement:.1%} over {num.decode_steps + 1} tokens")
+    table.add_row("output", report.get("output", "?"))
+    status = report["status"]
+    table.add_row("result", "[green]PASS[/green]" if status == "pass" else "[red]FAIL[/red]")
+    out_console.print(table)
+    out_console.print(f"result: {status}")
+
+
+@click.group()
+@click.version_option(package_name="llmc")
+def main() -> None:
+    """llmc: compile a Hugging Face causal LM into a TensorRT engine and a Triton model repository."""
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--recipe", default="fp16", show_default=True, help="Recipe name in recipes/ or a path to a .yaml.")
+@click.option("--max-batch", default=1, show_default=True, type=int, help="Largest batch the engine accepts.")
+@click.option("--max-seq", default=256, show_default=True, type=int, help="Largest total sequence (past + new) the engine accepts.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory [default: artifacts/<model-name>].")
+@click.option("--prompt", default=None, help="Prompt for the numerics check against PyTorch.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (reused across builds).")
+def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
+    """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
+    from .driver import BuildRequest, run_build
+    from .validate import DEFAULT_PROMPT
+
+    try:
+        request = BuildRequest(
+            model=model_dir,
+            recipe=recipe,
+            output=output,
+            options=BuildOptions(max_batch=max_batch, max_seq=max_seq),
+            prompt=prompt or DEFAULT_PROMPT,
+            timing_cache=timing_cache,
+        )
+        report = run_build(request, RichProgress(err_console))
+    except LlmcError as exc:
+        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    print_summary(report)
+
+
+@main.command("exit-codes")
+def exit_codes():
+    """Print the exit codes llmc uses."""
+    for code, meaning in sorted(EXIT_CODES.items()):
+        click.echo(f"{code}  {meaning}")
+
+
+if __name__ == "__main__":
+    main()

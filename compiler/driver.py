@@ -1,0 +1,134 @@
+"""`llmc build` end to end: load -> export -> passes -> build -> validate -> package.
+
+Each stage is one module; this file only calls them in order, times them, and assembles the
+report. Nothing is written at the output path until every stage has succeeded (or, for an
+accuracy failure, the complete build is kept at `<out>.failed` for inspection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from passes import PassContext
+
+from . import __version__
+from .backend import get_backend
+from .build import build_engine
+from .default_model import cache_root, default_model_dir
+from .errors import AccuracyError
+from .export import export_onnx
+from .load import load_model, read_spec
+from .package import StagedOutput, tool_versions, write_report
+from .pipeline import run_passes
+from .recipe import load_recipe
+from .triton_repo import triton_model_name, write_repository
+from .types import BuildOptions, PassRecord
+from .validate import DEFAULT_PROMPT, validate
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
+
+STAGES = ("load", "export", "passes", "build", "validate", "package")
+
+
+@dataclasses.dataclass
+class BuildRequest:
+    model: Path | None = None
+    recipe: str = "fp16"
+    output: Path | None = None
+    options: BuildOptions = dataclasses.field(default_factory=BuildOptions)
+    prompt: str = DEFAULT_PROMPT
+    decode_steps: int = 16
+    timing_cache: Path | None = None
+
+
+class Progress:
+    """Callbacks the CLI implements (rich spinners); the default prints nothing."""
+
+    def stage_start(self, index: int, name: str) -> None: ...
+    def stage_end(self, index: int, name: str, seconds: float, detail: str = "") -> None: ...
+    def pass_done(self, record: PassRecord) -> None: ...
+
+
+def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=path.name + ".data")
+        return [path, path.with_name(path.name + ".data")]
+    ir.save(model, path)
+    return [path]
+
+
+def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
+    """Run every stage; returns the report (also written as report.json). Raises LlmcError subclasses."""
+    progress = progress or Progress()
+    timings: dict[str, float] = {}
+    backend = get_backend()
+    recipe = load_recipe(request.recipe)
+    model_path = Path(request.model) if request.model else default_model_dir()
+    read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
+    output = Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name
+    timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+
+    def stage(index: int, name: str, fn: Callable, detail: Callable = lambda r: ""):
+        progress.stage_start(index, name)
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - start
+        progress.stage_end(index, name, timings[name], detail(result))
+        return result
+
+    with StagedOutput(output) as out:
+        loaded = stage(0, "load", lambda: load_model(model_path),
+                       lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
+        exported = stage(1, "export", lambda: export_onnx(loaded), lambda g: f"{len(g.model.graph)} nodes")
+        ctx = PassContext(max_positions=request.options.max_seq)
+        final, records = stage(2, "passes", lambda: run_passes(exported, recipe, ctx, progress.pass_done),
+                               lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
+        onnx_files = _save_onnx(final.model, out.path / "model.onnx")
+        engine = stage(3, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
+                                                         request.options, backend, timing_cache),
+                       lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
+        result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", final.io, recipe.tolerance,
+                                                        prompt=request.prompt, decode_steps=request.decode_steps),
+                       lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
+        name = triton_model_name(loaded.name)
+
+        def package():
+            write_repository(out.path / "triton", name, engine)
+            report = {
+                "status": "pass" if result.passed else "fail",
+                "llmc_version": __version__,
+                "model": {"name": loaded.name, "path": loaded.path, "architecture": loaded.spec.architecture,
+                          "spec": loaded.spec, "parameters": loaded.num_parameters},
+                "recipe": {"name": recipe.name, "source": recipe.source, "passes": recipe.passes,
+                           "tolerance": recipe.tolerance},
+                "options": request.options,
+                "versions": tool_versions(),
+                "backend": {"name": backend.name, "version": backend.version,
+                            "supports_plugins": backend.supports_plugins, "timing_cache": engine.timing_cache},
+                "timings_s": timings,
+                "passes": records,
+                "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
+                "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
+                "numerics": result,
+                "triton_model": f"triton/{name}",
+            }
+            write_report(out.path / "report.json", report)
+            return report
+
+        report = stage(5, "package", package)
+        report["timings_s"]["total"] = sum(timings.values())
+        write_report(out.path / "report.json", report)
+        if not result.passed:
+            failed = out.commit(output.with_name(output.name + ".failed"))
+            raise AccuracyError(
+                f"numerics outside recipe '{recipe.name}' tolerance: {'; '.join(result.failures)}; "
+                f"the rejected build is in {failed} (report.json); try a higher-precision recipe"
+            )
+        report["output"] = str(out.commit())
+        return report

@@ -1,0 +1,78 @@
+"""Stage 6, package: the report, and the atomic output directory everything is written into.
+
+A build writes into a hidden sibling staging directory and renames it into place only at the end,
+so an interrupted or failed build never leaves a half-written artifact at the output path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+_TOOLS = ("llmc", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
+          "tensorrt", "tensorrt-rtx-cu13", "tensorrt_rtx_cu13", "polygraphy", "tritonclient", "numpy")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in _TOOLS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
+
+
+class StagedOutput:
+    """`with StagedOutput(out) as staging: ...; staging.commit()` -> out appears whole, or not at all."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final).resolve()
+        self.staging = self.final.parent / f".{self.final.name}.staging-{os.getpid()}"
+        self.committed = False
+
+    def __enter__(self) -> "StagedOutput":
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self.staging
+
+    def commit(self, final: Path | None = None) -> Path:
+        """Move the staging dir to `final` (default: the output path), replacing what was there."""
+        final = Path(final).resolve() if final else self.final
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(self.staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.committed = True
+        return final
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.staging, ignore_errors=True)
