@@ -1,0 +1,46 @@
+"""Helpers for tests: run graphs with onnxruntime, build them with the backend, count ops."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.backend import get_backend
+from compiler.build import build_engine
+from compiler.runtime_onnx import OnnxRuntimeExecutor
+from compiler.types import BuildOptions, GraphIO
+
+
+def op_counts(model: ir.Model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph)
+
+
+def save(model: ir.Model, path: Path) -> Path:
+    ir.save(model, path)
+    return path
+
+
+def feeds_with_past(io: GraphIO, dtype, batch=2, seq=3, past=4, seed=0, vocab=None) -> dict[str, np.ndarray]:
+    """A decode-like step: nonzero past length and positions, so rotary positions > 0 are exercised."""
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "input_ids": rng.integers(0, vocab or io.vocab_size, (batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, past + seq), np.int64),
+        "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1)),
+    }
+    for name in io.past_names:
+        feeds[name] = (0.5 * rng.standard_normal((batch, io.num_kv_heads, past, io.head_dim))).astype(dtype)
+    return feeds
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ex = OnnxRuntimeExecutor(path)
+    return {k: v.astype(np.float32) for k, v in ex.run(feeds).items()}
+
+
+def build_with_backend(onnx_path: Path, tmp: Path, max_seq: int = 64):
+    """Parse + build with TensorRT(-RTX); returns the EngineArtifact (layer types, I/O)."""
+    return build_engine(onnx_path, tmp / "model.plan", BuildOptions(max_batch=2, max_seq=max_seq), get_backend())

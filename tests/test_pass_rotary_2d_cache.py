@@ -1,0 +1,60 @@
+"""rotary-2d-cache, tested three ways: graph shape, onnxruntime before == after, TensorRT(-RTX) accepts."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from passes import CastFp16Pass, CleanupPass, Rotary2DCachePass
+from helpers import build_with_backend, feeds_with_past, op_counts, run_onnx, save
+
+MAX_POS = 64
+
+
+def test_graph_shape_after(fresh_llama_model, llama_export):
+    _, io = llama_export
+    model = fresh_llama_model
+    rotary_before = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    assert rotary_before and all(len(n.inputs) == 3 for n in rotary_before)  # the exporter's 3-D form
+    result = Rotary2DCachePass(MAX_POS)(model)
+    assert result.modified
+    counts = op_counts(model)
+    rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 2 * io.num_layers  # q and k in every layer
+    assert counts["Cos"] == 0 and counts["Sin"] == 0  # per-layer recomputation gone
+    for node in rotary:
+        assert [v.name for v in node.inputs[1:]] == ["rotary_emb.cos_cache", "rotary_emb.sin_cache", "position_ids"]
+    cos = model.graph.initializers["rotary_emb.cos_cache"].const_value.numpy()
+    assert cos.shape == (MAX_POS, io.head_dim // 2)
+    np.testing.assert_allclose(cos[0], 1.0, atol=1e-6)  # position 0 is no rotation
+    assert not Rotary2DCachePass(MAX_POS)(model).modified  # idempotent
+
+
+def test_onnxruntime_before_vs_after(fresh_llama_model, llama_export, tmp_path):
+    path, io = llama_export
+    feeds = feeds_with_past(io, np.float32, past=9)  # positions 9..11, far from 0
+    before = run_onnx(path, feeds)
+    Rotary2DCachePass(MAX_POS)(fresh_llama_model)
+    after = run_onnx(save(fresh_llama_model, tmp_path / "after.onnx"), feeds)
+    for name in io.output_names:  # tolerance: FP32 table lookup vs recompute, 1e-5
+        np.testing.assert_allclose(after[name], before[name], atol=1e-5, rtol=1e-5)
+
+
+def test_backend_parses_and_builds_native_rotary(fresh_llama_model, tmp_path):
+    # Attention builds only in FP16 on TensorRT, so the graph is lowered after the rewrite.
+    Rotary2DCachePass(MAX_POS)(fresh_llama_model)
+    CastFp16Pass()(fresh_llama_model)
+    engine = build_with_backend(save(fresh_llama_model, tmp_path / "m.onnx"), tmp_path, max_seq=MAX_POS)
+    assert engine.layer_types.get("ROTARY_EMBEDDING", 0) == 4
+    assert engine.plan_path.stat().st_size > 0
+
+
+def test_refuses_cos_that_depends_on_other_inputs():
+    """The check half of the rule: a cos/sin fed by a graph input other than position_ids is not tabulable."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 3, 4]))
+    pos = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1, 3]))
+    cos = ir.Value(name="cos_in", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 3, 2]))
+    node = ir.node("RotaryEmbedding", [x, cos, cos], attributes={"num_heads": 2})
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x, pos, cos], node.outputs, nodes=[node], opset_imports={"": 23})
+    with pytest.raises(Exception, match="depends on"):
+        Rotary2DCachePass(8)(ir.Model(graph, ir_version=10))
