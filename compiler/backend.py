@@ -30,6 +30,11 @@ class Backend:
     def supports_plugins(self) -> bool:
         return hasattr(self.trt.INetworkDefinition, "add_plugin_v3")
 
+    @property
+    def supports_timing_cache(self) -> bool:
+        # TensorRT-RTX keeps the API but documents timing-cache operations as no-ops since 1.2.
+        return self.name == "tensorrt"
+
     def execution_unavailable_reason(self) -> str | None:
         """None when engines can run here, else why not (for skips and clear errors)."""
         try:

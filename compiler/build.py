@@ -115,7 +115,10 @@ def build_engine(
     config.add_optimization_profile(profile)
 
     cache_note = "none"
-    if timing_cache_path is not None:
+    use_cache = timing_cache_path is not None and backend.supports_timing_cache
+    if timing_cache_path is not None and not use_cache:
+        cache_note = f"not used: timing-cache operations are no-ops in {backend.name} {backend.version}"
+    if use_cache:
         blob = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, ignore_mismatch=True)
@@ -125,7 +128,7 @@ def build_engine(
     if engine is None:
         raise BackendBuildError(f"{backend.name} failed to build the engine: " + " | ".join(logger.messages[-5:]))
     plan_path.write_bytes(bytes(engine))
-    if timing_cache_path is not None:
+    if use_cache:
         timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = timing_cache_path.with_suffix(".tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))

@@ -1,0 +1,94 @@
+"""The backend adapter and the build stage: capability checks, profiles, parser errors that name the node."""
+
+import onnx
+import onnx.helper as h
+import pytest
+from onnx import TensorProto as TP
+
+from compiler.backend import get_backend
+from compiler.build import build_engine, profile_shapes
+from compiler.errors import BackendBuildError
+from compiler.export import BATCH, PAST, SEQ, TOTAL
+from compiler.types import BuildOptions
+
+
+def _save(tmp_path, nodes, inputs, outputs, opset=23, extra_opsets=()):
+    model = h.make_model(h.make_graph(nodes, "g", inputs, outputs),
+                         opset_imports=[h.make_opsetid("", opset), *extra_opsets])
+    model.ir_version = 10
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_adapter_prefers_tensorrt_then_rtx():
+    backend = get_backend()
+    try:
+        import tensorrt  # noqa: F401
+
+        full = hasattr(tensorrt, "Builder")
+    except ImportError:
+        full = False
+    assert backend.name == ("tensorrt" if full else "tensorrt_rtx")
+    assert backend.version[0].isdigit()
+
+
+def test_forced_backend_env(monkeypatch):
+    monkeypatch.setenv("LLMC_BACKEND", "nonsense")
+    with pytest.raises(BackendBuildError, match="not one of"):
+        get_backend()
+
+
+def test_profile_covers_prefill_and_decode():
+    opts = BuildOptions(max_batch=8, max_seq=2048)
+    mn, opt, mx = profile_shapes([BATCH, 2, PAST, 64], opts)
+    assert mn == (1, 2, 0, 64) and mx == (8, 2, 2047, 64)
+    mn, opt, mx = profile_shapes([BATCH, SEQ], opts)
+    assert mn == (1, 1) and mx == (8, 2048) and opt == (8, 1)
+    assert profile_shapes([BATCH, TOTAL], opts)[2] == (8, 2048)
+    with pytest.raises(BackendBuildError, match="mystery"):
+        profile_shapes(["mystery"], opts)
+
+
+def test_plugin_node_fails_cleanly_before_parsing_when_backend_has_no_plugins(tmp_path):
+    backend = get_backend()
+    if backend.supports_plugins:
+        pytest.skip(f"{backend.name} supports plugins: the pre-parse refusal does not apply")
+    x = h.make_tensor_value_info("x", TP.FLOAT16, [1, 4])
+    y = h.make_tensor_value_info("y", TP.FLOAT16, [1, 4])
+    path = _save(tmp_path, [h.make_node("PagedAttention", ["x"], ["y"], domain="llmc", name="attn0")], [x], [y],
+                 extra_opsets=[h.make_opsetid("llmc", 1)])
+    # TensorRT-RTX's parser would abort this process on the node; the adapter must refuse first.
+    with pytest.raises(BackendBuildError, match=r"attn0 \(llmc::PagedAttention\).*install full TensorRT"):
+        build_engine(path, tmp_path / "m.plan", BuildOptions(), backend)
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_parser_error_names_node_and_op(tmp_path):
+    """Attention with present K/V outputs is rejected by the parser: the message must say where."""
+    F16 = TP.FLOAT16
+    vi = h.make_tensor_value_info
+    inputs = [vi("q", F16, [1, 8, 4, 16]), vi("k", F16, [1, 2, 4, 16]), vi("v", F16, [1, 2, 4, 16]),
+              vi("pk", F16, [1, 2, 3, 16]), vi("pv", F16, [1, 2, 3, 16])]
+    outputs = [vi("y", F16, [1, 8, 4, 16]), vi("pk_out", F16, [1, 2, 7, 16]), vi("pv_out", F16, [1, 2, 7, 16])]
+    node = h.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"], name="layer0_attn")
+    path = _save(tmp_path, [node], inputs, outputs)
+    with pytest.raises(BackendBuildError) as err:
+        build_engine(path, tmp_path / "m.plan", BuildOptions(), get_backend())
+    assert "layer0_attn" in str(err.value) and "Attention" in str(err.value)
+
+
+def test_timing_cache_written_then_reused_where_supported(tmp_path):
+    F16 = TP.FLOAT16
+    vi = h.make_tensor_value_info
+    path = _save(tmp_path, [h.make_node("Relu", ["x"], ["y"])], [vi("x", F16, [BATCH, 8])], [vi("y", F16, [BATCH, 8])])
+    cache = tmp_path / "timing.cache"
+    backend = get_backend()
+    first = build_engine(path, tmp_path / "a.plan", BuildOptions(max_batch=2), backend, cache)
+    if not backend.supports_timing_cache:
+        assert first.timing_cache.startswith("not used") and not cache.exists()
+        return
+    assert first.timing_cache.startswith("created") and cache.stat().st_size > 0
+    second = build_engine(path, tmp_path / "b.plan", BuildOptions(max_batch=2), get_backend(), cache)
+    assert second.timing_cache.startswith("reused")
+    assert [t.shape for t in second.tensors] == [(-1, 8), (-1, 8)]
