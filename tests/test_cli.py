@@ -1,0 +1,101 @@
+"""`llmc build` end to end, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from compiler.cli import main
+
+LAYOUT = ["model.onnx", "model.plan", "report.json", "triton"]
+
+
+def _check_artifact(out: Path, arch: str) -> dict:
+    assert sorted(p.name for p in out.iterdir()) == LAYOUT
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "pass"
+    assert report["model"]["architecture"] == arch
+    assert set(report["timings_s"]) >= {"load", "export", "passes", "build", "validate", "package", "total"}
+    assert report["numerics"]["passed"] and report["numerics"]["decode_steps"] >= 16
+    assert report["numerics"]["max_abs_error"] <= report["recipe"]["tolerance"]["max_abs_logit_error"]
+    assert report["engine"]["layer_types"].get("ATTENTION_INPUT", 0) >= 1
+    assert report["engine"]["layer_types"].get("ROTARY_EMBEDDING", 0) >= 1
+    assert report["sizes_bytes"]["model.plan"] == (out / "model.plan").stat().st_size
+    for tool in ("torch", "onnx", "onnxruntime", "transformers"):
+        assert tool in report["versions"]
+    model_dir = out / report["triton_model"]
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    engine_io = {t["name"]: t for t in report["engine"]["io"]}
+    assert {i.name for i in [*cfg.input, *cfg.output]} == set(engine_io)
+    assert (model_dir / "1" / "model.plan").read_bytes() == (out / "model.plan").read_bytes()
+    # Nothing half-written left next to the output.
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return report
+
+
+def test_default_build_subprocess(tmp_path):
+    """`llmc build` with no model: bundled tiny Llama, exit 0, summary ending in pass."""
+    out = tmp_path / "default"
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "result: pass"
+    assert "[6/6] package" in proc.stderr
+    report = _check_artifact(out, "LlamaForCausalLM")
+    assert report["model"]["name"].startswith("llmc-tiny-llama")
+
+
+@pytest.mark.parametrize("arch,cls", [("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
+def test_build_other_architectures(model_dirs, tmp_path, arch, cls):
+    out = tmp_path / arch
+    result = CliRunner().invoke(main, ["build", str(model_dirs[arch]), "--max-batch", "2", "--max-seq", "128", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = _check_artifact(out, cls)
+    assert report["options"] == {"max_batch": 2, "max_seq": 128}
+
+
+def test_missing_directory_one_line_exit_2(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "nope"), "-o", str(out)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model directory not found" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_one_line_exit_3(tmp_path):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(model), "-o", str(out)])
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPT2LMHeadModel" in lines[0] and "LlamaForCausalLM" in lines[0]
+    assert not out.exists()
+
+
+def test_unknown_recipe_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--recipe", "int3-magic", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "fp16" in result.stderr
+
+
+def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_dirs, tmp_path):
+    recipe = tmp_path / "too-strict.yaml"
+    recipe.write_text(
+        "name: too-strict\npasses: [cleanup, rotary-2d-cache, cast-fp16, cleanup]\n"
+        "tolerance: {max_abs_logit_error: 1.0e-7, mean_abs_logit_error: 1.0e-8, min_greedy_agreement: 1.0}\n"
+    )
+    out = tmp_path / "strict"
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--recipe", str(recipe), "-o", str(out)])
+    assert result.exit_code == 5
+    assert "max |logit error|" in result.stderr and "too-strict" in result.stderr
+    assert not out.exists()
+    failed = tmp_path / "strict.failed"
+    assert json.loads((failed / "report.json").read_text())["status"] == "fail"
