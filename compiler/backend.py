@@ -16,6 +16,7 @@ from types import ModuleType
 from .errors import BackendBuildError
 
 _CANDIDATES = ("tensorrt", "tensorrt_rtx")
+_RTX_CAPABILITIES = {(7, 5), (8, 6), (8, 9)}  # Turing, Ampere and Ada consumer/workstation parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,9 @@ class Backend:
         if not torch.cuda.is_available():
             return f"no CUDA GPU on this machine: {self.name} {self.version} can build engines but not run them"
         major, minor = torch.cuda.get_device_capability()
-        if self.name == "tensorrt_rtx" and major >= 9 and major < 10:
-            return f"TensorRT-RTX does not run on compute capability {major}.{minor} (data-center Hopper); install full TensorRT"
+        if self.name == "tensorrt_rtx" and not ((major, minor) in _RTX_CAPABILITIES or major == 12):
+            return (f"TensorRT-RTX does not run on compute capability {major}.{minor} "
+                    "(it targets RTX GPUs: 7.5, 8.6, 8.9, 12.x); install full TensorRT")
         return None
 
     def require_plugins(self, what: str) -> None:

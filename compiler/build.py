@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from .backend import Backend
-from .errors import BackendBuildError, BadInputError
+from .errors import BackendBuildError
 from .export import BATCH, PAST, SEQ, TOTAL
 from .types import BuildOptions, EngineArtifact, TensorInfo
 
@@ -110,7 +110,7 @@ def build_engine(
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name not in dims:
-            raise BadInputError(f"network input {tensor.name} not found among the ONNX graph inputs")
+            raise BackendBuildError(f"network input {tensor.name} not found among the ONNX graph inputs")
         profile.set_shape(tensor.name, *profile_shapes(dims[tensor.name], options))
     config.add_optimization_profile(profile)
 

@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def print_summary(report: dict) -> None:
     status = report["status"]
     table.add_row("result", "[green]PASS[/green]" if status == "pass" else "[red]FAIL[/red]")
     out_console.print(table)
+    for warning in report.get("warnings", []):
+        err_console.print(f"warning: {warning}", markup=False, soft_wrap=True)
     out_console.print(f"result: {status}")
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 @click.group()
@@ -91,9 +98,10 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
             recipe=recipe,
             output=output,
             options=BuildOptions(max_batch=max_batch, max_seq=max_seq),
-            prompt=prompt or DEFAULT_PROMPT,
+            prompt=DEFAULT_PROMPT if prompt is None else prompt,
             timing_cache=timing_cache,
         )
+        signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
         report = run_build(request, RichProgress(err_console))
     except LlmcError as exc:
         err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)

@@ -20,7 +20,7 @@ from . import __version__
 from .backend import get_backend
 from .build import build_engine
 from .default_model import cache_root, default_model_dir
-from .errors import AccuracyError
+from .errors import AccuracyError, BadInputError, UnsupportedModelError
 from .export import export_onnx
 from .load import load_model, read_spec
 from .package import StagedOutput, tool_versions, write_report
@@ -54,6 +54,54 @@ class Progress:
     def pass_done(self, record: PassRecord) -> None: ...
 
 
+def _serving_warnings(backend) -> list[str]:
+    if backend.name == "tensorrt_rtx":
+        return [f"model.plan was built by TensorRT-RTX {backend.version}: Triton's TensorRT backend and "
+                "data-center GPUs can't load it; rebuild with full TensorRT (pip install tensorrt) to serve it"]
+    return []
+
+
+def check_validation_fits(loaded, request: BuildRequest) -> None:
+    """Fail before the expensive stages if the validation prompt can't fit the engine's positions."""
+    needed = len(loaded.tokenizer(request.prompt).input_ids) + request.decode_steps
+    if needed > request.options.max_seq:
+        raise BadInputError(
+            f"validation needs {needed} positions (prompt + {request.decode_steps} decode steps) but "
+            f"--max-seq is {request.options.max_seq}; shorten --prompt or raise --max-seq"
+        )
+
+
+def _export(loaded):
+    try:
+        return export_onnx(loaded)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the first line says which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"torch.onnx export of {loaded.spec.architecture} failed: {first} "
+            "(set LLMC_DEBUG=1 for the traceback; please report the model config)"
+        ) from exc
+
+
+def _passes(exported, recipe, ctx, on_pass):
+    try:
+        return run_passes(exported, recipe, ctx, on_pass)
+    except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+        raise UnsupportedModelError(f"recipe '{recipe.name}' cannot be applied to this graph: {exc}") from exc
+
+
+def check_output_path(output: Path, model_path: Path) -> None:
+    """Refuse output paths whose replacement would destroy something that is not an llmc artifact."""
+    if output == Path.cwd() or output in Path.cwd().parents or output == Path(output.anchor):
+        raise BadInputError(f"output path {output} is the current directory or above it; pass -o <new-subdirectory>")
+    if output == model_path or output in model_path.parents or model_path in output.parents:
+        raise BadInputError(f"output path {output} overlaps the model directory {model_path}; choose another -o")
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "report.json").is_file())):
+        raise BadInputError(
+            f"output path {output} exists and is not an llmc artifact (no report.json); "
+            "llmc replaces only its own previous builds: remove it or choose another -o"
+        )
+
+
 def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
@@ -70,8 +118,14 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     backend = get_backend()
     recipe = load_recipe(request.recipe)
     model_path = Path(request.model) if request.model else default_model_dir()
-    read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
-    output = Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name
+    spec = read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
+    if request.options.max_seq > spec.max_position_embeddings:
+        raise BadInputError(
+            f"--max-seq {request.options.max_seq} exceeds the model's max_position_embeddings "
+            f"({spec.max_position_embeddings}); lower --max-seq"
+        )
+    output = (Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name).resolve()
+    check_output_path(output, model_path.resolve())
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
 
     def stage(index: int, name: str, fn: Callable, detail: Callable = lambda r: ""):
@@ -85,16 +139,18 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     with StagedOutput(output) as out:
         loaded = stage(0, "load", lambda: load_model(model_path),
                        lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
-        exported = stage(1, "export", lambda: export_onnx(loaded), lambda g: f"{len(g.model.graph)} nodes")
+        check_validation_fits(loaded, request)
+        exported = stage(1, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
         ctx = PassContext(max_positions=request.options.max_seq)
-        final, records = stage(2, "passes", lambda: run_passes(exported, recipe, ctx, progress.pass_done),
+        final, records = stage(2, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
                                lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
         onnx_files = _save_onnx(final.model, out.path / "model.onnx")
         engine = stage(3, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
                                                          request.options, backend, timing_cache),
                        lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
         result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", final.io, recipe.tolerance,
-                                                        prompt=request.prompt, decode_steps=request.decode_steps),
+                                                        prompt=request.prompt, decode_steps=request.decode_steps,
+                                                        max_positions=request.options.max_seq),
                        lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
         name = triton_model_name(loaded.name)
 
@@ -117,6 +173,7 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                 "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
                 "numerics": result,
                 "triton_model": f"triton/{name}",
+                "warnings": _serving_warnings(backend),
             }
             write_report(out.path / "report.json", report)
             return report

@@ -44,6 +44,16 @@ def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StagedOutput:
     """`with StagedOutput(out) as staging: ...; staging.commit()` -> out appears whole, or not at all."""
 
@@ -54,9 +64,17 @@ class StagedOutput:
 
     def __enter__(self) -> "StagedOutput":
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_orphans()
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
         return self
+
+    def _remove_orphans(self) -> None:
+        """Staging dirs of builds that were killed (SIGKILL, power loss) are removed by the next build."""
+        for leftover in self.final.parent.glob(f".{self.final.name}.staging-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @property
     def path(self) -> Path:
@@ -68,7 +86,12 @@ class StagedOutput:
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
-        os.replace(self.staging, final)
+        try:
+            os.replace(self.staging, final)
+        except OSError:
+            if old.exists():
+                os.replace(old, final)  # put the previous build back
+            raise
         shutil.rmtree(old, ignore_errors=True)
         self.committed = True
         return final

@@ -12,7 +12,7 @@ import numpy as np
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(bfloat16)": np.float32,
+    "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BadInputError
 from .runtime import Executor, KVCacheSession
 from .types import GraphIO, LoadedModel, Tolerance, ValidationResult
 
@@ -46,11 +47,17 @@ def compare(
     tolerance: Tolerance,
     prompt: str = DEFAULT_PROMPT,
     decode_steps: int = 16,
+    max_positions: int | None = None,
 ) -> ValidationResult:
     start = time.perf_counter()
     prompt_ids = loaded.tokenizer(prompt).input_ids
     if not prompt_ids:
-        raise ValueError("the validation prompt tokenizes to nothing")
+        raise BadInputError("the validation prompt tokenizes to nothing; pass a non-empty --prompt")
+    if max_positions is not None and len(prompt_ids) + decode_steps > max_positions:
+        raise BadInputError(
+            f"validation needs {len(prompt_ids)} prompt + {decode_steps} decode positions but the graph "
+            f"covers {max_positions} (--max-seq); shorten --prompt or raise --max-seq"
+        )
     ref_logits, ref_tokens = reference_decode(loaded, prompt_ids, decode_steps)
 
     session = KVCacheSession(executor, io)

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-# Keep generated models, timing caches etc. inside the test session, never in the user's home.
-os.environ.setdefault("LLMC_CACHE", str(Path(os.environ.get("PYTEST_LLMC_CACHE", "/tmp/llmc-test-cache"))))
+
+@pytest.fixture(scope="session", autouse=True)
+def llmc_cache(tmp_path_factory):
+    """Generated models and caches live in this session's temp dir, never in the user's home."""
+    path = tmp_path_factory.mktemp("llmc-cache")
+    os.environ["LLMC_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -30,15 +35,14 @@ def llama(model_dirs):
 
 
 @pytest.fixture(scope="session")
-def llama_export(llama):
+def llama_export(llama, llmc_cache):
     """The FP32 export of the tiny Llama, saved once; tests load their own copy to mutate."""
     import onnx_ir as ir
 
     from compiler.export import export_onnx
 
     graph = export_onnx(llama)
-    path = Path(os.environ["LLMC_CACHE"]) / "test-llama-fp32.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = llmc_cache / "test-llama-fp32.onnx"
     ir.save(graph.model, path)
     return path, graph.io
 

@@ -99,3 +99,9 @@ def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_di
     assert not out.exists()
     failed = tmp_path / "strict.failed"
     assert json.loads((failed / "report.json").read_text())["status"] == "fail"
+
+
+def test_max_seq_beyond_model_limit_exit_2(model_dirs, tmp_path):
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "100000", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "max_position_embeddings" in result.stderr
+    assert not (tmp_path / "o").exists()

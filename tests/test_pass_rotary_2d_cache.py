@@ -58,3 +58,19 @@ def test_refuses_cos_that_depends_on_other_inputs():
     graph = ir.Graph([x, pos, cos], node.outputs, nodes=[node], opset_imports={"": 23})
     with pytest.raises(Exception, match="depends on"):
         Rotary2DCachePass(8)(ir.Model(graph, ir_version=10))
+
+
+def test_driver_reports_inapplicable_recipe_as_unsupported_model():
+    from compiler.driver import _passes
+    from compiler.errors import UnsupportedModelError
+    from compiler.types import ExportedGraph, GraphIO, Recipe, Tolerance
+    from passes import PassContext
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 3, 4]))
+    pos = ir.Value(name="position_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1, 3]))
+    cos = ir.Value(name="cos_in", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 3, 2]))
+    node = ir.node("RotaryEmbedding", [x, cos, cos], attributes={"num_heads": 2})
+    graph = ir.Graph([x, pos, cos], node.outputs, nodes=[node], opset_imports={"": 23})
+    recipe = Recipe("r", "", ("rotary-2d-cache",), Tolerance(1, 1, 0))
+    with pytest.raises(UnsupportedModelError, match="recipe 'r' cannot be applied"):
+        _passes(ExportedGraph(ir.Model(graph, ir_version=10), GraphIO(1, 1, 4, 8)), recipe, PassContext(8), None)

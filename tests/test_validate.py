@@ -33,3 +33,13 @@ def test_corrupted_graph_is_caught(llama, llama_export, tmp_path):
     assert not result.passed
     assert any("max |logit error|" in f for f in result.failures)
     assert np.isfinite(result.max_abs_error) and result.max_abs_error > 1e-3
+
+
+def test_prompt_longer_than_graph_positions_is_bad_input(llama, llama_export):
+    import pytest
+
+    from compiler.errors import BadInputError
+
+    path, io = llama_export
+    with pytest.raises(BadInputError, match="--max-seq"):
+        validate(llama, path, io, STRICT, decode_steps=16, max_positions=8)
