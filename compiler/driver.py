@@ -119,6 +119,11 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     recipe = load_recipe(request.recipe)
     model_path = Path(request.model) if request.model else default_model_dir()
     spec = read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
+    if spec.sliding_window and request.options.max_seq > spec.sliding_window:
+        raise UnsupportedModelError(
+            f"--max-seq {request.options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
+            "sliding-window attention is not compiled yet: use --max-seq <= the window"
+        )
     if request.options.max_seq > spec.max_position_embeddings:
         raise BadInputError(
             f"--max-seq {request.options.max_seq} exceeds the model's max_position_embeddings "
@@ -148,7 +153,7 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
         engine = stage(3, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
                                                          request.options, backend, timing_cache),
                        lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
-        result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", final.io, recipe.tolerance,
+        result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", recipe.tolerance,
                                                         prompt=request.prompt, decode_steps=request.decode_steps,
                                                         max_positions=request.options.max_seq),
                        lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")

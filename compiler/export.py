@@ -38,7 +38,9 @@ def _wrapper(loaded: LoadedModel):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # No config: plain full-length layers. With config, Mistral/Qwen2 get sliding-window layers
+            # that slice the cache; llmc requires --max-seq <= sliding_window instead (driver check).
+            cache = DynamicCache()
             for layer in range(len(past) // 2):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.model(

@@ -47,6 +47,7 @@ def read_spec(path: Path) -> ModelSpec:
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            sliding_window=_sliding_window(cfg),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"{config_file} lacks a required field or has a bad value: {exc}") from exc
@@ -55,6 +56,14 @@ def read_spec(path: Path) -> ModelSpec:
     if cfg.get("auto_map"):
         raise UnsupportedModelError(f"{config_file} asks for remote code (auto_map); llmc never runs trust_remote_code")
     return spec
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    """The attention window, where the config enables one (Mistral; Qwen2 with use_sliding_window)."""
+    window = cfg.get("sliding_window")
+    if not window or (cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False)):
+        return None
+    return int(window)
 
 
 def _check_weights(path: Path) -> None:

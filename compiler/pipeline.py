@@ -7,6 +7,7 @@ from typing import Callable
 
 from passes import PassContext, make_pass
 
+from .runtime import io_from_model
 from .types import ExportedGraph, PassRecord, Recipe
 
 
@@ -28,4 +29,4 @@ def run_passes(
         records.append(record)
         if on_pass:
             on_pass(record)
-    return ExportedGraph(model=model, io=graph.io, seconds=graph.seconds), records
+    return ExportedGraph(model=model, io=io_from_model(model), seconds=graph.seconds), records

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime import HostKVCache, io_from_onnx
+
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -32,6 +34,8 @@ class OnnxRuntimeExecutor:
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         self._types = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self.io = io_from_onnx(Path(onnx_path))
+        self.cache: HostKVCache | None = None
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._types[name])
@@ -39,3 +43,11 @@ class OnnxRuntimeExecutor:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in feeds.items() if k in self._types}
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
+
+    def start(self, batch: int) -> None:
+        self.cache = HostKVCache(self.io, batch, self.input_dtype(self.io.past_names[0]))
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        out = self.run(self.cache.feeds(input_ids, position_ids))
+        self.cache.update(out)
+        return out["logits"].astype(np.float32)

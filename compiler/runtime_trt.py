@@ -1,7 +1,10 @@
 """Executor over model.plan with the TensorRT runtime (real code; needs a GPU TensorRT can run on).
 
 Deserializes the engine, sets every input's shape per step, binds device buffers (torch CUDA
-tensors) for inputs and outputs, and runs `execute_async_v3` on a CUDA stream. Where no runnable
+tensors) for inputs and outputs, and runs `execute_async_v3` on a CUDA stream. For generation the
+KV cache stays on the device: each `present.{i}.*` output is bound to the address of its
+`past_key_values.{i}.*` input, so KV_CACHE_UPDATE writes the new entries in place and only the
+logits come back to the host. Where no runnable
 TensorRT exists (no GPU, or TensorRT-RTX on a data-center GPU) it raises `ExecutionUnavailable`
 with the reason; it never pretends to have run.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import Backend, get_backend
+from .runtime import io_from_shapes
 
 
 class ExecutionUnavailable(RuntimeError):
@@ -44,9 +48,49 @@ class TensorRTExecutor:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        shapes = {n: [int(d) if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(n)] for n in names}
+        self.io = io_from_shapes({n: shapes[n] for n in self.inputs}, {n: shapes[n] for n in self.outputs})
+        self.cache: dict | None = None
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def _torch_dtype(self, name: str):
+        return self._torch.from_numpy(np.empty(0, dtype=self.input_dtype(name))).dtype
+
+    def start(self, batch: int) -> None:
+        """Zeroed device cache buffers [batch, kv_heads, capacity, head_dim], one per past input."""
+        io = self.io
+        if io.capacity is None:
+            raise ValueError("engine has a Concat-grown cache; rebuild with kv-cache-scatter to run generation")
+        shape = (batch, io.num_kv_heads, io.capacity, io.head_dim)
+        self.cache = {n: self._torch.zeros(shape, dtype=self._torch_dtype(n), device="cuda") for n in io.past_names}
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """One forward pass with the cache updated in place (outputs aliased to inputs)."""
+        torch = self._torch
+        keep = []
+        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids)):
+            tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=self.input_dtype(name))).to("cuda")
+            keep.append(tensor)
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"shape {tuple(tensor.shape)} for {name} is outside the engine's optimization profile")
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for past, present in zip(self.io.past_names, self.io.present_names):
+            buf = self.cache[past]
+            self.context.set_input_shape(past, tuple(buf.shape))
+            self.context.set_tensor_address(past, buf.data_ptr())
+            self.context.set_tensor_address(present, buf.data_ptr())  # in place
+        logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._torch_dtype_out("logits"),
+                             device="cuda")
+        self.context.set_tensor_address("logits", logits.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        self.stream.synchronize()
+        return logits.float().cpu().numpy()
+
+    def _torch_dtype_out(self, name: str):
+        return self._torch.from_numpy(np.empty(0, dtype=np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))))).dtype
 
     def _bind(self, name: str, tensor) -> None:
         # A zero-size tensor (empty past at prefill) still needs a valid, non-null address.

@@ -23,6 +23,7 @@ class ModelSpec:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
+    sliding_window: int | None = None
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class GraphIO:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    capacity: int | None = None  # fixed KV-cache slots (kv-cache-scatter); None: Concat-grown cache
 
     @property
     def past_names(self) -> list[str]:
@@ -56,6 +58,8 @@ class GraphIO:
 
     @property
     def input_names(self) -> list[str]:
+        if self.capacity is not None:
+            return ["input_ids", "position_ids", *self.past_names]
         return ["input_ids", "attention_mask", "position_ids", *self.past_names]
 
     @property

@@ -1,7 +1,7 @@
 """Stage 5, validate: the compiled ONNX (onnxruntime) against the original PyTorch model (FP32).
 
 Same prompt, same tokenizer. PyTorch decodes greedily; the compiled graph is fed the reference's
-tokens through its KV-cache I/O (teacher forcing), so one near-tie flip cannot cascade and every
+tokens through the generation runner and its KV cache (teacher forcing), so one near-tie flip cannot cascade and every
 step compares logits for the same context. Reported: max / mean absolute logit error over the
 prefill positions and every decode step, and greedy next-token agreement.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .runtime import Executor, KVCacheSession
-from .types import GraphIO, LoadedModel, Tolerance, ValidationResult
+from .runtime import Executor
+from .runner import Runner
+from .types import LoadedModel, Tolerance, ValidationResult
 
 DEFAULT_PROMPT = "The compiler reads a model directory, exports a graph, and"
 
@@ -43,7 +44,6 @@ def reference_decode(loaded: LoadedModel, prompt_ids: list[int], steps: int) -> 
 def compare(
     loaded: LoadedModel,
     executor: Executor,
-    io: GraphIO,
     tolerance: Tolerance,
     prompt: str = DEFAULT_PROMPT,
     decode_steps: int = 16,
@@ -60,14 +60,11 @@ def compare(
         )
     ref_logits, ref_tokens = reference_decode(loaded, prompt_ids, decode_steps)
 
-    session = KVCacheSession(executor, io)
+    compiled = Runner(executor).teacher_forced(prompt_ids, ref_tokens[:decode_steps])
     got_tokens, errors = [], []
-    feed = np.array([prompt_ids], dtype=np.int64)
-    for step, expected in enumerate(ref_logits):
-        logits = session.step(feed)[0]
+    for logits, expected in zip(compiled, ref_logits):
         errors.append(np.abs(logits - expected).ravel())
         got_tokens.append(int(logits[-1].argmax()))
-        feed = np.array([[ref_tokens[step]]], dtype=np.int64)
     err = np.concatenate(errors)
     max_err, mean_err = float(err.max()), float(err.mean())
     agreement = float(np.mean(np.array(got_tokens) == np.array(ref_tokens)))
@@ -96,8 +93,8 @@ def compare(
     )
 
 
-def validate(loaded: LoadedModel, onnx_path: Path, io: GraphIO, tolerance: Tolerance, **kwargs) -> ValidationResult:
+def validate(loaded: LoadedModel, onnx_path: Path, tolerance: Tolerance, **kwargs) -> ValidationResult:
     """Validate the compiled ONNX on onnxruntime (CPU; the contract TensorRT parsed)."""
     from .runtime_onnx import OnnxRuntimeExecutor
 
-    return compare(loaded, OnnxRuntimeExecutor(onnx_path), io, tolerance, **kwargs)
+    return compare(loaded, OnnxRuntimeExecutor(onnx_path), tolerance, **kwargs)

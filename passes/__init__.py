@@ -13,6 +13,8 @@ import onnx_ir as ir
 
 from .cast_fp16 import CastFp16Pass
 from .cleanup import CleanupPass
+from .gqa_native_attention import GqaNativeAttentionPass
+from .kv_cache_scatter import KvCacheScatterPass
 from .rotary_2d_cache import Rotary2DCachePass
 
 
@@ -26,6 +28,8 @@ class PassContext:
 REGISTRY: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
     "cleanup": lambda ctx: CleanupPass(),
     "rotary-2d-cache": lambda ctx: Rotary2DCachePass(max_positions=ctx.max_positions),
+    "gqa-native-attention": lambda ctx: GqaNativeAttentionPass(),
+    "kv-cache-scatter": lambda ctx: KvCacheScatterPass(capacity=ctx.max_positions),
     "cast-fp16": lambda ctx: CastFp16Pass(),
 }
 

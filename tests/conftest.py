@@ -28,10 +28,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def llama(model_dirs):
-    from compiler.load import load_model
-
-    return load_model(model_dirs["llama"])
+def llama(loaded_models):
+    return loaded_models["llama"]
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +50,42 @@ def fresh_llama_model(llama_export):
     import onnx_ir as ir
 
     return ir.load(llama_export[0])
+
+
+FINAL_FP32_PASSES = ("cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-cache-scatter", "cleanup")
+CAPACITY = 128
+
+
+def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CAPACITY) -> Path:
+    """Export + the fp16 recipe's rewrites (without the FP16 lowering unless asked), saved to `path`."""
+    import onnx_ir as ir
+
+    from compiler.export import export_onnx
+    from compiler.pipeline import run_passes
+    from compiler.types import Recipe, Tolerance
+    from passes import PassContext
+
+    graph, _ = run_passes(export_onnx(loaded), Recipe("test", "", tuple(passes), Tolerance(1, 1, 0)),
+                          PassContext(max_positions=capacity))
+    ir.save(graph.model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loaded_models(model_dirs):
+    from compiler.load import load_model
+
+    return {arch: load_model(path) for arch, path in model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def final_fp32(loaded_models, llmc_cache):
+    """arch -> the rewritten FP32 graph (fixed-capacity cache, native GQA attention), built lazily."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = final_graph(loaded_models[arch], llmc_cache / f"final-{arch}-fp32.onnx")
+        return built[arch]
+
+    return get

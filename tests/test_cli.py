@@ -26,6 +26,9 @@ def _check_artifact(out: Path, arch: str) -> dict:
     assert report["numerics"]["max_abs_error"] <= report["recipe"]["tolerance"]["max_abs_logit_error"]
     assert report["engine"]["layer_types"].get("ATTENTION_INPUT", 0) >= 1
     assert report["engine"]["layer_types"].get("ROTARY_EMBEDDING", 0) >= 1
+    layers = report["model"]["spec"]["num_layers"]
+    assert report["engine"]["layer_types"].get("KV_CACHE_UPDATE", 0) == 2 * layers  # in-place K and V per layer
+    assert report["engine"]["layer_types"].get("ATTENTION_INPUT", 0) == layers
     assert report["sizes_bytes"]["model.plan"] == (out / "model.plan").stat().st_size
     for tool in ("torch", "onnx", "onnxruntime", "transformers"):
         assert tool in report["versions"]
@@ -89,7 +92,7 @@ def test_unknown_recipe_exit_2(tmp_path):
 def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_dirs, tmp_path):
     recipe = tmp_path / "too-strict.yaml"
     recipe.write_text(
-        "name: too-strict\npasses: [cleanup, rotary-2d-cache, cast-fp16, cleanup]\n"
+        "name: too-strict\npasses: [cleanup, rotary-2d-cache, gqa-native-attention, kv-cache-scatter, cast-fp16]\n"
         "tolerance: {max_abs_logit_error: 1.0e-7, mean_abs_logit_error: 1.0e-8, min_greedy_agreement: 1.0}\n"
     )
     out = tmp_path / "strict"

@@ -18,19 +18,16 @@ def test_unavailable_is_reported_not_faked(tmp_path):
 
 
 @pytest.mark.skipif(REASON is not None, reason=f"no runnable TensorRT here: {REASON}")
-def test_engine_matches_onnxruntime(llama, tmp_path):  # pragma: no cover - needs a GPU TensorRT runs on
+def test_engine_generation_matches_onnxruntime(llama, tmp_path):  # pragma: no cover - needs a GPU TensorRT runs on
     from compiler.driver import BuildRequest, run_build
-    from compiler.export import graph_io
-    from compiler.runtime import KVCacheSession
+    from compiler.runner import Runner
     from compiler.runtime_onnx import OnnxRuntimeExecutor
 
     report = run_build(BuildRequest(model=llama.path, output=tmp_path / "out"))
     out = tmp_path / "out"
-    io = graph_io(llama)
-    trt_session = KVCacheSession(TensorRTExecutor(out / "model.plan"), io)
-    ort_session = KVCacheSession(OnnxRuntimeExecutor(out / "model.onnx"), io)
-    ids = np.array([[1, 5, 9, 13]])
-    for _ in range(4):
-        a, b = trt_session.step(ids), ort_session.step(ids)
-        np.testing.assert_allclose(a, b, atol=report["recipe"]["tolerance"].max_abs_logit_error)
-        ids = a[:, -1:].argmax(-1)
+    prompts = [[1, 5, 9, 13], [7, 3]]
+    trt_runner = Runner(TensorRTExecutor(out / "model.plan"))
+    ort_runner = Runner(OnnxRuntimeExecutor(out / "model.onnx"))
+    a, b = trt_runner.prefill(prompts), ort_runner.prefill(prompts)
+    np.testing.assert_allclose(a, b, atol=report["recipe"]["tolerance"].max_abs_logit_error)
+    assert trt_runner.generate(prompts, 16).tokens == ort_runner.generate(prompts, 16).tokens

@@ -9,17 +9,15 @@ from compiler.validate import validate
 STRICT = Tolerance(max_abs_logit_error=1e-3, mean_abs_logit_error=1e-4, min_greedy_agreement=1.0)
 
 
-def test_fp32_export_matches_reference(llama, llama_export):
-    path, io = llama_export
-    result = validate(llama, path, io, STRICT, decode_steps=16)
+def test_fp32_final_graph_matches_reference(llama, final_fp32):
+    result = validate(llama, final_fp32("llama"), STRICT, decode_steps=16)
     assert result.passed, result.failures
     assert len(result.reference_tokens) == 17 and result.compiled_tokens == result.reference_tokens
     assert result.max_abs_error < 1e-3
 
 
-def test_corrupted_graph_is_caught(llama, llama_export, tmp_path):
-    path, io = llama_export
-    model = ir.load(path)
+def test_corrupted_graph_is_caught(llama, final_fp32, tmp_path):
+    model = ir.load(final_fp32("llama"))
     # Perturb one decoder weight a little: the kind of silent damage a bad pass would do.
     weights = [n.inputs[1] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer()]
     init = weights[len(weights) // 2]  # a projection in the middle of the network
@@ -29,17 +27,16 @@ def test_corrupted_graph_is_caught(llama, llama_export, tmp_path):
     init.const_value = ir.tensor(arr, name=name)
     bad = tmp_path / "bad.onnx"
     ir.save(model, bad)
-    result = validate(llama, bad, io, STRICT, decode_steps=4)
+    result = validate(llama, bad, STRICT, decode_steps=4)
     assert not result.passed
     assert any("max |logit error|" in f for f in result.failures)
     assert np.isfinite(result.max_abs_error) and result.max_abs_error > 1e-3
 
 
-def test_prompt_longer_than_graph_positions_is_bad_input(llama, llama_export):
+def test_prompt_longer_than_graph_positions_is_bad_input(llama, final_fp32):
     import pytest
 
     from compiler.errors import BadInputError
 
-    path, io = llama_export
     with pytest.raises(BadInputError, match="--max-seq"):
-        validate(llama, path, io, STRICT, decode_steps=16, max_positions=8)
+        validate(llama, final_fp32("llama"), STRICT, decode_steps=16, max_positions=8)

@@ -1,0 +1,119 @@
+"""The generation loop: prefill, then decode step by step, over any executor (onnxruntime, TensorRT).
+
+Batches of prompts with different lengths are right-padded for prefill; each sequence's tokens
+sit at cache slots equal to their positions, so a sequence's next token is written at its own
+length and its padding is overwritten before any real query can attend to it (the graph's mask is
+`slot <= position`). Greedy or temperature / top-k sampling; per-sequence stop tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from .runtime import Executor
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; top_k 0 = no truncation."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt (stop token included when hit)
+    time_to_first_token_s: float
+    decode_s: float
+    steps: int
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        later = self.new_tokens - len(self.tokens)  # tokens produced after the first one
+        return later / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < scaled.size:
+        cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+class Runner:
+    def __init__(self, executor: Executor, pad_token_id: int = 0):
+        self.executor = executor
+        self.io = executor.io
+        self.pad = pad_token_id
+
+    def _check_fits(self, longest: int) -> None:
+        if self.io.capacity is None:
+            raise ValueError("graph has a Concat-grown cache: rebuild with a recipe that runs kv-cache-scatter")
+        if longest > self.io.capacity:
+            raise ValueError(f"{longest} positions needed but the cache holds {self.io.capacity} (--max-seq)")
+
+    def prefill(self, prompts: list[list[int]]) -> np.ndarray:
+        """Right-padded prefill; returns each prompt's last-position logits [batch, vocab]."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError("empty prompt")
+        width = max(lengths)
+        ids = np.full((len(prompts), width), self.pad, np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        positions = np.tile(np.arange(width, dtype=np.int64), (len(prompts), 1))
+        self.executor.start(len(prompts))
+        logits = self.executor.step(ids, positions)
+        return logits[np.arange(len(prompts)), np.array(lengths) - 1]
+
+    def decode(self, tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token per sequence at its own position; returns logits [batch, vocab]."""
+        ids = np.array(tokens, np.int64)[:, None]
+        pos = np.array(positions, np.int64)[:, None]
+        return self.executor.step(ids, pos)[:, 0]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_tokens: tuple[int, ...] = ()) -> Generation:
+        self._check_fits(max(len(p) for p in prompts) + max_new_tokens)
+        rng = np.random.default_rng(sampling.seed)
+        start = time.perf_counter()
+        logits = self.prefill(prompts)
+        out = [[_pick(row, sampling, rng)] for row in logits]
+        ttft = time.perf_counter() - start
+        done = [o[-1] in stop_tokens for o in out]
+        lengths = [len(p) for p in prompts]
+        steps = 0
+        decode_start = time.perf_counter()
+        while not all(done) and steps + 1 < max_new_tokens:
+            positions = [lengths[b] + len(out[b]) - 1 for b in range(len(prompts))]
+            feed = [out[b][-1] if not done[b] else self.pad for b in range(len(prompts))]
+            logits = self.decode(feed, positions)
+            steps += 1
+            for b, row in enumerate(logits):
+                if not done[b]:
+                    out[b].append(_pick(row, sampling, rng))
+                    done[b] = out[b][-1] in stop_tokens
+        return Generation(out, ttft, time.perf_counter() - decode_start, steps + 1)
+
+    def teacher_forced(self, prompt: list[int], forced: list[int]) -> list[np.ndarray]:
+        """Logits for the prompt (all positions) and after each forced token: the validator's view."""
+        self._check_fits(len(prompt) + len(forced))
+        self.executor.start(1)
+        steps = [self.executor.step(np.array([prompt]), np.arange(len(prompt))[None])[0]]
+        for i, token in enumerate(forced):
+            steps.append(self.executor.step(np.array([[token]]), np.array([[len(prompt) + i]]))[0])
+        return steps

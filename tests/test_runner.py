@@ -1,0 +1,72 @@
+"""The generation runner over the final graph vs Hugging Face `generate` (PyTorch FP32)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.runner import Runner, Sampling
+from compiler.runtime_onnx import OnnxRuntimeExecutor
+
+PROMPTS = ["The compiler reads", "Once upon a time there was a small model that wanted", "one, two"]
+NEW_TOKENS = 64
+
+
+def hf_greedy(loaded, prompt_ids, new_tokens):
+    cfg = copy.deepcopy(loaded.model.generation_config)
+    cfg.eos_token_id = []  # generate exactly `new_tokens`, as the runner does without stop tokens (None falls back to eos)
+    cfg.pad_token_id = loaded.tokenizer.pad_token_id
+    with torch.no_grad():
+        out = loaded.model.generate(torch.tensor([prompt_ids]), generation_config=cfg,
+                                    max_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_greedy_batch_of_unequal_prompts_equals_hf_generate(arch, loaded_models, final_fp32):
+    loaded = loaded_models[arch]
+    ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
+    assert len({len(i) for i in ids}) == 3  # three different lengths, one batch
+    runner = Runner(OnnxRuntimeExecutor(final_fp32(arch)), pad_token_id=loaded.tokenizer.pad_token_id)
+    got = runner.generate(ids, NEW_TOKENS)
+    for prompt_ids, tokens in zip(ids, got.tokens):
+        assert tokens == hf_greedy(loaded, prompt_ids, NEW_TOKENS)
+    assert got.steps == NEW_TOKENS and got.time_to_first_token_s > 0
+
+
+def test_stop_tokens_end_each_sequence_on_its_own(loaded_models, final_fp32):
+    loaded = loaded_models["llama"]
+    ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
+    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
+    free = runner.generate(ids, 12).tokens
+    stop = free[1][3]  # a token the second sequence emits at step 4
+    stopped = runner.generate(ids, 12, stop_tokens=(stop,)).tokens
+    for full, cut in zip(free, stopped):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert cut == expected
+    assert len(stopped[1]) <= 4
+
+
+def test_sampling_is_seeded_and_respects_top_k(loaded_models, final_fp32):
+    loaded = loaded_models["llama"]
+    ids = [loaded.tokenizer(PROMPTS[0]).input_ids]
+    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
+    a = runner.generate(ids, 16, Sampling(temperature=1.0, top_k=5, seed=7)).tokens
+    b = runner.generate(ids, 16, Sampling(temperature=1.0, top_k=5, seed=7)).tokens
+    c = runner.generate(ids, 16, Sampling(temperature=1.0, top_k=5, seed=8)).tokens
+    assert a == b and a != c
+    top1 = runner.generate(ids, 16, Sampling(temperature=1.0, top_k=1, seed=3)).tokens
+    assert top1 == runner.generate(ids, 16).tokens  # top-1 sampling is greedy
+
+
+def test_refuses_more_positions_than_the_cache_holds(final_fp32):
+    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
+    with pytest.raises(ValueError, match="cache holds 128"):
+        runner.generate([[1] * 100], 64)
+
+
+def test_concat_cache_graph_is_refused_with_the_fix(llama_export):
+    path, _ = llama_export
+    with pytest.raises(ValueError, match="kv-cache-scatter"):
+        Runner(OnnxRuntimeExecutor(path)).generate([[1, 2]], 2)
