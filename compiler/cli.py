@@ -109,6 +109,32 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
     print_summary(report)
 
 
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = no truncation.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--executor", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime runs model.onnx (CPU); tensorrt runs model.plan (needs a GPU TensorRT runs on).")
+def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, executor):
+    """Generate text from a built ARTIFACT_DIR; prints text, time to first token and tokens/s."""
+    from .generate import run_generate
+
+    try:
+        result = run_generate(artifact_dir, list(prompts), max_new_tokens, temperature, top_k, seed, executor)
+    except LlmcError as exc:
+        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    for prompt, text in zip(prompts, result["texts"]):
+        out_console.print(f"[bold]{prompt}[/bold]{text}", soft_wrap=True)
+    out_console.print(
+        f"executor {result['executor']}: time to first token {result['ttft_s'] * 1e3:.1f} ms, "
+        f"{result['decode_tokens_per_s']:.1f} tokens/s decode, {result['new_tokens']} new tokens"
+    )
+
+
 @main.command("exit-codes")
 def exit_codes():
     """Print the exit codes llmc uses."""

@@ -23,7 +23,7 @@ from .default_model import cache_root, default_model_dir
 from .errors import AccuracyError, BadInputError, UnsupportedModelError
 from .export import export_onnx
 from .load import load_model, read_spec
-from .package import StagedOutput, tool_versions, write_report
+from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
 from .recipe import load_recipe
 from .triton_repo import triton_model_name, write_repository
@@ -161,6 +161,7 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
 
         def package():
             write_repository(out.path / "triton", name, engine)
+            copy_tokenizer(loaded.path, out.path / "tokenizer")
             report = {
                 "status": "pass" if result.passed else "fail",
                 "llmc_version": __version__,

@@ -40,6 +40,21 @@ def _jsonable(obj):
     return obj
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+def copy_tokenizer(model_dir: Path, dest: Path) -> list[str]:
+    """The model's own tokenizer files, so `llmc generate` and servers need nothing but the artifact."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, dest / name)
+            copied.append(name)
+    return copied
+
+
 def write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(_jsonable(report), indent=2, sort_keys=False) + "\n")
 

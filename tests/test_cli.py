@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from compiler.cli import main
 
-LAYOUT = ["model.onnx", "model.plan", "report.json", "triton"]
+LAYOUT = ["model.onnx", "model.plan", "report.json", "tokenizer", "triton"]
 
 
 def _check_artifact(out: Path, arch: str) -> dict:
@@ -52,6 +52,18 @@ def test_default_build_subprocess(tmp_path):
     assert "[6/6] package" in proc.stderr
     report = _check_artifact(out, "LlamaForCausalLM")
     assert report["model"]["name"].startswith("llmc-tiny-llama")
+
+    # `llmc generate` on the artifact: the runner over model.onnx, with the copied tokenizer.
+    gen = CliRunner().invoke(main, ["generate", str(out), "--prompt", "The compiler", "--prompt",
+                                    "Once upon a time", "--max-new-tokens", "8"])
+    assert gen.exit_code == 0, gen.output
+    assert "time to first token" in gen.stdout and "tokens/s" in gen.stdout
+    assert gen.stdout.count("The compiler") == 1 and "Once upon a time" in gen.stdout
+    trt = CliRunner().invoke(main, ["generate", str(out), "--prompt", "x", "--executor", "tensorrt"])
+    from compiler.backend import get_backend
+
+    if get_backend().execution_unavailable_reason():
+        assert trt.exit_code == 4 and "cannot run model.plan here" in trt.stderr
 
 
 @pytest.mark.parametrize("arch,cls", [("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
