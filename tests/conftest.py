@@ -56,16 +56,22 @@ FINAL_FP32_PASSES = ("cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-c
 CAPACITY = 128
 
 
-def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CAPACITY) -> Path:
-    """Export + the fp16 recipe's rewrites (without the FP16 lowering unless asked), saved to `path`."""
+def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CAPACITY, exported: Path | None = None) -> Path:
+    """Export (or reuse `exported`) + the fp16 recipe's rewrites (without the FP16 lowering unless asked)."""
     import onnx_ir as ir
 
     from compiler.export import export_onnx
     from compiler.pipeline import run_passes
-    from compiler.types import Recipe, Tolerance
+    from compiler.runtime import io_from_model
+    from compiler.types import ExportedGraph, Recipe, Tolerance
     from passes import PassContext
 
-    graph, _ = run_passes(export_onnx(loaded), Recipe("test", "", tuple(passes), Tolerance(1, 1, 0)),
+    if exported is not None:
+        model = ir.load(exported)
+        source = ExportedGraph(model, io_from_model(model))
+    else:
+        source = export_onnx(loaded)
+    graph, _ = run_passes(source, Recipe("test", "", tuple(passes), Tolerance(1, 1, 0)),
                           PassContext(max_positions=capacity))
     ir.save(graph.model, path)
     return path
@@ -79,13 +85,23 @@ def loaded_models(model_dirs):
 
 
 @pytest.fixture(scope="session")
-def final_fp32(loaded_models, llmc_cache):
+def final_fp32(loaded_models, llmc_cache, llama_export):
     """arch -> the rewritten FP32 graph (fixed-capacity cache, native GQA attention), built lazily."""
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in built:
-            built[arch] = final_graph(loaded_models[arch], llmc_cache / f"final-{arch}-fp32.onnx")
+            reuse = llama_export[0] if arch == "llama" else None
+            built[arch] = final_graph(loaded_models[arch], llmc_cache / f"final-{arch}-fp32.onnx", exported=reuse)
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def final_fp16_llama(llama, llmc_cache, llama_export) -> Path:
+    """The fp16 recipe's graph for the tiny Llama, from the session's export."""
+    from compiler.recipe import load_recipe
+
+    return final_graph(llama, llmc_cache / "final-llama-fp16.onnx", passes=load_recipe("fp16").passes,
+                       exported=llama_export[0])

@@ -120,3 +120,9 @@ def test_max_seq_beyond_model_limit_exit_2(model_dirs, tmp_path):
     result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "100000", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "max_position_embeddings" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_max_seq_beyond_sliding_window_is_refused_before_export(model_dirs, tmp_path):
+    result = CliRunner().invoke(main, ["build", str(model_dirs["mistral"]), "--max-seq", "5000", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 3 and "sliding_window (4096)" in result.stderr
+    assert not (tmp_path / "o").exists()
