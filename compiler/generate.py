@@ -25,7 +25,7 @@ def run_generate(artifact: Path, prompts: list[str], max_new_tokens: int, temper
                  seed: int, executor: str) -> dict:
     from transformers import AutoTokenizer
 
-    for needed in ("model.onnx", "tokenizer"):
+    for needed in ("model.onnx", "tokenizer", *(["model.plan"] if executor == "tensorrt" else [])):
         if not (artifact / needed).exists():
             raise BadInputError(f"{artifact} has no {needed}: not an llmc build directory (run llmc build first)")
     tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer", local_files_only=True)

@@ -55,10 +55,10 @@ def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> i
 
 
 class Runner:
-    def __init__(self, executor: Executor, pad_token_id: int = 0):
+    def __init__(self, executor: Executor, pad_token_id: int | None = 0):
         self.executor = executor
         self.io = executor.io
-        self.pad = pad_token_id
+        self.pad = pad_token_id or 0
 
     def _check_fits(self, longest: int) -> None:
         if self.io.capacity is None:
@@ -88,7 +88,10 @@ class Runner:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_tokens: tuple[int, ...] = ()) -> Generation:
-        self._check_fits(max(len(p) for p in prompts) + max_new_tokens)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        # The last new token is returned, never fed back: it needs no cache slot.
+        self._check_fits(max(len(p) for p in prompts) + max_new_tokens - 1)
         rng = np.random.default_rng(sampling.seed)
         start = time.perf_counter()
         logits = self.prefill(prompts)

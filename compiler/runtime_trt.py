@@ -78,12 +78,14 @@ class TensorRTExecutor:
             self.context.set_tensor_address(name, tensor.data_ptr())
         for past, present in zip(self.io.past_names, self.io.present_names):
             buf = self.cache[past]
-            self.context.set_input_shape(past, tuple(buf.shape))
+            if not self.context.set_input_shape(past, tuple(buf.shape)):
+                raise ValueError(f"cache shape {tuple(buf.shape)} for {past} is outside the engine's profile")
             self.context.set_tensor_address(past, buf.data_ptr())
             self.context.set_tensor_address(present, buf.data_ptr())  # in place
         logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._torch_dtype_out("logits"),
                              device="cuda")
         self.context.set_tensor_address("logits", logits.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # uploads and cache zero-fill ran on the default stream
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
@@ -112,12 +114,19 @@ class TensorRTExecutor:
         if missing:
             raise ValueError(f"TensorRT could not infer output shapes; unset inputs: {missing}")
         results = {}
+        aliased = dict(zip(self.io.present_names, self.io.past_names)) if self.io.capacity is not None else {}
         for name in self.outputs:
+            if name in aliased:  # KV_CACHE_UPDATE outputs must share the cache input's memory (in place)
+                tensor = keep[self.inputs.index(aliased[name])]
+                results[name] = tensor
+                self._bind(name, tensor)
+                continue
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = torch.from_numpy(np.empty(0, dtype=np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))))).dtype
             tensor = torch.empty(shape, dtype=dtype, device="cuda")
             results[name] = tensor
             self._bind(name, tensor)
+        self.stream.wait_stream(torch.cuda.current_stream())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()

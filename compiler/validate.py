@@ -60,7 +60,10 @@ def compare(
         )
     ref_logits, ref_tokens = reference_decode(loaded, prompt_ids, decode_steps)
 
-    compiled = Runner(executor).teacher_forced(prompt_ids, ref_tokens[:decode_steps])
+    try:
+        compiled = Runner(executor).teacher_forced(prompt_ids, ref_tokens[:decode_steps])
+    except ValueError as exc:  # e.g. a recipe without kv-cache-scatter, or too few cache slots
+        raise BadInputError(f"cannot validate the compiled graph: {exc}") from exc
     got_tokens, errors = [], []
     for logits, expected in zip(compiled, ref_logits):
         errors.append(np.abs(logits - expected).ravel())
