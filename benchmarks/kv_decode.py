@@ -55,7 +55,7 @@ def kv_bytes(kind: str, past: int, capacity: int, hq: int, hkv: int, d: int, ele
 
 
 def time_decode(path: Path, kind: str, past: int, capacity: int, steps: int, dtype) -> float:
-    ex = OnnxRuntimeExecutor(path)
+    ex = OnnxRuntimeExecutor(path, optimization="all")  # speed, not numerics: every ORT fusion on
     io = ex.io
     rng = np.random.default_rng(0)
     if kind == "before":

@@ -15,6 +15,7 @@ from .cast_fp16 import CastFp16Pass
 from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
 from .kv_cache_scatter import KvCacheScatterPass
+from .quantize_int4_rtn import QuantizeInt4RtnPass
 from .rotary_2d_cache import Rotary2DCachePass
 
 
@@ -23,6 +24,7 @@ class PassContext:
     """Build facts some passes need (e.g. how many positions the rotary table must cover)."""
 
     max_positions: int
+    int4_block_size: int = 128
 
 
 REGISTRY: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
@@ -31,6 +33,7 @@ REGISTRY: dict[str, Callable[[PassContext], ir.passes.PassBase]] = {
     "gqa-native-attention": lambda ctx: GqaNativeAttentionPass(),
     "kv-cache-scatter": lambda ctx: KvCacheScatterPass(capacity=ctx.max_positions),
     "cast-fp16": lambda ctx: CastFp16Pass(),
+    "quantize-int4-rtn": lambda ctx: QuantizeInt4RtnPass(block_size=ctx.int4_block_size),
 }
 
 

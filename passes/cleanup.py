@@ -18,6 +18,10 @@ def _fingerprint(model: ir.Model) -> tuple:
     )
 
 
+def _keep_quantized(node: ir.Node) -> bool | None:
+    return False if node.op_type == "DequantizeLinear" else None
+
+
 class CleanupPass(ir.passes.InPlacePass):
     """Fold constants, dedupe, and drop whatever no output depends on."""
 
@@ -25,7 +29,8 @@ class CleanupPass(ir.passes.InPlacePass):
         import onnxscript.optimizer
 
         before = _fingerprint(model)
-        onnxscript.optimizer.optimize_ir(model, num_iterations=2)
+        # Never fold a weight's DequantizeLinear back into a float constant: that would undo quantization.
+        onnxscript.optimizer.optimize_ir(model, num_iterations=2, should_fold=_keep_quantized)
         common.CommonSubexpressionEliminationPass()(model)
         common.RemoveUnusedNodesPass()(model)
         common.RemoveUnusedOpsetsPass()(model)
