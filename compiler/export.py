@@ -82,12 +82,12 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False) -> ExportedGraph:
     module = _wrapper(loaded)
     args = example_inputs(loaded)
     b, s, p, t = (torch.export.Dim(n) for n in (BATCH, SEQ, PAST, TOTAL))
-    dynamic_shapes = (
-        {0: b, 1: s},
-        {0: b, 1: t},
-        {0: b, 1: s},
-        *([{0: b, 2: p}] * (2 * loaded.spec.num_layers)),
-    )
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past": tuple([{0: b, 2: p}] * (2 * loaded.spec.num_layers)),
+    }
     start = time.perf_counter()
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
@@ -99,8 +99,7 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False) -> ExportedGraph:
             args,
             dynamo=True,
             opset_version=OPSET,
-            dynamic_shapes={"input_ids": dynamic_shapes[0], "attention_mask": dynamic_shapes[1],
-                            "position_ids": dynamic_shapes[2], "past": tuple(dynamic_shapes[3:])},
+            dynamic_shapes=dynamic_shapes,
             input_names=io_spec.input_names,
             output_names=io_spec.output_names,
             optimize=True,

@@ -82,7 +82,7 @@ class TensorRTExecutor:
                 raise ValueError(f"cache shape {tuple(buf.shape)} for {past} is outside the engine's profile")
             self.context.set_tensor_address(past, buf.data_ptr())
             self.context.set_tensor_address(present, buf.data_ptr())  # in place
-        logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._torch_dtype_out("logits"),
+        logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._torch_dtype("logits"),
                              device="cuda")
         self.context.set_tensor_address("logits", logits.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())  # uploads and cache zero-fill ran on the default stream
@@ -90,9 +90,6 @@ class TensorRTExecutor:
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
         return logits.float().cpu().numpy()
-
-    def _torch_dtype_out(self, name: str):
-        return self._torch.from_numpy(np.empty(0, dtype=np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))))).dtype
 
     def _bind(self, name: str, tensor) -> None:
         # A zero-size tensor (empty past at prefill) still needs a valid, non-null address.
@@ -122,8 +119,7 @@ class TensorRTExecutor:
                 self._bind(name, tensor)
                 continue
             shape = tuple(self.context.get_tensor_shape(name))
-            dtype = torch.from_numpy(np.empty(0, dtype=np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name))))).dtype
-            tensor = torch.empty(shape, dtype=dtype, device="cuda")
+            tensor = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
             results[name] = tensor
             self._bind(name, tensor)
         self.stream.wait_stream(torch.cuda.current_stream())
