@@ -39,8 +39,18 @@ class RichProgress:
 
         if self._status:
             self._status.stop()
+            self._status = None
+        if detail.startswith("skipped"):
+            self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<9} {detail}")
+            return
         extra = f"  ({detail})" if detail else ""
-        self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<8} done in {seconds:6.2f} s{extra}")
+        self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<9} done in {seconds:6.2f} s{extra}")
+
+    def step(self, what: str, done: int, total: int) -> None:
+        if self._status:
+            self._status.update(f"{what} {done}/{total} ...")
+        if not self.console.is_terminal:
+            self.console.print(f"      {what} {done}/{total}")
 
     def pass_done(self, record: PassRecord) -> None:
         flag = "changed" if record.modified else "no-op"
@@ -60,6 +70,17 @@ def print_summary(report: dict) -> None:
     table.add_row("native layers", ", ".join(f"{k} x{layers[k]}" for k in native) or "none")
     table.add_row("numerics", f"max |err| {num.max_abs_error:.4g}, mean |err| {num.mean_abs_error:.3g}, "
                               f"greedy agreement {num.greedy_agreement:.1%} over {num.decode_steps + 1} tokens")
+    quality = report.get("quality")
+    if quality:
+        table.add_row("held-out", f"perplexity {quality.reference_perplexity:.3f} (PyTorch) -> "
+                                  f"{quality.compiled_perplexity:.3f} ({quality.ppl_delta:+.2%}), KL {quality.kl_mean:.4f}, "
+                                  f"greedy agreement {quality.greedy_agreement:.1%} over {quality.agreement_tokens} tokens")
+    weights = report["weights"]
+    onnx_bytes = sum(v for k, v in report["sizes_bytes"].items() if k.startswith("model.onnx"))
+    table.add_row("weights", f"{weights['parameters'] / 1e6:.2f}M params, floor {weights['floor_bytes'] / 1e6:.2f} MB "
+                             f"(FP16 {weights['fp16_bytes'] / 1e6:.2f} MB); model.onnx {onnx_bytes / weights['floor_bytes']:.2f}x floor")
+    for failure in report.get("failures", []):
+        table.add_row("failure", failure)
     table.add_row("output", report.get("output", "?"))
     status = report["status"]
     table.add_row("result", "[green]PASS[/green]" if status == "pass" else "[red]FAIL[/red]")
@@ -87,7 +108,13 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory [default: artifacts/<model-name>].")
 @click.option("--prompt", default=None, help="Prompt for the numerics check against PyTorch.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (reused across builds).")
-def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
+@click.option("--calib-data", type=click.Path(path_type=Path),
+              help="Calibration text for AWQ (plain text or JSONL with a 'text' field) [default: built-in sample].")
+@click.option("--eval-data", type=click.Path(path_type=Path),
+              help="Held-out text for perplexity / KL (plain text or JSONL) [default: built-in held-out sample].")
+@click.option("--measure-quality/--no-measure-quality", default=None,
+              help="Measure held-out perplexity / KL / agreement [default: on for quantizing recipes].")
+def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
     from .validate import DEFAULT_PROMPT
@@ -100,6 +127,9 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
             options=BuildOptions(max_batch=max_batch, max_seq=max_seq),
             prompt=DEFAULT_PROMPT if prompt is None else prompt,
             timing_cache=timing_cache,
+            calib_data=calib_data,
+            eval_data=eval_data,
+            measure_quality=measure_quality,
         )
         signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
         report = run_build(request, RichProgress(err_console))

@@ -1,20 +1,16 @@
-"""The bundled default model: a tiny Llama with GQA, made deterministically on first use.
+"""Models without a hub: the bundled trained default, and random tiny models of real architectures.
 
-`llmc build` with no argument compiles it through exactly the same loader path as a user's
-model (a real HF directory: config.json, model.safetensors, tokenizer.json), so the default
-build exercises everything without a hub. Weights are random with a fixed seed; the tokenizer
-is a byte-level BPE trained on the text below, so the directory is identical on every machine.
+`llmc build` with no argument compiles the shipped trained model through exactly the same loader
+path as a user's model (a real HF directory: config.json, model.safetensors, tokenizer.json).
+`make_tiny_model` writes random tiny Llama / Qwen2 / Mistral directories (fixed seed; the tokenizer
+is a byte-level BPE trained on the text below) for the tests' architecture coverage.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "llmc-tiny-llama"
-_VERSION = "v1"
 
 _CORPUS = """\
 The compiler reads a model directory, exports a graph, rewrites it, and builds an engine.
@@ -108,18 +104,17 @@ def _make_tokenizer(vocab_size: int):
     )
 
 
+TRAINED_MODEL_DIR = Path(__file__).resolve().parent / "data" / "llmc-tiny-shakespeare"
+
+
 def default_model_dir() -> Path:
-    """Return the bundled default model's directory, creating it atomically on first use."""
-    target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{_VERSION}"
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        make_tiny_model(staging / DEFAULT_MODEL_NAME)
-        if target.exists():  # another process won the race: keep its copy
-            return target
-        os.replace(staging / DEFAULT_MODEL_NAME, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The bundled default: the small *trained* Llama (GQA) shipped with llmc.
+
+    Trained by tools/train_tiny_shakespeare.py on the shipped corpus (see compiler/corpus.py), so
+    that quantization recipes have something to lose on the default build and `llmc generate`
+    prints recognisable text. Loaded through the same loader as any user model.
+    """
+    if not (TRAINED_MODEL_DIR / "config.json").is_file() or not (TRAINED_MODEL_DIR / "model.safetensors").is_file():
+        from .errors import LlmcError
+        raise LlmcError(f"the bundled model is missing from {TRAINED_MODEL_DIR}; reinstall llmc")
+    return TRAINED_MODEL_DIR

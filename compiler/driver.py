@@ -1,4 +1,4 @@
-"""`llmc build` end to end: load -> export -> passes -> build -> validate -> package.
+"""`llmc build` end to end: load -> calibrate -> export -> passes -> build -> validate -> quality -> package.
 
 Each stage is one module; this file only calls them in order, times them, and assembles the
 report. Nothing is written at the output path until every stage has succeeded (or, for an
@@ -14,17 +14,21 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from passes import PassContext
+from passes import NEEDS_CALIBRATION, PassContext
 
 from . import __version__
 from .backend import get_backend
 from .build import build_engine
+from .calibrate import calibrate
+from .corpus import default_calibration_text, default_eval_text, read_text_file
 from .default_model import cache_root, default_model_dir
 from .errors import AccuracyError, BadInputError, UnsupportedModelError
 from .export import export_onnx
 from .load import load_model, read_spec
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
+from .quality import measure_quality
+from .sizes import weight_footprint
 from .recipe import load_recipe
 from .triton_repo import triton_model_name, write_repository
 from .types import BuildOptions, PassRecord
@@ -32,7 +36,7 @@ from .validate import DEFAULT_PROMPT, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
 
-STAGES = ("load", "export", "passes", "build", "validate", "package")
+STAGES = ("load", "calibrate", "export", "passes", "build", "validate", "quality", "package")
 
 
 @dataclasses.dataclass
@@ -44,6 +48,9 @@ class BuildRequest:
     prompt: str = DEFAULT_PROMPT
     decode_steps: int = 16
     timing_cache: Path | None = None
+    calib_data: Path | None = None  # plain text / JSONL; default: the shipped calibration sample
+    eval_data: Path | None = None  # held-out text for perplexity / KL; default: the shipped held-out sample
+    measure_quality: bool | None = None  # None: only for recipes that quantize or set max_ppl_delta
 
 
 class Progress:
@@ -52,6 +59,7 @@ class Progress:
     def stage_start(self, index: int, name: str) -> None: ...
     def stage_end(self, index: int, name: str, seconds: float, detail: str = "") -> None: ...
     def pass_done(self, record: PassRecord) -> None: ...
+    def step(self, what: str, done: int, total: int) -> None: ...
 
 
 def _serving_warnings(backend) -> list[str]:
@@ -129,11 +137,21 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
             f"--max-seq {request.options.max_seq} exceeds the model's max_position_embeddings "
             f"({spec.max_position_embeddings}); lower --max-seq"
         )
+    needs_calibration = any(p in NEEDS_CALIBRATION for p in recipe.passes)
+    wants_quality = request.measure_quality if request.measure_quality is not None else (
+        recipe.quantizes or recipe.max_ppl_delta is not None)
+    calib_text = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
+                  else default_calibration_text()) if needs_calibration else None
+    eval_text = (read_text_file(request.eval_data, "--eval-data") if request.eval_data
+                 else default_eval_text()) if wants_quality else None
     output = (Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name).resolve()
     check_output_path(output, model_path.resolve())
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
 
-    def stage(index: int, name: str, fn: Callable, detail: Callable = lambda r: ""):
+    def stage(index: int, name: str, fn: Callable | None, detail: Callable = lambda r: "", why_skipped: str = ""):
+        if fn is None:
+            progress.stage_end(index, name, 0.0, f"skipped: {why_skipped}")
+            return None
         progress.stage_start(index, name)
         start = time.perf_counter()
         result = fn()
@@ -145,30 +163,52 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
         loaded = stage(0, "load", lambda: load_model(model_path),
                        lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
         check_validation_fits(loaded, request)
-        exported = stage(1, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
-        ctx = PassContext(max_positions=request.options.max_seq)
-        final, records = stage(2, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
+        calibration = stage(
+            1, "calibrate",
+            (lambda: calibrate(loaded, calib_text, on_progress=lambda d, t: progress.step("calibrate", d, t)))
+            if needs_calibration else None,
+            lambda c: f"{c.tokens} tokens, {len(c.activations)} linear layers",
+            why_skipped="no pass of this recipe needs calibration")
+        exported = stage(2, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
+        ctx = PassContext(max_positions=request.options.max_seq,
+                          activations=calibration.activations if calibration else None)
+        final, records = stage(3, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
                                lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
+        footprint = weight_footprint(final.model)
         onnx_files = _save_onnx(final.model, out.path / "model.onnx")
-        engine = stage(3, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
+        engine = stage(4, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
                                                          request.options, backend, timing_cache),
                        lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
-        result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", recipe.tolerance,
+        result = stage(5, "validate", lambda: validate(loaded, out.path / "model.onnx", recipe.tolerance,
                                                         prompt=request.prompt, decode_steps=request.decode_steps,
                                                         max_positions=request.options.max_seq),
                        lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
+        quality = stage(
+            6, "quality",
+            (lambda: measure_quality(loaded, out.path / "model.onnx", eval_text, capacity=request.options.max_seq))
+            if wants_quality else None,
+            lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
+                      f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
+            why_skipped="the recipe does not quantize (use --measure-quality)")
+        failures = list(result.failures)
+        if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
+            failures.append(
+                f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
+                f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
+        passed = not failures
         name = triton_model_name(loaded.name)
 
         def package():
             write_repository(out.path / "triton", name, engine)
             copy_tokenizer(loaded.path, out.path / "tokenizer")
             report = {
-                "status": "pass" if result.passed else "fail",
+                "status": "pass" if passed else "fail",
                 "llmc_version": __version__,
                 "model": {"name": loaded.name, "path": loaded.path, "architecture": loaded.spec.architecture,
                           "spec": loaded.spec, "parameters": loaded.num_parameters},
                 "recipe": {"name": recipe.name, "source": recipe.source, "passes": recipe.passes,
-                           "tolerance": recipe.tolerance},
+                           "pass_options": recipe.pass_options, "tolerance": recipe.tolerance,
+                           "max_ppl_delta": recipe.max_ppl_delta},
                 "options": request.options,
                 "versions": tool_versions(),
                 "backend": {"name": backend.name, "version": backend.version,
@@ -178,20 +218,49 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                 "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
                 "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
                 "numerics": result,
+                "quality": quality,
+                "calibration": None if calibration is None else {
+                    "tokens": calibration.tokens, "sequences": calibration.sequences,
+                    "source": str(request.calib_data) if request.calib_data else "built-in sample"},
+                "eval_data": None if eval_text is None else (str(request.eval_data) if request.eval_data
+                                                               else "built-in held-out sample"),
+                "weights": footprint,
+                "precision": _precision_map(records),
+                "failures": failures,
                 "triton_model": f"triton/{name}",
                 "warnings": _serving_warnings(backend),
             }
             write_report(out.path / "report.json", report)
             return report
 
-        report = stage(5, "package", package)
+        report = stage(7, "package", package)
         report["timings_s"]["total"] = sum(timings.values())
         write_report(out.path / "report.json", report)
-        if not result.passed:
+        if not passed:
             failed = out.commit(output.with_name(output.name + ".failed"))
             raise AccuracyError(
-                f"numerics outside recipe '{recipe.name}' tolerance: {'; '.join(result.failures)}; "
-                f"the rejected build is in {failed} (report.json); try a higher-precision recipe"
+                f"accuracy outside recipe '{recipe.name}' limits: {'; '.join(failures)}; "
+                f"the rejected build is in {failed} (report.json); try a less aggressive recipe "
+                f"({_safer_recipe(recipe.name)})"
             )
         report["output"] = str(out.commit())
         return report
+
+
+def _precision_map(records: list[PassRecord]) -> dict[str, str]:
+    """HF module name -> weight format, from what each quantization pass reports it touched."""
+    fmt = {"quantize-int4-rtn": "int4-rtn", "quantize-int4-awq": "int4-awq", "quantize-int8-wo": "int8",
+           "quantize-fp8-wo": "fp8"}
+    out = {}
+    for r in records:
+        for module in r.details.get("quantized", []):
+            out[module] = fmt.get(r.name, r.name)
+    return out
+
+
+def _safer_recipe(name: str) -> str:
+    if name.startswith("int4"):
+        return "int8-wo or fp8-wo, or int4-awq with a smaller block_size"
+    if name in ("int8-wo", "fp8-wo"):
+        return "fp16"
+    return "fp16"

@@ -20,13 +20,26 @@ def run_passes(
     """Apply `recipe.passes`; each pass checks its own pre/postconditions (onnx-ir requires/ensures)."""
     model = graph.model
     records = []
-    for name in recipe.passes:
+    for index, name in enumerate(recipe.passes):
         before = len(model.graph)
         start = time.perf_counter()
-        result = make_pass(name, ctx)(model)
+        pass_ = make_pass(name, ctx, recipe.options_for(index))
+        result = pass_(model)
         model = result.model
-        record = PassRecord(name, bool(result.modified), time.perf_counter() - start, before, len(model.graph))
+        record = PassRecord(name, bool(result.modified), time.perf_counter() - start, before, len(model.graph),
+                            _details(pass_))
         records.append(record)
         if on_pass:
             on_pass(record)
     return ExportedGraph(model=model, io=io_from_model(model), seconds=graph.seconds), records
+
+
+def _details(pass_) -> dict:
+    """What a quantizer did, for the report's precision map (empty for other passes)."""
+    details = {}
+    for attr in ("quantized", "fallbacks"):
+        if getattr(pass_, attr, None):
+            details[attr] = list(getattr(pass_, attr))
+    if getattr(pass_, "search_log", None):
+        details["awq_alpha"] = {k: v["alpha"] for k, v in pass_.search_log.items()}
+    return details

@@ -94,6 +94,15 @@ class Recipe:
     passes: tuple[str, ...]
     tolerance: Tolerance
     source: Path | None = None
+    pass_options: tuple[dict, ...] = ()  # per pass, parallel to `passes` ({} = defaults)
+    max_ppl_delta: float | None = None  # relative held-out perplexity increase allowed (0.05 = 5%)
+
+    def options_for(self, index: int) -> dict:
+        return dict(self.pass_options[index]) if index < len(self.pass_options) else {}
+
+    @property
+    def quantizes(self) -> bool:
+        return any(p.startswith("quantize-") for p in self.passes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +130,7 @@ class PassRecord:
     seconds: float
     nodes_before: int
     nodes_after: int
+    details: dict = dataclasses.field(default_factory=dict)  # e.g. which modules a quantizer touched
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,3 +105,54 @@ def final_fp16_llama(llama, llmc_cache, llama_export) -> Path:
 
     return final_graph(llama, llmc_cache / "final-llama-fp16.onnx", passes=load_recipe("fp16").passes,
                        exported=llama_export[0])
+
+
+# --- the shipped trained model: every accuracy claim about quantization is made on it -------------
+
+@pytest.fixture(scope="session")
+def trained():
+    from compiler.default_model import default_model_dir
+    from compiler.load import load_model
+
+    return load_model(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def trained_fp16(trained, llmc_cache) -> Path:
+    """The fp16 recipe's graph of the trained model (capacity 256), exported once per session."""
+    from compiler.recipe import load_recipe
+
+    return final_graph(trained, llmc_cache / "trained-fp16.onnx", passes=load_recipe("fp16").passes, capacity=256)
+
+
+@pytest.fixture(scope="session")
+def trained_calibration(trained):
+    from compiler.calibrate import calibrate
+    from compiler.corpus import default_calibration_text
+
+    return calibrate(trained, default_calibration_text(), max_windows=16)
+
+
+@pytest.fixture(scope="session")
+def trained_quantized(trained_fp16, trained_calibration, llmc_cache):
+    """(pass name, options) -> path of the trained fp16 graph quantized by that pass, built lazily."""
+    import json
+
+    import onnx_ir as ir
+
+    from passes import PassContext, make_pass
+
+    built: dict[str, Path] = {}
+
+    def get(name: str, **options) -> Path:
+        key = f"{name}-{json.dumps(options, sort_keys=True)}"
+        if key not in built:
+            model = ir.load(trained_fp16)
+            ctx = PassContext(max_positions=256, activations=trained_calibration.activations)
+            assert make_pass(name, ctx, options)(model).modified
+            path = llmc_cache / f"trained-{len(built)}.onnx"
+            ir.save(model, path)
+            built[key] = path
+        return built[key]
+
+    return get

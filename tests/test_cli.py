@@ -43,7 +43,7 @@ def _check_artifact(out: Path, arch: str) -> dict:
 
 
 def test_default_build_subprocess(tmp_path):
-    """`llmc build` with no model: bundled tiny Llama, exit 0, summary ending in pass."""
+    """`llmc build` with no model: bundled trained tiny Llama, exit 0, summary ending in pass."""
     out = tmp_path / "default"
     proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(out)],
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
@@ -51,7 +51,7 @@ def test_default_build_subprocess(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
     assert "[6/6] package" in proc.stderr
     report = _check_artifact(out, "LlamaForCausalLM")
-    assert report["model"]["name"].startswith("llmc-tiny-llama")
+    assert report["model"]["name"] == "llmc-tiny-shakespeare"
 
     # `llmc generate` on the artifact: the runner over model.onnx, with the copied tokenizer.
     gen = CliRunner().invoke(main, ["generate", str(out), "--prompt", "The compiler", "--prompt",

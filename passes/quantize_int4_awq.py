@@ -1,0 +1,163 @@
+"""INT4 weight-only quantization with activation-aware scaling (AWQ, Lin et al. 2023) and clipping search.
+
+Why: a few input channels carry large activations; RTN spends the same 4 bits on them as on the
+rest. AWQ scales those weight rows up by s (so they keep more precision) and the activations down
+by 1/s, which is exact in real arithmetic. The 1/s is folded into the op that produces the
+activation, so the graph gains no node:
+
+  RMSNormalization(x, gamma)  -> gamma / s        (q/k/v after input_layernorm, gate/up after post_attention_layernorm)
+  Mul(act(gate), up @ W_up)   -> W_up[:, c] / s_c (down_proj: its input is a product with up_proj's output)
+
+Other producers (o_proj's input comes out of attention) keep s = 1. Per group of MatMuls sharing one
+input, s = mean|x|^alpha (normalized) with alpha searched on a grid to minimise
+|| X W - (X / s) Q(diag(s) W) ||^2 over calibration activations X; then (optionally) each
+(block, output channel) range is shrunk by the clip ratio that minimises the same output error.
+Quantization itself is the RTN of quantize_int4_rtn.py: symmetric, block-wise, FP16 scales.
+
+Calibration activations come from the PyTorch model (compiler/calibrate.py), keyed by Hugging Face
+module name; a target without activations falls back to RTN (reported in `self.fallbacks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from .quantize_int4_rtn import INT4_MAX, check_block_size, quantize_blockwise
+from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass
+
+ALPHA_GRID = tuple(i / 20 for i in range(21))
+CLIP_GRID = tuple(1.0 - i * 0.05 for i in range(8))  # 1.0 .. 0.65
+
+
+def _fake_quant(w_KN: torch.Tensor, block: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize in float32 (torch), same arithmetic as quantize_blockwise."""
+    k, n = w_KN.shape
+    blocks = w_KN.reshape(k // block, block, n)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / INT4_MAX
+    if clip is not None:
+        scale = scale * clip[:, None, :]
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.clamp(torch.round(blocks / scale), -8, INT4_MAX) * scale).reshape(k, n)
+
+
+def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> tuple[torch.Tensor, float, float, float]:
+    """Best per-input-channel scale s over ALPHA_GRID: returns (s, alpha, loss(alpha=0), best loss)."""
+    reference = x_TK @ w_KN
+    mean_abs = x_TK.abs().mean(dim=0).clamp(min=1e-8)
+    best = (None, 0.0, float("inf"))
+    loss0 = None
+    for alpha in ALPHA_GRID:
+        s = mean_abs.pow(alpha)
+        s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
+        out = (x_TK / s) @ _fake_quant(w_KN * s[:, None], block)
+        loss = float((out - reference).pow(2).mean())
+        if alpha == 0.0:
+            loss0 = loss
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], loss0, best[2]
+
+
+def search_clip(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> torch.Tensor:
+    """Per (block, output channel) clip ratio over CLIP_GRID minimising that block's output error."""
+    k, n = w_KN.shape
+    nb = k // block
+    xb = x_TK.reshape(-1, nb, block).transpose(0, 1)  # [nb, T, block]
+    wb = w_KN.reshape(nb, block, n)
+    best_err = torch.full((nb, n), float("inf"))
+    best_ratio = torch.ones(nb, n)
+    base_scale = wb.abs().amax(dim=1) / INT4_MAX  # [nb, n]
+    for ratio in CLIP_GRID:
+        scale = torch.where(base_scale == 0, torch.ones_like(base_scale), base_scale * ratio)[:, None, :]
+        dq = torch.clamp(torch.round(wb / scale), -8, INT4_MAX) * scale
+        err = torch.bmm(xb, dq - wb).pow(2).sum(dim=1)  # [nb, n]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+class QuantizeInt4AwqPass(WeightQuantPass):
+    q_dtype = ir.DataType.INT4
+
+    def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool = True,
+                 targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
+        super().__init__(targets, exclude, include_lm_head)
+        self.block = self.k_multiple = check_block_size(block_size)
+        self.activations = activations
+        self.clip = bool(clip)
+        self.fallbacks: list[str] = []
+        self.search_log: dict[str, dict] = {}
+        self._inputs: dict[str, torch.Tensor] = {}  # target name -> its (scaled) calibration input
+
+    def requires(self, model: ir.Model) -> None:
+        if self.activations is None:
+            raise ValueError("quantize-int4-awq needs calibration activations (the driver runs the calibrate stage)")
+
+    # -- scale search and folding ------------------------------------------------------------------
+    def prepare(self, model: ir.Model, targets: list[Target]) -> None:
+        groups: dict[int, list[Target]] = {}
+        for t in targets:
+            groups.setdefault(id(t.node.inputs[0]), []).append(t)
+        for members in groups.values():
+            x = next((self.activations.get(t.name) for t in members if t.name in self.activations), None)
+            if x is None:
+                self.fallbacks.extend(t.name for t in members)
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            fold = self._fold_target(members[0].node.inputs[0], model)
+            if fold is None:  # nothing to absorb 1/s: quantize these as they are (clip search still applies)
+                for t in members:
+                    self._inputs[t.name] = x
+                continue
+            w_cat = torch.cat([torch.from_numpy(t.weight.const_value.numpy().astype(np.float32)) for t in members], dim=1)
+            s, alpha, loss0, loss = search_scales(x, w_cat, self.block)
+            for t in members:
+                self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
+                w = t.weight.const_value.numpy()
+                _set_const(t.weight, (w.astype(np.float32) * s.numpy()[:, None]).astype(w.dtype))
+                self._inputs[t.name] = x / s
+            fold(s.numpy())
+
+    @staticmethod
+    def _fold_target(value: ir.Value, model: ir.Model):
+        """A function that divides the producer of `value` by s per channel, or None if it can't."""
+        producer = value.producer()
+        if producer is None or len(value.uses()) == 0:
+            return None
+        if producer.op_type == "RMSNormalization" and producer.domain == "":
+            gamma = producer.inputs[1]
+            if gamma is not None and gamma.is_initializer() and gamma.const_value is not None and len(gamma.uses()) == 1:
+                def fold(s, gamma=gamma):
+                    g = gamma.const_value.numpy()
+                    _set_const(gamma, (g.astype(np.float32) / s).astype(g.dtype))
+                return fold
+        if producer.op_type == "Mul" and producer.domain == "":
+            for operand in producer.inputs:
+                mm = operand.producer() if operand is not None else None
+                if mm is None or mm.op_type != "MatMul" or len(operand.uses()) != 1:
+                    continue
+                w = mm.inputs[1]
+                if w is not None and w.is_initializer() and w.const_value is not None and len(w.uses()) == 1:
+                    def fold(s, w=w):
+                        arr = w.const_value.numpy()
+                        _set_const(w, (arr.astype(np.float32) / s[None, :]).astype(arr.dtype))
+                    return fold
+        return None
+
+    # -- quantization ---------------------------------------------------------------------------
+    def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
+        clip = None
+        x = self._inputs.get(target.name)
+        if self.clip and x is not None:
+            clip = search_clip(x, torch.from_numpy(weight_KN.astype(np.float32)), self.block).numpy()
+        q, scale = quantize_blockwise(weight_KN, self.block, clip)
+        return QuantizedWeight(q, scale, axis=0, block_size=self.block)
+
+
+def _set_const(value: ir.Value, array: np.ndarray) -> None:
+    value.const_value = ir.tensor(array, name=value.name)

@@ -1,0 +1,145 @@
+"""Shared machinery of the weight-only quantization passes: which MatMuls, and the DQ+MatMul rewrite.
+
+Why one base: every format (INT4 block-wise RTN / AWQ, INT8 and FP8 per-channel) selects the same
+MatMuls and emits the same form, `DequantizeLinear(q W[K, N], scale, axis, [block_size])` feeding
+`MatMul`, which TensorRT maps to DEQUANTIZE + MATRIX_MULTIPLY (a weight-only GEMM; symmetric,
+because TensorRT's weight DQ needs zero point 0). A format only supplies `quantize(W) -> QuantizedWeight`.
+
+Which MatMuls: a constant 2-D [K, N] weight used once, whose Hugging Face module name (recovered
+from the exporter's `pkg.torch.onnx.name_scopes` node metadata, e.g. `model.layers.3.mlp.down_proj`)
+matches one of `targets` (fnmatch patterns; default `model.layers.*`: every linear layer of the
+decoder blocks) and none of `exclude`. `lm_head` is kept unless `include_lm_head`; embeddings are
+Gathers and never touched. A MatMul already fed by a DequantizeLinear is not a candidate, so passes
+listed earlier in a recipe win: mixed precision per layer is "int8 for these, then int4 for the rest".
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import fnmatch
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_TARGETS = ("model.layers.*",)
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    q: np.ndarray  # int4 / int8 / float8 values, [K, N]
+    scale: np.ndarray  # fp16: [K/block, N] (block-wise) or [N] (per output channel)
+    axis: int
+    block_size: int | None = None
+
+    def dequantize(self) -> np.ndarray:
+        s = self.scale.astype(np.float32)
+        s = np.repeat(s, self.block_size, axis=0) if self.block_size else s[None, :]
+        return (self.q.astype(np.float32) * s).astype(self.scale.dtype)
+
+
+def module_name(node: ir.Node) -> str | None:
+    """The HF module that produced this node (`model.layers.0.self_attn.q_proj`), from export metadata."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        names = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    if len(names) < 2:
+        return None
+    name = names[-2]  # the last scope is the op itself ('linear')
+    return name.removeprefix("model.") if name.startswith("model.model.") or name == "model.lm_head" else name
+
+
+def is_lm_head(node: ir.Node) -> bool:
+    return any(o.name == "logits" for o in node.outputs) or module_name(node) == "lm_head"
+
+
+@dataclasses.dataclass
+class Target:
+    """One quantizable MatMul: the node, its HF module name and its float weight [K, N]."""
+
+    node: ir.Node
+    name: str
+    weight: ir.Value
+
+
+def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
+                   k_multiple: int = 1) -> list[Target]:
+    out = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain != "":
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or weight.const_value is None:
+            continue
+        if weight.dtype not in (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.BFLOAT16) or len(weight.shape) != 2:
+            continue
+        if weight.shape[0] % k_multiple or len(weight.uses()) != 1:  # a tied weight: one use would change the other
+            continue
+        lm_head = is_lm_head(node)
+        name = "lm_head" if lm_head else (module_name(node) or node.name)
+        if lm_head:
+            if not include_lm_head:
+                continue
+        elif not any(fnmatch.fnmatchcase(name, p) for p in targets):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        out.append(Target(node, name, weight))
+    return out
+
+
+def replace_weight(graph: ir.Graph, target: Target, qw: QuantizedWeight, dtype: ir.DataType) -> None:
+    """W -> DequantizeLinear(q, scale) feeding the same MatMul input; the float initializer is dropped."""
+    node, weight = target.node, target.weight
+    q_val = ir.Value(name=f"{weight.name}.q", const_value=ir.tensor(qw.q, dtype=dtype, name=f"{weight.name}.q"))
+    q_val.type, q_val.shape = ir.TensorType(dtype), ir.Shape(qw.q.shape)
+    s_val = ir.Value(name=f"{weight.name}.scale", const_value=ir.tensor(qw.scale, name=f"{weight.name}.scale"))
+    s_val.type, s_val.shape = ir.TensorType(ir.DataType.from_numpy(qw.scale.dtype)), ir.Shape(qw.scale.shape)
+    graph.register_initializer(q_val)
+    graph.register_initializer(s_val)
+    attributes = {"axis": qw.axis}
+    if qw.block_size:
+        attributes["block_size"] = qw.block_size
+    dq = ir.node("DequantizeLinear", [q_val, s_val], attributes=attributes, name=f"{node.name}.dequantize")
+    dq.outputs[0].name = f"{weight.name}.dequantized"
+    dq.outputs[0].type, dq.outputs[0].shape = weight.type, weight.shape
+    dq.metadata_props.update(node.metadata_props)
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    graph.initializers.pop(weight.name)
+
+
+class WeightQuantPass(ir.passes.InPlacePass):
+    """Base: select targets, quantize each weight with `quantize`, rewrite to DQ + MatMul."""
+
+    q_dtype: ir.DataType
+    k_multiple = 1
+
+    def __init__(self, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
+        super().__init__()
+        if isinstance(targets, str) or isinstance(exclude, str):
+            raise TypeError("targets / exclude must be lists of module-name patterns")
+        self.targets, self.exclude, self.include_lm_head = tuple(targets), tuple(exclude), bool(include_lm_head)
+        self.quantized: list[str] = []  # module names, for the report's precision map
+
+    def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def prepare(self, model: ir.Model, targets: list[Target]) -> None:
+        """Hook for formats that transform weights before quantizing (AWQ's scale folding)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        targets = select_targets(model, self.targets, self.exclude, self.include_lm_head, self.k_multiple)
+        self.prepare(model, targets)
+        for target in targets:
+            w = target.weight.const_value.numpy()
+            qw = self.quantize(w, target)
+            if qw.scale.dtype != w.dtype and w.dtype == np.float16:
+                qw.scale = qw.scale.astype(np.float16)
+            replace_weight(model.graph, target, qw, self.q_dtype)
+            self.quantized.append(target.name)
+        return ir.passes.PassResult(model, modified=bool(targets))

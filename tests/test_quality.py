@@ -1,0 +1,78 @@
+"""What each weight format costs on the trained model, measured on held-out text (compiler/quality.py).
+
+Orderings that must hold on a real model, and stated bounds. Measured 2026-11-27 (benchmarks/NOTES.md):
+reference perplexity 20.90; deltas int8 -0.04%, fp8 +0.17%, int4-awq(128) +0.46%, int4-rtn(128) +1.05%.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+from compiler.corpus import default_eval_text, split_corpus, default_calibration_text
+from compiler.quality import measure_quality
+
+
+@pytest.fixture(scope="module")
+def quality(trained, trained_fp16, trained_quantized):
+    @functools.cache
+    def get(name: str, block_size: int | None = None):
+        opts = {} if block_size is None else {"block_size": block_size}
+        path = trained_fp16 if name == "fp16" else trained_quantized(name, **opts)
+        return measure_quality(trained, path, default_eval_text(), max_windows=8, new_tokens=32, prompts=None)
+    return get
+
+
+def test_eval_text_is_held_out():
+    train, heldout = split_corpus()
+    assert default_eval_text() in heldout and default_eval_text() not in train
+    assert default_calibration_text() in train and default_calibration_text() not in heldout
+
+
+def test_the_trained_model_has_something_to_lose(quality, trained):
+    fp16 = quality("fp16")
+    assert fp16.reference_perplexity < trained.spec.vocab_size / 20  # far below uniform (1024)
+    assert abs(fp16.ppl_delta) < 0.005 and fp16.kl_mean < 1e-3 and fp16.greedy_agreement >= 0.97
+    assert fp16.eval_tokens == 8 * 127 and fp16.agreement_tokens == 4 * 32
+
+
+def test_awq_beats_rtn_at_the_same_block_size(quality):
+    for block in (128, 32):
+        awq, rtn = quality("quantize-int4-awq", block), quality("quantize-int4-rtn", block)
+        assert awq.compiled_perplexity <= rtn.compiled_perplexity, block
+        assert awq.kl_mean <= rtn.kl_mean, block
+    # Smaller blocks cost fewer perplexity points with RTN.
+    assert quality("quantize-int4-rtn", 32).ppl_delta <= quality("quantize-int4-rtn", 128).ppl_delta
+
+
+def test_8bit_formats_lose_less_than_int4(quality):
+    int4 = min(quality("quantize-int4-awq", 128).ppl_delta, quality("quantize-int4-rtn", 128).ppl_delta)
+    int4_kl = min(quality("quantize-int4-awq", 128).kl_mean, quality("quantize-int4-rtn", 128).kl_mean)
+    for name in ("quantize-int8-wo", "quantize-fp8-wo"):
+        q = quality(name)
+        assert q.ppl_delta < int4 and q.kl_mean < int4_kl, name
+
+
+def test_stated_bounds(quality):
+    assert abs(quality("quantize-int8-wo").ppl_delta) < 0.005
+    assert abs(quality("quantize-fp8-wo").ppl_delta) < 0.01
+    assert 0 < quality("quantize-int4-awq", 128).ppl_delta < 0.03
+    assert 0 < quality("quantize-int4-rtn", 128).ppl_delta < 0.05
+    assert quality("quantize-int4-awq", 128).greedy_agreement > 0.85
+
+
+def test_size_against_the_floor(trained_fp16, trained_quantized):
+    import onnx_ir as ir
+
+    from compiler.sizes import weight_footprint
+
+    fp16 = weight_footprint(ir.load(trained_fp16))
+    for name, bits in (("quantize-int4-awq", 4), ("quantize-int8-wo", 8)):
+        path = trained_quantized(name) if name != "quantize-int4-awq" else trained_quantized(name, block_size=128)
+        fp = weight_footprint(ir.load(path))
+        assert fp["parameters"] == fp16["parameters"]
+        quantized = fp["by_dtype"]["int4" if bits == 4 else "int8"]["elements"]
+        # floor = quantized params x bits/8 + FP16 for the rest + FP16 scales
+        rest = fp16["parameters"] - quantized
+        assert fp["floor_bytes"] >= quantized * bits // 8 + rest * 2
+        assert 1.0 <= path.stat().st_size / fp["floor_bytes"] < 1.02  # ONNX stores packed int4 / int8
