@@ -26,8 +26,9 @@ from .load import load_model, read_spec
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
 from .recipe import load_recipe
-from .triton_repo import triton_model_name, write_repository
-from .types import BuildOptions, PassRecord
+from .runtime import io_from_onnx
+from .triton_repo import write_repository
+from .types import BuildOptions, PassRecord, ServingSpec
 from .validate import DEFAULT_PROMPT, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
@@ -44,6 +45,7 @@ class BuildRequest:
     prompt: str = DEFAULT_PROMPT
     decode_steps: int = 16
     timing_cache: Path | None = None
+    triton_cpu_fallback: bool = False  # add llm_onnx to the Triton repository
 
 
 class Progress:
@@ -157,11 +159,17 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                                                         prompt=request.prompt, decode_steps=request.decode_steps,
                                                         max_positions=request.options.max_seq),
                        lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
-        name = triton_model_name(loaded.name)
 
         def package():
-            write_repository(out.path / "triton", name, engine)
             copy_tokenizer(loaded.path, out.path / "tokenizer")
+            tok = loaded.tokenizer
+            serving = ServingSpec(
+                max_batch=request.options.max_batch, max_seq=request.options.max_seq,
+                io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
+                onnx_files=tuple(onnx_files), pad_token_id=tok.pad_token_id or 0,
+                stop_token_ids=tuple(t for t in [tok.eos_token_id] if t is not None),
+                cpu_fallback=request.triton_cpu_fallback)
+            triton_models = write_repository(out.path / "triton", engine, serving)
             report = {
                 "status": "pass" if result.passed else "fail",
                 "llmc_version": __version__,
@@ -178,7 +186,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                 "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
                 "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
                 "numerics": result,
-                "triton_model": f"triton/{name}",
+                "triton_model": "triton/llm",
+                "triton_models": sorted(triton_models),
                 "warnings": _serving_warnings(backend),
             }
             write_report(out.path / "report.json", report)
