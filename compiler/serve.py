@@ -145,6 +145,7 @@ class TritonServer:
                 f"--http-address={self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 "--allow-metrics=false", "--exit-on-error=false", "--strict-readiness=false",
+                "--disable-auto-complete-config",  # configs are complete; auto-complete imports every model.py twice
                 "--exit-timeout-secs=5"]
 
     def start(self, timeout: float = 180.0) -> "TritonServer":

@@ -22,7 +22,7 @@ import pytest
 
 MAX_SEQ = 64
 PROMPTS = ["The compiler", "Once upon a time", "A tensor is", "Hello"]
-MISSING_BACKEND = "unable to find backend library for backend 'tensorrt', try specifying runtime on the model configuration."
+MISSING_BACKEND = ("Invalid argument: unable to find backend library for backend 'tensorrt', try specifying runtime on the model configuration.")
 
 
 def _skip_reason() -> str | None:

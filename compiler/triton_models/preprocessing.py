@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 
 from compiler.triton_models.common import (RequestError, error_response, ids_tensor, model_config, parameter,
                                            scalar, text, version_dir)
+from compiler.triton_models.tokenizer import ServingTokenizer
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        self.tokenizer = AutoTokenizer.from_pretrained(version_dir(args) / "tokenizer", local_files_only=True)
+        self.tokenizer = ServingTokenizer(version_dir(args) / "tokenizer")
         self.max_seq = int(parameter(config, "llmc_max_seq"))
         self.default_max_tokens = int(parameter(config, "llmc_default_max_tokens", "64"))
 
@@ -26,7 +26,7 @@ class TritonPythonModel:
         max_tokens = int(scalar(request, "max_tokens", self.default_max_tokens))
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1 (got {max_tokens})")
-        ids = self.tokenizer(prompt).input_ids
+        ids = self.tokenizer.encode(prompt)
         if not ids:
             raise RequestError("empty prompt: text_input tokenizes to no tokens")
         needed = len(ids) + max_tokens - 1  # the last new token is never fed back
