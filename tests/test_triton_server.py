@@ -59,6 +59,26 @@ def stream_events(url: str, body: dict, timeout: float = 60) -> list[tuple[float
     return events
 
 
+def grpc_stream_error(address: str, datatype: str) -> str:
+    """Send generate a text_input of the wrong datatype over a gRPC stream; return the error it gets."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    errors = []
+    client = grpcclient.InferenceServerClient(address)
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    tensor = grpcclient.InferInput("text_input", [1], datatype)
+    tensor.set_data_from_numpy(np.array([3], np.int32))
+    client.async_stream_infer("generate", [tensor])
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.stop_stream()
+    client.close()
+    assert errors and errors[0] is not None, "no error for a wrong-datatype request"
+    return str(errors[0])
+
+
 @pytest.fixture(scope="module")
 def artifact(model_dirs, tmp_path_factory) -> Path:
     from compiler.driver import BuildRequest, run_build
@@ -93,7 +113,7 @@ def server(artifact, tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.5)
-        yield {"url": url, "proc": proc, "log": log}
+        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "proc": proc, "log": log}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -167,9 +187,8 @@ def test_malformed_requests_get_clear_errors_and_server_stays_up(server):
     url = f"{server['url']}/v2/models/generate"
     status, body = post(f"{url}/generate", {"max_tokens": 4})  # no text_input
     assert status == 400 and "text_input" in body["error"], body
-    status, body = post(f"{url}/infer", {"inputs": [{"name": "text_input", "datatype": "INT32", "shape": [1],
-                                                     "data": [3]}]})
-    assert status == 400 and "datatype" in body["error"].lower() and "text_input" in body["error"], body
+    error = grpc_stream_error(server["grpc"], "INT32")  # decoupled models answer over gRPC streams, not /infer
+    assert "text_input" in error and "BYTES" in error and "INT32" in error, error
     status, body = post(f"{url}/generate", {"text_input": "word " * (2 * MAX_SEQ), "max_tokens": 4})
     assert status == 400 and f"holds {MAX_SEQ}" in body["error"] and "shorten" in body["error"], body
     status, body = post(f"{url}/generate", {"text_input": "Hello", "max_tokens": MAX_SEQ})
