@@ -188,9 +188,6 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
                           [_tensor("text_output", "TYPE_STRING", [1])], {})
     for config in (pre, post):
         written[config.name] = _write_model(root, config, config.name)
-        for f in serving.tokenizer_dir.iterdir():
-            (written[config.name] / "1" / "tokenizer").mkdir(exist_ok=True)
-            shutil.copyfile(f, written[config.name] / "1" / "tokenizer" / f.name)
 
     targets = ["llm"]
     if serving.cpu_fallback:
@@ -208,4 +205,8 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
          "llmc_engine_backend": engine.backend, "llmc_engine_version": engine.backend_version},
         decoupled=True)
     written["generate"] = _write_model(root, gen, "generate")
+    for name in ("preprocessing", "postprocessing", "generate"):
+        (written[name] / "1" / "tokenizer").mkdir(exist_ok=True)
+        for f in serving.tokenizer_dir.iterdir():
+            shutil.copyfile(f, written[name] / "1" / "tokenizer" / f.name)
     return written

@@ -10,7 +10,8 @@ Generation goes to the first READY model of `llmc_targets` (`llm`, then `llm_onn
 repository has the CPU fallback). On `llm` the KV cache is the Triton sequence's implicit state
 (see triton_repo.py), stepped by llmc's own runner through `TritonEngineExecutor`. Streamed text is
 the full decode of the tokens so far minus what was already sent, held back while it ends in an
-incomplete UTF-8 character, so the increments concatenate to exactly the non-streamed text.
+incomplete UTF-8 character; the end of the stream is checked against `postprocessing`'s text, so
+the increments concatenate to exactly the non-streamed text.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import triton_python_backend_utils as pb_utils
 
 from compiler.runner import Runner, Sampling
 from compiler.triton_models import engine_version
-from compiler.triton_models.common import RequestError, call, error_response, model_config, parameter, scalar, text
+from compiler.triton_models.common import (RequestError, call, error_response, model_config, parameter, scalar, text,
+                                           version_dir)
+from compiler.triton_models.tokenizer import ServingTokenizer
 from compiler.types import GraphIO
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -93,6 +96,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"no {backend} found by the generate model: llm can't load here"
                                          f"{'; generation uses llm_onnx' if 'llm_onnx' in self.targets else ''}")
         self.target = None
+        # Stream increments are detokenized here: a postprocessing call per token cost ~15 ms per
+        # token on 2 loaded cores (benchmarks/NOTES.md); the complete text still comes from postprocessing.
+        self.tokenizer = ServingTokenizer(version_dir(args) / "tokenizer")
 
     def _target(self) -> str:
         if self.target is None:
@@ -150,7 +156,7 @@ class TritonPythonModel:
         for token in self._tokens(ids.reshape(-1), int(max_tokens.reshape(-1)[0]), sampling):
             generated.append(token)
             if stream:
-                decoded = self._detokenize(generated)
+                decoded = self.tokenizer.decode(generated)
                 if decoded.startswith(sent) and len(decoded) > len(sent) and not decoded.endswith("\ufffd"):
                     sender.send(_text_response(decoded[len(sent):]))
                     sent = decoded

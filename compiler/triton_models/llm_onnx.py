@@ -24,7 +24,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
         threads = int(parameter(config, "llmc_intra_op_threads", "0")) or None
-        executor = OnnxRuntimeExecutor(version_dir(args) / "model.onnx", threads=threads)
+        # No spinning: between steps the cores belong to the server and the other models' stubs.
+        executor = OnnxRuntimeExecutor(version_dir(args) / "model.onnx", threads=threads, spin=False)
         self.runner = Runner(executor, pad_token_id=int(parameter(config, "llmc_pad_token_id", "0")))
         self.stop_tokens = token_list(parameter(config, "llmc_stop_token_ids", ""))
 
