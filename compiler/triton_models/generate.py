@@ -178,6 +178,9 @@ class TritonPythonModel:
                 self._serve(request, sender)
             except RequestError as exc:
                 sender.send(error_response(str(exc)), flags=FINAL)
+            except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
+                pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
+                sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"), flags=FINAL)
         return None
 
 
