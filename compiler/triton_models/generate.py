@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -96,8 +97,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"no {backend} found by the generate model: llm can't load here"
                                          f"{'; generation uses llm_onnx' if 'llm_onnx' in self.targets else ''}")
         self.target = None
-        # Stream increments are detokenized here: a postprocessing call per token cost ~15 ms per
-        # token on 2 loaded cores (benchmarks/NOTES.md); the complete text still comes from postprocessing.
+        self.threads: list[threading.Thread] = []
+        # Stream increments are detokenized here: a postprocessing call per streamed token cut decode
+        # to ~50 tokens/s on 2 loaded cores (benchmarks/NOTES.md); the full text still comes from postprocessing.
         self.tokenizer = ServingTokenizer(version_dir(args) / "tokenizer")
 
     def _target(self) -> str:
@@ -171,17 +173,29 @@ class TritonPythonModel:
             sender.send(_text_response(decoded[len(sent):]))
         sender.send(flags=FINAL)
 
+    def _handle(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            self._serve(request, sender)
+        except RequestError as exc:
+            sender.send(error_response(str(exc)), flags=FINAL)
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
+            pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
+            sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"), flags=FINAL)
+
     def execute(self, requests):
+        """One thread per request: concurrent requests reach `llm` at once, so its sequence batcher can
+        batch their decode steps (BLS calls wait outside the GIL)."""
+        self.threads = [t for t in self.threads if t.is_alive()]
         for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._serve(request, sender)
-            except RequestError as exc:
-                sender.send(error_response(str(exc)), flags=FINAL)
-            except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
-                pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
-                sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"), flags=FINAL)
+            thread = threading.Thread(target=self._handle, args=(request,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
         return None
+
+    def finalize(self):
+        for thread in self.threads:
+            thread.join(timeout=30)
 
 
 def _text_response(piece: str):
