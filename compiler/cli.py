@@ -114,7 +114,10 @@ def main() -> None:
               help="Held-out text for perplexity / KL (plain text or JSONL) [default: built-in held-out sample].")
 @click.option("--measure-quality/--no-measure-quality", default=None,
               help="Measure held-out perplexity / KL / agreement [default: on for quantizing recipes].")
-def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality):
+@click.option("--triton-cpu-fallback", is_flag=True,
+              help="Add llm_onnx to the Triton repository: serves model.onnx with onnxruntime where TensorRT can't run.")
+def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
+          triton_cpu_fallback):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
     from .validate import DEFAULT_PROMPT
@@ -130,6 +133,7 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             calib_data=calib_data,
             eval_data=eval_data,
             measure_quality=measure_quality,
+            triton_cpu_fallback=triton_cpu_fallback,
         )
         signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
         report = run_build(request, RichProgress(err_console))
@@ -163,6 +167,21 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
         f"executor {result['executor']}: time to first token {result['ttft_s'] * 1e3:.1f} ms, "
         f"{result['decode_tokens_per_s']:.1f} tokens/s decode, {result['new_tokens']} new tokens"
     )
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (gRPC: port + 1).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+def serve(artifact_dir, port, host):
+    """Serve ARTIFACT_DIR's Triton repository with the bundled tritonserver (Ctrl-C stops it)."""
+    from .serve import serve_forever
+
+    try:
+        serve_forever(artifact_dir, port, host, err_console)
+    except LlmcError as exc:
+        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
 
 
 @main.command("exit-codes")

@@ -30,8 +30,9 @@ from .pipeline import run_passes
 from .quality import measure_quality
 from .sizes import weight_footprint
 from .recipe import load_recipe
-from .triton_repo import triton_model_name, write_repository
-from .types import BuildOptions, PassRecord
+from .runtime import io_from_onnx
+from .triton_repo import write_repository
+from .types import BuildOptions, PassRecord, ServingSpec
 from .validate import DEFAULT_PROMPT, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
@@ -51,6 +52,7 @@ class BuildRequest:
     calib_data: Path | None = None  # plain text / JSONL; default: the shipped calibration sample
     eval_data: Path | None = None  # held-out text for perplexity / KL; default: the shipped held-out sample
     measure_quality: bool | None = None  # None: only for recipes that quantize or set max_ppl_delta
+    triton_cpu_fallback: bool = False  # add llm_onnx to the Triton repository
 
 
 class Progress:
@@ -196,11 +198,17 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                 f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
                 f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
         passed = not failures
-        name = triton_model_name(loaded.name)
 
         def package():
-            write_repository(out.path / "triton", name, engine)
             copy_tokenizer(loaded.path, out.path / "tokenizer")
+            tok = loaded.tokenizer
+            serving = ServingSpec(
+                max_batch=request.options.max_batch, max_seq=request.options.max_seq,
+                io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
+                onnx_files=tuple(onnx_files), pad_token_id=tok.pad_token_id or 0,
+                stop_token_ids=tuple(t for t in [tok.eos_token_id] if t is not None),
+                cpu_fallback=request.triton_cpu_fallback)
+            triton_models = write_repository(out.path / "triton", engine, serving)
             report = {
                 "status": "pass" if passed else "fail",
                 "llmc_version": __version__,
@@ -227,7 +235,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
                 "weights": footprint,
                 "precision": _precision_map(records),
                 "failures": failures,
-                "triton_model": f"triton/{name}",
+                "triton_model": "triton/llm",
+                "triton_models": sorted(triton_models),
                 "warnings": _serving_warnings(backend),
             }
             write_report(out.path / "report.json", report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class Generation:
         return later / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def _pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     if sampling.temperature <= 0:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / sampling.temperature
@@ -86,31 +87,49 @@ class Runner:
         pos = np.array(positions, np.int64)[:, None]
         return self.executor.step(ids, pos)[:, 0]
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_tokens: tuple[int, ...] = ()) -> Generation:
+    def stream(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_tokens: tuple[int, ...] = ()) -> Iterator[list[int | None]]:
+        """Yield each sequence's new token per step (None once it has stopped): what servers stream."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         # The last new token is returned, never fed back: it needs no cache slot.
         self._check_fits(max(len(p) for p in prompts) + max_new_tokens - 1)
         rng = np.random.default_rng(sampling.seed)
-        start = time.perf_counter()
         logits = self.prefill(prompts)
-        out = [[_pick(row, sampling, rng)] for row in logits]
-        ttft = time.perf_counter() - start
-        done = [o[-1] in stop_tokens for o in out]
+        last = [pick(row, sampling, rng) for row in logits]
+        counts = [1] * len(prompts)
+        done = [t in stop_tokens for t in last]
+        yield list(last)
         lengths = [len(p) for p in prompts]
         steps = 0
-        decode_start = time.perf_counter()
         while not all(done) and steps + 1 < max_new_tokens:
-            positions = [lengths[b] + len(out[b]) - 1 for b in range(len(prompts))]
-            feed = [out[b][-1] if not done[b] else self.pad for b in range(len(prompts))]
+            positions = [lengths[b] + counts[b] - 1 for b in range(len(prompts))]
+            feed = [last[b] if not done[b] else self.pad for b in range(len(prompts))]
             logits = self.decode(feed, positions)
             steps += 1
+            new: list[int | None] = [None] * len(prompts)
             for b, row in enumerate(logits):
                 if not done[b]:
-                    out[b].append(_pick(row, sampling, rng))
-                    done[b] = out[b][-1] in stop_tokens
-        return Generation(out, ttft, time.perf_counter() - decode_start, steps + 1)
+                    last[b] = new[b] = pick(row, sampling, rng)
+                    counts[b] += 1
+                    done[b] = last[b] in stop_tokens
+            yield new
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_tokens: tuple[int, ...] = ()) -> Generation:
+        out: list[list[int]] = [[] for _ in prompts]
+        steps = 0
+        start = time.perf_counter()
+        ttft = decode_start = 0.0
+        for new in self.stream(prompts, max_new_tokens, sampling, stop_tokens):
+            if steps == 0:
+                decode_start = time.perf_counter()
+                ttft = decode_start - start
+            steps += 1
+            for b, token in enumerate(new):
+                if token is not None:
+                    out[b].append(token)
+        return Generation(out, ttft, time.perf_counter() - decode_start, steps)
 
     def teacher_forced(self, prompt: list[int], forced: list[int]) -> list[np.ndarray]:
         """Logits for the prompt (all positions) and after each forced token: the validator's view."""

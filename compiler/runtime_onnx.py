@@ -25,7 +25,7 @@ class OnnxRuntimeExecutor:
     """CPU by default; the CUDA provider when present and asked for."""
 
     def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 optimization: str = "basic"):
+                 optimization: str = "basic", spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -36,6 +36,8 @@ class OnnxRuntimeExecutor:
         }[optimization]
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep instead of spinning: for processes that share cores (Triton stubs)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)

@@ -173,3 +173,18 @@ class ValidationResult:
     passed: bool
     failures: list[str]
     seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSpec:
+    """What the Triton repository needs beyond the engine: limits, tokenizer, stop tokens, CPU fallback."""
+
+    max_batch: int
+    max_seq: int
+    io: GraphIO
+    tokenizer_dir: Path
+    onnx_files: tuple[Path, ...]  # model.onnx (+ its external data), for llm_onnx
+    pad_token_id: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    cpu_fallback: bool = False
+    default_max_tokens: int = 64

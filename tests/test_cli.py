@@ -35,7 +35,9 @@ def _check_artifact(out: Path, arch: str) -> dict:
     model_dir = out / report["triton_model"]
     cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
     engine_io = {t["name"]: t for t in report["engine"]["io"]}
-    assert {i.name for i in [*cfg.input, *cfg.output]} == set(engine_io)
+    states = cfg.sequence_batching.state  # the KV cache: implicit state of the Triton sequence
+    declared = {i.name for i in [*cfg.input, *cfg.output]} | {s.input_name for s in states} | {s.output_name for s in states}
+    assert declared == set(engine_io) and len(states) == 2 * report["model"]["spec"]["num_layers"]
     assert (model_dir / "1" / "model.plan").read_bytes() == (out / "model.plan").read_bytes()
     # Nothing half-written left next to the output.
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
@@ -49,7 +51,7 @@ def test_default_build_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
-    assert "[6/6] package" in proc.stderr
+    assert "[8/8] package" in proc.stderr
     report = _check_artifact(out, "LlamaForCausalLM")
     assert report["model"]["name"] == "llmc-tiny-shakespeare"
 

@@ -47,6 +47,24 @@ def test_stop_tokens_end_each_sequence_on_its_own(loaded_models, final_fp32):
         assert cut == expected
 
 
+def test_stream_yields_each_step_as_it_is_decoded(loaded_models, final_fp32):
+    """What servers stream: one entry per step, None for a sequence that has stopped."""
+    loaded = loaded_models["llama"]
+    ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
+    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
+    free = runner.generate(ids, 10).tokens
+    stop = free[1][2]
+    expected = runner.generate(ids, 10, stop_tokens=(stop,))
+    steps = list(runner.stream(ids, 10, stop_tokens=(stop,)))
+    assert len(steps) == expected.steps
+    for b, tokens in enumerate(expected.tokens):
+        column = [step[b] for step in steps]
+        assert [t for t in column if t is not None] == tokens
+        assert all(t is None for t in column[len(tokens):])  # nothing after a sequence stopped
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        next(runner.stream(ids, 0))
+
+
 def test_sampling_is_seeded_and_respects_top_k(loaded_models, final_fp32):
     loaded = loaded_models["llama"]
     ids = [loaded.tokenizer(PROMPTS[0]).input_ids]

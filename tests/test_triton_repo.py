@@ -1,4 +1,7 @@
-"""The Triton repository: config from the engine's own I/O, parsed back with Triton's ModelConfig proto."""
+"""The Triton repository: configs from the engine's own I/O, parsed back with Triton's ModelConfig proto.
+
+That it loads and answers on a real server is tests/test_triton_server.py.
+"""
 
 from pathlib import Path
 
@@ -6,8 +9,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from compiler.triton_models import engine_version
 from compiler.triton_repo import check_config, make_config, triton_model_name, write_repository
-from compiler.types import EngineArtifact, TensorInfo
+from compiler.types import EngineArtifact, GraphIO, ServingSpec, TensorInfo
 
 
 def _engine(tmp_path: Path, tensors=None) -> EngineArtifact:
@@ -15,34 +19,81 @@ def _engine(tmp_path: Path, tensors=None) -> EngineArtifact:
     plan.write_bytes(b"\x00plan-bytes")
     tensors = tensors or [
         TensorInfo("input_ids", "int64", (-1, -1), True),
-        TensorInfo("past_key_values.0.key", "float16", (-1, 2, -1, 32), True),
+        TensorInfo("position_ids", "int64", (-1, -1), True),
+        TensorInfo("past_key_values.0.key", "float16", (-1, 2, 64, 32), True),
+        TensorInfo("past_key_values.0.value", "float16", (-1, 2, 64, 32), True),
         TensorInfo("logits", "float16", (-1, -1, 512), False),
-        TensorInfo("present.0.key", "float16", (-1, 2, -1, 32), False),
+        TensorInfo("present.0.key", "float16", (-1, 2, 64, 32), False),
+        TensorInfo("present.0.value", "float16", (-1, 2, 64, 32), False),
     ]
     return EngineArtifact(plan, tmp_path / "model.onnx", "tensorrt_rtx", "1.7.1", tensors, {}, 0.0, "none")
 
 
-def test_written_config_parses_with_triton_proto_and_matches_engine(tmp_path):
+def _serving(tmp_path: Path, cpu_fallback: bool) -> ServingSpec:
+    tok = tmp_path / "tokenizer"
+    tok.mkdir(exist_ok=True)
+    (tok / "tokenizer.json").write_text("{}")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    return ServingSpec(max_batch=4, max_seq=64, io=GraphIO(1, 2, 32, 512, 64), tokenizer_dir=tok,
+                       onnx_files=(onnx,), pad_token_id=0, stop_token_ids=(2,), cpu_fallback=cpu_fallback)
+
+
+def _parse(model_dir: Path) -> mc.ModelConfig:
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def test_llm_config_keeps_kv_cache_as_implicit_sequence_state(tmp_path):
     engine = _engine(tmp_path)
-    model_dir = write_repository(tmp_path / "triton", "My Model/7b", engine)
-    assert model_dir.name == "My_Model_7b"
-    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 0
-    assert [i.name for i in cfg.input] == ["input_ids", "past_key_values.0.key"]
-    assert list(cfg.output[1].dims) == [-1, 2, -1, 32]
-    assert cfg.output[0].data_type == mc.TYPE_FP16 and cfg.input[0].data_type == mc.TYPE_INT64
+    models = write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=False))
+    assert sorted(models) == ["generate", "llm", "postprocessing", "preprocessing"]
+    cfg = _parse(models["llm"])
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 4
+    assert [i.name for i in cfg.input] == ["input_ids", "position_ids"]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [-1, 512])]
+    assert cfg.input[0].data_type == mc.TYPE_INT64 and cfg.output[0].data_type == mc.TYPE_FP16
+    states = {(s.input_name, s.output_name, tuple(s.dims)) for s in cfg.sequence_batching.state}
+    assert states == {("past_key_values.0.key", "present.0.key", (2, 64, 32)),
+                      ("past_key_values.0.value", "present.0.value", (2, 64, 32))}
+    assert all(s.initial_state[0].zero_data for s in cfg.sequence_batching.state)
+    assert cfg.sequence_batching.HasField("direct")
     assert cfg.parameters["llmc_backend_version"].string_value == "1.7.1"
-    assert (model_dir / "1" / "model.plan").read_bytes() == engine.plan_path.read_bytes()
+    assert (models["llm"] / "1" / "model.plan").read_bytes() == engine.plan_path.read_bytes()
+    gen = _parse(models["generate"])
+    assert gen.model_transaction_policy.decoupled and gen.backend == "python"
+    assert gen.parameters["llmc_targets"].string_value == "llm"
+    assert gen.parameters["llmc_engine_version"].string_value == "1.7.1"
+    assert (models["preprocessing"] / "1" / "tokenizer" / "tokenizer.json").is_file()
+    assert "compiler.triton_models.preprocessing" in (models["preprocessing"] / "1" / "model.py").read_text()
+
+
+def test_cpu_fallback_adds_llm_onnx(tmp_path):
+    models = write_repository(tmp_path / "triton", _engine(tmp_path), _serving(tmp_path, cpu_fallback=True))
+    cfg = _parse(models["llm_onnx"])
+    assert cfg.backend == "python" and cfg.model_transaction_policy.decoupled
+    assert (models["llm_onnx"] / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert _parse(models["generate"]).parameters["llmc_targets"].string_value == "llm,llm_onnx"
 
 
 def test_check_rejects_config_that_disagrees_with_engine(tmp_path):
     engine = _engine(tmp_path)
-    cfg = make_config("m", engine)
-    cfg.output[0].dims[2] = 1000
+    cfg = make_config(engine)
+    cfg.output[0].dims[1] = 1000
     with pytest.raises(ValueError, match="differs from the engine"):
+        check_config(text_format.MessageToString(cfg), engine)
+    cfg = make_config(engine)
+    cfg.sequence_batching.state[0].dims[1] = -1
+    with pytest.raises(ValueError, match="must be static"):
         check_config(text_format.MessageToString(cfg), engine)
     with pytest.raises(text_format.ParseError):
         check_config("platform: tensorrt_plan\nbogus_field: 1\n", engine)
+
+
+def test_engine_version_check_names_both_versions():
+    engine_version.check("tensorrt", "10.7.0.23", "10.7.0")  # same release, build number absent on one side
+    engine_version.check("tensorrt", "10.7.0", None)  # no TensorRT here: llm fails to load on its own
+    with pytest.raises(RuntimeError, match=r"built by tensorrt 10\.7\.0 but this server has tensorrt 10\.8\.0"):
+        engine_version.check("tensorrt", "10.7.0", "10.8.0")
 
 
 def test_name_sanitizing():

@@ -1,0 +1,235 @@
+"""The Triton repository on a real Triton Inference Server (the one bundled in nvidia-pytriton).
+
+One artifact (tiny Llama, fp16 recipe, --triton-cpu-fallback) is built and served once for the
+module, by `llmc serve`, on free loopback ports; the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+MAX_SEQ = 64
+PROMPTS = ["The compiler", "Once upon a time", "A tensor is", "Hello"]
+MISSING_BACKEND = ("Invalid argument: unable to find backend library for backend 'tensorrt', try specifying runtime on the model configuration.")
+
+
+def _skip_reason() -> str | None:
+    try:
+        from compiler.serve import server_binary, server_env
+
+        server_binary()
+        server_env()
+    except Exception as exc:  # noqa: BLE001 - any reason the bundled server can't run here
+        return f"bundled tritonserver unusable here: {exc}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def stream_events(url: str, body: dict, timeout: float = 60) -> list[tuple[float, dict]]:
+    """Server-sent events of /generate_stream with the time each one arrived."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            if line.startswith(b"data:"):
+                events.append((time.perf_counter(), json.loads(line[5:])))
+    return events
+
+
+def grpc_stream_error(address: str, datatype: str) -> str:
+    """Send generate a text_input of the wrong datatype over a gRPC stream; return the error it gets."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    errors = []
+    client = grpcclient.InferenceServerClient(address)
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    tensor = grpcclient.InferInput("text_input", [1], datatype)
+    tensor.set_data_from_numpy(np.array([3], np.int32))
+    client.async_stream_infer("generate", [tensor])
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.stop_stream()
+    client.close()
+    assert errors and errors[0] is not None, "no error for a wrong-datatype request"
+    return str(errors[0])
+
+
+@pytest.fixture(scope="module")
+def artifact(model_dirs, tmp_path_factory) -> Path:
+    from compiler.driver import BuildRequest, run_build
+    from compiler.types import BuildOptions
+
+    out = tmp_path_factory.mktemp("served") / "tiny-llama"
+    run_build(BuildRequest(model=model_dirs["llama"], output=out, options=BuildOptions(max_batch=1, max_seq=MAX_SEQ),
+                           prompt="The compiler reads a model", triton_cpu_fallback=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    """`llmc serve ARTIFACT --port N`, as a user runs it; SIGTERM at the end must stop it."""
+    from compiler.serve import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("triton-log") / "serve.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "serve", str(artifact), "--port", str(port)],
+                                stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"llmc serve exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not ready in time: {log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200 and "ready:" in log.read_text():
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "proc": proc, "log": log}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def expected_text(artifact: Path, prompt: str, max_tokens: int) -> str:
+    """What `llmc generate` prints for the same artifact (greedy)."""
+    from compiler.generate import run_generate
+
+    return run_generate(artifact, [prompt], max_tokens, 0.0, 0, 0, "onnxruntime")["texts"][0]
+
+
+def test_repository_loads_and_only_llm_lacks_its_backend(server):
+    status, index = post(f"{server['url']}/v2/repository/index", {})
+    assert status == 200
+    states = {m["name"]: (m.get("state"), m.get("reason", "")) for m in index}
+    assert set(states) == {"preprocessing", "llm", "llm_onnx", "postprocessing", "generate"}
+    for name in ("preprocessing", "llm_onnx", "postprocessing", "generate"):
+        assert states[name][0] == "READY", (name, states[name])
+    # llm's config was parsed and validated (sequence batching, implicit state); only the backend is absent.
+    assert states["llm"] == ("UNAVAILABLE", MISSING_BACKEND)
+
+
+def test_generate_matches_llmc_generate(server, artifact):
+    for prompt in PROMPTS[:2]:
+        status, body = post(f"{server['url']}/v2/models/generate/generate", {"text_input": prompt, "max_tokens": 12})
+        assert status == 200, body
+        assert body["text_output"] == expected_text(artifact, prompt, 12)
+        assert body["text_output"]  # random tiny model: still some text
+
+
+def test_stream_returns_tokens_incrementally(server, artifact):
+    start = time.perf_counter()
+    events = stream_events(f"{server['url']}/v2/models/generate/generate_stream",
+                           {"text_input": PROMPTS[0], "max_tokens": 16, "stream": True})
+    pieces = [e["text_output"] for _, e in events if "text_output" in e]
+    assert len(pieces) >= 4, pieces  # one event per text increment, not one at the end
+    assert "".join(pieces) == expected_text(artifact, PROMPTS[0], 16)
+    first, last = events[0][0] - start, events[-1][0] - start
+    assert first < last  # the first piece arrived before generation finished
+
+
+def test_concurrent_clients(server, artifact):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+    expected = {p: expected_text(artifact, p, 10) for p in set(prompts)}
+    results: dict[int, tuple[int, dict]] = {}
+
+    def client(i):
+        results[i] = post(f"{server['url']}/v2/models/generate/generate",
+                          {"text_input": prompts[i], "max_tokens": 10}, timeout=120)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert time.perf_counter() - start < 120
+    assert sorted(results) == list(range(8))
+    for i, (status, body) in results.items():
+        assert status == 200, body
+        assert body["text_output"] == expected[prompts[i]], i
+
+
+def test_malformed_requests_get_clear_errors_and_server_stays_up(server):
+    url = f"{server['url']}/v2/models/generate"
+    status, body = post(f"{url}/generate", {"max_tokens": 4})  # no text_input
+    assert status == 400 and "text_input" in body["error"], body
+    error = grpc_stream_error(server["grpc"], "INT32")  # decoupled models answer over gRPC streams, not /infer
+    assert "text_input" in error and "BYTES" in error and "INT32" in error, error
+    status, body = post(f"{url}/generate", {"text_input": "word " * (2 * MAX_SEQ), "max_tokens": 4})
+    assert status == 400 and f"holds {MAX_SEQ}" in body["error"] and "shorten" in body["error"], body
+    status, body = post(f"{url}/generate", {"text_input": "Hello", "max_tokens": MAX_SEQ})
+    assert status == 400 and f"holds {MAX_SEQ}" in body["error"], body
+    status, body = post(f"{url}/generate", {"text_input": "Hello", "max_tokens": 0})
+    assert status == 400 and "max_tokens must be >= 1" in body["error"], body
+    with urllib.request.urlopen(f"{server['url']}/v2/health/ready", timeout=5) as r:
+        assert r.status == 200
+    status, body = post(f"{url}/generate", {"text_input": "Hello", "max_tokens": 3})
+    assert status == 200 and isinstance(body["text_output"], str)
+
+
+def test_engine_version_mismatch_fails_generate_at_load(artifact, tmp_path):
+    """A repository whose engine was built by another TensorRT version refuses to load, naming both."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from compiler.backend import get_backend
+    from compiler.serve import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(artifact / "triton" / "generate", repo / "generate")
+    config_path = repo / "generate" / "config.pbtxt"
+    config = text_format.Parse(config_path.read_text(), mc.ModelConfig())
+    built = config.parameters["llmc_engine_version"].string_value
+    running = get_backend().version
+    assert built == running  # the real build records the version that built it
+    config.parameters["llmc_engine_version"].string_value = "0.9.0"
+    config_path.write_text(text_format.MessageToString(config))
+    with TritonServer(repo, log_path=tmp_path / "log.txt") as server:
+        status, index = post(f"http://{server.url}/v2/repository/index", {})
+    (entry,) = index
+    assert entry["state"] == "UNAVAILABLE"
+    assert f"built by {config.parameters['llmc_engine_backend'].string_value} 0.9.0" in entry["reason"]
+    assert f"this server has {config.parameters['llmc_engine_backend'].string_value} {running}" in entry["reason"]
+
+
+def test_serve_stops_on_sigterm(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "stopping tritonserver" in server["log"].read_text()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server['url']}/v2/health/live", timeout=2)
