@@ -1,0 +1,308 @@
+"""Triton attention kernels for what TensorRT's native attention lacks: paged cache, FP8 cache, sliding window.
+
+Decode (one query token per sequence) is memory-bound: each step reads the whole K/V cache once and
+does ~Hq/Hkv flops per byte. So the decode kernel is shaped around bytes, flash-decoding style:
+- one program per (sequence, KV head, split of the KV length): K/V of a KV head are loaded once for
+  its whole query-head group (GQA), and the splits give enough programs to fill the GPU at batch 1;
+- a second small kernel merges the splits' partial softmax (max, sum, weighted V) exactly;
+- FP8-E4M3 K/V are loaded as bytes and widened in registers; the per-head scales are scalars of the
+  program (k_scale folds into the softmax scale, v_scale into the final output), so FP8 costs no
+  extra memory traffic;
+- paged cache: each K/V row's address goes through the block table (a gather of whole D-rows, still
+  coalesced), so any block size works;
+- sliding window: the program's KV range starts at max(0, len - window): bytes outside the window
+  are never read.
+
+Prefill (Sq > 1, causal) uses a plain flash-attention forward with the same cache addressing.
+Semantics: plugins/attention_reference.py. Importable without Triton (the kernels are then absent
+and `available()` says why), so CPU-only machines can import the module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # CPU-only CI: the reference and the ONNX decomposition still run
+    triton = None
+    tl = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+
+LOG2E = 1.4426950408889634
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not (for test skips)."""
+    if triton is None:
+        return f"triton is not installed ({_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kv_offsets(b, hk, n, BT, stride_btb, stride_b, stride_h, stride_s, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                    nmask):
+        """Element offset of row n (a [BLOCK_N] vector of positions) of KV head hk of sequence b."""
+        if PAGED:
+            blk = tl.load(BT + b * stride_btb + n // PAGE, mask=nmask, other=0).to(tl.int64)
+            return blk * stride_b + hk * stride_h + (n % PAGE).to(tl.int64) * stride_s
+        else:
+            return b.to(tl.int64) * stride_b + hk * stride_h + n.to(tl.int64) * stride_s
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, BT, SeqLens, KScale, VScale, Opart, Mpart, Lpart,
+        qk_scale, WINDOW, CHUNK,
+        stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_btb,
+        stride_ob, stride_oh, stride_os,
+        stride_mb, stride_mh,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGED: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(SeqLens + b)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(length - WINDOW, 0)
+        start = lo + split * CHUNK
+        end = tl.minimum(start + CHUNK, length)
+
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        gmask = offs_g < G
+        heads = hk * G + offs_g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        q = q.to(tl.float16)
+        scale = qk_scale * 1.4426950408889634  # exp2 domain
+        if FP8:
+            scale = scale * tl.load(KScale + hk)
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + offs_n
+            nmask = n < end
+            koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nmask)
+            voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nmask)
+            k = tl.load(K + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+            m_i = m_new
+        if FP8:
+            acc = acc * tl.load(VScale + hk)
+        out = Opart + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(out, acc, mask=gmask[:, None])
+        tl.store(Mpart + b * stride_mb + heads * stride_mh + split, m_i, mask=gmask)
+        tl.store(Lpart + b * stride_mb + heads * stride_mh + split, l_i, mask=gmask)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        Opart, Mpart, Lpart, Out, NUM_SPLITS,
+        stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_outb, stride_outh,
+        D: tl.constexpr, S_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D)
+        smask = offs_s < NUM_SPLITS
+        m = tl.load(Mpart + b * stride_mb + h * stride_mh + offs_s, mask=smask, other=float("-inf"))
+        l = tl.load(Lpart + b * stride_mb + h * stride_mh + offs_s, mask=smask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(l > 0, tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf, l = 0) weigh nothing
+        part = tl.load(Opart + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                       mask=smask[:, None], other=0.0)
+        out = tl.sum(part * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, K, V, BT, SeqLens, KScale, VScale, Out,
+        qk_scale, WINDOW, Q_LEN,
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_btb,
+        stride_outb, stride_outh, stride_outs,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGED: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):
+        mblock = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        hk = h // G
+        length = tl.load(SeqLens + b)
+        offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mmask = offs_m < Q_LEN
+        pos = length - Q_LEN + offs_m  # absolute position of each query row
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                    mask=mmask[:, None], other=0.0).to(tl.float16)
+        scale = qk_scale * 1.4426950408889634
+        if FP8:
+            scale = scale * tl.load(KScale + hk)
+        first = length - Q_LEN + mblock * BLOCK_M
+        hi = tl.minimum(first + BLOCK_M, length)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first - WINDOW + 1, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + offs_n
+            nmask = n < length
+            koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nmask)
+            voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nmask)
+            k = tl.load(K + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
+            ok = nmask[None, :] & (n[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                ok = ok & (n[None, :] > pos[:, None] - WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+            m_i = m_new
+        if FP8:
+            acc = acc * tl.load(VScale + hk)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + b * stride_outb + h * stride_outh + offs_m[:, None] * stride_outs + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mmask[:, None])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _cache_args(k_cache, v_cache, block_table):
+    paged = block_table is not None
+    page = k_cache.shape[2] if paged else 1
+    if paged and page & (page - 1):
+        raise ValueError(f"paged block size {page} must be a power of two")
+    bt = block_table if paged else torch.zeros(1, 1, dtype=torch.int32, device=k_cache.device)
+    return paged, page, bt
+
+
+def _scales(k_scale, v_scale, k_cache):
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 cache needs k_scale and v_scale (one float32 per KV head)")
+    dummy = torch.ones(1, dtype=torch.float32, device=k_cache.device)
+    ks = k_scale.float().contiguous() if fp8 else dummy
+    vs = v_scale.float().contiguous() if fp8 else dummy
+    return fp8, ks, vs
+
+
+def choose_splits(batch: int, kv_heads: int, span: int, block_n: int, sm_count: int = 132, waves: int = 4) -> int:
+    """Enough (sequence, KV head, split) programs for `waves` per SM, but no split shorter than 4 tiles."""
+    want = max(1, -(-sm_count * waves // (batch * kv_heads)))
+    most = max(1, -(-span // (block_n * 4)))
+    return min(want, most)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+                     block_table: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None, window: int = 0, sm_scale: float | None = None,
+                     max_seq_len: int | None = None, num_splits: int | None = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """Flash-decoding over the cache. q: [B, Hq, D] (one token each); returns [B, Hq, D] in q's dtype.
+
+    max_seq_len bounds every seq_lens[b] (the host knows it; reading seq_lens back would sync).
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    paged, page, bt = _cache_args(k_cache, v_cache, block_table)
+    fp8, ks, vs = _scales(k_scale, v_scale, k_cache)
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * page if paged else k_cache.shape[2]
+    span = min(max_seq_len, window) if window > 0 else max_seq_len
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    splits = num_splits or choose_splits(batch, kv_heads, span, block_n, sm_count)
+    chunk = -(-span // splits)
+    chunk = -(-chunk // block_n) * block_n
+    splits = -(-span // chunk)
+    dev = q.device
+    opart = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=dev)
+    mpart = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=dev)
+    lpart = torch.empty_like(mpart)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, bt, seq_lens, ks, vs, opart, mpart, lpart,
+        scale, window, chunk,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0),
+        opart.stride(0), opart.stride(1), opart.stride(2),
+        mpart.stride(0), mpart.stride(1),
+        G=group, G_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_N=block_n,
+        PAGED=paged, PAGE=page, FP8=fp8, HAS_WINDOW=window > 0,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=dev)
+    _decode_combine_kernel[(batch, q_heads)](
+        opart, mpart, lpart, out, splits,
+        opart.stride(0), opart.stride(1), opart.stride(2), mpart.stride(0), mpart.stride(1),
+        out.stride(0), out.stride(1),
+        D=head_dim, S_PAD=max(2, _next_pow2(splits)), num_warps=4,
+    )
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+                      block_table: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None, window: int = 0, sm_scale: float | None = None,
+                      block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of q [B, Hq, Sq, D] (the last Sq positions of each sequence) over the cache."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    paged, page, bt = _cache_args(k_cache, v_cache, block_table)
+    fp8, ks, vs = _scales(k_scale, v_scale, k_cache)
+    out = torch.empty(batch, q_heads, q_len, head_dim, dtype=q.dtype, device=q.device)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    _prefill_kernel[(triton.cdiv(q_len, block_m), q_heads, batch)](
+        q, k_cache, v_cache, bt, seq_lens, ks, vs, out,
+        scale, window, q_len,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        bt.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=q_heads // kv_heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGED=paged, PAGE=page, FP8=fp8, HAS_WINDOW=window > 0,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
