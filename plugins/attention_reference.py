@@ -89,12 +89,18 @@ def linear_to_paged(cache: torch.Tensor, seq_lens: list[int], block_table: torch
                     block_size: int) -> torch.Tensor:
     """Copy a linear cache [B, Hkv, S, D] into a pool [num_blocks, Hkv, bs, D] laid out by block_table."""
     _, kv_heads, _, head_dim = cache.shape
-    pool = torch.zeros(num_blocks, kv_heads, block_size, head_dim, dtype=cache.dtype)
+    raw = _bytes(cache)
+    pool = torch.zeros(num_blocks, kv_heads, block_size, head_dim, dtype=raw.dtype, device=cache.device)
     for b, n in enumerate(seq_lens):
         for j in range(blocks_needed(n, block_size)):
             lo, hi = j * block_size, min((j + 1) * block_size, n)
-            pool[int(block_table[b, j]), :, : hi - lo] = cache[b, :, lo:hi]
-    return pool
+            pool[int(block_table[b, j]), :, : hi - lo] = raw[b, :, lo:hi]
+    return pool.view(cache.dtype)
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as uint8 for indexing (not every device implements gather/scatter on float8)."""
+    return x.view(torch.uint8) if x.dtype == FP8_DTYPE else x
 
 
 def paged_to_linear(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -102,14 +108,14 @@ def paged_to_linear(pool: torch.Tensor, block_table: torch.Tensor, length: int) 
     block_size = pool.shape[2]
     positions = torch.arange(length, device=block_table.device).expand(block_table.shape[0], length)
     block, offset = physical_slot(block_table, positions, block_size)
-    gathered = pool[block, :, offset]  # [B, length, Hkv, D]
-    return gathered.permute(0, 2, 1, 3)
+    gathered = _bytes(pool)[block, :, offset]  # [B, length, Hkv, D]
+    return gathered.permute(0, 2, 1, 3).view(pool.dtype)
 
 
 def write_paged(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> None:
     """In-place cache update of a paged pool: new [B, Hkv, S, D] goes to positions [B, S]."""
     block, offset = physical_slot(block_table, positions, pool.shape[2])
-    pool[block, :, offset] = new.permute(0, 2, 1, 3).to(pool.dtype)
+    _bytes(pool)[block, :, offset] = _bytes(new.permute(0, 2, 1, 3).to(pool.dtype))
 
 
 # --- Attention ----------------------------------------------------------------------------------
