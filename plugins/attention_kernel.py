@@ -98,13 +98,19 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
+        # Row offsets of the first tile; each iteration computes the next tile's while this one is
+        # in flight, so a paged cache's block-table load is off the K/V loads' critical path.
+        n = start + offs_n
+        koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, n < end)
+        voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, n < end)
         for n0 in range(start, end, BLOCK_N):
             n = n0 + offs_n
             nmask = n < end
-            koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nmask)
-            voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nmask)
             k = tl.load(K + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
             v = tl.load(V + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            nxt = n + BLOCK_N
+            koff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nxt < end)
+            voff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nxt < end)
             s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
