@@ -73,6 +73,7 @@ if triton is not None:
         stride_mb, stride_mh,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGED: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -98,19 +99,25 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        # Row offsets of the first tile; each iteration computes the next tile's while this one is
-        # in flight, so a paged cache's block-table load is off the K/V loads' critical path.
+        # PREFETCH: each iteration computes the next tile's row offsets while this tile's loads are in
+        # flight, taking a paged cache's block-table load off the K/V loads' critical path. Measured
+        # on H100: it lifts FP8 paged from 57% to 78% of peak but costs FP16 paged (90% -> 74%), so
+        # the launcher turns it on for FP8 paged only (benchmarks/NOTES.md).
         n = start + offs_n
         koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, n < end)
         voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, n < end)
         for n0 in range(start, end, BLOCK_N):
             n = n0 + offs_n
             nmask = n < end
+            if not PREFETCH:
+                koff = _kv_offsets(b, hk, n, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nmask)
+                voff = _kv_offsets(b, hk, n, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nmask)
             k = tl.load(K + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
             v = tl.load(V + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            nxt = n + BLOCK_N
-            koff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nxt < end)
-            voff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nxt < end)
+            if PREFETCH:
+                nxt = n + BLOCK_N
+                koff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_kb, stride_kh, stride_ks, PAGED, PAGE, nxt < end)
+                voff = _kv_offsets(b, hk, nxt, BT, stride_btb, stride_vb, stride_vh, stride_vs, PAGED, PAGE, nxt < end)
             s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -242,16 +249,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, window: int = 0, sm_scale: float | None = None,
                      max_seq_len: int | None = None, num_splits: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+                     prefetch: bool | None = None) -> torch.Tensor:
     """Flash-decoding over the cache. q: [B, Hq, D] (one token each); returns [B, Hq, D] in q's dtype.
 
     max_seq_len bounds every seq_lens[b] (the host knows it; reading seq_lens back would sync).
+    Tile defaults are the H100 sweep's best (benchmarks/NOTES.md): FP16 32 rows x 2 stages, FP8 64 x 3-4.
     """
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
     paged, page, bt = _cache_args(k_cache, v_cache, block_table)
     fp8, ks, vs = _scales(k_scale, v_scale, k_cache)
+    block_n = block_n or (64 if fp8 else 32)
+    num_stages = num_stages or ((3 if paged else 4) if fp8 else 2)
+    prefetch = (fp8 and paged) if prefetch is None else prefetch
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * page if paged else k_cache.shape[2]
     span = min(max_seq_len, window) if window > 0 else max_seq_len
@@ -275,7 +287,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         opart.stride(0), opart.stride(1), opart.stride(2),
         mpart.stride(0), mpart.stride(1),
         G=group, G_PAD=max(16, _next_pow2(group)), D=head_dim, BLOCK_N=block_n,
-        PAGED=paged, PAGE=page, FP8=fp8, HAS_WINDOW=window > 0,
+        PAGED=paged, PAGE=page, FP8=fp8, HAS_WINDOW=window > 0, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=dev)
