@@ -215,6 +215,108 @@ if triton is not None:
                  out.to(Out.dtype.element_ty), mask=mmask[:, None])
 
 
+    @triton.jit
+    def _plugin_kernel(
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out,
+        qk_scale, WINDOW, Q_LEN, CAP,
+        H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):
+        """The TensorRT plugin's single launch: cache write + causal attention, one node per layer.
+
+        All tensors contiguous: q/out [B, Hq, S, D], new K/V [B, Hkv, S, D], cache [B, Hkv, CAP, D]
+        (aliased in/out), position_ids [B, S] (contiguous per row: the new tokens sit at
+        pos[b, 0] .. pos[b, 0] + S - 1). Race-free in one launch: the program of the first query
+        head of a group writes its rows of the new K/V into the cache, and every program reads the
+        new rows from the K/V inputs (rounded through FP8 exactly as written), never from the cache
+        rows being written; cache rows before pos[b, 0] are only read.
+        """
+        G: tl.constexpr = H_Q // H_KV
+        mblock = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        hk = h // G
+        start = tl.load(Pos + b * Q_LEN).to(tl.int32)
+        offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mmask = offs_m < Q_LEN
+        pos = start + offs_m
+        q_base = Q + ((b * H_Q + h) * Q_LEN) * D
+        q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0).to(tl.float16)
+        kn_base = Knew + ((b * H_KV + hk) * Q_LEN) * D
+        vn_base = Vnew + ((b * H_KV + hk) * Q_LEN) * D
+        kc_base = Kc + ((b * H_KV + hk) * CAP) * D
+        vc_base = Vc + ((b * H_KV + hk) * CAP) * D
+        ks = 1.0
+        vs = 1.0
+        if FP8:
+            ks = tl.load(KScale + hk)
+            vs = tl.load(VScale + hk)
+        if h % G == 0:  # write this m-block's new rows (quantized) into the aliased cache
+            kn = tl.load(kn_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
+            vn = tl.load(vn_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
+            if FP8:
+                kn = tl.clamp(kn.to(tl.float32) / ks, -448.0, 448.0)
+                vn = tl.clamp(vn.to(tl.float32) / vs, -448.0, 448.0)
+            tl.store(kc_base + pos[:, None] * D + offs_d[None, :], kn.to(Kc.dtype.element_ty), mask=mmask[:, None])
+            tl.store(vc_base + pos[:, None] * D + offs_d[None, :], vn.to(Vc.dtype.element_ty), mask=mmask[:, None])
+        scale = qk_scale * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        first = start + mblock * BLOCK_M
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(first - WINDOW + 1, 0)
+        # (1) cached rows [lo, start): read only
+        for n0 in range(lo, start, BLOCK_N):
+            n = n0 + offs_n
+            nmask = n < start
+            k = tl.load(kc_base + n[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(vc_base + n[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            kf = k.to(tl.float32) * ks
+            vf = v.to(tl.float32) * vs
+            s = tl.dot(q, tl.trans(kf.to(tl.float16))) * scale
+            ok = nmask[None, :]
+            if HAS_WINDOW:
+                ok = ok & (n[None, :] > pos[:, None] - WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vf.to(tl.float16))
+            m_i = m_new
+        # (2) the new rows, from the inputs, up to this block's last query
+        hi = tl.minimum((mblock + 1) * BLOCK_M, Q_LEN)
+        for j0 in range(0, hi, BLOCK_N):
+            j = j0 + offs_n
+            jmask = j < Q_LEN
+            k = tl.load(kn_base + j[:, None] * D + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vn_base + j[:, None] * D + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
+            if FP8:  # the values the cache now holds: FP8-rounded
+                k = tl.clamp(k / ks, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * ks
+                v = tl.clamp(v / vs, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * vs
+            s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
+            key_pos = start + j
+            ok = jmask[None, :] & (key_pos[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                ok = ok & (key_pos[None, :] > pos[:, None] - WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + ((b * H_Q + h) * Q_LEN) * D + offs_m[:, None] * D + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mmask[:, None])
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -322,5 +424,28 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         G=q_heads // kv_heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, PAGE=page, FP8=fp8, HAS_WINDOW=window > 0,
         num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+PLUGIN_BLOCK_M = 16
+PLUGIN_BLOCK_N = 64
+
+
+def plugin_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, position_ids: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None, window: int = 0, sm_scale: float | None = None,
+                     block_m: int = PLUGIN_BLOCK_M, block_n: int = PLUGIN_BLOCK_N) -> torch.Tensor:
+    """What the llmc::PagedAttention plugin launches: writes key/value into the caches in place at
+    position_ids[:, 0] and returns attention over the updated cache (the ONNX function's semantics)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    fp8, ks, vs = _scales(k_scale, v_scale, k_cache)
+    out = torch.empty_like(q)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    _plugin_kernel[(triton.cdiv(q_len, block_m), q_heads, batch)](
+        q.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, position_ids.contiguous(), ks, vs, out,
+        scale, window, q_len, k_cache.shape[2],
+        H_Q=q_heads, H_KV=k_cache.shape[1], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        FP8=fp8, HAS_WINDOW=window > 0, num_warps=4, num_stages=2,
     )
     return out
