@@ -15,10 +15,11 @@ numerics on the CPU; TensorRT with the plugin registered builds the node as a pl
 
 Node contract (domain "llmc", op "PagedAttention"):
   inputs  query [B, Hq, S, D], key/value [B, Hkv, S, D] (new tokens), past_key/past_value
-          [B, Hkv, C, D] (cache dtype), position_ids [B, S] int64, and for FP8 k_scale/v_scale
-          [Hkv] float32 (real = fp8 * scale)
-  outputs attention [B, Hq, S, D], present_key/present_value (the updated cache, same buffers)
-  attrs   scale (float), window (int, 0 = none), kv_dtype ("float16" | "float8e4m3fn")
+          [B, Hkv, C, D] (FP16 or FP8-E4M3: the cache dtype picks the variant), position_ids [B, S]
+          int64, k_scale/v_scale [Hkv] float32 (real = fp8 * scale; ones and unused for FP16)
+  outputs attention [B, Hq, S, D], present_key/present_value (the updated cache, aliased in place)
+  attrs   scale (float), window (int, 0 = none); plugin_namespace "llmc" and aot 1 tell TensorRT's
+          ONNX parser to build the node with the AOT plugin of plugins/trt_plugin.py
 FP8 scales are per layer and per KV head, calibrated once at build time from the graph's own K/V
 on calibration tokens (amax x margin / 448); `scales=` overrides them.
 
@@ -123,9 +124,7 @@ class AttentionPluginPass(ir.passes.InPlacePass):
     # --- the function body --------------------------------------------------------------------
 
     def _function(self, q_dtype: ir.DataType, scale: float) -> ir.Function:
-        names = ["query", "key", "value", "past_key", "past_value", "position_ids"]
-        if self.fp8:
-            names += ["k_scale", "v_scale"]
+        names = ["query", "key", "value", "past_key", "past_value", "position_ids", "k_scale", "v_scale"]
         inputs = {n: ir.Value(name=n) for n in names}
         nodes: list[ir.Node] = []
 
@@ -188,18 +187,20 @@ class AttentionPluginPass(ir.passes.InPlacePass):
             past_k, new_k = k_scatter.inputs[0], k_scatter.inputs[1]
             past_v, new_v = v_scatter.inputs[0], v_scatter.inputs[1]
             ins = [attention.inputs[0], new_k, new_v, past_k, past_v, position_ids]
-            if self.fp8:
-                for kv, scatter in (("key", k_scatter), ("value", v_scatter)):
-                    present = scatter.outputs[0].name
-                    if present not in scales:
-                        raise ir.passes.PreconditionError(f"no FP8 scale for {present} (scales has {sorted(scales)[:4]})")
-                    array = np.asarray(scales[present], np.float32)
-                    value = ir.Value(name=f"kv_scale.{index}.{kv}", const_value=ir.tensor(array, name=f"kv_scale.{index}.{kv}"))
-                    value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-                    graph.register_initializer(value)
-                    ins.append(value)
+            for kv, scatter in (("key", k_scatter), ("value", v_scatter)):
+                # One input list for both cache dtypes (the plugin's signature is fixed); FP16 ignores the ones.
+                present = scatter.outputs[0].name
+                if self.fp8 and present not in scales:
+                    raise ir.passes.PreconditionError(f"no FP8 scale for {present} (scales has {sorted(scales)[:4]})")
+                array = np.asarray(scales[present] if self.fp8 else np.ones(past_k.shape[1]), np.float32)
+                value = ir.Value(name=f"kv_scale.{index}.{kv}", const_value=ir.tensor(array, name=f"kv_scale.{index}.{kv}"))
+                value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
+                graph.register_initializer(value)
+                ins.append(value)
             node = ir.node(OP, ins, domain=DOMAIN, num_outputs=3, name=f"llmc.paged_attention.{index}",
-                           attributes={"scale": float(scale), "window": self.window, "kv_dtype": self.kv_dtype})
+                           attributes={"scale": float(scale), "window": self.window,
+                                       # what TensorRT's ONNX parser needs to map the node to the AOT plugin
+                                       "plugin_namespace": DOMAIN, "aot": 1})
             graph.insert_before(attention, node)
             attn_out, present_k, present_v = node.outputs
             for old, new in ((attention.outputs[0], attn_out), (k_scatter.outputs[0], present_k),

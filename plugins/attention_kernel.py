@@ -216,8 +216,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _plugin_kernel(
-        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out,
+    def _plugin_body(
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, KcOut, VcOut,
         qk_scale, WINDOW, Q_LEN, CAP,
         H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -226,7 +226,8 @@ if triton is not None:
 
         All tensors contiguous: q/out [B, Hq, S, D], new K/V [B, Hkv, S, D], cache [B, Hkv, CAP, D]
         (aliased in/out), position_ids [B, S] (contiguous per row: the new tokens sit at
-        pos[b, 0] .. pos[b, 0] + S - 1). Race-free in one launch: the program of the first query
+        pos[b, 0] .. pos[b, 0] + S - 1). KcOut/VcOut are the same buffers as Kc/Vc (TensorRT passes the
+        aliased outputs as separate pointers). Race-free in one launch: the program of the first query
         head of a group writes its rows of the new K/V into the cache, and every program reads the
         new rows from the K/V inputs (rounded through FP8 exactly as written), never from the cache
         rows being written; cache rows before pos[b, 0] are only read.
@@ -259,8 +260,10 @@ if triton is not None:
             if FP8:
                 kn = tl.clamp(kn.to(tl.float32) / ks, -448.0, 448.0)
                 vn = tl.clamp(vn.to(tl.float32) / vs, -448.0, 448.0)
-            tl.store(kc_base + pos[:, None] * D + offs_d[None, :], kn.to(Kc.dtype.element_ty), mask=mmask[:, None])
-            tl.store(vc_base + pos[:, None] * D + offs_d[None, :], vn.to(Vc.dtype.element_ty), mask=mmask[:, None])
+            kw = KcOut + ((b * H_KV + hk) * CAP) * D
+            vw = VcOut + ((b * H_KV + hk) * CAP) * D
+            tl.store(kw + pos[:, None] * D + offs_d[None, :], kn.to(KcOut.dtype.element_ty), mask=mmask[:, None])
+            tl.store(vw + pos[:, None] * D + offs_d[None, :], vn.to(VcOut.dtype.element_ty), mask=mmask[:, None])
         scale = qk_scale * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -315,6 +318,27 @@ if triton is not None:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + ((b * H_Q + h) * Q_LEN) * D + offs_m[:, None] * D + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=mmask[:, None])
+
+
+    @triton.jit
+    def _plugin_kernel(
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, qk_scale, WINDOW, Q_LEN, CAP,
+        H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):
+        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, Kc, Vc, qk_scale, WINDOW, Q_LEN, CAP,
+                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW)
+
+    @triton.jit
+    def _plugin_kernel_trt(
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Q_LEN, CAP, Out, KcOut, VcOut,
+        QK_SCALE: tl.constexpr, WINDOW: tl.constexpr,
+        H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ):
+        """TensorRT's AOT plugin argument order: the node's inputs, the extra int32 scalars, its outputs."""
+        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, KcOut, VcOut, QK_SCALE, WINDOW, Q_LEN, CAP,
+                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW)
 
 
 def _next_pow2(x: int) -> int:

@@ -46,6 +46,8 @@ def test_every_layer_becomes_one_plugin_node_with_fp8_cache_io(fp8_graph, final_
         if node.domain == DOMAIN:
             k_scale, v_scale = node.inputs[6].const_value.numpy(), node.inputs[7].const_value.numpy()
             assert k_scale.shape == v_scale.shape == (2,) and (k_scale > 0).all() and (v_scale > 0).all()
+            # how TensorRT's ONNX parser maps the node to the AOT plugin of plugins/trt_plugin.py
+            assert node.attributes["plugin_namespace"].as_string() == "llmc" and node.attributes["aot"].as_int() == 1
     assert (DOMAIN, OP, "") in model.functions and model.opset_imports[DOMAIN] == 1
     onnx.checker.check_model(onnx.load(path), full_check=True)
 
@@ -85,9 +87,8 @@ def _single_node_model(fp8: bool, window: int, q_heads=8, kv_heads=2, head_dim=1
            value("v", f16, ["B", kv_heads, "S", head_dim]),
            value("past_k", cache_t, ["B", kv_heads, capacity, head_dim]),
            value("past_v", cache_t, ["B", kv_heads, capacity, head_dim]),
-           value("position_ids", ir.DataType.INT64, ["B", "S"])]
-    if fp8:
-        ins += [value("k_scale", ir.DataType.FLOAT, [kv_heads]), value("v_scale", ir.DataType.FLOAT, [kv_heads])]
+           value("position_ids", ir.DataType.INT64, ["B", "S"]),
+           value("k_scale", ir.DataType.FLOAT, [kv_heads]), value("v_scale", ir.DataType.FLOAT, [kv_heads])]
     node = ir.node(OP, ins, domain=DOMAIN, num_outputs=3, attributes={"scale": scale, "window": window})
     for out, name, dtype in zip(node.outputs, ("out", "present_k", "present_v"), (f16, cache_t, cache_t)):
         out.name, out.type = name, ir.TensorType(dtype)
@@ -128,7 +129,8 @@ def test_function_body_matches_the_pytorch_reference(fp8, window, tmp_path):
                      past_k=k_past.view(torch.uint8).numpy(), past_v=v_past.view(torch.uint8).numpy())
     else:
         ks = vs = None
-        feeds.update(past_k=k_past.numpy(), past_v=v_past.numpy())
+        feeds.update(past_k=k_past.numpy(), past_v=v_past.numpy(), k_scale=np.ones(2, np.float32),
+                     v_scale=np.ones(2, np.float32))
     got = _run_plain(path, feeds)
 
     k_cache, v_cache = k_past.clone(), v_past.clone()
