@@ -258,8 +258,8 @@ if triton is not None:
             kn = tl.load(kn_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
             vn = tl.load(vn_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
             if FP8:
-                kn = tl.clamp(kn.to(tl.float32) / ks, -448.0, 448.0)
-                vn = tl.clamp(vn.to(tl.float32) / vs, -448.0, 448.0)
+                kn = tl.clamp(tl.math.div_rn(kn.to(tl.float32), ks), -448.0, 448.0)
+                vn = tl.clamp(tl.math.div_rn(vn.to(tl.float32), vs), -448.0, 448.0)
             kw = KcOut + ((b * H_KV + hk) * CAP) * D
             vw = VcOut + ((b * H_KV + hk) * CAP) * D
             tl.store(kw + pos[:, None] * D + offs_d[None, :], kn.to(KcOut.dtype.element_ty), mask=mmask[:, None])
@@ -300,8 +300,8 @@ if triton is not None:
             k = tl.load(kn_base + j[:, None] * D + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
             v = tl.load(vn_base + j[:, None] * D + offs_d[None, :], mask=jmask[:, None], other=0.0).to(tl.float32)
             if FP8:  # the values the cache now holds: FP8-rounded
-                k = tl.clamp(k / ks, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * ks
-                v = tl.clamp(v / vs, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * vs
+                k = tl.clamp(tl.math.div_rn(k, ks), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * ks
+                v = tl.clamp(tl.math.div_rn(v, vs), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32) * vs
             s = tl.dot(q, tl.trans(k.to(tl.float16))) * scale
             key_pos = start + j
             ok = jmask[None, :] & (key_pos[None, :] <= pos[:, None])
