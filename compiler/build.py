@@ -92,6 +92,9 @@ def build_engine(
     custom = custom_domain_nodes(onnx_path)
     if custom:
         backend.require_plugins(f"custom-domain nodes {', '.join(custom[:3])}")
+        from plugins.trt_plugin import register  # the parser maps llmc::PagedAttention to this AOT plugin
+
+        register()
 
     logger = _capturing_logger(trt)
     builder = trt.Builder(logger)

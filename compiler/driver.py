@@ -14,7 +14,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from passes import NEEDS_CALIBRATION, PassContext
+from passes import NEEDS_CALIBRATION, PassContext, needs_plugins
 
 from . import __version__
 from .backend import get_backend
@@ -127,12 +127,16 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     timings: dict[str, float] = {}
     backend = get_backend()
     recipe = load_recipe(request.recipe)
+    plugins = needs_plugins(recipe.passes)
+    if plugins:  # before any export: TensorRT-RTX's parser would abort the process on the plugin node
+        backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
     model_path = Path(request.model) if request.model else default_model_dir()
     spec = read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
-    if spec.sliding_window and request.options.max_seq > spec.sliding_window:
+    if spec.sliding_window and request.options.max_seq > spec.sliding_window and not plugins:
         raise UnsupportedModelError(
             f"--max-seq {request.options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
-            "sliding-window attention is not compiled yet: use --max-seq <= the window"
+            "TensorRT's native attention has no window: use --max-seq <= the window, or the "
+            "fp16-plugin / fp8kv recipe (full TensorRT) whose plugin applies it"
         )
     if request.options.max_seq > spec.max_position_embeddings:
         raise BadInputError(
@@ -173,7 +177,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
             why_skipped="no pass of this recipe needs calibration")
         exported = stage(2, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
         ctx = PassContext(max_positions=request.options.max_seq,
-                          activations=calibration.activations if calibration else None)
+                          activations=calibration.activations if calibration else None,
+                          sliding_window=spec.sliding_window or 0)
         final, records = stage(3, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
                                lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
         footprint = weight_footprint(final.model)

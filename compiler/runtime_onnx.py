@@ -18,7 +18,9 @@ from .runtime import HostKVCache, io_from_onnx
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
     "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(float8e4m3fn)": np.uint8,  # numpy has no FP8: the bytes travel as uint8 (the FP8-KV recipe's cache)
 }
+_FP8_E4M3 = 17  # onnx.TensorProto.FLOAT8E4M3FN
 
 
 class OnnxRuntimeExecutor:
@@ -43,6 +45,7 @@ class OnnxRuntimeExecutor:
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         self._types = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
+        self._fp8 = {i.name for i in self.session.get_inputs() if i.type == "tensor(float8e4m3fn)"}
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.io = io_from_onnx(Path(onnx_path))
         self.cache: HostKVCache | None = None
@@ -51,7 +54,11 @@ class OnnxRuntimeExecutor:
         return np.dtype(self._types[name])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
         feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in feeds.items() if k in self._types}
+        for name in self._fp8 & feeds.keys():  # FP8 bytes go in as FP8 tensors; FP8 outputs come back as uint8
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(feeds[name], _FP8_E4M3)
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
 
     def start(self, batch: int) -> None:

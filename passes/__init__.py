@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import onnx_ir as ir
 
+from .attention_plugin import AttentionPluginPass
 from .cast_fp16 import CastFp16Pass
 from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
@@ -30,6 +31,7 @@ class PassContext:
     max_positions: int
     # Calibration activations (HF module name -> [tokens, in_features] float32) for AWQ.
     activations: Mapping[str, Any] | None = None
+    sliding_window: int = 0  # the model's attention window (0 = none); only plugin passes can honour it
 
 
 # name -> factory(ctx, **options from the recipe). Options are the pass's own keyword arguments
@@ -44,10 +46,20 @@ REGISTRY: dict[str, Callable[..., ir.passes.PassBase]] = {
     "quantize-int4-awq": lambda ctx, **o: QuantizeInt4AwqPass(ctx.activations, **o),
     "quantize-int8-wo": lambda ctx, **o: QuantizeInt8WoPass(**o),
     "quantize-fp8-wo": lambda ctx, **o: QuantizeFp8WoPass(**o),
+    "attention-plugin": lambda ctx, **o: AttentionPluginPass(window=ctx.sliding_window, **o),
+    "attention-plugin-fp8kv": lambda ctx, **o: AttentionPluginPass(kv_dtype="float8e4m3fn",
+                                                                   window=ctx.sliding_window, **o),
 }
 
 # Passes that need calibration activations (the driver runs the calibrate stage for them).
 NEEDS_CALIBRATION = frozenset({"quantize-int4-awq"})
+
+# Passes whose output has custom-domain nodes: only a TensorRT with plugin layers can build it.
+NEEDS_PLUGINS = frozenset({"attention-plugin", "attention-plugin-fp8kv"})
+
+
+def needs_plugins(passes) -> bool:
+    return any(name in NEEDS_PLUGINS for name in passes)
 
 
 def make_pass(name: str, ctx: PassContext, options: Mapping[str, Any] | None = None) -> ir.passes.PassBase:

@@ -1,6 +1,11 @@
-"""Custom TensorRT plugins for what native layers lack (paged / FP8 KV cache, sliding window).
+"""Custom attention for what TensorRT's native layers lack: paged and FP8 KV cache, sliding window.
 
-Empty in the vertical slice: the FP16 recipe maps entirely to native layers. Plugin recipes must
-check `compiler.backend.Backend.supports_plugins` before parsing (TensorRT-RTX has no plugins
-and its parser aborts on a custom-domain node); `compiler.build` already refuses such graphs.
+- attention_reference.py: the semantics in plain PyTorch (block tables, FP8 per-head scales, masks);
+- attention_kernel.py: Triton kernels (split-K flash-decoding, causal prefill, and the plugin's
+  one-launch cache-write + attention), checked against the reference;
+- trt_plugin.py: `llmc::PagedAttention` as a TensorRT AOT Python plugin embedding the kernel.
+
+passes/attention_plugin.py puts the node in the graph (recipes fp8kv, fp16-plugin). Plugin recipes
+are refused before export on backends without plugin layers (TensorRT-RTX, whose parser aborts on
+a custom-domain node); compiler.build registers the plugin before parsing on full TensorRT.
 """

@@ -1,0 +1,151 @@
+"""`llmc::PagedAttention` for full TensorRT: an ahead-of-time (AOT) Python plugin embedding the Triton kernel.
+
+Why AOT: the plugin's kernel is compiled to PTX at engine-build time and serialized into the
+engine, so the engine runs where no Python exists (trtexec, Triton Inference Server's TensorRT
+backend). TensorRT's ONNX parser maps the pass's node to this plugin because the node's op type is
+the plugin name and it carries `plugin_namespace="llmc"` and `aot=1` (passes/attention_plugin.py).
+
+What the three registered callbacks say:
+- shape/type inference (`register`): attention has the query's shape and dtype; present_key and
+  present_value are *aliases* of past_key / past_value (in-place cache update, like TensorRT's own
+  KV_CACHE_UPDATE: the runtime binds one buffer for both);
+- formats (`autotune`): linear row-major everywhere; the cache is FP16 or FP8-E4M3 (both caches
+  alike), position_ids INT64, scales FP32, the rest FP16;
+- implementation (`aot_impl`): compiles `_plugin_kernel_trt` (plugins/attention_kernel.py: cache
+  write + causal/windowed GQA attention in one race-free launch) with the node's scale and window
+  as compile-time constants; grid (ceil(S / 16), Hq, B) as symbolic shape expressions; the
+  sequence length and cache capacity as the extra int32 arguments.
+Serialization is TensorRT's: the attributes and the PTX go into the engine.
+
+Everything is imported lazily: this module imports on machines without TensorRT (CI, TensorRT-RTX,
+which has no plugin layers at all) and `unavailable_reason()` says why it cannot register there.
+Known limits, not checked on a real TensorRT here: Triton >= 3.3 appends scratch-pointer parameters
+to compiled kernels, which TensorRT's AOT launcher does not pass (compile with a Triton whose kernels
+take only the declared arguments, or check `compiled.metadata` for global_scratch_size == 0);
+decode runs this one-launch kernel, not the split-K decode kernel (a QDP AOT plugin launches one
+kernel and has no workspace for the split partials).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PLUGIN_NAMESPACE = "llmc"
+PLUGIN_NAME = "PagedAttention"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+BLOCK_M, BLOCK_N, NUM_WARPS = 16, 64, 4
+_registered = False
+
+
+def unavailable_reason() -> str | None:
+    """None when the plugin can be registered here, else why not."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        return f"full TensorRT is not installed ({exc}); TensorRT-RTX has no plugin layers"
+    if not hasattr(getattr(trt, "INetworkDefinition", None), "add_plugin_v3"):
+        return f"tensorrt {getattr(trt, '__version__', '?')} has no plugin layers (a stub or RTX build)"
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError as exc:
+        return f"tensorrt.plugin is missing ({exc}); AOT plugins need TensorRT >= 10.9"
+    if not hasattr(trtp, "aot_impl"):
+        return "this tensorrt.plugin has no aot_impl; AOT plugins need TensorRT >= 10.9"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}): it compiles the kernel the plugin embeds"
+    return None
+
+
+def register() -> None:
+    """Register llmc::PagedAttention with TensorRT's plugin registry (once per process)."""
+    global _registered
+    if _registered:
+        return
+    reason = unavailable_reason()
+    if reason:
+        from compiler.errors import BackendBuildError
+
+        raise BackendBuildError(f"cannot register the {PLUGIN_ID} plugin: {reason}")
+    _define()
+    _registered = True
+
+
+def triton_signature(fp8: bool) -> dict[str, str]:
+    """Pointer and scalar types of `_plugin_kernel_trt`'s runtime arguments, in order."""
+    cache = "*fp8e4nv" if fp8 else "*fp16"
+    return {"Q": "*fp16", "Knew": "*fp16", "Vnew": "*fp16", "Kc": cache, "Vc": cache, "Pos": "*i64",
+            "KScale": "*fp32", "VScale": "*fp32", "Q_LEN": "i32", "CAP": "i32",
+            "Out": "*fp16", "KcOut": cache, "VcOut": cache}
+
+
+def triton_constants(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool) -> dict[str, Any]:
+    return {"QK_SCALE": float(scale), "WINDOW": int(window), "H_Q": q_heads, "H_KV": kv_heads, "D": head_dim,
+            "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "FP8": fp8, "HAS_WINDOW": window > 0}
+
+
+def compile_kernel(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool, target=None):
+    """Triton AOT compile of the plugin kernel for one node configuration.
+
+    target: a triton.backends.compiler.GPUTarget to compile without a GPU (e.g. GPUTarget("cuda", 90, 32));
+    None = the current device.
+    """
+    import triton
+    from triton.compiler import ASTSource
+
+    from .attention_kernel import _plugin_kernel_trt
+
+    consts = triton_constants(scale, window, q_heads, kv_heads, head_dim, fp8)
+    signature = {**triton_signature(fp8), **{name: "constexpr" for name in consts}}
+    try:
+        source = ASTSource(fn=_plugin_kernel_trt, signature=signature, constexprs=consts)
+    except TypeError:  # Triton < 3.2 named them `constants`
+        source = ASTSource(fn=_plugin_kernel_trt, signature=triton_signature(fp8), constants=consts)
+    return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "num_stages": 2})
+
+
+def _define() -> None:
+    from typing import List, Tuple, Union
+
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    @trtp.register(PLUGIN_ID)
+    def paged_attention_desc(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                             past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, position_ids: trtp.TensorDesc,
+                             k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc, scale: float,
+                             window: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return query.like(), past_key.aliased(), past_value.aliased()
+
+    @trtp.autotune(PLUGIN_ID)
+    def paged_attention_formats(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                                past_key: trtp.TensorDesc, past_value: trtp.TensorDesc,
+                                position_ids: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
+                                scale: float, window: int,
+                                outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        # positions: 8 inputs then 3 outputs; "A|B" options are taken index-wise (both caches FP16, or both FP8)
+        return [trtp.AutoTuneCombination(
+            "FP16, FP16, FP16, FP16|FP8, FP16|FP8, INT64, FP32, FP32, FP16, FP16|FP8, FP16|FP8", "LINEAR")]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def paged_attention_aot(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                            past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, position_ids: trtp.TensorDesc,
+                            k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc, scale: float, window: int,
+                            outputs: Tuple[trtp.TensorDesc], tactic: int,
+                            ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        fp8 = past_key.dtype == trt.fp8
+        q_heads = query.shape_expr[1].constant_value
+        kv_heads = past_key.shape_expr[1].constant_value
+        head_dim = query.shape_expr[3].constant_value
+        compiled = compile_kernel(scale, window, q_heads, kv_heads, head_dim, fp8)
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(query.shape_expr[2], BLOCK_M)
+        launch.grid_y = query.shape_expr[1]
+        launch.grid_z = query.shape_expr[0]
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs(2)
+        extra[0] = trtp.SymInt32(query.shape_expr[2])  # Q_LEN
+        extra[1] = trtp.SymInt32(past_key.shape_expr[2])  # CAP
+        return compiled.metadata.name, compiled.asm["ptx"], launch, extra

@@ -1,0 +1,55 @@
+"""plugins/trt_plugin.py: importable anywhere; registers only on full TensorRT; its Triton AOT compile and
+argument order match what TensorRT's AOT launcher passes (node inputs, extra int32s, node outputs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+
+import pytest
+
+from compiler.errors import BackendBuildError
+from plugins import trt_plugin
+
+REASON = trt_plugin.unavailable_reason()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_reports_why_it_cannot_register_here_or_registers():
+    if REASON is None:
+        import tensorrt as trt
+
+        trt_plugin.register()
+        creator = trt.get_plugin_registry().get_creator(trt_plugin.PLUGIN_NAME, "1", trt_plugin.PLUGIN_NAMESPACE)
+        assert creator is not None
+        return
+    assert any(word in REASON for word in ("TensorRT", "tensorrt", "triton"))
+    with pytest.raises(BackendBuildError, match="cannot register the llmc::PagedAttention plugin"):
+        trt_plugin.register()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernel module defines no kernels without it)")
+def test_kernel_arguments_follow_tensorrt_aot_order():
+    from plugins.attention_kernel import _plugin_kernel_trt
+
+    names = list(inspect.signature(_plugin_kernel_trt.fn).parameters)
+    runtime = list(trt_plugin.triton_signature(fp8=True))
+    assert names[: len(runtime)] == runtime
+    # node inputs (8, in the pass's order), then the extra int32s, then the node outputs (3)
+    assert runtime[:8] == ["Q", "Knew", "Vnew", "Kc", "Vc", "Pos", "KScale", "VScale"]
+    assert runtime[8:10] == ["Q_LEN", "CAP"] and runtime[10:] == ["Out", "KcOut", "VcOut"]
+    consts = trt_plugin.triton_constants(0.1, 0, 8, 2, 64, True)
+    assert set(names[len(runtime):]) == set(consts)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no AOT compile possible")
+def test_aot_compile_for_hopper_without_a_gpu():
+    """Compiles the FP16-cache variant for sm_90 to PTX on the CPU (what the engine build embeds)."""
+    from triton.backends.compiler import GPUTarget
+
+    compiled = trt_plugin.compile_kernel(0.125, 4096, 32, 8, 128, fp8=False, target=GPUTarget("cuda", 90, 32))
+    ptx = compiled.asm["ptx"]
+    assert compiled.metadata.name in ptx and ".target sm_90" in ptx
+    assert compiled.metadata.num_warps == trt_plugin.NUM_WARPS
+    assert getattr(compiled.metadata, "global_scratch_size", 0) == 0  # nothing for TensorRT to allocate
+
