@@ -60,6 +60,9 @@ def print_summary(report: dict) -> None:
     table.add_row("native layers", ", ".join(f"{k} x{layers[k]}" for k in native) or "none")
     table.add_row("numerics", f"max |err| {num.max_abs_error:.4g}, mean |err| {num.mean_abs_error:.3g}, "
                               f"greedy agreement {num.greedy_agreement:.1%} over {num.decode_steps + 1} tokens")
+    if report.get("cache"):
+        stages = report["cache"]["stages"]
+        table.add_row("cache", ", ".join(f"{k} {'hit' if v['hit'] else 'miss'}" for k, v in stages.items()))
     table.add_row("output", report.get("output", "?"))
     status = report["status"]
     table.add_row("result", "[green]PASS[/green]" if status == "pass" else "[red]FAIL[/red]")
@@ -70,7 +73,14 @@ def print_summary(report: dict) -> None:
 
 
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+    from .errors import BuildInterrupted
+
+    raise BuildInterrupted(signum)
+
+
+def _fail(message: str, code: int):
+    err_console.print(f"llmc: error: {message}", markup=False, soft_wrap=True)
+    sys.exit(code)
 
 
 @click.group()
@@ -87,9 +97,20 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output directory [default: artifacts/<model-name>].")
 @click.option("--prompt", default=None, help="Prompt for the numerics check against PyTorch.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), help="TensorRT timing cache file (reused across builds).")
-def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Reuse each stage's output (export, passes, engine, validation) from earlier builds with the same "
+                   "inputs; a change re-runs only the stages after it.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickle weights (*.bin/*.pt) when there are no safetensors. RISK: loading a pickle can "
+                   "execute arbitrary code from the file; use only on files you trust.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
+                   "your permissions; use only on models you trust.")
+def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, cache_dir, allow_pickle,
+          trust_remote_code):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
+    from .errors import BuildInterrupted
     from .validate import DEFAULT_PROMPT
 
     try:
@@ -100,12 +121,19 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache):
             options=BuildOptions(max_batch=max_batch, max_seq=max_seq),
             prompt=DEFAULT_PROMPT if prompt is None else prompt,
             timing_cache=timing_cache,
+            cache_dir=cache_dir,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
         )
         signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
         report = run_build(request, RichProgress(err_console))
     except LlmcError as exc:
-        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except BuildInterrupted as exc:
+        _fail(f"build terminated by signal {exc.signum} (SIGTERM); the output path holds the previous build or "
+              "nothing", exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("build interrupted (Ctrl-C); the output path holds the previous build or nothing", 130)
     print_summary(report)
 
 
@@ -125,14 +153,27 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
     try:
         result = run_generate(artifact_dir, list(prompts), max_new_tokens, temperature, top_k, seed, executor)
     except LlmcError as exc:
-        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     for prompt, text in zip(prompts, result["texts"]):
         out_console.print(f"[bold]{prompt}[/bold]{text}", soft_wrap=True)
     out_console.print(
         f"executor {result['executor']}: time to first token {result['ttft_s'] * 1e3:.1f} ms, "
         f"{result['decode_tokens_per_s']:.1f} tokens/s decode, {result['new_tokens']} new tokens"
     )
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+def inspect(artifact_dir):
+    """Print ARTIFACT_DIR's manifest, verify every file's sha256, and check the local TensorRT matches."""
+    from .inspect_artifact import inspect_artifact
+
+    try:
+        ok = inspect_artifact(artifact_dir, out_console, err_console)
+    except LlmcError as exc:
+        _fail(str(exc), exc.exit_code)
+    if not ok:
+        sys.exit(2)
 
 
 @main.command("exit-codes")

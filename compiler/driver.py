@@ -1,13 +1,19 @@
 """`llmc build` end to end: load -> export -> passes -> build -> validate -> package.
 
 Each stage is one module; this file only calls them in order, times them, and assembles the
-report. Nothing is written at the output path until every stage has succeeded (or, for an
-accuracy failure, the complete build is kept at `<out>.failed` for inspection).
+report. Everything that can be checked without loading weights (model files, recipe, options,
+output path, the lock) is checked first, before any output exists. Nothing is written at the
+output path until every stage has succeeded (or, for an accuracy failure, the complete build is
+kept at `<out>.failed` for inspection). With a cache directory, stages whose inputs are unchanged
+are restored instead of recomputed (compiler/cache.py says what each key covers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,20 +25,27 @@ from passes import PassContext
 from . import __version__
 from .backend import get_backend
 from .build import build_engine
+from .cache import StageCache, make_key, source_digest
 from .default_model import cache_root, default_model_dir
-from .errors import AccuracyError, BadInputError, UnsupportedModelError
+from .errors import AccuracyError, BadInputError, OutputWriteError, UnsupportedModelError
 from .export import export_onnx
-from .load import load_model, read_spec
+from .load import check_model_files, load_model, read_spec
+from .lock import OutputLock
+from .manifest import write_manifest
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
 from .recipe import load_recipe
+from .runtime import io_from_model
 from .triton_repo import triton_model_name, write_repository
-from .types import BuildOptions, PassRecord
-from .validate import DEFAULT_PROMPT, validate
+from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, TensorInfo, ValidationResult
+from .validate import DEFAULT_PROMPT, rejudge, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
 
 STAGES = ("load", "export", "passes", "build", "validate", "package")
+CACHED_STAGES = ("export", "passes", "build", "validate")
+# OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 @dataclasses.dataclass
@@ -44,6 +57,9 @@ class BuildRequest:
     prompt: str = DEFAULT_PROMPT
     decode_steps: int = 16
     timing_cache: Path | None = None
+    cache_dir: Path | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
 class Progress:
@@ -102,6 +118,33 @@ def check_output_path(output: Path, model_path: Path) -> None:
         )
 
 
+def check_output_writable(output: Path) -> None:
+    """Create a probe file beside the output: permissions, read-only mounts and file-in-the-way all show here."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe = output.parent / f".{output.name}.probe-{id(output)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BadInputError(
+            f"output path {output} is not writable ({exc.strerror}: {exc.filename}); "
+            "choose another -o or fix the directory's permissions"
+        ) from None
+
+
+def check_max_seq(spec, options: BuildOptions) -> None:
+    if spec.sliding_window and options.max_seq > spec.sliding_window:
+        raise UnsupportedModelError(
+            f"--max-seq {options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
+            "sliding-window attention is not compiled yet: use --max-seq <= the window"
+        )
+    if options.max_seq > spec.max_position_embeddings:
+        raise BadInputError(
+            f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
+            f"({spec.max_position_embeddings}); lower --max-seq"
+        )
+
+
 def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
@@ -111,87 +154,213 @@ def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
     return [path]
 
 
+def _onnx_files(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in (folder / "model.onnx", folder / "model.onnx.data") if p.is_file()}
+
+
+def _restore(entry: Path, names, dest: Path) -> list[Path]:
+    out = []
+    for name in names:
+        if (entry / name).is_file():
+            shutil.copyfile(entry / name, dest / name)
+            out.append(dest / name)
+    return out
+
+
+def stage_keys(cache: StageCache, model_path: Path, recipe, request: BuildRequest, backend) -> dict[str, str]:
+    """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
+    if not cache.enabled:
+        return {}
+    versions = tool_versions()
+    common = {"llmc": __version__, "llmc_source": source_digest()}
+    model = cache.dir_digest(model_path)
+    opts = request.options
+    export = make_key("export", {**common, "model": model, "trust_remote_code": request.trust_remote_code,
+                                 **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
+    ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
+    passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx})
+    build = make_key("build", {**common, "passes": passes, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
+                               "backend": backend.name, "backend_version": backend.version})
+    validate_key = make_key("validate", {**common, "passes": passes, "model": model, "prompt": request.prompt,
+                                         "decode_steps": request.decode_steps, "max_seq": opts.max_seq,
+                                         "onnxruntime": versions.get("onnxruntime"), "torch": versions.get("torch")})
+    return {"export": export, "passes": passes, "build": build, "validate": validate_key, "model_sha256": model}
+
+
+def _engine_from_json(data: dict, plan: Path, onnx_path: Path) -> EngineArtifact:
+    return EngineArtifact(plan_path=plan, onnx_path=onnx_path, backend=data["backend"],
+                          backend_version=data["backend_version"],
+                          tensors=[TensorInfo(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in data["tensors"]],
+                          layer_types=data["layer_types"], seconds=0.0, timing_cache=data["timing_cache"])
+
+
 def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     """Run every stage; returns the report (also written as report.json). Raises LlmcError subclasses."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
     backend = get_backend()
     recipe = load_recipe(request.recipe)
-    model_path = Path(request.model) if request.model else default_model_dir()
-    spec = read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
-    if spec.sliding_window and request.options.max_seq > spec.sliding_window:
-        raise UnsupportedModelError(
-            f"--max-seq {request.options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
-            "sliding-window attention is not compiled yet: use --max-seq <= the window"
-        )
-    if request.options.max_seq > spec.max_position_embeddings:
-        raise BadInputError(
-            f"--max-seq {request.options.max_seq} exceeds the model's max_position_embeddings "
-            f"({spec.max_position_embeddings}); lower --max-seq"
-        )
-    output = (Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name).resolve()
-    check_output_path(output, model_path.resolve())
+    model_path = (Path(request.model) if request.model else default_model_dir()).expanduser().resolve()
+    # Fail fast, before any output exists: bad dir, unsupported arch, broken files, options, output path.
+    spec = read_spec(model_path, request.trust_remote_code)
+    check_model_files(model_path, request.allow_pickle)
+    check_max_seq(spec, request.options)
+    output = (Path(request.output) if request.output else Path("artifacts") / model_path.name).resolve()
+    check_output_path(output, model_path)
+    check_output_writable(output)
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+    cache = StageCache(request.cache_dir)
+    keys = stage_keys(cache, model_path, recipe, request, backend)
+    hits = {name: cache.get(name, keys[name]) if keys else None for name in CACHED_STAGES}
 
     def stage(index: int, name: str, fn: Callable, detail: Callable = lambda r: ""):
         progress.stage_start(index, name)
         start = time.perf_counter()
         result = fn()
         timings[name] = time.perf_counter() - start
-        progress.stage_end(index, name, timings[name], detail(result))
+        text = detail(result)
+        if hits.get(name):
+            text = f"cached {keys[name][:12]}" + (f", {text}" if text else "")
+        progress.stage_end(index, name, timings[name], text)
         return result
 
-    with StagedOutput(output) as out:
-        loaded = stage(0, "load", lambda: load_model(model_path),
-                       lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
-        check_validation_fits(loaded, request)
-        exported = stage(1, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
-        ctx = PassContext(max_positions=request.options.max_seq)
-        final, records = stage(2, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
-                               lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
-        onnx_files = _save_onnx(final.model, out.path / "model.onnx")
-        engine = stage(3, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
-                                                         request.options, backend, timing_cache),
-                       lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
-        result = stage(4, "validate", lambda: validate(loaded, out.path / "model.onnx", recipe.tolerance,
-                                                        prompt=request.prompt, decode_steps=request.decode_steps,
-                                                        max_positions=request.options.max_seq),
-                       lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
-        name = triton_model_name(loaded.name)
+    with OutputLock(output), StagedOutput(output) as out:
+        try:
+            return _run_stages(request, progress, stage, out, output, model_path, recipe, backend, timing_cache,
+                               cache, keys, hits, timings)
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise OutputWriteError(
+                f"could not write the build ({exc.strerror}: {exc.filename or out.path}); "
+                f"free disk space or fix the filesystem and rebuild; {output} was left as it was"
+            ) from exc
 
-        def package():
-            write_repository(out.path / "triton", name, engine)
-            copy_tokenizer(loaded.path, out.path / "tokenizer")
-            report = {
-                "status": "pass" if result.passed else "fail",
-                "llmc_version": __version__,
-                "model": {"name": loaded.name, "path": loaded.path, "architecture": loaded.spec.architecture,
-                          "spec": loaded.spec, "parameters": loaded.num_parameters},
-                "recipe": {"name": recipe.name, "source": recipe.source, "passes": recipe.passes,
-                           "tolerance": recipe.tolerance},
-                "options": request.options,
-                "versions": tool_versions(),
-                "backend": {"name": backend.name, "version": backend.version,
-                            "supports_plugins": backend.supports_plugins, "timing_cache": engine.timing_cache},
-                "timings_s": timings,
-                "passes": records,
-                "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
-                "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
-                "numerics": result,
-                "triton_model": f"triton/{name}",
-                "warnings": _serving_warnings(backend),
-            }
-            write_report(out.path / "report.json", report)
-            return report
 
-        report = stage(5, "package", package)
-        report["timings_s"]["total"] = sum(timings.values())
+def _run_stages(request, progress, stage, out, output, model_path, recipe, backend, timing_cache, cache, keys, hits,
+                timings) -> dict:
+    loaded_box: list = []
+
+    def loaded():
+        if not loaded_box:
+            loaded_box.append(load_model(model_path, request.allow_pickle, request.trust_remote_code))
+            check_validation_fits(loaded_box[0], request)
+        return loaded_box[0]
+
+    # The PyTorch model is needed only to export or to validate; a full cache hit never loads it.
+    if hits["export"] is None or hits["validate"] is None:
+        stage(0, "load", loaded, lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
+    else:
+        progress.stage_end(0, "load", 0.0, "skipped: export and validation are cached")
+        timings["load"] = 0.0
+
+    def do_export() -> ExportedGraph:
+        if hits["export"]:
+            model = ir.load(hits["export"] / "model.onnx")
+            return ExportedGraph(model=model, io=io_from_model(model))
+        graph = _export(loaded())
+        if cache.enabled:
+            tmp = out.path / ".export"
+            tmp.mkdir()
+            _save_onnx(graph.model, tmp / "model.onnx")
+            cache.put("export", keys["export"], _onnx_files(tmp), {"seconds": graph.seconds})
+            shutil.rmtree(tmp)
+        return graph
+
+    def do_passes() -> list[PassRecord]:
+        if hits["passes"]:
+            _restore(hits["passes"], ("model.onnx", "model.onnx.data"), out.path)
+            return [PassRecord(**r) for r in json.loads((hits["passes"] / "meta.json").read_text())["records"]]
+        final, records = _passes(exported, recipe, PassContext(max_positions=request.options.max_seq),
+                                 progress.pass_done)
+        _save_onnx(final.model, out.path / "model.onnx")
+        cache.put("passes", keys.get("passes", ""), _onnx_files(out.path),
+                  {"records": [dataclasses.asdict(r) for r in records]})
+        return records
+
+    if hits["passes"]:  # the export is only the passes' input: with passes cached it is not even read
+        progress.stage_end(1, "export", 0.0, "skipped: passes are cached")
+        timings["export"] = 0.0
+    else:
+        exported = stage(1, "export", do_export, lambda g: f"{len(g.model.graph)} nodes")
+    records = stage(2, "passes", do_passes, lambda r: f"{len(r)} passes")
+    onnx_files = sorted(_onnx_files(out.path).values())
+
+    def do_build() -> EngineArtifact:
+        plan, onnx_path = out.path / "model.plan", out.path / "model.onnx"
+        if hits["build"]:
+            _restore(hits["build"], ("model.plan",), out.path)
+            return _engine_from_json(json.loads((hits["build"] / "meta.json").read_text()), plan, onnx_path)
+        engine = build_engine(onnx_path, plan, request.options, backend, timing_cache)
+        meta = {"backend": engine.backend, "backend_version": engine.backend_version,
+                "tensors": [dataclasses.asdict(t) for t in engine.tensors], "layer_types": engine.layer_types,
+                "timing_cache": engine.timing_cache}
+        cache.put("build", keys.get("build", ""), {"model.plan": plan}, meta)
+        return engine
+
+    engine = stage(3, "build", do_build,
+                   lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
+
+    def do_validate() -> ValidationResult:
+        if hits["validate"]:
+            data = json.loads((hits["validate"] / "meta.json").read_text())["result"]
+            return rejudge(ValidationResult(**{**data, "tolerance": recipe.tolerance}), recipe.tolerance)
+        result = validate(loaded(), out.path / "model.onnx", recipe.tolerance, prompt=request.prompt,
+                          decode_steps=request.decode_steps, max_positions=request.options.max_seq)
+        cache.put("validate", keys.get("validate", ""), {}, {"result": dataclasses.asdict(result)})
+        return result
+
+    result = stage(4, "validate", do_validate,
+                   lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
+    name = triton_model_name(model_path.name)
+    spec = loaded_box[0].spec if loaded_box else read_spec(model_path, request.trust_remote_code)
+    versions = tool_versions()
+    backend_info = {"name": backend.name, "version": backend.version, "supports_plugins": backend.supports_plugins,
+                    "timing_cache": engine.timing_cache}
+    report = {
+        "status": "pass" if result.passed else "fail",
+        "llmc_version": __version__,
+        "model": {"name": model_path.name, "path": model_path, "architecture": spec.architecture, "spec": spec,
+                  "parameters": loaded_box[0].num_parameters if loaded_box else None},
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256, "passes": recipe.passes,
+                   "tolerance": recipe.tolerance},
+        "options": request.options,
+        "versions": versions,
+        "backend": backend_info,
+        "timings_s": timings,
+        "passes": records,
+        "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
+        "sizes_bytes": {},
+        "numerics": result,
+        "triton_model": f"triton/{name}",
+        "cache": {"dir": cache.root,
+                  "stages": {s: {"hit": hits[s] is not None, "key": keys[s]} for s in CACHED_STAGES}} if keys else None,
+        "warnings": _serving_warnings(backend),
+    }
+
+    def package():
+        write_repository(out.path / "triton", name, engine)
+        copy_tokenizer(model_path, out.path / "tokenizer")
+        report["sizes_bytes"] = {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]}
         write_report(out.path / "report.json", report)
-        if not result.passed:
-            failed = out.commit(output.with_name(output.name + ".failed"))
-            raise AccuracyError(
-                f"numerics outside recipe '{recipe.name}' tolerance: {'; '.join(result.failures)}; "
-                f"the rejected build is in {failed} (report.json); try a higher-precision recipe"
-            )
-        report["output"] = str(out.commit())
         return report
+
+    stage(5, "package", package)
+    report["timings_s"]["total"] = sum(timings.values())
+    write_report(out.path / "report.json", report)
+    logits = next((t.dtype for t in engine.tensors if t.name == "logits"), None)
+    write_manifest(out.path, versions={"llmc": __version__, **versions}, backend=backend_info, build={
+        "model": model_path.name, "model_sha256": keys.get("model_sha256"), "architecture": spec.architecture,
+        "recipe": recipe.name, "recipe_sha256": recipe.sha256, "passes": list(recipe.passes),
+        "max_batch": request.options.max_batch, "max_seq": request.options.max_seq, "dtype": logits,
+        "prompt": request.prompt, "decode_steps": request.decode_steps,
+    })
+    if not result.passed:
+        failed = out.commit(output.with_name(output.name + ".failed"))
+        raise AccuracyError(
+            f"numerics outside recipe '{recipe.name}' tolerance: {'; '.join(result.failures)}; "
+            f"the rejected build is in {failed} (report.json); try a higher-precision recipe"
+        )
+    report["output"] = str(out.commit())
+    return report
+

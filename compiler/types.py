@@ -94,6 +94,7 @@ class Recipe:
     passes: tuple[str, ...]
     tolerance: Tolerance
     source: Path | None = None
+    sha256: str = ""  # of the recipe file's text: the build manifest and the cache keys record it
 
 
 @dataclasses.dataclass(frozen=True)
