@@ -39,6 +39,9 @@ class RichProgress:
 
         if self._status:
             self._status.stop()
+        if detail.startswith("skipped"):
+            self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<8} {detail}")
+            return
         extra = f"  ({detail})" if detail else ""
         self.console.print(f"[{index + 1}/{len(STAGES)}] {name:<8} done in {seconds:6.2f} s{extra}")
 

@@ -120,6 +120,9 @@ def check_output_path(output: Path, model_path: Path) -> None:
 
 def check_output_writable(output: Path) -> None:
     """Create a probe file beside the output: permissions, read-only mounts and file-in-the-way all show here."""
+    blocker = next((p for p in output.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise BadInputError(f"output path {output} is not writable: {blocker} is a file, not a directory; choose another -o")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         probe = output.parent / f".{output.name}.probe-{id(output)}"
