@@ -128,8 +128,11 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
-        report = run_build(request, RichProgress(err_console))
+        previous = signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so staging is removed
+        try:
+            report = run_build(request, RichProgress(err_console))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except LlmcError as exc:
         _fail(str(exc), exc.exit_code)
     except BuildInterrupted as exc:
