@@ -45,7 +45,8 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside th
 STAGES = ("load", "export", "passes", "build", "validate", "package")
 CACHED_STAGES = ("export", "passes", "build", "validate")
 # OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+# (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 @dataclasses.dataclass
@@ -310,13 +311,18 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
             return rejudge(ValidationResult(**{**data, "tolerance": recipe.tolerance}), recipe.tolerance)
         result = validate(loaded(), out.path / "model.onnx", recipe.tolerance, prompt=request.prompt,
                           decode_steps=request.decode_steps, max_positions=request.options.max_seq)
-        cache.put("validate", keys.get("validate", ""), {}, {"result": dataclasses.asdict(result)})
+        cache.put("validate", keys.get("validate", ""), {},
+                  {"result": dataclasses.asdict(result), "parameters": loaded().num_parameters})
         return result
 
     result = stage(4, "validate", do_validate,
                    lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
     name = triton_model_name(model_path.name)
     spec = loaded_box[0].spec if loaded_box else read_spec(model_path, request.trust_remote_code)
+    if loaded_box:
+        parameters = loaded_box[0].num_parameters
+    else:  # validation came from the cache, which recorded the count when it loaded the model
+        parameters = json.loads((hits["validate"] / "meta.json").read_text()).get("parameters")
     versions = tool_versions()
     backend_info = {"name": backend.name, "version": backend.version, "supports_plugins": backend.supports_plugins,
                     "timing_cache": engine.timing_cache}
@@ -324,7 +330,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         "status": "pass" if result.passed else "fail",
         "llmc_version": __version__,
         "model": {"name": model_path.name, "path": model_path, "architecture": spec.architecture, "spec": spec,
-                  "parameters": loaded_box[0].num_parameters if loaded_box else None},
+                  "parameters": parameters},
         "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256, "passes": recipe.passes,
                    "tolerance": recipe.tolerance},
         "options": request.options,

@@ -44,6 +44,7 @@ def test_unchanged_rebuild_hits_every_stage_and_is_much_faster(cached_build, mod
         assert (out / name).read_bytes() == (first / name).read_bytes()
     report = json.loads((out / "report.json").read_text())
     assert report["numerics"] == cold_report["numerics"] | {"seconds": report["numerics"]["seconds"]}
+    assert report["model"]["parameters"] == cold_report["model"]["parameters"] > 0
     print(f"cold build {cold_seconds:.1f} s, all-stages-cached rebuild {seconds:.2f} s")
 
 
