@@ -102,3 +102,30 @@ class StageCache:
         for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
             digest.update(f"{path.name}:{self.file_digest(path)}\n".encode())
         return digest.hexdigest()
+
+
+def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend) -> dict[str, str]:
+    """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
+    if not cache.enabled:
+        return {}
+    import dataclasses
+
+    from passes import PassContext
+
+    from . import __version__
+    from .package import tool_versions
+
+    versions = tool_versions()
+    common = {"llmc": __version__, "llmc_source": source_digest()}
+    model = cache.dir_digest(model_path)
+    opts = request.options
+    export = make_key("export", {**common, "model": model, "trust_remote_code": request.trust_remote_code,
+                                 **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
+    ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
+    passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx})
+    build = make_key("build", {**common, "passes": passes, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
+                               "backend": backend.name, "backend_version": backend.version})
+    validate_key = make_key("validate", {**common, "passes": passes, "model": model, "prompt": request.prompt,
+                                         "decode_steps": request.decode_steps, "max_seq": opts.max_seq,
+                                         "onnxruntime": versions.get("onnxruntime"), "torch": versions.get("torch")})
+    return {"export": export, "passes": passes, "build": build, "validate": validate_key, "model_sha256": model}

@@ -25,7 +25,7 @@ from passes import PassContext
 from . import __version__
 from .backend import get_backend
 from .build import build_engine
-from .cache import StageCache, make_key, source_digest
+from .cache import StageCache, stage_keys
 from .default_model import cache_root, default_model_dir
 from .errors import AccuracyError, BadInputError, OutputWriteError, UnsupportedModelError
 from .export import export_onnx
@@ -34,6 +34,7 @@ from .lock import OutputLock
 from .manifest import write_manifest
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
+from .preflight import check_max_seq, check_output_path, check_output_writable
 from .recipe import load_recipe
 from .runtime import io_from_model
 from .triton_repo import triton_model_name, write_repository
@@ -106,49 +107,6 @@ def _passes(exported, recipe, ctx, on_pass):
         raise UnsupportedModelError(f"recipe '{recipe.name}' cannot be applied to this graph: {exc}") from exc
 
 
-def check_output_path(output: Path, model_path: Path) -> None:
-    """Refuse output paths whose replacement would destroy something that is not an llmc artifact."""
-    if output == Path.cwd() or output in Path.cwd().parents or output == Path(output.anchor):
-        raise BadInputError(f"output path {output} is the current directory or above it; pass -o <new-subdirectory>")
-    if output == model_path or output in model_path.parents or model_path in output.parents:
-        raise BadInputError(f"output path {output} overlaps the model directory {model_path}; choose another -o")
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "report.json").is_file())):
-        raise BadInputError(
-            f"output path {output} exists and is not an llmc artifact (no report.json); "
-            "llmc replaces only its own previous builds: remove it or choose another -o"
-        )
-
-
-def check_output_writable(output: Path) -> None:
-    """Create a probe file beside the output: permissions, read-only mounts and file-in-the-way all show here."""
-    blocker = next((p for p in output.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise BadInputError(f"output path {output} is not writable: {blocker} is a file, not a directory; choose another -o")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.parent / f".{output.name}.probe-{id(output)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BadInputError(
-            f"output path {output} is not writable ({exc.strerror}: {exc.filename}); "
-            "choose another -o or fix the directory's permissions"
-        ) from None
-
-
-def check_max_seq(spec, options: BuildOptions) -> None:
-    if spec.sliding_window and options.max_seq > spec.sliding_window:
-        raise UnsupportedModelError(
-            f"--max-seq {options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
-            "sliding-window attention is not compiled yet: use --max-seq <= the window"
-        )
-    if options.max_seq > spec.max_position_embeddings:
-        raise BadInputError(
-            f"--max-seq {options.max_seq} exceeds the model's max_position_embeddings "
-            f"({spec.max_position_embeddings}); lower --max-seq"
-        )
-
-
 def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
@@ -169,26 +127,6 @@ def _restore(entry: Path, names, dest: Path) -> list[Path]:
             shutil.copyfile(entry / name, dest / name)
             out.append(dest / name)
     return out
-
-
-def stage_keys(cache: StageCache, model_path: Path, recipe, request: BuildRequest, backend) -> dict[str, str]:
-    """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
-    if not cache.enabled:
-        return {}
-    versions = tool_versions()
-    common = {"llmc": __version__, "llmc_source": source_digest()}
-    model = cache.dir_digest(model_path)
-    opts = request.options
-    export = make_key("export", {**common, "model": model, "trust_remote_code": request.trust_remote_code,
-                                 **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
-    ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
-    passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx})
-    build = make_key("build", {**common, "passes": passes, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
-                               "backend": backend.name, "backend_version": backend.version})
-    validate_key = make_key("validate", {**common, "passes": passes, "model": model, "prompt": request.prompt,
-                                         "decode_steps": request.decode_steps, "max_seq": opts.max_seq,
-                                         "onnxruntime": versions.get("onnxruntime"), "torch": versions.get("torch")})
-    return {"export": export, "passes": passes, "build": build, "validate": validate_key, "model_sha256": model}
 
 
 def _engine_from_json(data: dict, plan: Path, onnx_path: Path) -> EngineArtifact:
