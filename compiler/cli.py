@@ -81,6 +81,9 @@ def print_summary(report: dict) -> None:
                              f"(FP16 {weights['fp16_bytes'] / 1e6:.2f} MB); model.onnx {onnx_bytes / weights['floor_bytes']:.2f}x floor")
     for failure in report.get("failures", []):
         table.add_row("failure", failure)
+    if report.get("cache"):
+        stages = report["cache"]["stages"]
+        table.add_row("cache", ", ".join(f"{k} {'hit' if v['hit'] else 'miss'}" for k, v in stages.items()))
     table.add_row("output", report.get("output", "?"))
     status = report["status"]
     table.add_row("result", "[green]PASS[/green]" if status == "pass" else "[red]FAIL[/red]")
@@ -91,7 +94,14 @@ def print_summary(report: dict) -> None:
 
 
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+    from .errors import BuildInterrupted
+
+    raise BuildInterrupted(signum)
+
+
+def _fail(message: str, code: int):
+    err_console.print(f"llmc: error: {message}", markup=False, soft_wrap=True)
+    sys.exit(code)
 
 
 @click.group()
@@ -116,10 +126,20 @@ def main() -> None:
               help="Measure held-out perplexity / KL / agreement [default: on for quantizing recipes].")
 @click.option("--triton-cpu-fallback", is_flag=True,
               help="Add llm_onnx to the Triton repository: serves model.onnx with onnxruntime where TensorRT can't run.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Reuse each stage's output (export, passes, engine, validation) from earlier builds with the same "
+                   "inputs; a change re-runs only the stages after it.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickle weights (*.bin/*.pt) when there are no safetensors. RISK: loading a pickle can "
+                   "execute arbitrary code from the file; use only on files you trust.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
+                   "your permissions; use only on models you trust.")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
-          triton_cpu_fallback):
+          triton_cpu_fallback, cache_dir, allow_pickle, trust_remote_code):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
+    from .errors import BuildInterrupted
     from .validate import DEFAULT_PROMPT
 
     try:
@@ -134,12 +154,22 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             eval_data=eval_data,
             measure_quality=measure_quality,
             triton_cpu_fallback=triton_cpu_fallback,
+            cache_dir=cache_dir,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
         )
-        signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so the staging dir is removed
-        report = run_build(request, RichProgress(err_console))
+        previous = signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so staging is removed
+        try:
+            report = run_build(request, RichProgress(err_console))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except LlmcError as exc:
-        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except BuildInterrupted as exc:
+        _fail(f"build terminated by signal {exc.signum} (SIGTERM); the output path holds the previous build or "
+              "nothing", exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("build interrupted (Ctrl-C); the output path holds the previous build or nothing", 130)
     print_summary(report)
 
 
@@ -159,8 +189,7 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
     try:
         result = run_generate(artifact_dir, list(prompts), max_new_tokens, temperature, top_k, seed, executor)
     except LlmcError as exc:
-        err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     for prompt, text in zip(prompts, result["texts"]):
         out_console.print(f"[bold]{prompt}[/bold]{text}", soft_wrap=True)
     out_console.print(
@@ -182,6 +211,20 @@ def serve(artifact_dir, port, host):
     except LlmcError as exc:
         err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+def inspect(artifact_dir):
+    """Print ARTIFACT_DIR's manifest, verify every file's sha256, and check the local TensorRT matches."""
+    from .inspect_artifact import inspect_artifact
+
+    try:
+        ok = inspect_artifact(artifact_dir, out_console, err_console)
+    except LlmcError as exc:
+        _fail(str(exc), exc.exit_code)
+    if not ok:
+        sys.exit(2)
 
 
 @main.command("exit-codes")

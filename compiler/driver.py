@@ -1,13 +1,19 @@
 """`llmc build` end to end: load -> calibrate -> export -> passes -> build -> validate -> quality -> package.
 
 Each stage is one module; this file only calls them in order, times them, and assembles the
-report. Nothing is written at the output path until every stage has succeeded (or, for an
-accuracy failure, the complete build is kept at `<out>.failed` for inspection).
+report. Everything that can be checked without loading weights (model files, recipe, options,
+output path, the lock) is checked first, before any output exists. Nothing is written at the
+output path until every stage has succeeded (or, for an accuracy failure, the complete build is
+kept at `<out>.failed` for inspection). With a cache directory, stages whose inputs are unchanged
+are restored instead of recomputed (compiler/cache.py says what each key covers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,25 +25,33 @@ from passes import NEEDS_CALIBRATION, PassContext, needs_plugins
 from . import __version__
 from .backend import get_backend
 from .build import build_engine
+from .cache import StageCache, stage_keys
 from .calibrate import calibrate
 from .corpus import default_calibration_text, default_eval_text, read_text_file
 from .default_model import cache_root, default_model_dir
-from .errors import AccuracyError, BadInputError, UnsupportedModelError
+from .errors import AccuracyError, BadInputError, OutputWriteError, UnsupportedModelError
 from .export import export_onnx
-from .load import load_model, read_spec
+from .load import check_model_files, load_model, read_spec
+from .lock import OutputLock
+from .manifest import write_manifest
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pipeline import run_passes
 from .quality import measure_quality
 from .sizes import weight_footprint
+from .preflight import check_max_seq, check_output_path, check_output_writable
 from .recipe import load_recipe
-from .runtime import io_from_onnx
+from .runtime import io_from_model, io_from_onnx
 from .triton_repo import write_repository
-from .types import BuildOptions, PassRecord, ServingSpec
-from .validate import DEFAULT_PROMPT, validate
+from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
+from .validate import DEFAULT_PROMPT, rejudge, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
 
 STAGES = ("load", "calibrate", "export", "passes", "build", "validate", "quality", "package")
+CACHED_STAGES = ("export", "passes", "build", "validate")
+# OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
+# (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 @dataclasses.dataclass
@@ -49,6 +63,9 @@ class BuildRequest:
     prompt: str = DEFAULT_PROMPT
     decode_steps: int = 16
     timing_cache: Path | None = None
+    cache_dir: Path | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
     calib_data: Path | None = None  # plain text / JSONL; default: the shipped calibration sample
     eval_data: Path | None = None  # held-out text for perplexity / KL; default: the shipped held-out sample
     measure_quality: bool | None = None  # None: only for recipes that quantize or set max_ppl_delta
@@ -99,19 +116,6 @@ def _passes(exported, recipe, ctx, on_pass):
         raise UnsupportedModelError(f"recipe '{recipe.name}' cannot be applied to this graph: {exc}") from exc
 
 
-def check_output_path(output: Path, model_path: Path) -> None:
-    """Refuse output paths whose replacement would destroy something that is not an llmc artifact."""
-    if output == Path.cwd() or output in Path.cwd().parents or output == Path(output.anchor):
-        raise BadInputError(f"output path {output} is the current directory or above it; pass -o <new-subdirectory>")
-    if output == model_path or output in model_path.parents or model_path in output.parents:
-        raise BadInputError(f"output path {output} overlaps the model directory {model_path}; choose another -o")
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "report.json").is_file())):
-        raise BadInputError(
-            f"output path {output} exists and is not an llmc artifact (no report.json); "
-            "llmc replaces only its own previous builds: remove it or choose another -o"
-        )
-
-
 def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
@@ -119,6 +123,26 @@ def _save_onnx(model: ir.Model, path: Path) -> list[Path]:
         return [path, path.with_name(path.name + ".data")]
     ir.save(model, path)
     return [path]
+
+
+def _onnx_files(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in (folder / "model.onnx", folder / "model.onnx.data") if p.is_file()}
+
+
+def _restore(entry: Path, names, dest: Path) -> list[Path]:
+    out = []
+    for name in names:
+        if (entry / name).is_file():
+            shutil.copyfile(entry / name, dest / name)
+            out.append(dest / name)
+    return out
+
+
+def _engine_from_json(data: dict, plan: Path, onnx_path: Path) -> EngineArtifact:
+    return EngineArtifact(plan_path=plan, onnx_path=onnx_path, backend=data["backend"],
+                          backend_version=data["backend_version"],
+                          tensors=[TensorInfo(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in data["tensors"]],
+                          layer_types=data["layer_types"], seconds=0.0, timing_cache=data["timing_cache"])
 
 
 def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
@@ -130,29 +154,19 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     plugins = needs_plugins(recipe.passes)
     if plugins:  # before any export: TensorRT-RTX's parser would abort the process on the plugin node
         backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
-    model_path = Path(request.model) if request.model else default_model_dir()
-    spec = read_spec(model_path.expanduser().resolve())  # fail fast (bad dir, unsupported arch) before any output exists
-    if spec.sliding_window and request.options.max_seq > spec.sliding_window and not plugins:
-        raise UnsupportedModelError(
-            f"--max-seq {request.options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
-            "TensorRT's native attention has no window: use --max-seq <= the window, or the "
-            "fp16-plugin / fp8kv recipe (full TensorRT) whose plugin applies it"
-        )
-    if request.options.max_seq > spec.max_position_embeddings:
-        raise BadInputError(
-            f"--max-seq {request.options.max_seq} exceeds the model's max_position_embeddings "
-            f"({spec.max_position_embeddings}); lower --max-seq"
-        )
-    needs_calibration = any(p in NEEDS_CALIBRATION for p in recipe.passes)
-    wants_quality = request.measure_quality if request.measure_quality is not None else (
-        recipe.quantizes or recipe.max_ppl_delta is not None)
-    calib_text = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
-                  else default_calibration_text()) if needs_calibration else None
-    eval_text = (read_text_file(request.eval_data, "--eval-data") if request.eval_data
-                 else default_eval_text()) if wants_quality else None
-    output = (Path(request.output) if request.output else Path("artifacts") / model_path.resolve().name).resolve()
-    check_output_path(output, model_path.resolve())
+    model_path = (Path(request.model) if request.model else default_model_dir()).expanduser().resolve()
+    # Fail fast, before any output exists: bad dir, unsupported arch, broken files, options, output path.
+    spec = read_spec(model_path, request.trust_remote_code)
+    check_model_files(model_path, request.allow_pickle)
+    check_max_seq(spec, request.options, plugins)
+    texts = _texts(request, recipe)
+    output = (Path(request.output) if request.output else Path("artifacts") / model_path.name).resolve()
+    check_output_path(output, model_path)
+    check_output_writable(output)
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
+    cache = StageCache(request.cache_dir)
+    keys = stage_keys(cache, model_path, recipe, request, backend, calibration_text=texts.calibration)
+    hits = {name: cache.get(name, keys[name]) if keys else None for name in CACHED_STAGES}
 
     def stage(index: int, name: str, fn: Callable | None, detail: Callable = lambda r: "", why_skipped: str = ""):
         if fn is None:
@@ -162,103 +176,227 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
         start = time.perf_counter()
         result = fn()
         timings[name] = time.perf_counter() - start
-        progress.stage_end(index, name, timings[name], detail(result))
+        text = detail(result)
+        if hits.get(name):
+            text = f"cached {keys[name][:12]}" + (f", {text}" if text else "")
+        progress.stage_end(index, name, timings[name], text)
         return result
 
-    with StagedOutput(output) as out:
-        loaded = stage(0, "load", lambda: load_model(model_path),
-                       lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
-        check_validation_fits(loaded, request)
-        calibration = stage(
-            1, "calibrate",
-            (lambda: calibrate(loaded, calib_text, on_progress=lambda d, t: progress.step("calibrate", d, t)))
-            if needs_calibration else None,
-            lambda c: f"{c.tokens} tokens, {len(c.activations)} linear layers",
-            why_skipped="no pass of this recipe needs calibration")
-        exported = stage(2, "export", lambda: _export(loaded), lambda g: f"{len(g.model.graph)} nodes")
+    with OutputLock(output), StagedOutput(output) as out:
+        try:
+            return _run_stages(request, progress, stage, out, output, model_path, recipe, backend, timing_cache,
+                               cache, keys, hits, timings, texts)
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise OutputWriteError(
+                f"could not write the build ({exc.strerror}: {exc.filename or out.path}); "
+                f"free disk space or fix the filesystem and rebuild; {output} was left as it was"
+            ) from exc
+
+
+@dataclasses.dataclass
+class _Texts:
+    calibration: str | None  # None: no pass of the recipe calibrates
+    evaluation: str | None  # None: no quality stage
+
+
+def _texts(request: BuildRequest, recipe) -> _Texts:
+    """Read --calib-data / --eval-data up front (bad files fail before any work), or the built-in samples."""
+    calibrate_ = any(p in NEEDS_CALIBRATION for p in recipe.passes)
+    quality = request.measure_quality if request.measure_quality is not None else (
+        recipe.quantizes or recipe.max_ppl_delta is not None)
+    calib = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
+             else default_calibration_text()) if calibrate_ else None
+    evaluation = (read_text_file(request.eval_data, "--eval-data") if request.eval_data
+                  else default_eval_text()) if quality else None
+    return _Texts(calib, evaluation)
+
+
+def _run_stages(request, progress, stage, out, output, model_path, recipe, backend, timing_cache, cache, keys, hits,
+                timings, texts: _Texts) -> dict:
+    loaded_box: list = []
+
+    def loaded():
+        if not loaded_box:
+            loaded_box.append(load_model(model_path, request.allow_pickle, request.trust_remote_code))
+            check_validation_fits(loaded_box[0], request)
+        return loaded_box[0]
+
+    # The PyTorch model is needed only to export, calibrate, validate or measure quality.
+    needs_model = (hits["export"] is None or hits["validate"] is None or texts.evaluation is not None
+                   or (texts.calibration is not None and hits["passes"] is None))
+    if needs_model:
+        stage(0, "load", loaded, lambda m: f"{m.spec.architecture}, {m.num_parameters / 1e6:.2f}M params")
+    else:
+        progress.stage_end(0, "load", 0.0, "skipped: export and validation are cached")
+        timings["load"] = 0.0
+    calibration = stage(
+        1, "calibrate",
+        (lambda: calibrate(loaded(), texts.calibration, on_progress=lambda d, t: progress.step("calibrate", d, t)))
+        if texts.calibration is not None and hits["passes"] is None else None,
+        lambda c: f"{c.tokens} tokens, {len(c.activations)} linear layers",
+        why_skipped="passes are cached" if texts.calibration is not None else "no pass of this recipe calibrates")
+
+    def do_export() -> ExportedGraph:
+        if hits["export"]:
+            model = ir.load(hits["export"] / "model.onnx")
+            return ExportedGraph(model=model, io=io_from_model(model))
+        graph = _export(loaded())
+        if cache.enabled:
+            tmp = out.path / ".export"
+            tmp.mkdir()
+            _save_onnx(graph.model, tmp / "model.onnx")
+            cache.put("export", keys["export"], _onnx_files(tmp), {"seconds": graph.seconds})
+            shutil.rmtree(tmp)
+        return graph
+
+    def do_passes() -> list[PassRecord]:
+        if hits["passes"]:
+            _restore(hits["passes"], ("model.onnx", "model.onnx.data"), out.path)
+            return [PassRecord(**r) for r in json.loads((hits["passes"] / "meta.json").read_text())["records"]]
         ctx = PassContext(max_positions=request.options.max_seq,
                           activations=calibration.activations if calibration else None,
-                          sliding_window=spec.sliding_window or 0)
-        final, records = stage(3, "passes", lambda: _passes(exported, recipe, ctx, progress.pass_done),
-                               lambda r: f"{len(r[0].model.graph)} nodes after {len(r[1])} passes")
-        footprint = weight_footprint(final.model)
-        onnx_files = _save_onnx(final.model, out.path / "model.onnx")
-        engine = stage(4, "build", lambda: build_engine(out.path / "model.onnx", out.path / "model.plan",
-                                                         request.options, backend, timing_cache),
-                       lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
-        result = stage(5, "validate", lambda: validate(loaded, out.path / "model.onnx", recipe.tolerance,
-                                                        prompt=request.prompt, decode_steps=request.decode_steps,
-                                                        max_positions=request.options.max_seq),
-                       lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
-        quality = stage(
-            6, "quality",
-            (lambda: measure_quality(loaded, out.path / "model.onnx", eval_text, capacity=request.options.max_seq))
-            if wants_quality else None,
-            lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
-                      f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
-            why_skipped="the recipe does not quantize (use --measure-quality)")
-        failures = list(result.failures)
-        if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
-            failures.append(
-                f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
-                f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
-        passed = not failures
+                          sliding_window=_spec_window(model_path, request))
+        final, records = _passes(exported, recipe, ctx, progress.pass_done)
+        _save_onnx(final.model, out.path / "model.onnx")
+        cache.put("passes", keys.get("passes", ""), _onnx_files(out.path),
+                  {"records": [dataclasses.asdict(r) for r in records]})
+        return records
 
-        def package():
-            copy_tokenizer(loaded.path, out.path / "tokenizer")
-            tok = loaded.tokenizer
-            serving = ServingSpec(
-                max_batch=request.options.max_batch, max_seq=request.options.max_seq,
-                io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
-                onnx_files=tuple(onnx_files), pad_token_id=tok.pad_token_id or 0,
-                stop_token_ids=tuple(t for t in [tok.eos_token_id] if t is not None),
-                cpu_fallback=request.triton_cpu_fallback)
-            triton_models = write_repository(out.path / "triton", engine, serving)
-            report = {
-                "status": "pass" if passed else "fail",
-                "llmc_version": __version__,
-                "model": {"name": loaded.name, "path": loaded.path, "architecture": loaded.spec.architecture,
-                          "spec": loaded.spec, "parameters": loaded.num_parameters},
-                "recipe": {"name": recipe.name, "source": recipe.source, "passes": recipe.passes,
-                           "pass_options": recipe.pass_options, "tolerance": recipe.tolerance,
-                           "max_ppl_delta": recipe.max_ppl_delta},
-                "options": request.options,
-                "versions": tool_versions(),
-                "backend": {"name": backend.name, "version": backend.version,
-                            "supports_plugins": backend.supports_plugins, "timing_cache": engine.timing_cache},
-                "timings_s": timings,
-                "passes": records,
-                "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
-                "sizes_bytes": {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]},
-                "numerics": result,
-                "quality": quality,
-                "calibration": None if calibration is None else {
-                    "tokens": calibration.tokens, "sequences": calibration.sequences,
-                    "source": str(request.calib_data) if request.calib_data else "built-in sample"},
-                "eval_data": None if eval_text is None else (str(request.eval_data) if request.eval_data
-                                                               else "built-in held-out sample"),
-                "weights": footprint,
-                "precision": _precision_map(records),
-                "failures": failures,
-                "triton_model": "triton/llm",
-                "triton_models": sorted(triton_models),
-                "warnings": _serving_warnings(backend),
-            }
-            write_report(out.path / "report.json", report)
-            return report
+    if hits["passes"]:  # the export is only the passes' input: with passes cached it is not even read
+        progress.stage_end(2, "export", 0.0, "skipped: passes are cached")
+        timings["export"] = 0.0
+    else:
+        exported = stage(2, "export", do_export, lambda g: f"{len(g.model.graph)} nodes")
+    records = stage(3, "passes", do_passes, lambda r: f"{len(r)} passes")
+    onnx_files = sorted(_onnx_files(out.path).values())
 
-        report = stage(7, "package", package)
-        report["timings_s"]["total"] = sum(timings.values())
+    def do_build() -> EngineArtifact:
+        plan, onnx_path = out.path / "model.plan", out.path / "model.onnx"
+        if hits["build"]:
+            _restore(hits["build"], ("model.plan",), out.path)
+            return _engine_from_json(json.loads((hits["build"] / "meta.json").read_text()), plan, onnx_path)
+        engine = build_engine(onnx_path, plan, request.options, backend, timing_cache)
+        meta = {"backend": engine.backend, "backend_version": engine.backend_version,
+                "tensors": [dataclasses.asdict(t) for t in engine.tensors], "layer_types": engine.layer_types,
+                "timing_cache": engine.timing_cache}
+        cache.put("build", keys.get("build", ""), {"model.plan": plan}, meta)
+        return engine
+
+    engine = stage(4, "build", do_build,
+                   lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
+
+    def do_validate() -> ValidationResult:
+        if hits["validate"]:
+            data = json.loads((hits["validate"] / "meta.json").read_text())["result"]
+            return rejudge(ValidationResult(**{**data, "tolerance": recipe.tolerance}), recipe.tolerance)
+        result = validate(loaded(), out.path / "model.onnx", recipe.tolerance, prompt=request.prompt,
+                          decode_steps=request.decode_steps, max_positions=request.options.max_seq)
+        cache.put("validate", keys.get("validate", ""), {},
+                  {"result": dataclasses.asdict(result), "parameters": loaded().num_parameters})
+        return result
+
+    result = stage(5, "validate", do_validate,
+                   lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
+    quality = stage(
+        6, "quality",
+        (lambda: measure_quality(loaded(), out.path / "model.onnx", texts.evaluation, capacity=request.options.max_seq))
+        if texts.evaluation is not None else None,
+        lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
+                  f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
+        why_skipped="the recipe does not quantize (use --measure-quality)")
+    failures = list(result.failures)
+    if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
+        failures.append(
+            f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
+            f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
+    passed = not failures
+    footprint = weight_footprint(ir.load(out.path / "model.onnx"))
+    spec = loaded_box[0].spec if loaded_box else read_spec(model_path, request.trust_remote_code)
+    if loaded_box:
+        parameters = loaded_box[0].num_parameters
+    else:  # validation came from the cache, which recorded the count when it loaded the model
+        parameters = json.loads((hits["validate"] / "meta.json").read_text()).get("parameters")
+    versions = tool_versions()
+    backend_info = {"name": backend.name, "version": backend.version, "supports_plugins": backend.supports_plugins,
+                    "timing_cache": engine.timing_cache}
+    report = {
+        "status": "pass" if passed else "fail",
+        "llmc_version": __version__,
+        "model": {"name": model_path.name, "path": model_path, "architecture": spec.architecture, "spec": spec,
+                  "parameters": parameters},
+        "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256, "passes": recipe.passes,
+                   "pass_options": recipe.pass_options, "tolerance": recipe.tolerance,
+                   "max_ppl_delta": recipe.max_ppl_delta},
+        "options": request.options,
+        "versions": versions,
+        "backend": backend_info,
+        "timings_s": timings,
+        "passes": records,
+        "engine": {"layer_types": engine.layer_types, "io": engine.tensors},
+        "sizes_bytes": {},
+        "numerics": result,
+        "quality": quality,
+        "calibration": None if calibration is None else {
+            "tokens": calibration.tokens, "sequences": calibration.sequences,
+            "source": str(request.calib_data) if request.calib_data else "built-in sample"},
+        "eval_data": None if texts.evaluation is None else (str(request.eval_data) if request.eval_data
+                                                             else "built-in held-out sample"),
+        "weights": footprint,
+        "precision": _precision_map(records),
+        "failures": failures,
+        "triton_model": "triton/llm",
+        "cache": {"dir": cache.root,
+                  "stages": {s: {"hit": hits[s] is not None, "key": keys[s]} for s in CACHED_STAGES}} if keys else None,
+        "warnings": _serving_warnings(backend),
+    }
+
+    def package():
+        copy_tokenizer(model_path, out.path / "tokenizer")
+        tok = _tokenizer_ids(model_path)
+        serving = ServingSpec(
+            max_batch=request.options.max_batch, max_seq=request.options.max_seq,
+            io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
+            onnx_files=tuple(onnx_files), pad_token_id=tok[0], stop_token_ids=tok[1],
+            cpu_fallback=request.triton_cpu_fallback)
+        report["triton_models"] = sorted(write_repository(out.path / "triton", engine, serving))
+        report["sizes_bytes"] = {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]}
         write_report(out.path / "report.json", report)
-        if not passed:
-            failed = out.commit(output.with_name(output.name + ".failed"))
-            raise AccuracyError(
-                f"accuracy outside recipe '{recipe.name}' limits: {'; '.join(failures)}; "
-                f"the rejected build is in {failed} (report.json); try a less aggressive recipe "
-                f"({_safer_recipe(recipe.name)})"
-            )
-        report["output"] = str(out.commit())
         return report
+
+    stage(7, "package", package)
+    report["timings_s"]["total"] = sum(timings.values())
+    write_report(out.path / "report.json", report)
+    logits = next((t.dtype for t in engine.tensors if t.name == "logits"), None)
+    write_manifest(out.path, versions={"llmc": __version__, **versions}, backend=backend_info, build={
+        "model": model_path.name, "model_sha256": keys.get("model_sha256"), "architecture": spec.architecture,
+        "recipe": recipe.name, "recipe_sha256": recipe.sha256, "passes": list(recipe.passes),
+        "max_batch": request.options.max_batch, "max_seq": request.options.max_seq, "dtype": logits,
+        "prompt": request.prompt, "decode_steps": request.decode_steps,
+    })
+    if not passed:
+        failed = out.commit(output.with_name(output.name + ".failed"))
+        raise AccuracyError(
+            f"accuracy outside recipe '{recipe.name}' limits: {'; '.join(failures)}; "
+            f"the rejected build is in {failed} (report.json); try a less aggressive recipe "
+            f"({_safer_recipe(recipe.name)})"
+        )
+    report["output"] = str(out.commit())
+    return report
+
+
+
+def _spec_window(model_path: Path, request: BuildRequest) -> int:
+    return read_spec(model_path, request.trust_remote_code).sliding_window or 0
+
+
+def _tokenizer_ids(model_path: Path) -> tuple[int, tuple[int, ...]]:
+    """(pad id, stop ids) from the model's tokenizer, for the Triton generate model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return tok.pad_token_id or 0, tuple(t for t in [tok.eos_token_id] if t is not None)
 
 
 def _precision_map(records: list[PassRecord]) -> dict[str, str]:
@@ -275,6 +413,4 @@ def _precision_map(records: list[PassRecord]) -> dict[str, str]:
 def _safer_recipe(name: str) -> str:
     if name.startswith("int4"):
         return "int8-wo or fp8-wo, or int4-awq with a smaller block_size"
-    if name in ("int8-wo", "fp8-wo"):
-        return "fp16"
     return "fp16"

@@ -34,6 +34,25 @@ class AccuracyError(LlmcError):
     exit_code = 5
 
 
+class OutputWriteError(LlmcError):
+    """Writing the artifact failed (disk full, I/O error): nothing is left at the output path."""
+
+    exit_code = 6
+
+
+class BuildInterrupted(BaseException):
+    """SIGTERM (CI timeout) or SIGINT during a build.
+
+    A BaseException, like KeyboardInterrupt, so that no stage's `except Exception` turns an
+    interruption into a wrong diagnosis; the output is unwound exactly as for any failure.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 EXIT_CODES = {
     0: "built, and numerics within the recipe's tolerance",
     1: "internal error (a bug in llmc: please report it with the traceback)",
@@ -41,4 +60,7 @@ EXIT_CODES = {
     UnsupportedModelError.exit_code: "unsupported model architecture or format",
     BackendBuildError.exit_code: "TensorRT(-RTX) parse or build failure",
     AccuracyError.exit_code: "accuracy outside the recipe's tolerance",
+    OutputWriteError.exit_code: "could not write the artifact (disk full, I/O error); nothing left at the output path",
+    130: "interrupted by Ctrl-C (SIGINT); nothing left at the output path",
+    143: "terminated by SIGTERM (e.g. a CI timeout); nothing left at the output path",
 }

@@ -1,12 +1,15 @@
 """Stage 1, load: read a local Hugging Face model directory into a reference PyTorch model.
 
-Only safetensors and built-in architectures: a pickle `.bin` can execute code on load and
-`trust_remote_code` runs the model author's Python, neither of which a compiler should do silently.
+Only safetensors and built-in architectures by default: a pickle `.bin` can execute code on load
+and `trust_remote_code` runs the model author's Python, so each needs its own explicit flag.
+The checks here that read no weights (`check_model_files`) run before any output exists, so a
+broken directory fails in a second with a one-line message rather than minutes into a build.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 from .errors import BadInputError, UnsupportedModelError
@@ -15,7 +18,7 @@ from .types import LoadedModel, ModelSpec
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
-def read_spec(path: Path) -> ModelSpec:
+def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
     """Read and check config.json without touching the weights (cheap: used for early errors)."""
     config_file = path / "config.json"
     if not path.exists():
@@ -53,8 +56,11 @@ def read_spec(path: Path) -> ModelSpec:
         raise BadInputError(f"{config_file} lacks a required field or has a bad value: {exc}") from exc
     if spec.num_heads % spec.num_kv_heads:
         raise BadInputError(f"num_attention_heads={spec.num_heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}")
-    if cfg.get("auto_map"):
-        raise UnsupportedModelError(f"{config_file} asks for remote code (auto_map); llmc never runs trust_remote_code")
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{config_file} asks for remote code (auto_map); llmc runs a model's own Python only with "
+            "--trust-remote-code (it executes that code with your permissions)"
+        )
     return spec
 
 
@@ -66,21 +72,115 @@ def _sliding_window(cfg: dict) -> int | None:
     return int(window)
 
 
-def _check_weights(path: Path) -> None:
-    if not list(path.glob("*.safetensors")):
-        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-            raise UnsupportedModelError(
-                f"{path} has only pickle weights (*.bin/*.pt); convert them to safetensors "
-                "(e.g. model.save_pretrained(dir, safe_serialization=True))"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
+TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's length (truncation)."""
+    size = file.stat().st_size
+    fix = "re-download it or re-save the model with save_pretrained(safe_serialization=True)"
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BadInputError(f"{file} is truncated ({size} bytes, no safetensors header); {fix}")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > 100 << 20:
+            raise BadInputError(f"{file} is corrupt or truncated (header length {length} > file size {size}); {fix}")
+        try:
+            header = json.loads(f.read(length))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise BadInputError(f"{file} is corrupt (unreadable safetensors header: {_first_line(exc)}); {fix}") from None
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        raise BadInputError(f"{file} is truncated: its header describes {expected} bytes but the file has {size}; {fix}")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
+    """The files that hold the weights; pickle files only with allow_pickle."""
+    shards = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise BadInputError(f"{index} is not a valid safetensors index: {_first_line(exc)}; re-download it") from None
+        missing = sorted(n for n in named if not (path / n).is_file())
+        if missing:
+            raise BadInputError(f"{index} names shards missing from {path}: {', '.join(missing[:3])}; download them")
+    if shards:
+        return shards
+    pickles = sorted(p for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if pickles and allow_pickle:
+        return pickles
+    if pickles:
+        raise UnsupportedModelError(
+            f"{path} has only pickle weights ({pickles[0].name}); convert them to safetensors "
+            "(model.save_pretrained(dir, safe_serialization=True)) or pass --allow-pickle if you trust the files "
+            "(loading a pickle can execute code)"
+        )
+    raise BadInputError(f"no *.safetensors weights in {path}; pass a complete Hugging Face model directory")
+
+
+def check_tokenizer_files(path: Path) -> None:
+    if not any(all((path / name).is_file() for name in group) for group in TOKENIZER_SETS):
+        raise BadInputError(
+            f"no tokenizer in {path} (tokenizer.json, tokenizer.model or vocab.json + merges.txt); "
+            "copy the tokenizer files of the original model into it"
+        )
+
+
+def check_model_files(path: Path, allow_pickle: bool = False) -> list[Path]:
+    """Everything about the files that can be checked without loading weights: shards, headers, tokenizer."""
+    files = weight_files(path, allow_pickle)
+    for file in files:
+        if file.suffix == ".safetensors":
+            safetensors_header(file)
+    check_tokenizer_files(path)
+    return files
+
+
+def check_weight_shapes(path: Path, model_cls, config, files: list[Path]) -> None:
+    """Compare the safetensors shapes with what config.json implies, on a weightless (meta) model."""
+    import torch
+
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    stored = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            stored.update({name: (tuple(t["shape"]), file.name) for name, t in safetensors_header(file).items()})
+    if not stored:
+        return  # pickle weights: no header to read without unpickling
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    for name, tensor in skeleton.state_dict().items():
+        if name not in stored:
+            if name not in tied:
+                raise BadInputError(
+                    f"config.json does not match the weights: {name} is missing from {path} "
+                    "(wrong num_hidden_layers or architecture?); use the config that came with the weights"
+                )
+            continue
+        shape, file = stored[name]
+        if shape != tuple(tensor.shape):
+            raise BadInputError(
+                f"config.json does not match the weights: {name} is {list(shape)} in {file} but the config "
+                f"implies {list(tensor.shape)}; use the config that came with the weights"
             )
-        raise BadInputError(f"no *.safetensors weights in {path}")
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load config, safetensors weights and tokenizer; the model comes back in FP32 eval mode."""
+def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    """Load config, weights and tokenizer; the model comes back in FP32 eval mode."""
     path = Path(path).expanduser().resolve()
-    spec = read_spec(path)
-    _check_weights(path)
+    spec = read_spec(path, trust_remote_code)
+    files = check_model_files(path, allow_pickle)
 
     import torch
     import transformers
@@ -88,20 +188,30 @@ def load_model(path: str | Path) -> LoadedModel:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                               trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - tokenizers raise many types; the message says which file
-        raise BadInputError(f"cannot load the tokenizer from {path}: {exc}") from exc
-    model_cls = getattr(transformers, spec.architecture)
+        raise BadInputError(f"cannot load the tokenizer from {path}: {_first_line(exc)}; check its tokenizer files") from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    model_cls = transformers.AutoModelForCausalLM if remote else getattr(transformers, spec.architecture)
+    if not remote:
+        check_weight_shapes(path, model_cls, config, files)
     try:
         model = model_cls.from_pretrained(
             path,
+            config=config,
             local_files_only=True,
-            use_safetensors=True,
+            use_safetensors=files[0].suffix == ".safetensors",
             dtype=torch.float32,
             attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"cannot load weights from {path}: {exc}") from exc
+        raise BadInputError(f"cannot load weights from {path}: {_first_line(exc)}") from exc
     model.eval()
     return LoadedModel(
         path=path,

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 from pathlib import Path
 
 _TOOLS = ("llmc", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
@@ -99,14 +100,19 @@ class StagedOutput:
         """Move the staging dir to `final` (default: the output path), replacing what was there."""
         final = Path(final).resolve() if final else self.final
         old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
+        # Two renames must not be split by Ctrl-C / SIGTERM: held signals arrive after the swap.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            os.replace(self.staging, final)
-        except OSError:
-            if old.exists():
-                os.replace(old, final)  # put the previous build back
-            raise
+            if final.exists():
+                os.replace(final, old)
+            try:
+                os.replace(self.staging, final)
+            except OSError:
+                if old.exists():
+                    os.replace(old, final)  # put the previous build back
+                raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         shutil.rmtree(old, ignore_errors=True)
         self.committed = True
         return final

@@ -1,7 +1,13 @@
-"""Stage 3, passes: run the recipe's passes in order over the exported graph, recording each one."""
+"""Stage 3, passes: run the recipe's passes in order over the exported graph, recording each one.
+
+The result is renamed canonically at the end: onnx-ir names new values from a counter that
+carries over from whatever the graph went through before (an in-memory export, or one re-loaded
+from the stage cache), so the same inputs would otherwise give different names, and different bytes.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -31,6 +37,7 @@ def run_passes(
         records.append(record)
         if on_pass:
             on_pass(record)
+    stable_names(model)
     return ExportedGraph(model=model, io=io_from_model(model), seconds=graph.seconds), records
 
 
@@ -43,3 +50,30 @@ def _details(pass_) -> dict:
     if getattr(pass_, "search_log", None):
         details["awq_alpha"] = {k: v["alpha"] for k, v in pass_.search_log.items()}
     return details
+
+
+_GENERATED_VALUE = re.compile(r"^val_\d+$")
+_GENERATED_NODE = re.compile(r"^node_(\w+_)?\d+$")
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def stable_names(model) -> None:
+    """Rename generated names (`val_123`, `node_Attention_45`) by position in the graph: same graph, same names."""
+    graph = model.graph
+    values = [v for v in graph.initializers.values()]
+    values += [out for node in graph for out in node.outputs]
+    values = [v for v in values if v.name and _GENERATED_VALUE.match(v.name)
+              and v not in graph.inputs and v not in graph.outputs]
+    nodes = [n for n in graph if n.name and _GENERATED_NODE.match(n.name)]
+    # Two steps, so that a new name never collides with an old one not yet renamed.
+    for i, value in enumerate(values):
+        value.name = f"__llmc_tmp_val_{i}"
+    for i, value in enumerate(values):
+        value.name = f"val_{i}"
+    for i, node in enumerate(nodes):
+        node.name = f"node_{node.op_type}_{i}"
+    # The optimizer records the names it folded away; those are the history-dependent ones.
+    for value in [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]:
+        value.metadata_props.pop(_FOLDED_FROM, None)
+    for node in graph:
+        node.metadata_props.pop(_FOLDED_FROM, None)

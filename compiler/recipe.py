@@ -1,7 +1,12 @@
-"""Recipes: YAML files in recipes/ that name the pass pipeline and the tolerance its result must meet."""
+"""Recipes: YAML files in recipes/ that name the pass pipeline and the tolerance its result must meet.
+
+A recipe is hand-written, so every mistake is reported with its file and line: the YAML is
+composed into nodes (which keep their positions) and checked key by key before it is used.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -10,73 +15,127 @@ from .errors import BadInputError
 from .types import Recipe, Tolerance
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TOP_KEYS = ("name", "description", "passes", "tolerance", "max_ppl_delta")
+TOLERANCE_KEYS = ("max_abs_logit_error", "mean_abs_logit_error", "min_greedy_agreement")
 
 
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """`fp16` -> recipes/fp16.yaml; a path to a .yaml file is read as is."""
+def _where(path: Path, node: yaml.Node) -> str:
+    return f"{path}:{node.start_mark.line + 1}"
+
+
+def _scalar(path: Path, node: yaml.Node, what: str) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise BadInputError(f"{_where(path, node)}: {what} must be a single value, not a {_kind(node)}")
+    return node.value
+
+
+def _kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list", yaml.ScalarNode: "value"}[type(node)]
+
+
+def _number(path: Path, node: yaml.Node, key: str) -> float:
+    text = _scalar(path, node, key)
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInputError(f"{_where(path, node)}: {key} must be a number, got {text!r}") from None
+
+
+def _mapping(path: Path, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
+    if not isinstance(node, yaml.MappingNode):
+        raise BadInputError(f"{_where(path, node)}: {what} must be a mapping with keys {', '.join(known)}, not a {_kind(node)}")
+    out = {}
+    for key_node, value_node in node.value:
+        key = _scalar(path, key_node, "a key")
+        if key not in known:
+            raise BadInputError(f"{_where(path, key_node)}: unknown key {key!r} in {what}; known keys: {', '.join(known)}")
+        out[key] = value_node
+    return out
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    """Check the recipe text node by node; every error names `path:line`, the cause and what is allowed."""
     from passes import REGISTRY
 
+    try:
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise BadInputError(f"{path}{line}: not valid YAML ({exc.problem or exc.context}); fix the syntax") from None
+    if root is None:
+        raise BadInputError(f"{path}: empty recipe; it needs 'passes' and 'tolerance' (see recipes/fp16.yaml)")
+    top = _mapping(path, root, "the recipe", TOP_KEYS)
+    for required in ("passes", "tolerance"):
+        if required not in top:
+            raise BadInputError(f"{_where(path, root)}: recipe lacks '{required}' (see recipes/fp16.yaml)")
+    if not isinstance(top["passes"], yaml.SequenceNode):
+        raise BadInputError(f"{_where(path, top['passes'])}: passes must be a list of pass names, not a {_kind(top['passes'])}")
+    passes, options = [], []
+    data = yaml.safe_load(text)
+    for item, value in zip(top["passes"].value, data["passes"]):
+        name, opts = _pass_entry(path, item, value)
+        if name not in REGISTRY:
+            raise BadInputError(f"{_where(path, item)}: unknown pass {name!r}; known passes: {', '.join(REGISTRY)}")
+        _check_options(path, item, name, opts)
+        passes.append(name)
+        options.append(opts)
+    max_ppl_delta = None
+    if "max_ppl_delta" in top:
+        max_ppl_delta = _number(path, top["max_ppl_delta"], "max_ppl_delta")
+        if max_ppl_delta < 0:
+            raise BadInputError(f"{_where(path, top['max_ppl_delta'])}: max_ppl_delta must be >= 0 (0.05 = 5%)")
+    tol = _mapping(path, top["tolerance"], "tolerance", TOLERANCE_KEYS)
+    missing = [k for k in TOLERANCE_KEYS if k not in tol]
+    if missing:
+        raise BadInputError(f"{_where(path, top['tolerance'])}: tolerance lacks {', '.join(missing)}")
+    tolerance = Tolerance(**{k: _number(path, tol[k], k) for k in TOLERANCE_KEYS})
+    return Recipe(
+        name=_scalar(path, top["name"], "name") if "name" in top else path.stem,
+        description=_scalar(path, top["description"], "description") if "description" in top else "",
+        passes=tuple(passes),
+        tolerance=tolerance,
+        source=path,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        pass_options=tuple(options),
+        max_ppl_delta=max_ppl_delta,
+    )
+
+
+def _pass_entry(path: Path, node: yaml.Node, value) -> tuple[str, dict]:
+    """A `passes:` item is a pass name, or a mapping `{pass: name, <option>: value, ...}`."""
+    if isinstance(node, yaml.ScalarNode):
+        return node.value, {}
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict) and isinstance(value.get("pass"), str):
+        opts = dict(value)
+        return opts.pop("pass"), opts
+    raise BadInputError(f"{_where(path, node)}: each pass is a name or a mapping with a 'pass' key and options, "
+                        f"not a {_kind(node)}")
+
+
+def _check_options(path: Path, node: yaml.Node, name: str, opts: dict) -> None:
+    """Instantiate the pass once so a bad option fails at load time, naming the line and the pass."""
+    from passes import PassContext, make_pass
+
+    try:
+        make_pass(name, PassContext(max_positions=2), opts)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{_where(path, node)}: pass {name!r} rejects its options {opts}: {exc}") from None
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """`fp16` -> recipes/fp16.yaml; a path to a .yaml file is read as is."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise BadInputError(f"unknown recipe {name_or_path!r}; available: {', '.join(available_recipes())} (or a path to a .yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-        passes, options = _pass_entries(data["passes"], path)
-        tol = data["tolerance"]
-        tolerance = Tolerance(
-            max_abs_logit_error=float(tol["max_abs_logit_error"]),
-            mean_abs_logit_error=float(tol["mean_abs_logit_error"]),
-            min_greedy_agreement=float(tol["min_greedy_agreement"]),
-        )
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"malformed recipe {path}: {exc!r} (needs 'passes' and 'tolerance' with the three limits)") from exc
-    unknown = [p for p in passes if p not in REGISTRY]
-    if unknown:
-        raise BadInputError(f"recipe {path} names unknown passes {unknown}; known: {', '.join(REGISTRY)}")
-    _check_options(passes, options, path)
-    max_ppl_delta = data.get("max_ppl_delta")
-    if max_ppl_delta is not None and (not isinstance(max_ppl_delta, (int, float)) or max_ppl_delta < 0):
-        raise BadInputError(f"recipe {path}: max_ppl_delta must be a non-negative number (0.05 = 5%), got {max_ppl_delta!r}")
-    return Recipe(
-        name=str(data.get("name", path.stem)),
-        description=str(data.get("description", "")),
-        passes=passes,
-        tolerance=tolerance,
-        source=path,
-        pass_options=options,
-        max_ppl_delta=None if max_ppl_delta is None else float(max_ppl_delta),
-    )
-
-
-def _pass_entries(entries, path: Path) -> tuple[tuple[str, ...], tuple[dict, ...]]:
-    """`passes:` items are a pass name, or a mapping `{pass: name, <option>: value, ...}`."""
-    names, options = [], []
-    for entry in entries:
-        if isinstance(entry, str):
-            names.append(entry)
-            options.append({})
-        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
-            opts = dict(entry)
-            names.append(opts.pop("pass"))
-            options.append(opts)
-        else:
-            raise BadInputError(f"recipe {path}: each passes entry is a name or a mapping with a 'pass' key, got {entry!r}")
-    return tuple(names), tuple(options)
-
-
-def _check_options(passes: tuple[str, ...], options: tuple[dict, ...], path: Path) -> None:
-    """Instantiate every pass once so a bad option fails at load time, naming the pass."""
-    from passes import PassContext, make_pass
-
-    ctx = PassContext(max_positions=2)
-    for name, opts in zip(passes, options):
-        try:
-            make_pass(name, ctx, opts)
-        except (TypeError, ValueError) as exc:
-            raise BadInputError(f"recipe {path}: pass {name!r} rejects its options {opts}: {exc}") from exc
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read recipe {path}: {exc}") from exc
+    return parse_recipe(text, path)

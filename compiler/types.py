@@ -94,6 +94,7 @@ class Recipe:
     passes: tuple[str, ...]
     tolerance: Tolerance
     source: Path | None = None
+    sha256: str = ""  # of the recipe file's text: the build manifest and the cache keys record it
     pass_options: tuple[dict, ...] = ()  # per pass, parallel to `passes` ({} = defaults)
     max_ppl_delta: float | None = None  # relative held-out perplexity increase allowed (0.05 = 5%)
 

@@ -8,6 +8,7 @@ prefill positions and every decode step, and greedy next-token agreement.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -41,6 +42,25 @@ def reference_decode(loaded: LoadedModel, prompt_ids: list[int], steps: int) -> 
     return logits_steps, tokens
 
 
+def judge(max_err: float, mean_err: float, agreement: float, tolerance: Tolerance) -> list[str]:
+    """The tolerance check alone: a cached measurement is re-judged when only the tolerance changed."""
+    failures = []
+    if not (np.isfinite(max_err) and np.isfinite(mean_err)):
+        failures.append("non-finite logits in the compiled graph")
+    if max_err > tolerance.max_abs_logit_error:
+        failures.append(f"max |logit error| {max_err:.4g} > {tolerance.max_abs_logit_error:g}")
+    if mean_err > tolerance.mean_abs_logit_error:
+        failures.append(f"mean |logit error| {mean_err:.4g} > {tolerance.mean_abs_logit_error:g}")
+    if agreement < tolerance.min_greedy_agreement:
+        failures.append(f"greedy agreement {agreement:.1%} < {tolerance.min_greedy_agreement:.1%}")
+    return failures
+
+
+def rejudge(result: ValidationResult, tolerance: Tolerance) -> ValidationResult:
+    failures = judge(result.max_abs_error, result.mean_abs_error, result.greedy_agreement, tolerance)
+    return dataclasses.replace(result, tolerance=tolerance, failures=failures, passed=not failures)
+
+
 def compare(
     loaded: LoadedModel,
     executor: Executor,
@@ -71,15 +91,9 @@ def compare(
     err = np.concatenate(errors)
     max_err, mean_err = float(err.max()), float(err.mean())
     agreement = float(np.mean(np.array(got_tokens) == np.array(ref_tokens)))
-    failures = []
     if not np.isfinite(err).all():
-        failures.append("non-finite logits in the compiled graph")
-    if max_err > tolerance.max_abs_logit_error:
-        failures.append(f"max |logit error| {max_err:.4g} > {tolerance.max_abs_logit_error:g}")
-    if mean_err > tolerance.mean_abs_logit_error:
-        failures.append(f"mean |logit error| {mean_err:.4g} > {tolerance.mean_abs_logit_error:g}")
-    if agreement < tolerance.min_greedy_agreement:
-        failures.append(f"greedy agreement {agreement:.1%} < {tolerance.min_greedy_agreement:.1%}")
+        max_err = mean_err = float("nan")
+    failures = judge(max_err, mean_err, agreement, tolerance)
     return ValidationResult(
         prompt=prompt,
         prompt_tokens=len(prompt_ids),

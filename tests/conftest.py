@@ -156,3 +156,26 @@ def trained_quantized(trained_fp16, trained_calibration, llmc_cache):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def cached_build(model_dirs, tmp_path_factory):
+    """One cold `llmc build --cache-dir` of the tiny Llama; later builds in the session reuse its cache.
+
+    Returns (artifact dir, cache dir, report, wall seconds of the cold build).
+    """
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    root = tmp_path_factory.mktemp("cached-build")
+    out, cache = root / "out", root / "cache"
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o", str(out),
+                                       "--cache-dir", str(cache)])
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    return out, cache, json.loads((out / "report.json").read_text()), seconds

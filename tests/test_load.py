@@ -45,7 +45,7 @@ def test_remote_code_refused(model_dirs, tmp_path):
     cfg = json.loads((model_dirs["llama"] / "config.json").read_text())
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="trust_remote_code"):
+    with pytest.raises(UnsupportedModelError, match="--trust-remote-code"):
         read_spec(tmp_path)
 
 

@@ -1,0 +1,346 @@
+"""Bad input and faults: one line naming cause and fix, a distinct exit code, and an output path that
+holds the previous complete artifact or nothing (no half-written files, no staging dirs, no lock).
+
+The matrix cases all fail before export (seconds each); the faults that need a running build use
+the session's stage cache (disk full) or a subprocess signalled during export (SIGTERM / Ctrl-C).
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+from compiler.errors import UnsupportedModelError
+from compiler.load import load_model
+
+PREVIOUS = {"report.json": '{"previous": true}\n', "model.onnx": "previous build\n"}
+
+
+def _copy_model(model_dirs, tmp_path, name="model") -> Path:
+    return Path(shutil.copytree(model_dirs["llama"], tmp_path / name))
+
+
+def _recipe(tmp_path, text) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def _edit_config(model: Path, **changes) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(changes)
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def case_missing_dir(tmp_path, dirs):
+    return [str(tmp_path / "nope")]
+
+
+def case_no_config(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "config.json").unlink()
+    return [str(model)]
+
+
+def case_unsupported_arch(tmp_path, dirs):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    return [str(model)]
+
+
+def case_shape_mismatch(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, intermediate_size=320)
+    return [str(model)]
+
+
+def case_missing_layer(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, num_hidden_layers=3)
+    return [str(model)]
+
+
+def case_truncated_safetensors(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return [str(model)]
+
+
+def case_corrupt_safetensors(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"not json!!" + b"\0" * 64)
+    return [str(model)]
+
+
+def case_missing_tokenizer(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "tokenizer.json").unlink()
+    return [str(model)]
+
+
+def case_recipe_unknown_pass(tmp_path, dirs):
+    recipe = _recipe(tmp_path, "name: x\npasses:\n  - cleanup\n  - fuse-everything\n"
+                               "tolerance: {max_abs_logit_error: 1, mean_abs_logit_error: 1, min_greedy_agreement: 0}\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_wrong_type(tmp_path, dirs):
+    recipe = _recipe(tmp_path, "name: x\npasses: [cleanup]\ntolerance:\n  max_abs_logit_error: small\n"
+                               "  mean_abs_logit_error: 1\n  min_greedy_agreement: 0\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_passes_not_a_list(tmp_path, dirs):
+    recipe = _recipe(tmp_path, "name: x\npasses: cleanup\n"
+                               "tolerance: {max_abs_logit_error: 1, mean_abs_logit_error: 1, min_greedy_agreement: 0}\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_unknown_key(tmp_path, dirs):
+    recipe = _recipe(tmp_path, "name: x\npasses: [cleanup]\ntolerance: {max_abs_logit_error: 1, "
+                               "mean_abs_logit_error: 1, min_greedy_agreement: 0}\ntolerence: 3\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_bad_yaml(tmp_path, dirs):
+    recipe = _recipe(tmp_path, "name: x\npasses: [cleanup\ntolerance: {}\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_unknown_recipe(tmp_path, dirs):
+    return [str(dirs["llama"]), "--recipe", "int3-magic"]
+
+
+def case_max_seq_beyond_positions(tmp_path, dirs):
+    return [str(dirs["llama"]), "--max-seq", "100000"]
+
+
+def case_max_seq_beyond_window(tmp_path, dirs):
+    return [str(dirs["mistral"]), "--max-seq", "5000"]
+
+
+def case_pickle_weights(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    return [str(model)]
+
+
+def case_remote_code(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, auto_map={"AutoModelForCausalLM": "modeling_x.X"})
+    return [str(model)]
+
+
+# (case, exit code, substrings of the one-line message: the cause and the fix)
+MATRIX = [
+    (case_missing_dir, 2, ["model directory not found", "pass a local Hugging Face model directory"]),
+    (case_no_config, 2, ["no config.json", "not a Hugging Face model directory"]),
+    (case_unsupported_arch, 3, ["unsupported architecture GPT2LMHeadModel", "supported: LlamaForCausalLM"]),
+    (case_shape_mismatch, 2, ["config.json does not match the weights", "mlp", "[256, 128]", "[320, 128]",
+                              "use the config that came with the weights"]),
+    (case_missing_layer, 2, ["model.layers.2.", "missing", "num_hidden_layers"]),
+    (case_truncated_safetensors, 2, ["model.safetensors is truncated", "re-download"]),
+    (case_corrupt_safetensors, 2, ["model.safetensors is corrupt", "re-download"]),
+    (case_missing_tokenizer, 2, ["no tokenizer in", "copy the tokenizer files"]),
+    (case_recipe_unknown_pass, 2, ["recipe.yaml:4:", "unknown pass 'fuse-everything'", "known passes: cleanup"]),
+    (case_recipe_wrong_type, 2, ["recipe.yaml:4:", "max_abs_logit_error must be a number", "'small'"]),
+    (case_recipe_passes_not_a_list, 2, ["recipe.yaml:2:", "passes must be a list"]),
+    (case_recipe_unknown_key, 2, ["recipe.yaml:4:", "unknown key 'tolerence'", "known keys: name"]),
+    (case_recipe_bad_yaml, 2, ["recipe.yaml:3:", "not valid YAML", "fix the syntax"]),
+    (case_unknown_recipe, 2, ["unknown recipe 'int3-magic'", "available: fp16"]),
+    (case_max_seq_beyond_positions, 2, ["--max-seq 100000 exceeds", "max_position_embeddings (2048)", "lower --max-seq"]),
+    (case_max_seq_beyond_window, 3, ["sliding_window (4096)", "use --max-seq <= the window"]),
+    (case_pickle_weights, 3, ["only pickle weights (pytorch_model.bin)", "--allow-pickle", "can execute code"]),
+    (case_remote_code, 3, ["auto_map", "--trust-remote-code", "executes that code"]),
+]
+
+
+def _place_previous(out: Path) -> None:
+    out.mkdir(parents=True)
+    for name, text in PREVIOUS.items():
+        (out / name).write_text(text)
+
+
+def _assert_previous_or_nothing(out: Path, previous: bool) -> None:
+    if previous:
+        assert {p.name: p.read_text() for p in out.iterdir()} == PREVIOUS
+        assert list(out.parent.iterdir()) == [out]  # no staging dir, no lock file, no .failed
+    else:
+        assert not out.exists()
+        assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmc: error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["empty", "previous-artifact"])
+@pytest.mark.parametrize("case,code,expected", MATRIX, ids=[c[0].__name__[5:] for c in MATRIX])
+def test_bad_input_matrix(model_dirs, tmp_path, case, code, expected, previous):
+    args = case(tmp_path, model_dirs)
+    out = tmp_path / "outs" / "artifact"
+    if previous:
+        _place_previous(out)
+    result = CliRunner().invoke(main, ["build", *args, "-o", str(out)])
+    assert result.exit_code == code, result.output
+    line = _one_line(result.stderr)
+    for text in expected:
+        assert text in line, (text, line)
+    _assert_previous_or_nothing(out, previous)
+
+
+def test_output_path_not_writable(model_dirs, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(blocker / "sub" / "out")])
+    assert result.exit_code == 2
+    line = _one_line(result.stderr)
+    assert "is not writable" in line and "is a file" in line and "choose another -o" in line
+    assert blocker.read_text() == "x"
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o500)
+        result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(locked / "out")])
+        assert result.exit_code == 2 and "not writable" in _one_line(result.stderr)
+        assert list(locked.iterdir()) == []
+
+
+def test_flags_say_what_they_risk():
+    help_text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    assert "--allow-pickle" in help_text and "pickle can execute arbitrary code" in help_text
+    assert "--trust-remote-code" in help_text and "that code runs with your permissions" in help_text
+
+
+def test_allow_pickle_loads_bin_weights(model_dirs, llama, tmp_path):
+    import torch
+
+    model = _copy_model(model_dirs, tmp_path)
+    (model / "model.safetensors").unlink()
+    torch.save(llama.model.state_dict(), model / "pytorch_model.bin")
+    with pytest.raises(UnsupportedModelError, match="--allow-pickle"):
+        load_model(model)
+    loaded = load_model(model, allow_pickle=True)
+    for (name, a), b in zip(llama.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_trust_remote_code_runs_the_models_code_only_when_allowed(model_dirs, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    model = _copy_model(model_dirs, tmp_path, "remote-llama")
+    marker = tmp_path / "remote-code-ran"
+    (model / "modeling_custom.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\n\n"
+        "class CustomLlama(LlamaForCausalLM):\n    pass\n"
+    )
+    _edit_config(model, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomLlama"})
+    with pytest.raises(UnsupportedModelError, match="--trust-remote-code"):
+        load_model(model)
+    assert not marker.exists()
+    loaded = load_model(model, trust_remote_code=True)
+    assert marker.read_text() == "ran" and type(loaded.model).__name__ == "CustomLlama"
+
+
+@pytest.mark.parametrize("where", ["_restore", "write_manifest"])
+def test_disk_full_mid_write_exit_6_and_previous_artifact_kept(cached_build, model_dirs, tmp_path, monkeypatch, where):
+    """ENOSPC while copying the engine into staging, or while writing the manifest at package time."""
+    import compiler.driver as driver
+
+    first, cache, _, _ = cached_build
+    out = tmp_path / "outs" / "artifact"
+    shutil.copytree(first, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = getattr(driver, where)
+
+    def full_disk(*args, **kwargs):
+        real(*args, **kwargs)  # write the real thing, then fail as a full disk would mid-way
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[-1]))
+
+    monkeypatch.setattr(driver, where, full_disk)
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o", str(out),
+                                       "--cache-dir", str(cache)])
+    assert result.exit_code == 6, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("llmc: error: could not write the build (No space left on device")
+    assert "free disk space" in line and f"{out} was left as it was" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert list(out.parent.iterdir()) == [out]
+
+
+def _wait_for(proc, text: str, timeout: float = 240) -> str:
+    """Read the build's stderr until `text` appears (the build is then inside the next stage)."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        line = proc.stderr.readline()
+        assert line and time.monotonic() < deadline, f"build ended before {text!r}: {seen[-2000:]}"
+        seen += line
+    return seen
+
+
+def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_out(model_dirs, tmp_path):
+    """A CI timeout: SIGTERM to a real `llmc build` process while torch.onnx export runs."""
+    out = tmp_path / "outs" / "artifact"
+    _place_previous(out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "build", str(model_dirs["llama"]), "-o", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(proc, "[1/6] load")  # export (tens of seconds) is running now
+        second = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(out)])
+        assert second.exit_code == 2
+        line = _one_line(second.stderr)
+        assert f"another llmc build (pid {proc.pid}) is writing {out}" in line and "choose another -o" in line
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert time.monotonic() - start < 30  # unwinds promptly, not after export finishes
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("llmc: error: build terminated by signal 15") and "previous build or nothing" in last
+    _assert_previous_or_nothing(out, previous=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_signal_mid_build_in_process(cached_build, model_dirs, tmp_path, monkeypatch, signum):
+    """A real signal to this process while the (cached) build copies the engine into staging."""
+    import compiler.driver as driver
+
+    first, cache, _, _ = cached_build
+    out = tmp_path / "outs" / "artifact"
+    _place_previous(out)
+    real = driver._restore
+
+    def restore_then_signal(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signum)  # delivered at the next bytecode, as from a terminal or CI runner
+        time.sleep(5)  # never reached in full: the handler raises first
+
+    monkeypatch.setattr(driver, "_restore", restore_then_signal)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o", str(out),
+                                       "--cache-dir", str(cache)])
+    assert result.exit_code == 128 + signum, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("llmc: error: build ") and "previous build or nothing" in last
+    _assert_previous_or_nothing(out, previous=True)
+    assert signal.getsignal(signal.SIGTERM) == handler  # the build restored the handler it replaced
