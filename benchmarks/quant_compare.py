@@ -1,0 +1,184 @@
+"""Weight formats side by side: llmc's recipes vs the onnxruntime-genai model builder, same model, same text.
+
+For a model directory (default: the shipped trained model), in one run:
+  - llmc: export once, the fp16 recipe's passes, then each quantizer (timed), saved as ONNX;
+  - the onnxruntime-genai builder (`python -m onnxruntime_genai.models.builder`, int4, cpu,
+    accuracy_level=1) with algo rtn / k_quant_mixed at block 32 and 128 (timed, if importable);
+  - every graph scored on the same held-out windows against the PyTorch FP32 reference:
+    perplexity delta, mean KL, teacher-forced greedy agreement on 4 x 64 continuation tokens, bytes.
+
+    python benchmarks/quant_compare.py [MODEL_DIR] [--out /tmp/quant-compare] [--genai-path DIR]
+
+Prints a markdown table (paste into benchmarks/NOTES.md) and writes results.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compiler.calibrate import calibrate, tokenize_windows  # noqa: E402
+from compiler.corpus import default_calibration_text, default_eval_text  # noqa: E402
+from compiler.default_model import default_model_dir  # noqa: E402
+from compiler.export import export_onnx  # noqa: E402
+from compiler.load import load_model  # noqa: E402
+from compiler.pipeline import run_passes  # noqa: E402
+from compiler.quality import default_prompts  # noqa: E402
+from compiler.recipe import load_recipe  # noqa: E402
+from compiler.runtime import io_from_model  # noqa: E402
+from compiler.runtime_onnx import OnnxRuntimeExecutor  # noqa: E402
+from compiler.types import ExportedGraph, Recipe, Tolerance  # noqa: E402
+from passes import PassContext  # noqa: E402
+
+LLMC_VARIANTS = {
+    "llmc fp16": [],
+    "llmc int4-rtn b128": [("quantize-int4-rtn", {"block_size": 128})],
+    "llmc int4-rtn b32": [("quantize-int4-rtn", {"block_size": 32})],
+    "llmc int4-awq b128": [("quantize-int4-awq", {"block_size": 128})],
+    "llmc int4-awq b32": [("quantize-int4-awq", {"block_size": 32})],
+    "llmc int4-awq b32 + int8 lm_head": [("quantize-int8-wo", {"targets": [], "include_lm_head": True}),
+                                         ("quantize-int4-awq", {"block_size": 32})],
+    "llmc int8-wo": [("quantize-int8-wo", {})],
+    "llmc fp8-wo": [("quantize-fp8-wo", {})],
+}
+GENAI_VARIANTS = {f"genai int4 {algo} b{b}": (algo, b) for algo in ("rtn", "k_quant_mixed") for b in (128, 32)}
+
+
+def files_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def llmc_logits(path: Path, windows: np.ndarray) -> np.ndarray:
+    ex = OnnxRuntimeExecutor(path)
+    out = []
+    for i in range(0, len(windows), 4):
+        chunk = windows[i:i + 4]
+        ex.start(len(chunk))
+        out.append(ex.step(chunk, np.tile(np.arange(chunk.shape[1]), (len(chunk), 1))).astype(np.float32))
+    return np.concatenate(out)
+
+
+def genai_logits(path: Path, windows: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    out = []
+    for i in range(0, len(windows), 4):
+        chunk = windows[i:i + 4]
+        feeds = {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.tile(np.arange(chunk.shape[1]), (len(chunk), 1))
+        for name, meta in inputs.items():
+            if name.startswith("past_key_values"):
+                dtype = np.float16 if "float16" in meta.type else np.float32
+                feeds[name] = np.zeros((len(chunk), meta.shape[1], 0, meta.shape[3]), dtype)
+        out.append(sess.run(["logits"], feeds)[0].astype(np.float32))
+    return np.concatenate(out)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/quant-compare"))
+    ap.add_argument("--genai-path", default=os.environ.get("GENAI_PATH", ""),
+                    help="extra PYTHONPATH where onnxruntime_genai is installed (pip install --target DIR onnxruntime-genai)")
+    args = ap.parse_args()
+    import torch
+
+    model_dir = (args.model or default_model_dir()).resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model_dir)
+    eval_text = default_eval_text()
+    windows = np.array(tokenize_windows(loaded.tokenizer, eval_text, 128, 16), np.int64)
+    # Teacher-forced agreement without a cache: prompt + the reference's greedy continuation in one window.
+    from compiler.validate import reference_decode
+
+    prompts = [loaded.tokenizer(p).input_ids for p in default_prompts(eval_text)]
+    forced = [reference_decode(loaded, p, 63)[1] for p in prompts]
+    agree_rows = [p + f[:-1] for p, f in zip(prompts, forced)]
+    width = max(map(len, agree_rows))
+    agree_ids = np.array([r + [0] * (width - len(r)) for r in agree_rows], np.int64)
+
+    with torch.no_grad():
+        ref = log_softmax(loaded.model(input_ids=torch.tensor(windows), use_cache=False).logits.numpy())
+    targets = windows[:, 1:]
+
+    def score(name: str, logits_fn, path: Path, seconds: float) -> dict:
+        got = log_softmax(logits_fn(path, windows))
+        nll = lambda lp: -np.take_along_axis(lp[:, :-1], targets[..., None], -1).mean()  # noqa: E731
+        agree_logits = logits_fn(path, agree_ids)
+        hits = total = 0
+        for row, (p, f) in enumerate(zip(prompts, forced)):
+            picks = agree_logits[row, len(p) - 1: len(p) - 1 + len(f)].argmax(-1)
+            hits += int((picks == np.array(f)).sum())
+            total += len(f)
+        r = {"variant": name, "ppl_ref": math.exp(nll(ref)), "ppl": math.exp(nll(got)),
+             "kl": float((np.exp(ref) * (ref - got)).sum(-1).mean()), "agreement": hits / total,
+             "bytes": files_bytes(path), "quantize_s": seconds}
+        r["ppl_delta"] = r["ppl"] / r["ppl_ref"] - 1
+        print(json.dumps(r), flush=True)
+        return r
+
+    results = []
+    base = ExportedGraph(export_onnx(loaded).model, None)
+    fp16, _ = run_passes(ExportedGraph(base.model, io_from_model(base.model)), load_recipe("fp16"),
+                         PassContext(max_positions=256))
+    import onnx_ir as ir
+
+    ir.save(fp16.model, args.out / "fp16.onnx")
+    start = time.perf_counter()
+    cal = calibrate(loaded, default_calibration_text())
+    calib_s = time.perf_counter() - start
+    for name, steps in LLMC_VARIANTS.items():
+        model = ir.load(args.out / "fp16.onnx")
+        start = time.perf_counter()
+        if steps:
+            recipe = Recipe(name, "", tuple(s[0] for s in steps), Tolerance(1, 1, 0), pass_options=tuple(s[1] for s in steps))
+            model = run_passes(ExportedGraph(model, io_from_model(model)), recipe,
+                               PassContext(max_positions=256, activations=cal.activations))[0].model
+        seconds = time.perf_counter() - start + (calib_s if any("awq" in s[0] for s in steps) else 0.0)
+        path = args.out / (name.replace(" ", "_").replace("+", "") + ".onnx")
+        ir.save(model, path)
+        results.append(score(name, llmc_logits, path, seconds))
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [args.genai_path, os.environ.get("PYTHONPATH")])))
+    for name, (algo, block) in GENAI_VARIANTS.items():
+        out = args.out / name.replace(" ", "_")
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+                               "-p", "int4", "-e", "cpu", "-c", str(args.out / "genai-cache"), "--extra_options",
+                               "accuracy_level=1", f"block_size={block}", f"algo_config={algo}"],
+                              capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            print(f"{name}: builder failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        results.append(score(name, genai_logits, out / "model.onnx", seconds))
+
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n| variant | ppl (ref {:.3f}) | delta | KL | agreement | bytes | quantize s |".format(results[0]["ppl_ref"]))
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['ppl']:.3f} | {r['ppl_delta']:+.2%} | {r['kl']:.4f} | {r['agreement']:.1%} | "
+              f"{r['bytes']:,} | {r['quantize_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
