@@ -84,6 +84,16 @@ def search_clip(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> torch.Ten
 class QuantizeInt4AwqPass(WeightQuantPass):
     q_dtype = ir.DataType.INT4
 
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # The searches are thousands of small tensor ops: one thread avoids OpenMP barrier stalls.
+        # Measured on 2 shared cores: 161 s with torch's default threads vs 15 s with one.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().call(model)
+        finally:
+            torch.set_num_threads(threads)
+
     def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool = True,
                  targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
         super().__init__(targets, exclude, include_lm_head)
