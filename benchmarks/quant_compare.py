@@ -68,7 +68,7 @@ def llmc_logits(path: Path, windows: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def genai_logits(path: Path, windows: np.ndarray) -> np.ndarray:
+def genai_logits(path: Path, windows: np.ndarray, head_dim: int) -> np.ndarray:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -82,7 +82,7 @@ def genai_logits(path: Path, windows: np.ndarray) -> np.ndarray:
         for name, meta in inputs.items():
             if name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in meta.type else np.float32
-                feeds[name] = np.zeros((len(chunk), meta.shape[1], 0, meta.shape[3]), dtype)
+                feeds[name] = np.zeros((len(chunk), meta.shape[1], 0, head_dim), dtype)
         out.append(sess.run(["logits"], feeds)[0].astype(np.float32))
     return np.concatenate(out)
 
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/quant-compare"))
     ap.add_argument("--genai-path", default=os.environ.get("GENAI_PATH", ""),
                     help="extra PYTHONPATH where onnxruntime_genai is installed (pip install --target DIR onnxruntime-genai)")
+    ap.add_argument("--only", default="", help="run only variants whose name starts with this (e.g. 'genai')")
     args = ap.parse_args()
     import torch
 
@@ -144,9 +145,11 @@ def main() -> None:
 
     ir.save(fp16.model, args.out / "fp16.onnx")
     start = time.perf_counter()
-    cal = calibrate(loaded, default_calibration_text())
+    cal = calibrate(loaded, default_calibration_text()) if "llmc".startswith(args.only) else None
     calib_s = time.perf_counter() - start
     for name, steps in LLMC_VARIANTS.items():
+        if not name.startswith(args.only) and name != "llmc fp16":
+            continue
         model = ir.load(args.out / "fp16.onnx")
         start = time.perf_counter()
         if steps:
@@ -160,6 +163,8 @@ def main() -> None:
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [args.genai_path, os.environ.get("PYTHONPATH")])))
     for name, (algo, block) in GENAI_VARIANTS.items():
+        if not name.startswith(args.only):
+            continue
         out = args.out / name.replace(" ", "_")
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
@@ -170,7 +175,7 @@ def main() -> None:
         if proc.returncode:
             print(f"{name}: builder failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
-        results.append(score(name, genai_logits, out / "model.onnx", seconds))
+        results.append(score(name, lambda p, w: genai_logits(p, w, loaded.spec.head_dim), out / "model.onnx", seconds))
 
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| variant | ppl (ref {:.3f}) | delta | KL | agreement | bytes | quantize s |".format(results[0]["ppl_ref"]))

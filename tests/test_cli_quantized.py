@@ -1,0 +1,64 @@
+"""`llmc build --recipe int4-awq` end to end on the shipped trained model, and the perplexity budget.
+
+Both builds share one stage cache, so the second reuses the export.
+"""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from compiler.cli import main
+from compiler.recipe import RECIPES_DIR
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("quant-cache")
+
+
+def test_int4_awq_build_reports_what_it_costs(tmp_path, cache_dir):
+    out = tmp_path / "awq"
+    result = CliRunner().invoke(main, ["build", "--recipe", "int4-awq", "-o", str(out), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert "calibrate" in result.stderr and "held-out" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    q = report["quality"]
+    assert q["eval_tokens"] > 1000 and q["agreement_tokens"] == 4 * 64
+    assert q["reference_perplexity"] < 30  # the trained model (uniform would be 1024)
+    assert 0 < q["ppl_delta"] <= report["recipe"]["max_ppl_delta"]
+    assert report["calibration"]["tokens"] >= 4096 and report["eval_data"] == "built-in held-out sample"
+    # Every linear layer of the 4 blocks is INT4-AWQ; lm_head is not in the map (kept FP16).
+    assert len(report["precision"]) == 28 and set(report["precision"].values()) == {"int4-awq"}
+    assert "lm_head" not in report["precision"]
+    w = report["weights"]
+    assert w["by_dtype"]["int4"]["elements"] == sum(
+        p["in"] * p["out"] for p in [{"in": 256, "out": 256}, {"in": 256, "out": 64}, {"in": 256, "out": 64},
+                                     {"in": 256, "out": 256}, {"in": 256, "out": 512}, {"in": 256, "out": 512},
+                                     {"in": 512, "out": 256}]) * 4
+    onnx_bytes = report["sizes_bytes"]["model.onnx"]
+    assert onnx_bytes < 0.5 * w["fp16_bytes"] and onnx_bytes >= w["floor_bytes"]
+
+
+def test_perplexity_budget_fails_the_build_with_the_figure(tmp_path, cache_dir):
+    data = yaml.safe_load((RECIPES_DIR / "int4-rtn.yaml").read_text())
+    data["max_ppl_delta"] = 0.0001
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "strict"
+    result = CliRunner().invoke(main, ["build", "--recipe", str(recipe), "-o", str(out), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 5, result.output
+    assert "held-out perplexity rose" in result.stderr and "max_ppl_delta 0.01%" in result.stderr
+    assert "less aggressive recipe (int8-wo or fp8-wo" in result.stderr
+    assert not out.exists()
+    report = json.loads((tmp_path / "strict.failed" / "report.json").read_text())
+    assert report["status"] == "fail" and report["quality"]["ppl_delta"] > 0.0001
+
+
+def test_bad_calibration_file_fails_before_any_work(tmp_path):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"txt": "no text field"}\n')
+    result = CliRunner().invoke(main, ["build", "--recipe", "int4-awq", "--calib-data", str(bad), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "calib.jsonl:1" in result.stderr and '"text"' in result.stderr
+    assert not (tmp_path / "o").exists()
