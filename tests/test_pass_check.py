@@ -139,3 +139,17 @@ def test_llmc_report_prints_the_card(builds, tmp_path):
     assert again.exit_code == 0 and "Per-pass check" in again.output
     bad = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "no report.json" in bad.output
+
+
+def test_card_precision_table_and_quality(builds):
+    """Rendering a quantized build's fields: one row per layer, unlisted projections at the graph's default."""
+    from compiler.report_card import render_card
+
+    report = json.loads((builds["root"] / "healthy" / "report.json").read_text())
+    report["precision"] = {"model.layers.0.self_attn.q_proj": "int4-awq", "model.layers.1.mlp.down_proj": "int8"}
+    report["quality"] = {"reference_perplexity": 10.0, "compiled_perplexity": 10.25, "ppl_delta": 0.025,
+                         "kl_mean": 0.0123, "greedy_agreement": 0.9, "agreement_tokens": 256, "eval_tokens": 2032}
+    card = render_card(report)
+    assert "| layer | down_proj | q_proj |" in card
+    assert "| 0 | fp16 | int4-awq |" in card and "| 1 | int8 | fp16 |" in card
+    assert "| perplexity delta | +2.50% |" in card and "| KL (nats/token) | 0.01230 |" in card
