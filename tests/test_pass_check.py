@@ -153,3 +153,15 @@ def test_card_precision_table_and_quality(builds):
     assert "| layer | down_proj | q_proj |" in card
     assert "| 0 | fp16 | int4-awq |" in card and "| 1 | int8 | fp16 |" in card
     assert "| perplexity delta | +2.50% |" in card and "| KL (nats/token) | 0.01230 |" in card
+
+
+def test_large_graphs_are_checked_through_external_data(builds, monkeypatch):
+    """Above protobuf's cap the graph goes through a temp file with external weights: same logits, model intact."""
+    import compiler.pass_check as pass_check
+
+    model = ir.load(builds["root"] / "healthy" / "model.onnx")
+    ids = PassChecker(model).input_ids
+    in_memory = prefill_logits(model, ids)
+    monkeypatch.setattr(pass_check, "_PROTO_LIMIT", 0)
+    assert np.array_equal(prefill_logits(model, ids), in_memory)
+    assert np.array_equal(prefill_logits(model, ids), in_memory)  # the in-memory model still has its weights
