@@ -54,7 +54,15 @@ class RichProgress:
 
     def pass_done(self, record: PassRecord) -> None:
         flag = "changed" if record.modified else "no-op"
-        self.console.print(f"      pass {record.name:<16} {flag:<7} {record.nodes_before} -> {record.nodes_after} nodes")
+        check = record.check or {}
+        extra = ""
+        if check.get("max_abs") is not None:
+            verdict = "ok" if check["within"] else f"OVER tolerance {check['tolerance_max_abs']:.3g}"
+            extra = (f", max |dlogit| {check['max_abs']:.3g}, agreement {check['agreement']:.0%} ({verdict})")
+        elif check.get("skipped"):
+            extra = f", check skipped: {check['skipped']}"
+        self.console.print(f"      pass {record.name:<16} {flag:<7} {record.nodes_before} -> {record.nodes_after} nodes{extra}",
+                           markup=False)
 
 
 def print_summary(report: dict) -> None:
@@ -126,6 +134,9 @@ def main() -> None:
               help="Measure held-out perplexity / KL / agreement [default: on for quantizing recipes].")
 @click.option("--triton-cpu-fallback", is_flag=True,
               help="Add llm_onnx to the Triton repository: serves model.onnx with onnxruntime where TensorRT can't run.")
+@click.option("--check-passes", is_flag=True,
+              help="Run the graph before and after every pass (onnxruntime) and record each pass's logit error; "
+                   "an accuracy failure then names the first pass beyond its tolerance.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Reuse each stage's output (export, passes, engine, validation) from earlier builds with the same "
                    "inputs; a change re-runs only the stages after it.")
@@ -136,7 +147,7 @@ def main() -> None:
               help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
                    "your permissions; use only on models you trust.")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
-          triton_cpu_fallback, cache_dir, allow_pickle, trust_remote_code):
+          triton_cpu_fallback, check_passes, cache_dir, allow_pickle, trust_remote_code):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
     from .errors import BuildInterrupted
@@ -154,6 +165,7 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             eval_data=eval_data,
             measure_quality=measure_quality,
             triton_cpu_fallback=triton_cpu_fallback,
+            check_passes=check_passes,
             cache_dir=cache_dir,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
@@ -171,6 +183,19 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
     except KeyboardInterrupt:
         _fail("build interrupted (Ctrl-C); the output path holds the previous build or nothing", 130)
     print_summary(report)
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def report(artifact_dir):
+    """Print the accuracy card (report.md) of a built ARTIFACT_DIR."""
+    from rich.markdown import Markdown
+
+    from .report_card import read_card
+
+    if not (artifact_dir / "report.json").is_file():
+        _fail(f"{artifact_dir} has no report.json: not an llmc artifact (build one with `llmc build`)", 2)
+    out_console.print(Markdown(read_card(artifact_dir)))
 
 
 @main.command()

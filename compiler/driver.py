@@ -35,7 +35,9 @@ from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .manifest import write_manifest
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
+from .pass_check import describe_divergence, first_divergent
 from .pipeline import run_passes
+from .report_card import write_card
 from .quality import measure_quality
 from .sizes import weight_footprint
 from .preflight import check_max_seq, check_output_path, check_output_writable
@@ -70,6 +72,7 @@ class BuildRequest:
     eval_data: Path | None = None  # held-out text for perplexity / KL; default: the shipped held-out sample
     measure_quality: bool | None = None  # None: only for recipes that quantize or set max_ppl_delta
     triton_cpu_fallback: bool = False  # add llm_onnx to the Triton repository
+    check_passes: bool = False  # run the graph before/after every pass (compiler/pass_check.py)
 
 
 class Progress:
@@ -109,9 +112,9 @@ def _export(loaded):
         ) from exc
 
 
-def _passes(exported, recipe, ctx, on_pass):
+def _passes(exported, recipe, ctx, on_pass, check=False):
     try:
-        return run_passes(exported, recipe, ctx, on_pass)
+        return run_passes(exported, recipe, ctx, on_pass, check=check)
     except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
         raise UnsupportedModelError(f"recipe '{recipe.name}' cannot be applied to this graph: {exc}") from exc
 
@@ -167,6 +170,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     cache = StageCache(request.cache_dir)
     keys = stage_keys(cache, model_path, recipe, request, backend, calibration_text=texts.calibration)
     hits = {name: cache.get(name, keys[name]) if keys else None for name in CACHED_STAGES}
+    if request.check_passes and hits["passes"] and not _cached_records_checked(hits["passes"]):
+        hits["passes"] = None  # --check-passes: re-run the passes (same output bytes) to measure each one
 
     def stage(index: int, name: str, fn: Callable | None, detail: Callable = lambda r: "", why_skipped: str = ""):
         if fn is None:
@@ -258,7 +263,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         ctx = PassContext(max_positions=request.options.max_seq,
                           activations=calibration.activations if calibration else None,
                           sliding_window=_spec_window(model_path, request))
-        final, records = _passes(exported, recipe, ctx, progress.pass_done)
+        final, records = _passes(exported, recipe, ctx, progress.pass_done, check=request.check_passes)
         _save_onnx(final.model, out.path / "model.onnx")
         cache.put("passes", keys.get("passes", ""), _onnx_files(out.path),
                   {"records": [dataclasses.asdict(r) for r in records]})
@@ -312,6 +317,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
             f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
             f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
     passed = not failures
+    pass_check_warning = _pass_check_warning(records) if request.check_passes else None
     footprint = weight_footprint(ir.load(out.path / "model.onnx"))
     spec = loaded_box[0].spec if loaded_box else read_spec(model_path, request.trust_remote_code)
     if loaded_box:
@@ -349,7 +355,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         "triton_model": "triton/llm",
         "cache": {"dir": cache.root,
                   "stages": {s: {"hit": hits[s] is not None, "key": keys[s]} for s in CACHED_STAGES}} if keys else None,
-        "warnings": _serving_warnings(backend),
+        "warnings": _serving_warnings(backend) + ([pass_check_warning] if pass_check_warning else []),
     }
 
     def package():
@@ -368,6 +374,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     stage(7, "package", package)
     report["timings_s"]["total"] = sum(timings.values())
     write_report(out.path / "report.json", report)
+    write_card(out.path)  # report.md (+ plots), rendered from report.json alone
     logits = next((t.dtype for t in engine.tensors if t.name == "logits"), None)
     write_manifest(out.path, versions={"llmc": __version__, **versions}, backend=backend_info, build={
         "model": model_path.name, "model_sha256": keys.get("model_sha256"), "architecture": spec.architecture,
@@ -379,7 +386,8 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         failed = out.commit(output.with_name(output.name + ".failed"))
         raise AccuracyError(
             f"accuracy outside recipe '{recipe.name}' limits: {'; '.join(failures)}; "
-            f"the rejected build is in {failed} (report.json); try a less aggressive recipe "
+            + (f"{describe_divergence(records)}; " if describe_divergence(records) else "")
+            + f"the rejected build is in {failed} (report.json); try a less aggressive recipe "
             f"({_safer_recipe(recipe.name)})"
         )
     report["output"] = str(out.commit())
@@ -414,3 +422,16 @@ def _safer_recipe(name: str) -> str:
     if name.startswith("int4"):
         return "int8-wo or fp8-wo, or int4-awq with a smaller block_size"
     return "fp16"
+
+
+# --- per-pass differential check (--check-passes) ------------------------------------------------
+
+def _cached_records_checked(entry: Path) -> bool:
+    """Whether a cached passes stage recorded per-pass checks (a build without --check-passes did not)."""
+    records = json.loads((entry / "meta.json").read_text())["records"]
+    return all(r.get("check") for r in records)
+
+
+def _pass_check_warning(records: list[PassRecord]) -> str | None:
+    found = first_divergent(records)
+    return None if found is None else describe_divergence(records)

@@ -13,6 +13,7 @@ from typing import Callable
 
 from passes import PassContext, make_pass
 
+from .pass_check import PassChecker
 from .runtime import io_from_model
 from .types import ExportedGraph, PassRecord, Recipe
 
@@ -22,10 +23,15 @@ def run_passes(
     recipe: Recipe,
     ctx: PassContext,
     on_pass: Callable[[PassRecord], None] | None = None,
+    check: bool = False,
 ) -> tuple[ExportedGraph, list[PassRecord]]:
-    """Apply `recipe.passes`; each pass checks its own pre/postconditions (onnx-ir requires/ensures)."""
+    """Apply `recipe.passes`; each pass checks its own pre/postconditions (onnx-ir requires/ensures).
+
+    With `check`, every pass's effect on the logits is measured too (compiler/pass_check.py).
+    """
     model = graph.model
     records = []
+    checker = PassChecker(model) if check else None
     for index, name in enumerate(recipe.passes):
         before = len(model.graph)
         start = time.perf_counter()
@@ -34,6 +40,8 @@ def run_passes(
         model = result.model
         record = PassRecord(name, bool(result.modified), time.perf_counter() - start, before, len(model.graph),
                             _details(pass_))
+        if checker:
+            record.check = checker.after(name, model).as_dict()
         records.append(record)
         if on_pass:
             on_pass(record)

@@ -132,6 +132,7 @@ class PassRecord:
     nodes_before: int
     nodes_after: int
     details: dict = dataclasses.field(default_factory=dict)  # e.g. which modules a quantizer touched
+    check: dict = dataclasses.field(default_factory=dict)  # --check-passes: compiler/pass_check.PassCheck as a dict
 
 
 @dataclasses.dataclass(frozen=True)

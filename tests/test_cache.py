@@ -119,7 +119,9 @@ def test_inspect_verifies_hashes_and_warns_on_backend_mismatch(cached_build, tmp
     out, _, report, _ = cached_build
     ok = CliRunner().invoke(main, ["inspect", str(out)])
     assert ok.exit_code == 0, ok.output
-    assert "manifest: 8 files verified" in ok.stdout and "model.plan" in ok.stdout
+    listed = len(json.loads((out / "manifest.json").read_text())["files"])
+    assert {"report.md", "weights.png"} <= {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert f"manifest: {listed} files verified" in ok.stdout and "model.plan" in ok.stdout
     assert report["backend"]["version"] in ok.stdout and "warning" not in ok.stderr
 
     copy = tmp_path / "copy"

@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from compiler.cli import main
 
-LAYOUT = ["manifest.json", "model.onnx", "model.plan", "report.json", "tokenizer", "triton"]
+LAYOUT = ["manifest.json", "model.onnx", "model.plan", "report.json", "report.md", "tokenizer", "triton", "weights.png"]
 
 
 def _check_artifact(out: Path, arch: str) -> dict:
