@@ -107,7 +107,6 @@ def replace_weight(graph: ir.Graph, target: Target, qw: QuantizedWeight, dtype: 
     dq = ir.node("DequantizeLinear", [q_val, s_val], attributes=attributes, name=f"{node.name}.dequantize")
     dq.outputs[0].name = f"{weight.name}.dequantized"
     dq.outputs[0].type, dq.outputs[0].shape = weight.type, weight.shape
-    dq.metadata_props.update(node.metadata_props)
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
     graph.initializers.pop(weight.name)

@@ -81,7 +81,7 @@ def test_onnxruntime_matches_dequantized_weights(final_fp16_llama, tmp_path, fmt
     fp16 = run_onnx(final_fp16_llama, feeds)["logits"]
     np.testing.assert_allclose(got, want, atol=2e-3)
     # And an 8-bit weight stays near the FP16 graph (logits of this random model span about +-3).
-    assert np.abs(got - fp16).max() < (0.1 if fmt == "int8" else 0.3)
+    assert np.abs(got - fp16).max() < (0.1 if fmt == "int8" else 0.5)  # E4M3: up to 1/16 relative per weight
     # Each quantized weight went from 2 bytes to 1 (plus one FP16 scale per output channel).
     params = sum(n.inputs[0].const_value.size for n in quantized.graph if n.op_type == "DequantizeLinear")
     saved = final_fp16_llama.stat().st_size - (tmp_path / "q.onnx").stat().st_size
