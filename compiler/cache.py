@@ -105,7 +105,7 @@ class StageCache:
 
 
 def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend,
-               calibration_text: str | None = None) -> dict[str, str]:
+               calibration_text: str | None = None, eval_text: str | None = None) -> dict[str, str]:
     """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
     if not cache.enabled:
         return {}
@@ -125,10 +125,21 @@ def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend,
     ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
     calib = hashlib.sha256(calibration_text.encode()).hexdigest() if calibration_text is not None else None
     passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx,
-                                 "options": [dict(o) for o in recipe.pass_options], "calibration": calib})
+                                 "options": [dict(o) for o in recipe.pass_options], "calibration": calib,
+                                 **_budget_inputs(request, eval_text)})
     build = make_key("build", {**common, "passes": passes, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
                                "backend": backend.name, "backend_version": backend.version})
     validate_key = make_key("validate", {**common, "passes": passes, "model": model, "prompt": request.prompt,
                                          "decode_steps": request.decode_steps, "max_seq": opts.max_seq,
                                          "onnxruntime": versions.get("onnxruntime"), "torch": versions.get("torch")})
     return {"export": export, "passes": passes, "build": build, "validate": validate_key, "model_sha256": model}
+
+
+def _budget_inputs(request, eval_text: str | None) -> dict:
+    """With --max-ppl-delta the passes' output is the precision search's answer, which also depends on
+    the budget, the promotion format and the held-out text it was measured on."""
+    budget = getattr(request, "max_ppl_delta", None)
+    if budget is None:
+        return {}
+    return {"max_ppl_delta": budget, "promote_to": request.promote_to,
+            "eval": hashlib.sha256((eval_text or "").encode()).hexdigest()}

@@ -52,6 +52,9 @@ class RichProgress:
         if not self.console.is_terminal:
             self.console.print(f"      {what} {done}/{total}")
 
+    def note(self, text: str) -> None:
+        self.console.print(f"      {text}", markup=False)
+
     def pass_done(self, record: PassRecord) -> None:
         flag = "changed" if record.modified else "no-op"
         check = record.check or {}
@@ -101,6 +104,17 @@ def print_summary(report: dict) -> None:
     out_console.print(f"result: {status}")
 
 
+def parse_fraction(text: str, option: str) -> float:
+    """`2%` -> 0.02, `0.02` -> 0.02."""
+    from .errors import BadInputError
+
+    raw = text.strip()
+    try:
+        return float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise BadInputError(f"{option} {text!r} is not a number; write 2% or 0.02") from None
+
+
 def _terminate(signum, frame):
     from .errors import BuildInterrupted
 
@@ -140,6 +154,12 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Reuse each stage's output (export, passes, engine, validation) from earlier builds with the same "
                    "inputs; a change re-runs only the stages after it.")
+@click.option("--max-ppl-delta", type=str, default=None,
+              help="Accuracy budget: search per-matmul weight formats (the recipe's, then --promote-to, then FP16) for "
+                   "the smallest model whose held-out perplexity rises at most this much (2% or 0.02). The chosen "
+                   "assignment is written as recipe.yaml in the output.")
+@click.option("--promote-to", type=click.Choice(["int8", "fp8"]), default="int8", show_default=True,
+              help="With --max-ppl-delta: the weight-only format sensitive matmuls are promoted to before FP16.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pickle weights (*.bin/*.pt) when there are no safetensors. RISK: loading a pickle can "
                    "execute arbitrary code from the file; use only on files you trust.")
@@ -147,7 +167,7 @@ def main() -> None:
               help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
                    "your permissions; use only on models you trust.")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
-          triton_cpu_fallback, check_passes, cache_dir, allow_pickle, trust_remote_code):
+          triton_cpu_fallback, check_passes, cache_dir, max_ppl_delta, promote_to, allow_pickle, trust_remote_code):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
     from .errors import BuildInterrupted
@@ -169,6 +189,8 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             cache_dir=cache_dir,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            max_ppl_delta=None if max_ppl_delta is None else parse_fraction(max_ppl_delta, "--max-ppl-delta"),
+            promote_to=promote_to,
         )
         previous = signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so staging is removed
         try:

@@ -1,4 +1,4 @@
-"""`llmc build` end to end: load -> calibrate -> export -> passes -> build -> validate -> quality -> package.
+"""`llmc build` end to end: load -> calibrate -> export -> precision -> passes -> build -> validate -> quality -> package.
 
 Each stage is one module; this file only calls them in order, times them, and assembles the
 report. Everything that can be checked without loading weights (model files, recipe, options,
@@ -38,10 +38,11 @@ from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pass_check import describe_divergence, first_divergent
 from .pipeline import run_passes
 from .report_card import write_card
-from .quality import measure_quality
+from .precision_search import SAFER, Evaluator, SearchResult, quant_entry, search_budget
+from .quality import QUALITY_WINDOW, held_out, measure_quality
 from .sizes import weight_footprint
 from .preflight import check_max_seq, check_output_path, check_output_writable
-from .recipe import load_recipe
+from .recipe import load_recipe, parse_recipe
 from .runtime import io_from_model, io_from_onnx
 from .triton_repo import write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
@@ -49,7 +50,7 @@ from .validate import DEFAULT_PROMPT, rejudge, validate
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
 
-STAGES = ("load", "calibrate", "export", "passes", "build", "validate", "quality", "package")
+STAGES = ("load", "calibrate", "export", "precision", "passes", "build", "validate", "quality", "package")
 CACHED_STAGES = ("export", "passes", "build", "validate")
 # OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
 # (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
@@ -73,6 +74,8 @@ class BuildRequest:
     measure_quality: bool | None = None  # None: only for recipes that quantize or set max_ppl_delta
     triton_cpu_fallback: bool = False  # add llm_onnx to the Triton repository
     check_passes: bool = False  # run the graph before/after every pass (compiler/pass_check.py)
+    max_ppl_delta: float | None = None  # search the per-matmul precision for this budget (precision_search.py)
+    promote_to: str = "int8"  # the format the search promotes sensitive matmuls to before FP16
 
 
 class Progress:
@@ -82,6 +85,7 @@ class Progress:
     def stage_end(self, index: int, name: str, seconds: float, detail: str = "") -> None: ...
     def pass_done(self, record: PassRecord) -> None: ...
     def step(self, what: str, done: int, total: int) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 def _serving_warnings(backend) -> list[str]:
@@ -154,6 +158,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     timings: dict[str, float] = {}
     backend = get_backend()
     recipe = load_recipe(request.recipe)
+    if request.max_ppl_delta is not None:
+        _check_budget_request(request, recipe)
     plugins = needs_plugins(recipe.passes)
     if plugins:  # before any export: TensorRT-RTX's parser would abort the process on the plugin node
         backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
@@ -168,7 +174,8 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     check_output_writable(output)
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
     cache = StageCache(request.cache_dir)
-    keys = stage_keys(cache, model_path, recipe, request, backend, calibration_text=texts.calibration)
+    keys = stage_keys(cache, model_path, recipe, request, backend, calibration_text=texts.calibration,
+                      eval_text=texts.evaluation)
     hits = {name: cache.get(name, keys[name]) if keys else None for name in CACHED_STAGES}
     if request.check_passes and hits["passes"] and not _cached_records_checked(hits["passes"]):
         hits["passes"] = None  # --check-passes: re-run the passes (same output bytes) to measure each one
@@ -209,8 +216,8 @@ class _Texts:
 def _texts(request: BuildRequest, recipe) -> _Texts:
     """Read --calib-data / --eval-data up front (bad files fail before any work), or the built-in samples."""
     calibrate_ = any(p in NEEDS_CALIBRATION for p in recipe.passes)
-    quality = request.measure_quality if request.measure_quality is not None else (
-        recipe.quantizes or recipe.max_ppl_delta is not None)
+    quality = request.max_ppl_delta is not None or (request.measure_quality if request.measure_quality is not None
+                                                     else recipe.quantizes or recipe.max_ppl_delta is not None)
     calib = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
              else default_calibration_text()) if calibrate_ else None
     evaluation = (read_text_file(request.eval_data, "--eval-data") if request.eval_data
@@ -256,17 +263,38 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
             shutil.rmtree(tmp)
         return graph
 
+    ctx = PassContext(max_positions=request.options.max_seq,
+                      activations=calibration.activations if calibration else None,
+                      sliding_window=_spec_window(model_path, request))
+    held_box: list = []  # the held-out reference, computed once for the search and the quality stage
+
+    def do_precision() -> SearchResult:
+        held_box.append(held_out(loaded(), texts.evaluation, min(QUALITY_WINDOW, request.options.max_seq)))
+        evaluator = Evaluator(exported, recipe, ctx, held_box[0], loaded().tokenizer.pad_token_id, request.promote_to)
+        progress.note(f"searching {len(evaluator.units)} matmuls: {evaluator.aggressive.label} -> "
+                      f"{evaluator.safer.label} -> fp16 for held-out perplexity delta <= {request.max_ppl_delta:.2%}")
+        found = search_budget(
+            evaluator, request.max_ppl_delta,
+            on_probe=lambda what, p: progress.note(f"probe {what}: perplexity {p.ppl_delta:+.3%}, "
+                                                   f"{p.weight_bytes / 1e6:.3f} MB weights"),
+            on_progress=lambda d, t: progress.step("sensitivity", d, t))
+        if not found.fits:
+            raise AccuracyError(_budget_miss(found, recipe.name))
+        return found
+
+    def search_detail(found: SearchResult) -> str:
+        return (f"{found.promotions} promotions, {len(found.probes)} graphs measured, perplexity "
+                f"{found.final.ppl_delta:+.2%}, {found.final.weight_bytes / 1e6:.3f} MB weights")
+
     def do_passes() -> list[PassRecord]:
         if hits["passes"]:
             _restore(hits["passes"], ("model.onnx", "model.onnx.data"), out.path)
             return [PassRecord(**r) for r in json.loads((hits["passes"] / "meta.json").read_text())["records"]]
-        ctx = PassContext(max_positions=request.options.max_seq,
-                          activations=calibration.activations if calibration else None,
-                          sliding_window=_spec_window(model_path, request))
         final, records = _passes(exported, recipe, ctx, progress.pass_done, check=request.check_passes)
         _save_onnx(final.model, out.path / "model.onnx")
-        cache.put("passes", keys.get("passes", ""), _onnx_files(out.path),
-                  {"records": [dataclasses.asdict(r) for r in records]})
+        files = _onnx_files(out.path) | ({"recipe.yaml": out.path / "recipe.yaml"} if search is not None else {})
+        cache.put("passes", keys.get("passes", ""), files,
+                  {"records": [dataclasses.asdict(r) for r in records], "search": search})
         return records
 
     if hits["passes"]:  # the export is only the passes' input: with passes cached it is not even read
@@ -274,7 +302,22 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         timings["export"] = 0.0
     else:
         exported = stage(2, "export", do_export, lambda g: f"{len(g.model.graph)} nodes")
-    records = stage(3, "passes", do_passes, lambda r: f"{len(r)} passes")
+    search = None
+    if request.max_ppl_delta is None:
+        progress.stage_end(3, "precision", 0.0, "skipped: no --max-ppl-delta")
+    elif hits["passes"]:
+        progress.stage_end(3, "precision", 0.0, "skipped: passes are cached")
+        search = json.loads((hits["passes"] / "meta.json").read_text())["search"]
+    else:
+        found = stage(3, "precision", do_precision, search_detail)
+        search = found.report()
+    if search is not None:  # the build runs the chosen recipe, and keeps it to reproduce the build
+        text = (hits["passes"] / "recipe.yaml").read_text() if hits["passes"] else found.recipe_text
+        (out.path / "recipe.yaml").write_text(text)
+        search["base_recipe"] = recipe.name
+        recipe = parse_recipe(text, output / "recipe.yaml")
+
+    records = stage(4, "passes", do_passes, lambda r: f"{len(r)} passes")
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:
@@ -289,7 +332,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         cache.put("build", keys.get("build", ""), {"model.plan": plan}, meta)
         return engine
 
-    engine = stage(4, "build", do_build,
+    engine = stage(5, "build", do_build,
                    lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
 
     def do_validate() -> ValidationResult:
@@ -302,11 +345,12 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                   {"result": dataclasses.asdict(result), "parameters": loaded().num_parameters})
         return result
 
-    result = stage(5, "validate", do_validate,
+    result = stage(6, "validate", do_validate,
                    lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
     quality = stage(
-        6, "quality",
-        (lambda: measure_quality(loaded(), out.path / "model.onnx", texts.evaluation, capacity=request.options.max_seq))
+        7, "quality",
+        (lambda: measure_quality(loaded(), out.path / "model.onnx", texts.evaluation, capacity=request.options.max_seq,
+                                 window=QUALITY_WINDOW, held=held_box[0] if held_box else None))
         if texts.evaluation is not None else None,
         lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
                   f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
@@ -351,6 +395,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                                                              else "built-in held-out sample"),
         "weights": footprint,
         "precision": _precision_map(records),
+        "precision_search": search,
         "failures": failures,
         "triton_model": "triton/llm",
         "cache": {"dir": cache.root,
@@ -371,7 +416,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         write_report(out.path / "report.json", report)
         return report
 
-    stage(7, "package", package)
+    stage(8, "package", package)
     report["timings_s"]["total"] = sum(timings.values())
     write_report(out.path / "report.json", report)
     write_card(out.path)  # report.md (+ plots), rendered from report.json alone
@@ -393,6 +438,24 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     report["output"] = str(out.commit())
     return report
 
+
+
+def _check_budget_request(request: BuildRequest, recipe) -> None:
+    """--max-ppl-delta needs a uniform quantizing recipe and a sane budget: checked before any work."""
+    quant_entry(recipe)
+    if not 0 <= request.max_ppl_delta < 10:
+        raise BadInputError(f"--max-ppl-delta {request.max_ppl_delta} is not a relative perplexity increase "
+                            "(write 2% or 0.02)")
+    if request.promote_to not in SAFER:
+        raise BadInputError(f"--promote-to must be one of {', '.join(SAFER)}, got {request.promote_to!r}")
+
+
+def _budget_miss(found: SearchResult, recipe_name: str) -> str:
+    start, final = found.probes[0], found.final
+    return (f"no weight precision meets --max-ppl-delta {found.budget:.2%}: every matmul in {recipe_name} measures "
+            f"{start.ppl_delta:+.3%} ({start.weight_bytes} weight bytes) and even all-FP16 weights measure "
+            f"{final.ppl_delta:+.3%} ({final.weight_bytes} bytes); raise the budget (FP16 arithmetic alone "
+            "costs this much on this text)")
 
 
 def _spec_window(model_path: Path, request: BuildRequest) -> int:

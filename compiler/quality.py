@@ -27,6 +27,9 @@ from .runtime_onnx import OnnxRuntimeExecutor
 from .types import LoadedModel
 
 
+QUALITY_WINDOW = 128  # tokens per perplexity window (fewer if the graph holds fewer positions)
+
+
 @dataclasses.dataclass
 class QualityResult:
     reference_perplexity: float
@@ -88,27 +91,63 @@ def default_prompts(text: str, count: int = 4) -> list[str]:
     return [lines[i] for i in range(0, len(lines), step)][:count]
 
 
+@dataclasses.dataclass
+class HeldOut:
+    """The reference side of the perplexity / KL comparison, computed once and reused for many graphs."""
+
+    windows: list[list[int]]
+    reference_logp: np.ndarray  # [n, window - 1, vocab] float64 log-probabilities
+    targets: np.ndarray  # [n, window - 1] next tokens
+    batch: int
+
+    @property
+    def reference_nll(self) -> float:
+        return float(-_take(self.reference_logp, self.targets).mean())
+
+
+@dataclasses.dataclass
+class WindowScores:
+    reference_perplexity: float
+    compiled_perplexity: float
+    ppl_delta: float
+    kl_mean: float
+
+
+def _take(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def held_out(loaded: LoadedModel, eval_text: str, window: int, max_windows: int = 16, batch: int = 4) -> HeldOut:
+    windows = tokenize_windows(loaded.tokenizer, eval_text, window, max_windows)
+    ref = _log_softmax(_reference_window_logits(loaded, windows, batch))[:, :-1]
+    return HeldOut(windows, ref, np.array(windows)[:, 1:], batch)
+
+
+def score_windows(held: HeldOut, runner: Runner) -> WindowScores:
+    """Perplexity of reference and compiled graph, and mean KL(reference || compiled), on the same windows."""
+    got = _log_softmax(_compiled_window_logits(runner, held.windows, held.batch))[:, :-1]
+    ref_ppl, got_ppl = math.exp(held.reference_nll), math.exp(float(-_take(got, held.targets).mean()))
+    kl = float((np.exp(held.reference_logp) * (held.reference_logp - got)).sum(axis=-1).mean())
+    return WindowScores(ref_ppl, got_ppl, got_ppl / ref_ppl - 1, kl)
+
+
+def eval_window(executor: OnnxRuntimeExecutor, window: int = 128, capacity: int | None = None) -> int:
+    """The window length the quality stage uses: 128 tokens, or fewer if the graph holds fewer."""
+    return min(window, capacity or executor.io.capacity or window)
+
+
 def measure_quality(loaded: LoadedModel, onnx_path: Path, eval_text: str, *, window: int = 128,
                     max_windows: int = 16, batch: int = 4, new_tokens: int = 64, prompts: list[str] | None = None,
-                    capacity: int | None = None) -> QualityResult:
+                    capacity: int | None = None, held: HeldOut | None = None) -> QualityResult:
     start = time.perf_counter()
     executor = OnnxRuntimeExecutor(onnx_path)
     runner = Runner(executor, loaded.tokenizer.pad_token_id)
     cap = capacity or executor.io.capacity or window
-    window = min(window, cap)
-    windows = tokenize_windows(loaded.tokenizer, eval_text, window, max_windows)
-
-    ref = _log_softmax(_reference_window_logits(loaded, windows, batch))[:, :-1]
-    got = _log_softmax(_compiled_window_logits(runner, windows, batch))[:, :-1]
-    targets = np.array(windows)[:, 1:]
-    take = lambda lp: np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
-    ref_nll, got_nll = -take(ref).mean(), -take(got).mean()
-    kl = float((np.exp(ref) * (ref - got)).sum(axis=-1).mean())
-
+    held = held or held_out(loaded, eval_text, eval_window(executor, window, capacity), max_windows, batch)
+    scores = score_windows(held, runner)
     agree, total = _agreement(loaded, runner, prompts or default_prompts(eval_text), new_tokens, cap)
-    ref_ppl, got_ppl = math.exp(ref_nll), math.exp(got_nll)
     return QualityResult(
-        reference_perplexity=ref_ppl, compiled_perplexity=got_ppl, ppl_delta=got_ppl / ref_ppl - 1,
-        kl_mean=kl, greedy_agreement=agree / total if total else 1.0, agreement_tokens=total,
-        eval_tokens=int(targets.size), seconds=time.perf_counter() - start,
+        reference_perplexity=scores.reference_perplexity, compiled_perplexity=scores.compiled_perplexity,
+        ppl_delta=scores.ppl_delta, kl_mean=scores.kl_mean, greedy_agreement=agree / total if total else 1.0,
+        agreement_tokens=total, eval_tokens=int(held.targets.size), seconds=time.perf_counter() - start,
     )

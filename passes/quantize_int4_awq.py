@@ -8,7 +8,9 @@ activation, so the graph gains no node:
   RMSNormalization(x, gamma)  -> gamma / s        (q/k/v after input_layernorm, gate/up after post_attention_layernorm)
   Mul(act(gate), up @ W_up)   -> W_up[:, c] / s_c (down_proj: its input is a product with up_proj's output)
 
-Other producers (o_proj's input comes out of attention) keep s = 1. Per group of MatMuls sharing one
+Other producers (o_proj's input comes out of attention) keep s = 1, and so does a group whose input
+also feeds a MatMul outside the group (a sibling kept FP16 or quantized by another pass in a
+mixed-precision recipe): folding would scale that sibling's input too. Per group of MatMuls sharing one
 input, s = mean|x|^alpha (normalized) with alpha searched on a grid to minimise
 || X W - (X / s) Q(diag(s) W) ||^2 over calibration activations X; then (optionally) each
 (block, output channel) range is shrunk by the clip ratio that minimises the same output error.
@@ -124,7 +126,11 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                 self.fallbacks.extend(t.name for t in members)
                 continue
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            fold = self._fold_target(members[0].node.inputs[0], model)
+            # Folding 1/s into the producer changes its output for every consumer: only when all of
+            # them are in this group (a sibling kept FP16 or quantized by another pass would be off by s).
+            shared = members[0].node.inputs[0]
+            others = {id(node) for node, _ in shared.uses()} - {id(t.node) for t in members}
+            fold = None if others else self._fold_target(shared, model)
             if fold is None:  # nothing to absorb 1/s: quantize these as they are (clip search still applies)
                 for t in members:
                     self._inputs[t.name] = x

@@ -51,7 +51,7 @@ def test_default_build_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
-    assert "[8/8] package" in proc.stderr
+    assert "[9/9] package" in proc.stderr
     report = _check_artifact(out, "LlamaForCausalLM")
     assert report["model"]["name"] == "llmc-tiny-shakespeare"
 
