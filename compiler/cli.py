@@ -208,6 +208,35 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
 
 
 @main.command()
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--recipe", default="int4-awq", show_default=True, help="A recipe with one weight-quantization pass.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output directory [default: artifacts/<model>-sensitivity-<recipe>].")
+@click.option("--by", type=click.Choice(["layer", "matmul", "both"]), default="both", show_default=True,
+              help="Quantize one decoder layer at a time, one matmul at a time, or both.")
+@click.option("--max-seq", default=256, show_default=True, type=int, help="Positions the measured graph holds.")
+@click.option("--calib-data", type=click.Path(path_type=Path), help="Calibration text (plain or JSONL) for AWQ.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out text (plain or JSONL) to measure on.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (RISK: can execute code from the file).")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model's own Python (RISK: runs with your permissions).")
+def analyze(model_dir, recipe, output, by, max_seq, calib_data, eval_data, allow_pickle, trust_remote_code):
+    """Measure how much each layer / matmul of MODEL_DIR loses in the recipe's weight format (table + PNG)."""
+    from .analyze import GRANULARITIES, AnalyzeRequest, run_analyze
+
+    request = AnalyzeRequest(model=model_dir, recipe=recipe, output=output,
+                             by=GRANULARITIES if by == "both" else (by,), max_seq=max_seq, calib_data=calib_data,
+                             eval_data=eval_data, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    try:
+        result = run_analyze(request, lambda text: err_console.print(f"      {text}", markup=False))
+    except LlmcError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("analyze interrupted (Ctrl-C); the output path holds the previous result or nothing", 130)
+    out_console.print((Path(result["output"]) / "sensitivity.md").read_text(), markup=False)
+    out_console.print(f"written: {result['output']}")
+
+
+@main.command()
 @click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def report(artifact_dir):
     """Print the accuracy card (report.md) of a built ARTIFACT_DIR."""

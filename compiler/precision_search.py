@@ -130,9 +130,11 @@ class SearchResult:
     sensitivity: list[Sensitivity]
     promotion_order: list[tuple[str, str]]  # (unit, format it is promoted to), most damaging per byte first
     promotions: int  # how many of them the answer applies
+    bisection: dict[int, Probe]  # promotions applied -> its measured probe
 
     def report(self) -> dict:
         return {"budget": self.budget, "fits": self.fits, "promotions": self.promotions,
+                "bisection": [{"promotions": c, **p.summary()} for c, p in sorted(self.bisection.items())],
                 "start": self.probes[0].summary(), "final": self.final.summary(),
                 "evaluations": len(self.probes), "assignment": self.assignment,
                 "promotion_order": [list(p) for p in self.promotion_order],
@@ -308,4 +310,4 @@ def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe],
     description = (f"{ev.recipe.name} with {best} promotions chosen for a held-out perplexity budget "
                    f"of {budget:.2%}: measured {final.ppl_delta:+.3%} at {final.weight_bytes} weight bytes")
     return SearchResult(budget, ok, final.assignment, ev.recipe_text(final.assignment, label, description, budget), final,
-                        list(ev.probes), sensitivity, order, best)
+                        list(ev.probes), sensitivity, order, best, measured)

@@ -14,9 +14,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from .sensitivity_plot import plot_sensitivity
+
 CARD = "report.md"
 PASS_PLOT = "pass_errors.png"
 WEIGHTS_PLOT = "weights.png"
+SENSITIVITY_PLOT = "sensitivity.png"
 
 
 def onnx_bytes(report: dict) -> int:
@@ -40,7 +43,7 @@ def render_card(report: dict, plots: dict[str, str] | None = None) -> str:
     status = report.get("status", "?")
     lines += [f"**Result: {status.upper()}**" + (f" ({'; '.join(report['failures'])})" if report.get("failures") else ""), ""]
     lines += _model(report) + _recipe(report) + _numerics(report) + _quality(report) + _sizes(report, plots)
-    lines += _precision(report) + _pass_checks(report, plots)
+    lines += _precision(report) + _search(report, plots) + _pass_checks(report, plots)
     if report.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in report["warnings"]], ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -151,7 +154,28 @@ def _precision(report: dict) -> list[str]:
     fallbacks = [f for r in report.get("passes", []) for f in (r.get("details") or {}).get("fallbacks", [])]
     if fallbacks:
         out.append(f"- kept {default} by the quantizer: " + ", ".join(f"`{f}`" for f in map(str, fallbacks)))
-    out += [f"- embeddings, norms, lm_head and anything not listed: {default}", ""]
+    kept = "embeddings, norms and anything not listed" if "lm_head" in precision else "embeddings, norms, lm_head and anything not listed"
+    out += [f"- {kept}: {default}", ""]
+    return out
+
+
+def _search(report: dict, plots: dict[str, str]) -> list[str]:
+    """What `--max-ppl-delta` measured and chose (compiler/precision_search.py)."""
+    search = report.get("precision_search")
+    if not search:
+        return []
+    start, final = search["start"], search["final"]
+    out = [f"## Precision search (budget {search['budget']:.2%} held-out perplexity)", "",
+           f"From recipe `{search.get('base_recipe', '?')}`: {search['evaluations']} graphs measured; "
+           f"{search['promotions']} promotions applied, most damaging per byte first. The chosen assignment is "
+           "`recipe.yaml` in this directory (`llmc build MODEL --recipe recipe.yaml` rebuilds it).", "",
+           "| assignment | formats | perplexity delta | KL | weight bytes |", "|---|---|---|---|---|"]
+    for label, probe in (("every matmul in the recipe's format", start), ("chosen", final)):
+        formats = ", ".join(f"{k} x{v}" for k, v in sorted(probe["formats"].items()))
+        out.append(f"| {label} | {formats} | {probe['ppl_delta']:+.3%} | {probe['kl_mean']:.5f} | {probe['weight_bytes']} |")
+    out.append("")
+    if "sensitivity" in plots:
+        out += [f"![sensitivity per matmul]({plots['sensitivity']})", ""]
     return out
 
 
@@ -205,6 +229,9 @@ def _plots(report: dict, artifact_dir: Path) -> dict[str, str]:
         fig.savefig(artifact_dir / PASS_PLOT, dpi=100)
         plt.close(fig)
         plots["passes"] = PASS_PLOT
+    rows = (report.get("precision_search") or {}).get("sensitivity")
+    if rows and plot_sensitivity(rows, artifact_dir / SENSITIVITY_PLOT, "KL of each matmul alone in the recipe's format"):
+        plots["sensitivity"] = SENSITIVITY_PLOT
     w = report.get("weights")
     if w and w.get("by_dtype") and onnx_bytes(report):
         fig, ax = plt.subplots(figsize=(5, 2.6))

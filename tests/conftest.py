@@ -126,6 +126,12 @@ def trained_fp16(trained, llmc_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_build_cache(tmp_path_factory):
+    """One --cache-dir for every CLI build of the trained model: the export is made once per session."""
+    return tmp_path_factory.mktemp("trained-build-cache")
+
+
+@pytest.fixture(scope="session")
 def trained_calibration(trained):
     from compiler.calibrate import calibrate
     from compiler.corpus import default_calibration_text

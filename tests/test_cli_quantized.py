@@ -14,8 +14,8 @@ from compiler.recipe import RECIPES_DIR
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("quant-cache")
+def cache_dir(trained_build_cache):
+    return trained_build_cache
 
 
 def test_int4_awq_build_reports_what_it_costs(tmp_path, cache_dir):
