@@ -275,15 +275,18 @@ def assignment_after(ev: Evaluator, order: list[tuple[str, str]], count: int) ->
 
 
 def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe], None] | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """The fewest promotions (most damaging per byte first) whose measured perplexity delta fits `budget`."""
+                  on_progress: Callable[[int, int], None] | None = None,
+                  sensitivity: list[Sensitivity] | None = None) -> SearchResult:
+    """The fewest promotions (most damaging per byte first) whose measured perplexity delta fits `budget`.
+
+    `sensitivity` (per matmul, from measure_sensitivity) may be passed in to search several budgets."""
     note = on_probe or (lambda what, probe: None)
     start = ev.measure(assignment_after(ev, [], 0))
     note("all units in the recipe's format", start)
     if start.ppl_delta <= budget:  # nothing to promote: no need to know which units hurt most
         sensitivity, order, measured, best = [], [], {0: start}, 0
     else:
-        sensitivity = measure_sensitivity(ev, "matmul", on_progress)
+        sensitivity = sensitivity or measure_sensitivity(ev, "matmul", on_progress)
         order = promotion_order(ev, sensitivity)
         measured = {0: start}
 

@@ -136,7 +136,7 @@ def test_a_budget_not_even_fp16_meets_fails_with_the_figures(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--recipe", "fp16", "--max-ppl-delta", "2%"], "needs a recipe that quantizes weights"),
+    (["--recipe", "fp16", "--max-ppl-delta", "2%"], "need a recipe that quantizes weights"),
     (["--recipe", "int4-awq", "--max-ppl-delta", "two"], "--max-ppl-delta 'two' is not a number"),
     (["--recipe", "int4-awq", "--max-ppl-delta", "-1%"], "is not a relative perplexity increase"),
 ])
@@ -164,5 +164,5 @@ def test_analyze_measures_each_layer_and_writes_table_and_chart(tmp_path):
 
 def test_analyze_refuses_a_recipe_without_a_quantizer(tmp_path):
     result = CliRunner().invoke(main, ["analyze", "--recipe", "fp16", "-o", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "needs a recipe that quantizes weights" in result.stderr
+    assert result.exit_code == 2 and "need a recipe that quantizes weights" in result.stderr
     assert not (tmp_path / "x").exists()
