@@ -309,8 +309,9 @@ class AttentionPluginPass(ir.passes.InPlacePass):
                 for value in (past_k, past_v, present_k, present_v):
                     value.type = ir.TensorType(cache_dtype)
             if self.paged:  # present aliases the pool: same shape
+                dims = [NUM_BLOCKS, past_k.shape[1], self.block_size, past_k.shape[3]]
                 for value in (past_k, past_v, present_k, present_v):
-                    value.shape = self._pool_shape(past_k.shape)
+                    value.shape = ir.Shape(dims)
             graph.remove([attention, k_scatter, v_scatter], safe=True)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         function = self._function(q_dtype, scale)
@@ -318,11 +319,6 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         model.opset_imports[DOMAIN] = 1
         model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
         return ir.passes.PassResult(model, modified=True)
-
-    def _pool_shape(self, cache_shape: ir.Shape) -> ir.Shape:
-        if cache_shape[0] == NUM_BLOCKS or str(cache_shape[0]) == NUM_BLOCKS:
-            return cache_shape
-        return ir.Shape([NUM_BLOCKS, cache_shape[1], self.block_size, cache_shape[3]])
 
     def _add_block_tables(self, graph: ir.Graph, layers) -> ir.Value:
         """The one `block_tables` input [batch, capacity // block_size] int32, right after position_ids."""
