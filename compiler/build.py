@@ -39,8 +39,14 @@ def custom_domain_nodes(onnx_path: Path) -> list[str]:
     return [f"{n.name or '?'} ({n.domain}::{n.op_type})" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS]
 
 
+NUM_BLOCKS = "num_blocks"  # a paged graph's pool dim (passes/attention_plugin.py)
+
+
 def profile_shapes(dims, options: BuildOptions) -> tuple[tuple, tuple, tuple]:
-    """(min, opt, max) for one input; opt is a decode step at half the context (what serving runs most)."""
+    """(min, opt, max) for one input; opt is a decode step at half the context (what serving runs most).
+
+    A paged pool [num_blocks, Hkv, block_size, D] spans 1 block up to max_batch sequences at max_seq each
+    (what the executors allocate: batch x max_blocks, compiler/runtime.py)."""
     b, s = options.max_batch, options.max_seq
     table = {
         BATCH: (1, b, b),
@@ -48,6 +54,9 @@ def profile_shapes(dims, options: BuildOptions) -> tuple[tuple, tuple, tuple]:
         PAST: (0, s // 2, s - 1),
         TOTAL: (1, s // 2 + 1, s),
     }
+    if NUM_BLOCKS in dims and len(dims) == 4 and isinstance(dims[2], int) and dims[2] > 0:
+        blocks = b * -(-s // dims[2])
+        table[NUM_BLOCKS] = (1, blocks, blocks)
     mins, opts, maxs = [], [], []
     for d in dims:
         if isinstance(d, int) and d >= 0:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .runtime import io_from_model
+from .runtime import block_tables_for, cache_shape, io_from_model
+from .types import BLOCK_TABLES
 
 # Per-pass tolerance: (max |logit diff| vs the graph before the pass, min greedy agreement with it).
 # Exact rewrites (FP32 re-association at most) get 1e-3; FP16 lowering and weight quantization lose
@@ -89,9 +90,11 @@ def prefill_logits(model: ir.Model, input_ids: np.ndarray) -> np.ndarray:
     io = io_from_model(model)
     session = _session(model)
     batch, tokens = input_ids.shape
-    empty = (batch, io.num_kv_heads, io.capacity if io.capacity is not None else 0, io.head_dim)
+    empty = cache_shape(io, batch) if io.capacity is not None else (batch, io.num_kv_heads, 0, io.head_dim)
     values = {"input_ids": input_ids, "position_ids": np.tile(np.arange(tokens, dtype=np.int64), (batch, 1)),
               "attention_mask": np.ones((batch, tokens), np.int64), **{n: np.zeros(empty) for n in io.past_names}}
+    if io.paged:  # the pool and its block tables (the executor's default, shuffled layout)
+        values[BLOCK_TABLES] = block_tables_for(io, batch)
     feeds = {}
     for inp in session.get_inputs():
         if inp.name not in values:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import HostKVCache, io_from_onnx
+from .runtime import BlockAllocator, HostKVCache, io_from_onnx
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -24,10 +24,14 @@ _FP8_E4M3 = 17  # onnx.TensorProto.FLOAT8E4M3FN
 
 
 class OnnxRuntimeExecutor:
-    """CPU by default; the CUDA provider when present and asked for."""
+    """CPU by default; the CUDA provider when present and asked for.
+
+    block_allocator: for paged graphs, how `start` hands blocks to sequences (default: shuffled over
+    the pool, compiler/runtime.py); ignored for linear caches.
+    """
 
     def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 optimization: str = "basic", spin: bool = True):
+                 optimization: str = "basic", spin: bool = True, block_allocator: BlockAllocator | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -49,6 +53,7 @@ class OnnxRuntimeExecutor:
         self._outputs = [o.name for o in self.session.get_outputs()]
         self.io = io_from_onnx(Path(onnx_path))
         self.cache: HostKVCache | None = None
+        self.block_allocator = block_allocator
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._types[name])
@@ -62,7 +67,7 @@ class OnnxRuntimeExecutor:
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
 
     def start(self, batch: int) -> None:
-        self.cache = HostKVCache(self.io, batch, self.input_dtype(self.io.past_names[0]))
+        self.cache = HostKVCache(self.io, batch, self.input_dtype(self.io.past_names[0]), self.block_allocator)
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         out = self.run(self.cache.feeds(input_ids, position_ids))

@@ -4,7 +4,8 @@ Deserializes the engine, sets every input's shape per step, binds device buffers
 tensors) for inputs and outputs, and runs `execute_async_v3` on a CUDA stream. For generation the
 KV cache stays on the device: each `present.{i}.*` output is bound to the address of its
 `past_key_values.{i}.*` input, so KV_CACHE_UPDATE writes the new entries in place and only the
-logits come back to the host. Where no runnable
+logits come back to the host (a paged engine's pools likewise, with its block tables uploaded once
+per batch; not run here: paged engines need the llmc plugins of full TensorRT). Where no runnable
 TensorRT exists (no GPU, or TensorRT-RTX on a data-center GPU) it raises `ExecutionUnavailable`
 with the reason; it never pretends to have run.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .backend import Backend, get_backend
-from .runtime import io_from_shapes
+from .runtime import BlockAllocator, block_tables_for, cache_shape, io_from_shapes
+from .types import BLOCK_TABLES
 
 
 class ExecutionUnavailable(RuntimeError):
@@ -24,7 +26,7 @@ class ExecutionUnavailable(RuntimeError):
 
 
 class TensorRTExecutor:
-    def __init__(self, plan_path: Path, backend: Backend | None = None):
+    def __init__(self, plan_path: Path, backend: Backend | None = None, block_allocator: BlockAllocator | None = None):
         backend = backend or get_backend()
         reason = backend.execution_unavailable_reason()
         if reason:
@@ -51,6 +53,8 @@ class TensorRTExecutor:
         shapes = {n: [int(d) if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(n)] for n in names}
         self.io = io_from_shapes({n: shapes[n] for n in self.inputs}, {n: shapes[n] for n in self.outputs})
         self.cache: dict | None = None
+        self.block_allocator = block_allocator
+        self.block_tables = None
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
@@ -59,12 +63,20 @@ class TensorRTExecutor:
         return self._torch.from_numpy(np.empty(0, dtype=self.input_dtype(name))).dtype
 
     def start(self, batch: int) -> None:
-        """Zeroed device cache buffers [batch, kv_heads, capacity, head_dim], one per past input."""
+        """Zeroed device cache buffers [batch, kv_heads, capacity, head_dim] (paged: pools of batch x max_blocks
+        blocks and the block tables), one per past input."""
         io = self.io
-        if io.capacity is None:
-            raise ValueError("engine has a Concat-grown cache; rebuild with kv-cache-scatter to run generation")
-        shape = (batch, io.num_kv_heads, io.capacity, io.head_dim)
+        shape = cache_shape(io, batch)
         self.cache = {n: self._torch.zeros(shape, dtype=self._torch_dtype(n), device="cuda") for n in io.past_names}
+        self.block_tables = None
+        if io.paged:
+            tables = block_tables_for(io, batch, self.block_allocator)
+            self.block_tables = self._torch.from_numpy(tables).to("cuda")
+
+    def _set_input(self, name: str, tensor) -> None:
+        if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            raise ValueError(f"shape {tuple(tensor.shape)} for {name} is outside the engine's optimization profile")
+        self.context.set_tensor_address(name, tensor.data_ptr())
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """One forward pass with the cache updated in place (outputs aliased to inputs)."""
@@ -73,9 +85,9 @@ class TensorRTExecutor:
         for name, arr in (("input_ids", input_ids), ("position_ids", position_ids)):
             tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=self.input_dtype(name))).to("cuda")
             keep.append(tensor)
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise ValueError(f"shape {tuple(tensor.shape)} for {name} is outside the engine's optimization profile")
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            self._set_input(name, tensor)
+        if self.block_tables is not None:
+            self._set_input(BLOCK_TABLES, self.block_tables)
         for past, present in zip(self.io.past_names, self.io.present_names):
             buf = self.cache[past]
             if not self.context.set_input_shape(past, tuple(buf.shape)):

@@ -28,7 +28,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from .types import EngineArtifact, ServingSpec
+from .errors import BadInputError
+from .types import BLOCK_TABLES, EngineArtifact, ServingSpec
 
 _TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -46,8 +47,20 @@ def _type(dtype: str) -> int:
     return mc.DataType.Value(_TRITON_TYPES[dtype])
 
 
+def refuse_paged(engine: EngineArtifact) -> None:
+    """A paged engine's cache is one block pool shared by the batch, addressed by block tables: Triton's
+    sequence-batcher state is one buffer per sequence, so there is nothing to declare it as."""
+    if any(t.name == BLOCK_TABLES for t in engine.tensors):
+        raise BadInputError(
+            f"{engine.plan_path.name} has a paged KV cache ('{BLOCK_TABLES}' input, block-pool past/present): the "
+            "Triton repository keeps each sequence's cache as sequence-batcher implicit state, which a pool shared "
+            "by the batch is not. Build the linear-cache recipe (fp16-plugin / fp8kv) for a Triton repository; "
+            "the paged model.onnx runs with `llmc generate` (onnxruntime)")
+
+
 def _state_pairs(engine: EngineArtifact) -> dict[str, str]:
     """past_key_values.{i}.{k,v} input -> present.{i}.{k,v} output."""
+    refuse_paged(engine)
     names = {t.name for t in engine.tensors}
     pairs = {}
     for t in engine.tensors:
@@ -173,6 +186,7 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
               "llmc_pad_token_id": str(serving.pad_token_id),
               "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids)}
     written = {}
+    refuse_paged(engine)  # before anything is written
 
     llm = make_config(engine, serving.max_batch)
     check_config(text_format.MessageToString(llm), engine)

@@ -38,6 +38,9 @@ class LoadedModel:
     num_parameters: int
 
 
+BLOCK_TABLES = "block_tables"  # the paged graph's one block-table input, shared by every layer
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphIO:
     """The public I/O contract of the exported graph (names follow Optimum / onnxruntime-genai)."""
@@ -47,6 +50,19 @@ class GraphIO:
     head_dim: int
     vocab_size: int
     capacity: int | None = None  # fixed KV-cache slots (kv-cache-scatter); None: Concat-grown cache
+    # Paged cache (attention-plugin with paged: true): past/present are block pools
+    # [num_blocks, kv_heads, block_size, head_dim] shared by the batch, addressed through the one
+    # `block_tables` input [batch, capacity // block_size]. None: linear [batch, kv_heads, capacity, head_dim].
+    block_size: int | None = None
+
+    @property
+    def paged(self) -> bool:
+        return self.block_size is not None
+
+    @property
+    def max_blocks(self) -> int | None:
+        """Block-table width: blocks one sequence can hold (capacity // block_size)."""
+        return self.capacity // self.block_size if self.paged and self.capacity is not None else None
 
     @property
     def past_names(self) -> list[str]:
@@ -58,6 +74,8 @@ class GraphIO:
 
     @property
     def input_names(self) -> list[str]:
+        if self.paged:
+            return ["input_ids", "position_ids", BLOCK_TABLES, *self.past_names]
         if self.capacity is not None:
             return ["input_ids", "position_ids", *self.past_names]
         return ["input_ids", "attention_mask", "position_ids", *self.past_names]

@@ -23,6 +23,19 @@ Node contract (domain "llmc", op "PagedAttention"):
 FP8 scales are per layer and per KV head, calibrated once at build time from the graph's own K/V
 on calibration tokens (amax x margin / 448); `scales=` overrides them.
 
+Paged variant (`paged: true`, `block_size` tokens per block, default 16; op `PagedAttentionBlockTable`,
+plugin of the same name): the cache stops being per sequence. Each layer's past/present become a
+block pool shared by the batch, and ONE new graph input addresses it for every layer:
+  past_key_values.{i}.key/value, present.{i}.key/value  [num_blocks, Hkv, block_size, D] (num_blocks dynamic)
+  block_tables  [B, capacity // block_size] int32: position p of sequence b lives in
+                pool[block_tables[b, p // block_size], :, p % block_size] (plugins/attention_reference.py)
+  node inputs   the nine: the eight above (past_* are the pools) + block_tables
+  body          quantize (FP8) and ScatterND the new K/V rows into the pool at those slots, gather each
+                sequence's blocks into [B, Hkv, max_blocks * block_size, D], then the same causal + window
+                mask and Attention as the linear body (slot index = position)
+Why paging: a server sizes the pool for the tokens in flight, not batch x capacity, and hands blocks
+to sequences as they grow (vLLM's allocator); the graph is indifferent to how the executor allocates.
+
 Requires kv-cache-scatter (and gqa-native-attention) first; runs before or after cast-fp16 (the
 body is typed by the query's dtype).
 """
@@ -36,6 +49,9 @@ import onnx_ir as ir
 
 DOMAIN = "llmc"
 OP = "PagedAttention"
+PAGED_OP = "PagedAttentionBlockTable"  # a separate plugin: TensorRT plugins have a fixed input list
+BLOCK_TABLES = "block_tables"  # graph input name (the I/O contract of compiler/types.py)
+NUM_BLOCKS = "num_blocks"  # the pool's dynamic dim
 OPSET = 24
 FP8_MAX = 448.0
 KV_DTYPES = {"float16": None, "float8e4m3fn": ir.DataType.FLOAT8E4M3FN}
@@ -50,10 +66,17 @@ class AttentionPluginPass(ir.passes.InPlacePass):
     """Replace every layer's Attention + TensorScatter pair with the llmc::PagedAttention node."""
 
     def __init__(self, kv_dtype: str = "float16", window: int = 0, scales: dict[str, np.ndarray] | None = None,
-                 calibration_tokens: int = 48, margin: float = 1.25, seed: int = 0):
+                 calibration_tokens: int = 48, margin: float = 1.25, seed: int = 0, paged: bool = False,
+                 block_size: int = 16):
         super().__init__()
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if not isinstance(paged, bool):
+            raise ValueError(f"paged must be true or false, not {paged!r}")
+        if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1 (the kernel's paged addressing), not {block_size!r}")
+        self.paged = paged
+        self.block_size = block_size
         self.kv_dtype = kv_dtype
         self.window = int(window or 0)
         self.scales = scales
@@ -93,6 +116,14 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         for attention, *_ in layers:
             if attention.attributes.get("is_causal") is not None and attention.attributes["is_causal"].as_int():
                 raise ir.passes.PreconditionError(f"{attention.name}: is_causal=1 (expected the explicit cache mask)")
+        if self.paged:
+            if BLOCK_TABLES in {v.name for v in model.graph.inputs}:
+                raise ir.passes.PreconditionError(f"graph already has a '{BLOCK_TABLES}' input (paged twice?)")
+            capacity = layers[0][1].inputs[0].shape[2]
+            if not isinstance(capacity, int) or capacity % self.block_size:
+                raise ir.passes.PreconditionError(
+                    f"paged cache: capacity {capacity} (--max-seq) is not a multiple of block_size {self.block_size}; "
+                    "pick a --max-seq that is, or a block_size that divides it")
 
     # --- calibration ------------------------------------------------------------------------
 
@@ -125,6 +156,8 @@ class AttentionPluginPass(ir.passes.InPlacePass):
 
     def _function(self, q_dtype: ir.DataType, scale: float) -> ir.Function:
         names = ["query", "key", "value", "past_key", "past_value", "position_ids", "k_scale", "v_scale"]
+        if self.paged:
+            names.append(BLOCK_TABLES)
         inputs = {n: ir.Value(name=n) for n in names}
         nodes: list[ir.Node] = []
 
@@ -141,25 +174,10 @@ class AttentionPluginPass(ir.passes.InPlacePass):
             return node.outputs[0]
 
         zero, one = const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64))
-        write_index = add("Gather", [inputs["position_ids"], zero], "write_index", axis=1)
-        caches = {}
-        for kv, scale_name in (("key", "k_scale"), ("value", "v_scale")):
-            past, new = inputs[f"past_{kv}"], inputs[kv]
-            if self.fp8:
-                s = inputs[scale_name]
-                past_f = add("DequantizeLinear", [past, s], f"past_{kv}_f32", axis=1)
-                new_f = add("Cast", [new], f"{kv}_f32", to=ir.DataType.FLOAT)
-                new_q = add("QuantizeLinear", [new_f, s], f"{kv}_fp8", axis=1, output_dtype=ir.DataType.FLOAT8E4M3FN)
-                new_dq = add("DequantizeLinear", [new_q, s], f"{kv}_dq", axis=1)
-                full = add("TensorScatter", [past_f, new_dq, write_index], f"cache_{kv}_f32", axis=2)
-                caches[kv] = add("QuantizeLinear", [full, s], f"present_{kv}", axis=1,
-                                 output_dtype=ir.DataType.FLOAT8E4M3FN)
-                caches[kv + "_att"] = add("Cast", [full], f"{kv}_att", to=q_dtype)
-            else:
-                caches[kv] = add("TensorScatter", [past, new, write_index], f"present_{kv}", axis=2)
-                caches[kv + "_att"] = caches[kv]
-        cap = add("Shape", [inputs["past_key"]], "capacity_1d", start=2, end=3)
-        cap = add("Squeeze", [cap], "capacity")
+        if self.paged:
+            caches, cap = self._paged_cache_update(inputs, add, const, zero, one, q_dtype)
+        else:
+            caches, cap = self._linear_cache_update(inputs, add, const, zero, one, q_dtype)
         slots = add("Range", [zero, cap, one], "slots")
         slots = add("Unsqueeze", [slots, const("slot_axes", np.array([0, 1, 2], np.int64))], "slots_1x1x1xT")
         pos = add("Unsqueeze", [inputs["position_ids"], const("pos_axes", np.array([1, 3], np.int64))], "pos_Bx1xSx1")
@@ -170,8 +188,81 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         attention = add("Attention", [inputs["query"], caches["key_att"], caches["value_att"], mask], "attention",
                         scale=float(scale))
         outputs = [attention, caches["key"], caches["value"]]
-        graph = ir.Graph(list(inputs.values()), outputs, nodes=nodes, opset_imports={"": OPSET}, name=OP)
-        return ir.Function(DOMAIN, OP, "", graph=graph, attributes=[])
+        op = PAGED_OP if self.paged else OP
+        graph = ir.Graph(list(inputs.values()), outputs, nodes=nodes, opset_imports={"": OPSET}, name=op)
+        return ir.Function(DOMAIN, op, "", graph=graph, attributes=[])
+
+    def _linear_cache_update(self, inputs, add, const, zero, one, q_dtype):
+        """Cache [B, Hkv, C, D]: TensorScatter the new rows at position_ids[:, 0]; slot index = position."""
+        write_index = add("Gather", [inputs["position_ids"], zero], "write_index", axis=1)
+        caches = {}
+        for kv, scale_name in (("key", "k_scale"), ("value", "v_scale")):
+            past, new = inputs[f"past_{kv}"], inputs[kv]
+            if self.fp8:
+                s = inputs[scale_name]
+                past_f = add("DequantizeLinear", [past, s], f"past_{kv}_f32", axis=1)
+                new_dq = self._fp8_round_trip(add, new, s, kv)
+                full = add("TensorScatter", [past_f, new_dq, write_index], f"cache_{kv}_f32", axis=2)
+                caches[kv] = add("QuantizeLinear", [full, s], f"present_{kv}", axis=1,
+                                 output_dtype=ir.DataType.FLOAT8E4M3FN)
+                caches[kv + "_att"] = add("Cast", [full], f"{kv}_att", to=q_dtype)
+            else:
+                caches[kv] = add("TensorScatter", [past, new, write_index], f"present_{kv}", axis=2)
+                caches[kv + "_att"] = caches[kv]
+        cap = add("Shape", [inputs["past_key"]], "capacity_1d", start=2, end=3)
+        return caches, add("Squeeze", [cap], "capacity")
+
+    def _fp8_round_trip(self, add, new, s, kv):
+        """The new rows as the FP8 cache will hold them (quantized, then dequantized to float32)."""
+        new_f = add("Cast", [new], f"{kv}_f32", to=ir.DataType.FLOAT)
+        new_q = add("QuantizeLinear", [new_f, s], f"{kv}_fp8", axis=1, output_dtype=ir.DataType.FLOAT8E4M3FN)
+        return add("DequantizeLinear", [new_q, s], f"{kv}_dq", axis=1)
+
+    def _paged_cache_update(self, inputs, add, const, zero, one, q_dtype):
+        """Pool [N, Hkv, bs, D] + block_tables [B, M]: ScatterND the new rows at (block, head, offset), then gather
+        each sequence's M blocks into a linear [B, Hkv, M*bs, D] view (slot index = position, as linear)."""
+        positions = inputs["position_ids"]
+        block = const("block_size", np.array(self.block_size, np.int64))
+        logical = add("Div", [positions, block], "logical_block")  # positions are >= 0: Div is floor division
+        offset = add("Mod", [positions, block], "block_offset")
+        physical = add("GatherElements", [inputs[BLOCK_TABLES], logical], "physical_block_i32", axis=1)
+        physical = add("Cast", [physical], "physical_block", to=ir.DataType.INT64)
+        # ScatterND indices [B, S, Hkv, 3] = (block, kv head, offset) of every new row
+        heads_1d = add("Shape", [inputs["past_key"]], "kv_heads_1d", start=1, end=2)
+        index_shape = add("Concat", [add("Shape", [positions], "batch_seq"), heads_1d,
+                                     const("one_1d", np.array([1], np.int64))], "index_shape", axis=0)
+        heads = add("Range", [zero, add("Squeeze", [heads_1d], "kv_heads"), one], "heads")
+        heads = add("Reshape", [heads, const("heads_shape", np.array([1, 1, -1, 1], np.int64))], "heads_11H1")
+        per_row = const("row_axes", np.array([2, 3], np.int64))
+        parts = [add("Expand", [add("Unsqueeze", [physical, per_row], "physical_BS11"), index_shape], "index_block"),
+                 add("Expand", [heads, index_shape], "index_head"),
+                 add("Expand", [add("Unsqueeze", [offset, per_row], "offset_BS11"), index_shape], "index_offset")]
+        indices = add("Concat", parts, "scatter_indices", axis=3)
+        head_dim = add("Shape", [inputs["past_key"]], "head_dim_1d", start=3, end=4)
+        linear_shape = add("Concat", [const("keep_b_h_flatten", np.array([0, 0, -1], np.int64)), head_dim],
+                           "linear_shape", axis=0)
+        caches = {}
+        for kv, scale_name in (("key", "k_scale"), ("value", "v_scale")):
+            past, new = inputs[f"past_{kv}"], inputs[kv]
+            if self.fp8:
+                s = inputs[scale_name]
+                pool = add("DequantizeLinear", [past, s], f"past_{kv}_f32", axis=1)
+                new = self._fp8_round_trip(add, new, s, kv)
+            else:
+                pool = past
+            rows = add("Transpose", [new], f"{kv}_rows_BSHD", perm=[0, 2, 1, 3])
+            full = add("ScatterND", [pool, indices, rows], f"pool_{kv}" if self.fp8 else f"present_{kv}")
+            if self.fp8:
+                caches[kv] = add("QuantizeLinear", [full, s], f"present_{kv}", axis=1,
+                                 output_dtype=ir.DataType.FLOAT8E4M3FN)
+            else:
+                caches[kv] = full
+            blocks = add("Gather", [full, inputs[BLOCK_TABLES]], f"{kv}_blocks_BMHbD", axis=0)
+            blocks = add("Transpose", [blocks], f"{kv}_blocks_BHMbD", perm=[0, 2, 1, 3, 4])
+            seq = add("Reshape", [blocks, linear_shape], f"{kv}_seq")
+            caches[kv + "_att"] = add("Cast", [seq], f"{kv}_att", to=q_dtype) if self.fp8 else seq
+        cap = add("Shape", [caches["key_att"]], "capacity_1d", start=2, end=3)
+        return caches, add("Squeeze", [cap], "capacity")
 
     # --- rewrite ------------------------------------------------------------------------------
 
@@ -183,6 +274,7 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         scale = layers[0][0].attributes["scale"].as_float()
         q_dtype = layers[0][0].inputs[0].dtype
         cache_dtype = KV_DTYPES[self.kv_dtype]
+        block_tables = self._add_block_tables(graph, layers) if self.paged else None
         for index, (attention, k_scatter, v_scatter) in enumerate(layers):
             past_k, new_k = k_scatter.inputs[0], k_scatter.inputs[1]
             past_v, new_v = v_scatter.inputs[0], v_scatter.inputs[1]
@@ -197,7 +289,10 @@ class AttentionPluginPass(ir.passes.InPlacePass):
                 value.type, value.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
                 graph.register_initializer(value)
                 ins.append(value)
-            node = ir.node(OP, ins, domain=DOMAIN, num_outputs=3, name=f"llmc.paged_attention.{index}",
+            if block_tables is not None:
+                ins.append(block_tables)
+            node = ir.node(PAGED_OP if self.paged else OP, ins, domain=DOMAIN, num_outputs=3,
+                           name=f"llmc.paged_attention.{index}",
                            attributes={"scale": float(scale), "window": self.window,
                                        # what TensorRT's ONNX parser needs to map the node to the AOT plugin
                                        "plugin_namespace": DOMAIN, "aot": 1})
@@ -213,6 +308,10 @@ class AttentionPluginPass(ir.passes.InPlacePass):
             if cache_dtype is not None:
                 for value in (past_k, past_v, present_k, present_v):
                     value.type = ir.TensorType(cache_dtype)
+            if self.paged:  # present aliases the pool: same shape
+                dims = [NUM_BLOCKS, past_k.shape[1], self.block_size, past_k.shape[3]]
+                for value in (past_k, past_v, present_k, present_v):
+                    value.shape = ir.Shape(dims)
             graph.remove([attention, k_scatter, v_scatter], safe=True)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         function = self._function(q_dtype, scale)
@@ -220,6 +319,60 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         model.opset_imports[DOMAIN] = 1
         model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
         return ir.passes.PassResult(model, modified=True)
+
+    def _add_block_tables(self, graph: ir.Graph, layers) -> ir.Value:
+        """The one `block_tables` input [batch, capacity // block_size] int32, right after position_ids."""
+        past = layers[0][1].inputs[0]
+        for _, *scatters in layers:
+            for scatter in scatters:
+                if not scatter.inputs[0].is_graph_input():
+                    raise ir.passes.PreconditionError(
+                        f"{scatter.name}: its cache {scatter.inputs[0].name} is not a graph input (nothing to page)")
+        self._detach_shape_reads(graph, layers)
+        value = ir.Value(name=BLOCK_TABLES, type=ir.TensorType(ir.DataType.INT32),
+                         shape=ir.Shape([past.shape[0], past.shape[2] // self.block_size]))
+        names = [v.name for v in graph.inputs]
+        graph.inputs.insert(names.index("position_ids") + 1, value)
+        return value
+
+    def _detach_shape_reads(self, graph: ir.Graph, layers) -> None:
+        """Shape reads of a cache input (the exporter takes the batch size from one) move to input_ids / constants:
+        a pool's dim 0 counts blocks, not sequences."""
+        input_ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+        scatters = {id(s) for _, *pair in layers for s in pair}
+        for _, *pair in layers:
+            for scatter in pair:
+                past = scatter.inputs[0]
+                for use in list(past.uses()):
+                    node = use.node
+                    if id(node) in scatters:
+                        continue
+                    if node.op_type != "Shape" or input_ids is None:
+                        raise ir.passes.PreconditionError(
+                            f"{node.name} ({node.op_type}) reads cache input {past.name}: only Shape reads can be "
+                            "rewired when the cache becomes a block pool")
+                    rank = len(past.shape)
+                    start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+                    end = node.attributes["end"].as_int() if "end" in node.attributes else rank
+                    dims = list(range(rank))[slice(start, end)]
+                    if dims == [0]:
+                        node.replace_input_with(0, input_ids)
+                        continue
+                    parts = []
+                    for d in dims:
+                        if d == 0:
+                            part = ir.node("Shape", [input_ids], attributes={"start": 0, "end": 1},
+                                           name=f"{node.name}.batch")
+                        elif isinstance(past.shape[d], int):
+                            part = _const_node(f"{node.name}.dim{d}", np.array([past.shape[d]], np.int64))
+                        else:
+                            raise ir.passes.PreconditionError(f"{node.name}: dim {d} of {past.name} is dynamic")
+                        graph.insert_before(node, part)
+                        parts.append(part.outputs[0])
+                    concat = ir.node("Concat", parts, attributes={"axis": 0}, name=f"{node.name}.static")
+                    graph.insert_before(node, concat)
+                    ir.convenience.replace_all_uses_with(node.outputs[0], concat.outputs[0], replace_graph_outputs=True)
+                    graph.remove(node, safe=True)
 
     def ensures(self, model: ir.Model) -> None:
         left = [n.name for n in model.graph if n.op_type in ("Attention", "TensorScatter") and n.domain in ("", "ai.onnx")]

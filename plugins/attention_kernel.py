@@ -216,16 +216,28 @@ if triton is not None:
 
 
     @triton.jit
+    def _cache_rows(b, hk, n, BT, CAP, H_KV: tl.constexpr, D: tl.constexpr, PAGED: tl.constexpr,
+                    PAGE: tl.constexpr, nmask):
+        """Element offsets of rows n (positions) of KV head hk of sequence b in a contiguous cache: linear
+        [B, Hkv, CAP, D], or paged, a pool [N, Hkv, PAGE, D] through block-table row b (CAP = the table's width)."""
+        if PAGED:
+            blk = tl.load(BT + b * CAP + n // PAGE, mask=nmask, other=0).to(tl.int64)
+            return ((blk * H_KV + hk) * PAGE + n % PAGE) * D
+        else:
+            return ((b * H_KV + hk) * CAP + n) * D
+
+    @triton.jit
     def _plugin_body(
-        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, KcOut, VcOut,
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, BT, Out, KcOut, VcOut,
         qk_scale, WINDOW, Q_LEN, CAP,
         H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     ):
         """The TensorRT plugin's single launch: cache write + causal attention, one node per layer.
 
-        All tensors contiguous: q/out [B, Hq, S, D], new K/V [B, Hkv, S, D], cache [B, Hkv, CAP, D]
-        (aliased in/out), position_ids [B, S] (contiguous per row: the new tokens sit at
+        All tensors contiguous: q/out [B, Hq, S, D], new K/V [B, Hkv, S, D], cache [B, Hkv, CAP, D] or,
+        PAGED, a pool [N, Hkv, PAGE, D] with block tables BT [B, CAP] int32 (CAP is then the table's
+        width) (aliased in/out), position_ids [B, S] (contiguous per row: the new tokens sit at
         pos[b, 0] .. pos[b, 0] + S - 1). KcOut/VcOut are the same buffers as Kc/Vc (TensorRT passes the
         aliased outputs as separate pointers). Race-free in one launch: the program of the first query
         head of a group writes its rows of the new K/V into the cache, and every program reads the
@@ -247,8 +259,6 @@ if triton is not None:
         q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=mmask[:, None], other=0.0).to(tl.float16)
         kn_base = Knew + ((b * H_KV + hk) * Q_LEN) * D
         vn_base = Vnew + ((b * H_KV + hk) * Q_LEN) * D
-        kc_base = Kc + ((b * H_KV + hk) * CAP) * D
-        vc_base = Vc + ((b * H_KV + hk) * CAP) * D
         ks = 1.0
         vs = 1.0
         if FP8:
@@ -260,10 +270,9 @@ if triton is not None:
             if FP8:
                 kn = tl.clamp(tl.math.div_rn(kn.to(tl.float32), ks), -448.0, 448.0)
                 vn = tl.clamp(tl.math.div_rn(vn.to(tl.float32), vs), -448.0, 448.0)
-            kw = KcOut + ((b * H_KV + hk) * CAP) * D
-            vw = VcOut + ((b * H_KV + hk) * CAP) * D
-            tl.store(kw + pos[:, None] * D + offs_d[None, :], kn.to(KcOut.dtype.element_ty), mask=mmask[:, None])
-            tl.store(vw + pos[:, None] * D + offs_d[None, :], vn.to(VcOut.dtype.element_ty), mask=mmask[:, None])
+            rows = _cache_rows(b, hk, pos, BT, CAP, H_KV, D, PAGED, PAGE, mmask)[:, None] + offs_d[None, :]
+            tl.store(KcOut + rows, kn.to(KcOut.dtype.element_ty), mask=mmask[:, None])
+            tl.store(VcOut + rows, vn.to(VcOut.dtype.element_ty), mask=mmask[:, None])
         scale = qk_scale * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -276,8 +285,9 @@ if triton is not None:
         for n0 in range(lo, start, BLOCK_N):
             n = n0 + offs_n
             nmask = n < start
-            k = tl.load(kc_base + n[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            v = tl.load(vc_base + n[:, None] * D + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            rows = _cache_rows(b, hk, n, BT, CAP, H_KV, D, PAGED, PAGE, nmask)[:, None] + offs_d[None, :]
+            k = tl.load(Kc + rows, mask=nmask[:, None], other=0.0)
+            v = tl.load(Vc + rows, mask=nmask[:, None], other=0.0)
             kf = k.to(tl.float32) * ks
             vf = v.to(tl.float32) * vs
             s = tl.dot(q, tl.trans(kf.to(tl.float16))) * scale
@@ -322,12 +332,12 @@ if triton is not None:
 
     @triton.jit
     def _plugin_kernel(
-        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, qk_scale, WINDOW, Q_LEN, CAP,
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, BT, Out, qk_scale, WINDOW, Q_LEN, CAP,
         H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     ):
-        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, Kc, Vc, qk_scale, WINDOW, Q_LEN, CAP,
-                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW)
+        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, BT, Out, Kc, Vc, qk_scale, WINDOW, Q_LEN, CAP,
+                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW, PAGED, PAGE)
 
     @triton.jit
     def _plugin_kernel_trt(
@@ -337,8 +347,19 @@ if triton is not None:
         FP8: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ):
         """TensorRT's AOT plugin argument order: the node's inputs, the extra int32 scalars, its outputs."""
-        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Out, KcOut, VcOut, QK_SCALE, WINDOW, Q_LEN, CAP,
-                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW)
+        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, Pos, Out, KcOut, VcOut, QK_SCALE, WINDOW, Q_LEN, CAP,
+                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW, False, 1)  # BT unused: never loaded
+
+    @triton.jit
+    def _plugin_kernel_trt_paged(
+        Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, BT, Q_LEN, CAP, Out, KcOut, VcOut,
+        QK_SCALE: tl.constexpr, WINDOW: tl.constexpr,
+        H_Q: tl.constexpr, H_KV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        FP8: tl.constexpr, HAS_WINDOW: tl.constexpr, PAGE: tl.constexpr,
+    ):
+        """The paged node (PagedAttentionBlockTable): block_tables is its ninth input; CAP = the table's width."""
+        _plugin_body(Q, Knew, Vnew, Kc, Vc, Pos, KScale, VScale, BT, Out, KcOut, VcOut, QK_SCALE, WINDOW, Q_LEN, CAP,
+                     H_Q, H_KV, D, BLOCK_M, BLOCK_N, FP8, HAS_WINDOW, True, PAGE)
 
 
 def _next_pow2(x: int) -> int:
@@ -459,17 +480,20 @@ PLUGIN_BLOCK_N = 64
 def plugin_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, position_ids: torch.Tensor, *, k_scale: torch.Tensor | None = None,
                      v_scale: torch.Tensor | None = None, window: int = 0, sm_scale: float | None = None,
+                     block_table: torch.Tensor | None = None,
                      block_m: int = PLUGIN_BLOCK_M, block_n: int = PLUGIN_BLOCK_N) -> torch.Tensor:
     """What the llmc::PagedAttention plugin launches: writes key/value into the caches in place at
-    position_ids[:, 0] and returns attention over the updated cache (the ONNX function's semantics)."""
+    position_ids[:, 0] and returns attention over the updated cache (the ONNX function's semantics).
+    With block_table [B, max_blocks] int32 the caches are pools [N, Hkv, block_size, D] (PagedAttentionBlockTable)."""
     batch, q_heads, q_len, head_dim = q.shape
     fp8, ks, vs = _scales(k_scale, v_scale, k_cache)
+    paged, page, bt = _cache_args(k_cache, v_cache, block_table)
     out = torch.empty_like(q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     _plugin_kernel[(triton.cdiv(q_len, block_m), q_heads, batch)](
-        q.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, position_ids.contiguous(), ks, vs, out,
-        scale, window, q_len, k_cache.shape[2],
+        q.contiguous(), key.contiguous(), value.contiguous(), k_cache, v_cache, position_ids.contiguous(), ks, vs,
+        bt.to(torch.int32).contiguous(), out, scale, window, q_len, bt.shape[1] if paged else k_cache.shape[2],
         H_Q=q_heads, H_KV=k_cache.shape[1], D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP8=fp8, HAS_WINDOW=window > 0, num_warps=4, num_stages=2,
+        FP8=fp8, HAS_WINDOW=window > 0, PAGED=paged, PAGE=page, num_warps=4, num_stages=2,
     )
     return out

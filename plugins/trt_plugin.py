@@ -17,6 +17,12 @@ What the three registered callbacks say:
   sequence length and cache capacity as the extra int32 arguments.
 Serialization is TensorRT's: the attributes and the PTX go into the engine.
 
+The paged node (`llmc::PagedAttentionBlockTable`, attention-plugin with `paged: true`) is a second
+plugin: a TensorRT plugin's input list is fixed, and this one has a ninth input, block_tables
+[B, max_blocks] INT32. Its caches are block pools [num_blocks, Hkv, block_size, D] (present aliases
+past, as above); the kernel is `_plugin_kernel_trt_paged` with the block size (the pool's static
+dim 2) as a compile-time constant and the table's width as its CAP argument.
+
 Everything is imported lazily: this module imports on machines without TensorRT (CI, TensorRT-RTX,
 which has no plugin layers at all) and `unavailable_reason()` says why it cannot register there.
 Known limits, not checked on a real TensorRT here: Triton >= 3.3 appends scratch-pointer parameters
@@ -33,6 +39,8 @@ from typing import Any
 PLUGIN_NAMESPACE = "llmc"
 PLUGIN_NAME = "PagedAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+PAGED_PLUGIN_NAME = "PagedAttentionBlockTable"  # passes/attention_plugin.PAGED_OP
+PAGED_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PAGED_PLUGIN_NAME}"
 BLOCK_M, BLOCK_N, NUM_WARPS = 16, 64, 4
 _registered = False
 
@@ -59,7 +67,7 @@ def unavailable_reason() -> str | None:
 
 
 def register() -> None:
-    """Register llmc::PagedAttention with TensorRT's plugin registry (once per process)."""
+    """Register llmc::PagedAttention and llmc::PagedAttentionBlockTable with TensorRT's plugin registry (once)."""
     global _registered
     if _registered:
         return
@@ -72,21 +80,27 @@ def register() -> None:
     _registered = True
 
 
-def triton_signature(fp8: bool) -> dict[str, str]:
-    """Pointer and scalar types of `_plugin_kernel_trt`'s runtime arguments, in order."""
+def triton_signature(fp8: bool, paged: bool = False) -> dict[str, str]:
+    """Pointer and scalar types of `_plugin_kernel_trt`'s (paged: `_plugin_kernel_trt_paged`'s) runtime arguments,
+    in order: the node's inputs, the extra int32s (CAP = the block table's width when paged), its outputs."""
     cache = "*fp8e4nv" if fp8 else "*fp16"
-    return {"Q": "*fp16", "Knew": "*fp16", "Vnew": "*fp16", "Kc": cache, "Vc": cache, "Pos": "*i64",
-            "KScale": "*fp32", "VScale": "*fp32", "Q_LEN": "i32", "CAP": "i32",
-            "Out": "*fp16", "KcOut": cache, "VcOut": cache}
+    inputs = {"Q": "*fp16", "Knew": "*fp16", "Vnew": "*fp16", "Kc": cache, "Vc": cache, "Pos": "*i64",
+              "KScale": "*fp32", "VScale": "*fp32", **({"BT": "*i32"} if paged else {})}
+    return {**inputs, "Q_LEN": "i32", "CAP": "i32", "Out": "*fp16", "KcOut": cache, "VcOut": cache}
 
 
-def triton_constants(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool) -> dict[str, Any]:
-    return {"QK_SCALE": float(scale), "WINDOW": int(window), "H_Q": q_heads, "H_KV": kv_heads, "D": head_dim,
-            "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "FP8": fp8, "HAS_WINDOW": window > 0}
+def triton_constants(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool,
+                     page: int | None = None) -> dict[str, Any]:
+    consts = {"QK_SCALE": float(scale), "WINDOW": int(window), "H_Q": q_heads, "H_KV": kv_heads, "D": head_dim,
+              "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "FP8": fp8, "HAS_WINDOW": window > 0}
+    if page is not None:
+        consts["PAGE"] = int(page)
+    return consts
 
 
-def compile_kernel(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool, target=None):
-    """Triton AOT compile of the plugin kernel for one node configuration.
+def compile_kernel(scale: float, window: int, q_heads: int, kv_heads: int, head_dim: int, fp8: bool, target=None,
+                   page: int | None = None):
+    """Triton AOT compile of the plugin kernel for one node configuration (page: the paged node's block size).
 
     target: a triton.backends.compiler.GPUTarget to compile without a GPU (e.g. GPUTarget("cuda", 90, 32));
     None = the current device.
@@ -94,15 +108,28 @@ def compile_kernel(scale: float, window: int, q_heads: int, kv_heads: int, head_
     import triton
     from triton.compiler import ASTSource
 
-    from .attention_kernel import _plugin_kernel_trt
+    from .attention_kernel import _plugin_kernel_trt, _plugin_kernel_trt_paged
 
-    consts = triton_constants(scale, window, q_heads, kv_heads, head_dim, fp8)
-    signature = {**triton_signature(fp8), **{name: "constexpr" for name in consts}}
+    kernel = _plugin_kernel_trt if page is None else _plugin_kernel_trt_paged
+    runtime = triton_signature(fp8, paged=page is not None)
+    consts = triton_constants(scale, window, q_heads, kv_heads, head_dim, fp8, page)
+    signature = {**runtime, **{name: "constexpr" for name in consts}}
     try:
-        source = ASTSource(fn=_plugin_kernel_trt, signature=signature, constexprs=consts)
+        source = ASTSource(fn=kernel, signature=signature, constexprs=consts)
     except TypeError:  # Triton < 3.2 named them `constants`
-        source = ASTSource(fn=_plugin_kernel_trt, signature=triton_signature(fp8), constants=consts)
+        source = ASTSource(fn=kernel, signature=runtime, constants=consts)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "num_stages": 2})
+
+
+def _launch(trtp, query, compiled):
+    """Grid (ceil(S / BLOCK_M), Hq, B) and block of the plugin kernel, as TensorRT symbolic expressions."""
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = trtp.cdiv(query.shape_expr[2], BLOCK_M)
+    launch.grid_y = query.shape_expr[1]
+    launch.grid_z = query.shape_expr[0]
+    launch.block_x = compiled.metadata.num_warps * 32
+    launch.shared_mem = compiled.metadata.shared
+    return launch
 
 
 def _define() -> None:
@@ -139,13 +166,45 @@ def _define() -> None:
         kv_heads = past_key.shape_expr[1].constant_value
         head_dim = query.shape_expr[3].constant_value
         compiled = compile_kernel(scale, window, q_heads, kv_heads, head_dim, fp8)
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(query.shape_expr[2], BLOCK_M)
-        launch.grid_y = query.shape_expr[1]
-        launch.grid_z = query.shape_expr[0]
-        launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
         extra = trtp.SymIntExprs(2)
         extra[0] = trtp.SymInt32(query.shape_expr[2])  # Q_LEN
         extra[1] = trtp.SymInt32(past_key.shape_expr[2])  # CAP
-        return compiled.metadata.name, compiled.asm["ptx"], launch, extra
+        return compiled.metadata.name, compiled.asm["ptx"], _launch(trtp, query, compiled), extra
+
+    # --- the paged node: pools [num_blocks, Hkv, block_size, D] + block_tables [B, max_blocks] INT32 ---------------
+
+    @trtp.register(PAGED_PLUGIN_ID)
+    def paged_attention_bt_desc(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                                past_key: trtp.TensorDesc, past_value: trtp.TensorDesc,
+                                position_ids: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
+                                block_tables: trtp.TensorDesc, scale: float,
+                                window: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        return query.like(), past_key.aliased(), past_value.aliased()  # the pools are updated in place
+
+    @trtp.autotune(PAGED_PLUGIN_ID)
+    def paged_attention_bt_formats(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                                   past_key: trtp.TensorDesc, past_value: trtp.TensorDesc,
+                                   position_ids: trtp.TensorDesc, k_scale: trtp.TensorDesc,
+                                   v_scale: trtp.TensorDesc, block_tables: trtp.TensorDesc, scale: float, window: int,
+                                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        # 9 inputs (block_tables INT32 last) then 3 outputs
+        return [trtp.AutoTuneCombination(
+            "FP16, FP16, FP16, FP16|FP8, FP16|FP8, INT64, FP32, FP32, INT32, FP16, FP16|FP8, FP16|FP8", "LINEAR")]
+
+    @trtp.aot_impl(PAGED_PLUGIN_ID)
+    def paged_attention_bt_aot(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc,
+                               past_key: trtp.TensorDesc, past_value: trtp.TensorDesc,
+                               position_ids: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
+                               block_tables: trtp.TensorDesc, scale: float, window: int,
+                               outputs: Tuple[trtp.TensorDesc], tactic: int,
+                               ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
+        fp8 = past_key.dtype == trt.fp8
+        q_heads = query.shape_expr[1].constant_value
+        kv_heads = past_key.shape_expr[1].constant_value
+        head_dim = query.shape_expr[3].constant_value
+        page = past_key.shape_expr[2].constant_value  # block size: static in the graph
+        compiled = compile_kernel(scale, window, q_heads, kv_heads, head_dim, fp8, page=page)
+        extra = trtp.SymIntExprs(2)
+        extra[0] = trtp.SymInt32(query.shape_expr[2])  # Q_LEN
+        extra[1] = trtp.SymInt32(block_tables.shape_expr[1])  # CAP = blocks per sequence (the table's row stride)
+        return compiled.metadata.name, compiled.asm["ptx"], _launch(trtp, query, compiled), extra

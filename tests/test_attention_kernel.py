@@ -87,11 +87,13 @@ def test_decode_split_count_does_not_change_the_result():
     assert (one.float() - many.float()).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["linear", "paged"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("q_len", [1, 20])
-def test_plugin_kernel_writes_the_cache_and_attends_like_the_reference(fp8, window, q_len):
-    """The plugin's single launch: new K/V written in place at position_ids[:, 0], then attention."""
+def test_plugin_kernel_writes_the_cache_and_attends_like_the_reference(fp8, window, q_len, paged):
+    """The plugin's single launch: new K/V written in place at position_ids[:, 0], then attention; paged: the
+    caches are a shuffled block pool (PagedAttentionBlockTable), written and read through the block table."""
     if fp8 and SMALL:
         pytest.skip("Triton 3.9's CPU interpreter rounds FP32->FP8 wrongly at binade edges (31.76 -> 16): GPU only")
     gen = torch.Generator().manual_seed(q_len + window + fp8)
@@ -114,9 +116,14 @@ def test_plugin_kernel_writes_the_cache_and_attends_like_the_reference(fp8, wind
     expected = ref.attention_reference(q, expected_k, expected_v, start + q_len, k_scale=ks, v_scale=vs, window=window)
     positions = start[:, None] + torch.arange(q_len)[None]
     to = (lambda t: None if t is None else t.to(DEV))
+    table = None
+    if paged:  # every sequence owns cap // 16 blocks of a larger shuffled pool; the pools replace the caches
+        table, pool = ref.allocate_block_table([cap] * batch, 16, num_blocks=batch * cap // 16 + 3, generator=gen)
+        k_cache, v_cache, expected_k, expected_v = (ref.linear_to_paged(c, [cap] * batch, table, pool, 16)
+                                                    for c in (k_cache, v_cache, expected_k, expected_v))
     kc, vc = to(k_cache), to(v_cache)
     out = kern.plugin_attention(to(q), to(k_new), to(v_new), kc, vc, to(positions), k_scale=to(ks), v_scale=to(vs),
-                                window=window, block_n=16 if SMALL else 64)
+                                window=window, block_table=to(table), block_n=16 if SMALL else 64)
     as_bytes = (lambda t: t.cpu().view(torch.uint8)) if fp8 else (lambda t: t.cpu())
     assert torch.equal(as_bytes(kc), as_bytes(expected_k)) and torch.equal(as_bytes(vc), as_bytes(expected_v))
     assert rel_err(out.cpu(), expected) < TOL

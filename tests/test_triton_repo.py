@@ -99,3 +99,22 @@ def test_engine_version_check_names_both_versions():
 def test_name_sanitizing():
     assert triton_model_name("Llama-3.2-1B") == "Llama-3.2-1B"
     assert triton_model_name("a b:c") == "a_b_c"
+
+
+def test_paged_engine_is_refused_before_anything_is_written(tmp_path):
+    """A paged engine's cache is one block pool for the batch: not per-sequence implicit state."""
+    from compiler.errors import BadInputError
+
+    pool = (-1, 2, 16, 32)
+    engine = _engine(tmp_path, [
+        TensorInfo("input_ids", "int64", (-1, -1), True), TensorInfo("position_ids", "int64", (-1, -1), True),
+        TensorInfo("block_tables", "int32", (-1, 4), True),
+        TensorInfo("past_key_values.0.key", "float16", pool, True),
+        TensorInfo("past_key_values.0.value", "float16", pool, True),
+        TensorInfo("logits", "float16", (-1, -1, 512), False),
+        TensorInfo("present.0.key", "float16", pool, False), TensorInfo("present.0.value", "float16", pool, False)])
+    with pytest.raises(BadInputError, match="paged KV cache.*fp16-plugin / fp8kv"):
+        write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
+    assert not (tmp_path / "triton").exists()
+    with pytest.raises(BadInputError, match="block_tables"):
+        make_config(engine)

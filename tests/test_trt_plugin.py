@@ -42,6 +42,21 @@ def test_kernel_arguments_follow_tensorrt_aot_order():
     assert set(names[len(runtime):]) == set(consts)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernel module defines no kernels without it)")
+def test_paged_kernel_arguments_follow_tensorrt_aot_order():
+    """PagedAttentionBlockTable: block_tables is the ninth node input, so BT follows VScale; CAP is the table width."""
+    from plugins.attention_kernel import _plugin_kernel_trt_paged
+
+    names = list(inspect.signature(_plugin_kernel_trt_paged.fn).parameters)
+    runtime = list(trt_plugin.triton_signature(fp8=False, paged=True))
+    assert names[: len(runtime)] == runtime
+    assert runtime[:9] == ["Q", "Knew", "Vnew", "Kc", "Vc", "Pos", "KScale", "VScale", "BT"]
+    assert runtime[9:11] == ["Q_LEN", "CAP"] and runtime[11:] == ["Out", "KcOut", "VcOut"]
+    assert trt_plugin.triton_signature(fp8=True, paged=True)["BT"] == "*i32"
+    consts = trt_plugin.triton_constants(0.1, 0, 8, 2, 64, False, page=16)
+    assert set(names[len(runtime):]) == set(consts) and consts["PAGE"] == 16
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no AOT compile possible")
 def test_aot_compile_for_hopper_without_a_gpu():
     """Compiles the FP16-cache variant for sm_90 to PTX on the CPU (what the engine build embeds)."""
@@ -53,3 +68,13 @@ def test_aot_compile_for_hopper_without_a_gpu():
     assert compiled.metadata.num_warps == trt_plugin.NUM_WARPS
     assert getattr(compiled.metadata, "global_scratch_size", 0) == 0  # nothing for TensorRT to allocate
 
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no AOT compile possible")
+def test_paged_aot_compile_for_hopper_without_a_gpu():
+    """The paged FP8 variant (block 16) compiles for sm_90 to PTX on the CPU, with nothing for TensorRT to allocate."""
+    from triton.backends.compiler import GPUTarget
+
+    compiled = trt_plugin.compile_kernel(0.125, 0, 32, 8, 128, fp8=True, target=GPUTarget("cuda", 90, 32), page=16)
+    assert compiled.metadata.name in compiled.asm["ptx"] and ".target sm_90" in compiled.asm["ptx"]
+    assert getattr(compiled.metadata, "global_scratch_size", 0) == 0
