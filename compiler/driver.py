@@ -411,7 +411,15 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
             io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
             onnx_files=tuple(onnx_files), pad_token_id=tok[0], stop_token_ids=tok[1],
             cpu_fallback=request.triton_cpu_fallback)
-        report["triton_models"] = sorted(write_repository(out.path / "triton", engine, serving))
+        if serving.io.paged:  # a shared block pool is not per-sequence Triton state (triton_repo.refuse_paged)
+            report["triton_models"] = []
+            report["triton_model"] = None
+            report["warnings"].append(
+                "paged KV cache: no Triton repository was written (Triton's sequence batcher keeps one cache per "
+                "sequence, not a pool shared by the batch); serve model.onnx with `llmc generate`, or build the "
+                "linear-cache recipe (fp16-plugin / fp8kv) for Triton")
+        else:
+            report["triton_models"] = sorted(write_repository(out.path / "triton", engine, serving))
         report["sizes_bytes"] = {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]}
         write_report(out.path / "report.json", report)
         return report
