@@ -20,6 +20,7 @@ CARD = "report.md"
 PASS_PLOT = "pass_errors.png"
 WEIGHTS_PLOT = "weights.png"
 SENSITIVITY_PLOT = "sensitivity.png"
+SEARCH_PLOT = "precision_search.png"
 
 
 def onnx_bytes(report: dict) -> int:
@@ -174,8 +175,9 @@ def _search(report: dict, plots: dict[str, str]) -> list[str]:
         formats = ", ".join(f"{k} x{v}" for k, v in sorted(probe["formats"].items()))
         out.append(f"| {label} | {formats} | {probe['ppl_delta']:+.3%} | {probe['kl_mean']:.5f} | {probe['weight_bytes']} |")
     out.append("")
-    if "sensitivity" in plots:
-        out += [f"![sensitivity per matmul]({plots['sensitivity']})", ""]
+    for key, alt in (("search", "perplexity vs bytes of every assignment measured"), ("sensitivity", "sensitivity per matmul")):
+        if key in plots:
+            out += [f"![{alt}]({plots[key]})", ""]
     return out
 
 
@@ -229,7 +231,28 @@ def _plots(report: dict, artifact_dir: Path) -> dict[str, str]:
         fig.savefig(artifact_dir / PASS_PLOT, dpi=100)
         plt.close(fig)
         plots["passes"] = PASS_PLOT
-    rows = (report.get("precision_search") or {}).get("sensitivity")
+    search = report.get("precision_search") or {}
+    if search.get("bisection"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        points = search["bisection"]
+        ax.scatter([p["weight_bytes"] / 1e6 for p in points], [p["ppl_delta"] * 100 for p in points],
+                   color=["tab:green" if p["ppl_delta"] <= search["budget"] else "tab:red" for p in points])
+        for p in points:
+            ax.annotate(str(p["promotions"]), (p["weight_bytes"] / 1e6, p["ppl_delta"] * 100), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        final = search["final"]
+        ax.scatter([final["weight_bytes"] / 1e6], [final["ppl_delta"] * 100], s=160, facecolors="none",
+                   edgecolors="black", label="chosen")
+        ax.axhline(search["budget"] * 100, color="black", linestyle="--", linewidth=0.8, label="budget")
+        ax.set_xlabel("weight bytes (MB)")
+        ax.set_ylabel("held-out perplexity delta (%)")
+        ax.set_title("assignments measured (label: promotions)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(artifact_dir / SEARCH_PLOT, dpi=100)
+        plt.close(fig)
+        plots["search"] = SEARCH_PLOT
+    rows = search.get("sensitivity")
     if rows and plot_sensitivity(rows, artifact_dir / SENSITIVITY_PLOT, "KL of each matmul alone in the recipe's format"):
         plots["sensitivity"] = SENSITIVITY_PLOT
     w = report.get("weights")

@@ -77,6 +77,7 @@ def test_tight_budget_promotes_measures_its_boundary_and_reproduces(tmp_path, tr
     fitting = {name: size for name, (delta, size) in uniform.items() if delta <= budget}
     assert report["weights"]["floor_bytes"] < min(fitting.values()), uniform
     assert "Precision search" in (out / "report.md").read_text() and (out / "sensitivity.png").is_file()
+    assert (out / "precision_search.png").is_file()
 
     again = tmp_path / "again"
     rebuilt = CliRunner().invoke(main, ["build", "--recipe", str(out / "recipe.yaml"), "-o", str(again),
