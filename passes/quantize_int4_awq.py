@@ -22,6 +22,8 @@ module name; a target without activations falls back to RTN (reported in `self.f
 
 from __future__ import annotations
 
+import collections
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -136,7 +138,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                     self._inputs[t.name] = x
                 continue
             w_cat = torch.cat([torch.from_numpy(t.weight.const_value.numpy().astype(np.float32)) for t in members], dim=1)
-            s, alpha, loss0, loss = search_scales(x, w_cat, self.block)
+            s, alpha, loss0, loss = _memoized(search_scales, x, w_cat, self.block)
             for t in members:
                 self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
                 w = t.weight.const_value.numpy()
@@ -175,9 +177,32 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         clip = None
         x = self._inputs.get(target.name)
         if self.clip and x is not None:
-            clip = search_clip(x, torch.from_numpy(weight_KN.astype(np.float32)), self.block).numpy()
+            clip = _memoized(search_clip, x, torch.from_numpy(weight_KN.astype(np.float32)), self.block).numpy()
         q, scale = quantize_blockwise(weight_KN, self.block, clip)
         return QuantizedWeight(q, scale, axis=0, block_size=self.block)
+
+
+# The searches are pure functions of (activations, weights, block). The precision search
+# (compiler/precision_search.py) runs this pass on dozens of assignments of the same model whose
+# groups mostly repeat; remembering results by content makes each repeat a hash instead of a search.
+_MEMO: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_MEMO_ENTRIES = 256
+
+
+def _memoized(fn, x: torch.Tensor, w: torch.Tensor, block: int):
+    key = (fn.__name__, block, tuple(x.shape), tuple(w.shape), _digest(x), _digest(w))
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]
+    result = fn(x, w, block)
+    _MEMO[key] = result
+    if len(_MEMO) > _MEMO_ENTRIES:
+        _MEMO.popitem(last=False)
+    return result
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:
