@@ -35,7 +35,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="int4-awq")
     ap.add_argument("--budgets", default="5,2,1,0.5,0.3,0.1", help="percent")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="write the frontier as a PNG (from --json if it exists, else measured)")
     args = ap.parse_args()
+    if args.plot and args.json and args.json.is_file():
+        plot(json.loads(args.json.read_text()), args.plot)
+        return
     start = time.perf_counter()
     loaded = load_model(args.model)
     activations = calibrate(loaded, default_calibration_text()).activations
@@ -63,6 +67,38 @@ def main() -> None:
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity delta vs weight bytes: uniform recipes as squares, budget mixes as a connected line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    uniform = [r for r in rows if not r["name"].startswith("budget")]
+    budget = sorted((r for r in rows if r["name"].startswith("budget")), key=lambda r: r["weight_bytes"])
+    ax.scatter([r["weight_bytes"] / 1e6 for r in uniform], [r["ppl_delta"] * 100 for r in uniform], marker="s",
+               color="tab:gray", label="uniform")
+    for r in uniform:
+        ax.annotate(r["name"].replace("uniform ", ""), (r["weight_bytes"] / 1e6, r["ppl_delta"] * 100), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.plot([r["weight_bytes"] / 1e6 for r in budget], [r["ppl_delta"] * 100 for r in budget], "o-",
+            color="tab:blue", label="--max-ppl-delta mixes")
+    for r in budget:
+        ax.annotate(r["name"].split(" (")[0].replace("budget ", ""), (r["weight_bytes"] / 1e6, r["ppl_delta"] * 100),
+                    fontsize=7, color="tab:blue", xytext=(4, -9), textcoords="offset points")
+    ax.set_xlabel("weight bytes (MB)")
+    ax.set_ylabel("held-out perplexity delta vs PyTorch FP32 (%)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title("llmc-tiny-shakespeare: size / perplexity frontier", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
