@@ -272,14 +272,23 @@ def _match(array, names: list[str], arrays: dict, unique: bool = False) -> tuple
 
 
 def _initializer(graph, param, name: str, transposed: bool, like):
-    """Layer i's parameter as a graph initializer: a zero-copy view of the torch tensor, or its transpose."""
+    """Layer i's parameter as a graph initializer, without copying it.
+
+    As is: a zero-copy TorchTensor view (what the exporter itself stores). Transposed (the exporter
+    folds `linear`'s weight transpose into a MatMul constant): a LazyTensor that transposes on demand,
+    so stamping N layers holds no second copy of the weights; each read or save pays one transient copy.
+    """
     import onnx_ir as ir
     from torch.onnx._internal.exporter._core import TorchTensor
 
     tensor = param.detach()
-    tensor = tensor.t().contiguous() if transposed else tensor
-    name = name + "_T" if transposed else name
-    value = ir.Value(name=name, type=like.type, shape=ir.Shape(tensor.shape), const_value=TorchTensor(tensor, name=name))
+    if transposed:
+        name += "_T"
+        const = ir.LazyTensor(lambda: TorchTensor(tensor.t().contiguous(), name=name), dtype=like.dtype,
+                              shape=ir.Shape(tensor.shape[::-1]), name=name)
+    else:
+        const = TorchTensor(tensor, name=name)
+    value = ir.Value(name=name, type=like.type, shape=ir.Shape(const.shape), const_value=const)
     graph.register_initializer(value)
     return value
 
