@@ -7,7 +7,6 @@ stamped layer that picked up another layer's (or the template's) weights.
 
 from __future__ import annotations
 
-import collections
 import time
 
 import numpy as np
