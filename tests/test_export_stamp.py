@@ -124,7 +124,7 @@ def _pytorch(loaded, feeds, layers: int):
     with torch.no_grad():
         return loaded.model(input_ids=torch.from_numpy(feeds["input_ids"]),
                             attention_mask=torch.from_numpy(feeds["attention_mask"]),
-                            position_ids=torch.from_numpy(feeds["position_ids"]), past_key_values=cache, use_cache=True)
+                            position_ids=torch.from_numpy(feeds["position_ids"]), cache=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in FULL_ARCHS])
