@@ -27,7 +27,7 @@ def graph_io(loaded: LoadedModel) -> GraphIO:
     return GraphIO(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size)
 
 
-def _wrapper(loaded: LoadedModel):
+def _wrapper(model):
     """A module with flat tensor I/O: HF's Cache object is rebuilt inside forward."""
     import torch
     from transformers import DynamicCache
@@ -55,40 +55,94 @@ def _wrapper(loaded: LoadedModel):
                 flat += [layer.keys, layer.values]
             return tuple(flat)
 
-    return FlatKVCausalLM(loaded.model).eval()
+    return FlatKVCausalLM(model).eval()
 
 
-def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 3, past: int = 5):
+def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 3, past: int = 5, num_layers: int | None = None):
     """Inputs of distinct sizes so torch.export keeps batch/sequence/past dims symbolic."""
     import torch
 
     spec = loaded.spec
+    num_layers = spec.num_layers if num_layers is None else num_layers
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, seq), generator=gen)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     kv = [
         torch.randn(batch, spec.num_kv_heads, past, spec.head_dim, generator=gen)
-        for _ in range(2 * spec.num_layers)
+        for _ in range(2 * num_layers)
     ]
     return (ids, mask, pos, *kv)
 
 
-def export_onnx(loaded: LoadedModel, verbose: bool = False) -> ExportedGraph:
-    """Export with torch.onnx (dynamo), dynamic batch / sequence / past length, FP32."""
+METHODS = ("auto", "full", "stamp")
+STAMP_MIN_LAYERS = 5  # auto stamps deeper models only: below this the shallow export saves little
+
+
+def export_onnx(loaded: LoadedModel, verbose: bool = False, method: str = "auto") -> ExportedGraph:
+    """Export with torch.onnx (dynamo), dynamic batch / sequence / past length, FP32.
+
+    method: "full" traces every layer; "stamp" exports a 2-layer copy and clones its last layer for
+    the rest (compiler/stamp.py: export time and memory flat in depth); "auto" stamps models with
+    more than 4 homogeneous layers and falls back to "full" when stamping does not apply.
+    """
+    from .errors import UnsupportedModelError
+    from .stamp import StampError, heterogeneity
+
+    if method not in METHODS:
+        raise ValueError(f"export method {method!r} is not one of {METHODS}")
+    if method == "full":
+        return _export_full(loaded, verbose)
+    n = loaded.spec.num_layers
+    reason = heterogeneity(loaded.model, n)
+    if method == "auto" and (reason or n < STAMP_MIN_LAYERS):
+        return _export_full(loaded, verbose)
+    if reason:
+        raise UnsupportedModelError(f"cannot stamp the export of {loaded.name}: {reason}; use method='full'")
+    try:
+        return _export_stamped(loaded, verbose)
+    except StampError as exc:
+        if method == "stamp":
+            raise UnsupportedModelError(f"cannot stamp the export of {loaded.name}: {exc}; use method='full'") from exc
+        logging.getLogger(__name__).warning("stamped export does not apply (%s); exporting every layer", exc)
+        return _export_full(loaded, verbose)
+
+
+def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
+    start = time.perf_counter()
+    model = _export_program(_wrapper(loaded.model), loaded, loaded.spec.num_layers, verbose)
+    _name_dims(model)
+    model.producer_name = "llmc"
+    return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
+
+
+def _export_stamped(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
+    from .stamp import SHALLOW_LAYERS, decoder_layers, shallow_model, stamp_layers
+
+    start = time.perf_counter()
+    n = loaded.spec.num_layers
+    path, _ = decoder_layers(loaded.model, n)
+    shallow = shallow_model(loaded.model, n, SHALLOW_LAYERS)
+    model = _export_program(_wrapper(shallow), loaded, SHALLOW_LAYERS, verbose)
+    stamp_layers(model, loaded.model, path, n)
+    _name_dims(model)
+    model.producer_name = "llmc"
+    return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
+
+
+def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool):
+    """torch.onnx.export of the flat-KV wrapper with `num_layers` past/present pairs; returns the ir.Model."""
     import torch
 
-    io_spec = graph_io(loaded)
-    module = _wrapper(loaded)
-    args = example_inputs(loaded)
+    io_spec = GraphIO(num_layers, loaded.spec.num_kv_heads, loaded.spec.head_dim, loaded.spec.vocab_size)
+    args = example_inputs(loaded, num_layers=num_layers)
     b, s, p, t = (torch.export.Dim(n) for n in (BATCH, SEQ, PAST, TOTAL))
     dynamic_shapes = {
         "input_ids": {0: b, 1: s},
         "attention_mask": {0: b, 1: t},
         "position_ids": {0: b, 1: s},
-        "past": tuple([{0: b, 2: p}] * (2 * loaded.spec.num_layers)),
+        "past": tuple([{0: b, 2: p}] * (2 * num_layers)),
     }
-    start = time.perf_counter()
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     with quiet, warnings.catch_warnings(), torch.no_grad():
@@ -105,10 +159,7 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False) -> ExportedGraph:
             optimize=True,
             verify=False,
         )
-    model = program.model
-    _name_dims(model)
-    model.producer_name = "llmc"
-    return ExportedGraph(model=model, io=io_spec, seconds=time.perf_counter() - start)
+    return program.model
 
 
 def _name_dims(model) -> None:
