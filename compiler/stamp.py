@@ -208,7 +208,7 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     for i in range(SHALLOW_LAYERS, num_layers):
         inputs_i = []
         for t, template_past in zip(kv, past):
-            value = ir.Value(name=f"past_key_values.{i}.{t}", type=template_past.type,
+            value = ir.Value(name=f"past_key_values.{i}.{t}", type=ir.TensorType(template_past.dtype),
                              shape=template_past.shape.copy() if template_past.shape is not None else None)
             new_inputs[value.name] = value
             inputs_i.append(value)
@@ -248,6 +248,7 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     graph.outputs.clear()
     graph.outputs.extend([v for name, v in outs.items() if not name.startswith("present.")]
                          + [outs[f"present.{i}.{t}"] for i in range(num_layers) for t in kv])
+    _own_types(graph)
     graph.metadata_props.pop("pkg.torch.export.ExportedProgram.graph_signature", None)
     graph.metadata_props["llmc.export"] = (f"stamp: {SHALLOW_LAYERS}-layer export, layer {src} cloned for layers "
                                            f"{SHALLOW_LAYERS}..{num_layers - 1}")
@@ -288,9 +289,26 @@ def _initializer(graph, param, name: str, transposed: bool, like):
                               shape=ir.Shape(tensor.shape[::-1]), name=name)
     else:
         const = TorchTensor(tensor, name=name)
-    value = ir.Value(name=name, type=like.type, shape=ir.Shape(const.shape), const_value=const)
+    # A type object of its own: passes set `value.dtype` in place (cast-fp16), and a TensorType shared
+    # with the template would make the first cast look done for every stamped weight.
+    value = ir.Value(name=name, type=ir.TensorType(like.dtype), shape=ir.Shape(const.shape), const_value=const)
     graph.register_initializer(value)
     return value
+
+
+def _own_types(graph) -> None:
+    """Give every value its own type object. Cloned values share their template's TensorType, and
+    passes change dtypes in place (cast-fp16 sets `value.dtype`): through a shared type the first
+    cast would relabel every copy without converting its data (TensorRT then sees FP32 weights)."""
+    import onnx_ir as ir
+
+    seen: set[int] = set()
+    values = [*graph.inputs, *graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+    for value in values:
+        if isinstance(value.type, ir.TensorType):
+            if id(value.type) in seen:
+                value.type = ir.TensorType(value.dtype)
+            seen.add(id(value.type))
 
 
 def _fresh(name: str, taken: set[str]) -> str:

@@ -75,6 +75,12 @@ def test_stamped_graph_has_full_export_io_and_ops(exports, arch):
     assert _io(stamp.model) == _io(full.model)
     assert len(stamp.model.graph.inputs) == 3 + 2 * LAYERS and stamp.io == full.io
     assert op_counts(stamp.model) == op_counts(full.model)
+    # Passes change dtypes in place: no two values may share a type object (a shared one made
+    # cast-fp16 relabel stamped FP32 weights as FP16 without converting them).
+    values = [*stamp.model.graph.inputs, *stamp.model.graph.initializers.values(),
+              *(o for n in stamp.model.graph for o in n.outputs)]
+    typed = [id(v.type) for v in values if isinstance(v.type, ir.TensorType)]
+    assert len(typed) == len(set(typed))
     print(f"{arch}: full export {full.seconds:.1f} s, stamped {stamp.seconds:.1f} s, "
           f"{sum(op_counts(stamp.model).values())} nodes")
 
