@@ -163,3 +163,58 @@ def build_engine(
         seconds=time.perf_counter() - start,
         timing_cache=cache_note,
     )
+
+
+def build_engine_isolated(
+    onnx_path: Path,
+    plan_path: Path,
+    options: BuildOptions,
+    backend: Backend,
+    timing_cache_path: Path | None = None,
+) -> EngineArtifact:
+    """build_engine in a spawned child process, for models whose weights are over 1 GiB.
+
+    Why: the builder's working memory (parsed weights, tactics, the serialized plan: ~3x the FP16
+    weights on a 1B model) stays in the parent's heap after the build returns, under the stages
+    that follow; a child gives it all back to the OS when it exits. A builder that aborts the
+    process (TensorRT-RTX's parser does on some nodes) or is killed for memory becomes a
+    BackendBuildError instead of taking llmc down with it. Interrupting the parent kills the child.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_build_in_child, args=(send, onnx_path, plan_path, options, backend.name,
+                                                      timing_cache_path), name="llmc-trt-build")
+    child.start()
+    send.close()
+    try:
+        ok, payload = receive.recv()
+    except EOFError:
+        child.join()
+        raise BackendBuildError(
+            f"the {backend.name} builder process died building {onnx_path.name} (exit code {child.exitcode}: "
+            "a crash, or killed for memory); rerun with a smaller --max-batch / --max-seq or on a larger machine"
+        ) from None
+    except BaseException:  # Ctrl-C / SIGTERM in the parent: the build is abandoned
+        child.kill()
+        child.join()
+        raise
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if not ok:
+        raise payload
+    return payload
+
+
+def _build_in_child(conn, onnx_path, plan_path, options, backend_name, timing_cache_path) -> None:
+    from .backend import _load
+
+    try:
+        conn.send((True, build_engine(onnx_path, plan_path, options, _load(backend_name), timing_cache_path)))
+    except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+        conn.send((False, exc if isinstance(exc, BackendBuildError) else BackendBuildError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        conn.close()

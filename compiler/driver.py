@@ -24,7 +24,7 @@ from passes import NEEDS_CALIBRATION, PassContext, needs_plugins
 
 from . import __version__
 from .backend import get_backend
-from .build import build_engine
+from .build import build_engine, build_engine_isolated
 from .cache import StageCache, stage_keys
 from .calibrate import calibrate
 from .corpus import default_calibration_text, default_eval_text, read_text_file
@@ -318,6 +318,12 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         recipe = parse_recipe(text, output / "recipe.yaml")
 
     records = stage(4, "passes", do_passes, lambda r: f"{len(r)} passes")
+    # The graph is on disk now; what follows reads model.onnx. Dropping the in-memory graph and the
+    # calibration sample frees the model's bytes again (2.5 GB + 1.3 GB on a 1B model) before the
+    # engine build and onnxruntime load their own copies.
+    exported = ctx = None
+    if calibration is not None:
+        calibration = dataclasses.replace(calibration, activations={})
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:
@@ -325,7 +331,9 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         if hits["build"]:
             _restore(hits["build"], ("model.plan",), out.path)
             return _engine_from_json(json.loads((hits["build"] / "meta.json").read_text()), plan, onnx_path)
-        engine = build_engine(onnx_path, plan, request.options, backend, timing_cache)
+        big = (out.path / "model.onnx.data").exists()  # weights over EXTERNAL_DATA_THRESHOLD: build in a child
+        engine = (build_engine_isolated if big else build_engine)(onnx_path, plan, request.options, backend,
+                                                                  timing_cache)
         meta = {"backend": engine.backend, "backend_version": engine.backend_version,
                 "tensors": [dataclasses.asdict(t) for t in engine.tensors], "layer_types": engine.layer_types,
                 "timing_cache": engine.timing_cache}

@@ -1,7 +1,9 @@
 """Executor over the compiled ONNX with onnxruntime: the CI executor for every numerics claim.
 
-The graph it runs is byte-for-byte the one TensorRT parsed, so its outputs are what the engine
-is supposed to compute. For that reason only onnxruntime's *basic* graph optimizations (constant
+The graph it runs is the one TensorRT parsed, so its outputs are what the engine is supposed to
+compute; on the CPU provider, FP16 MatMuls run as FP32 products with FP16 in and out, as
+TensorRT's FP16 GEMMs accumulate (compiler/ort_widen.py: onnxruntime has no x86 FP16 GEMM).
+Only onnxruntime's *basic* graph optimizations (constant
 folding, redundant-node removal) are on by default: its extended fusions rewrite numerics. Measured
 on the INT4 graph (DequantizeLinear + MatMul, 2026-11-27): vs the same graph with the weights
 dequantized ahead, max |logit diff| was 0.0 at basic, 5.39 at extended and 0.06 at all.
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ort_widen import widened
 from .runtime import BlockAllocator, HostKVCache, io_from_onnx
 
 _ORT_TYPES = {
@@ -31,7 +34,8 @@ class OnnxRuntimeExecutor:
     """
 
     def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 optimization: str = "basic", spin: bool = True, block_allocator: BlockAllocator | None = None):
+                 optimization: str = "basic", spin: bool = True, block_allocator: BlockAllocator | None = None,
+                 widen_fp16_matmul: bool | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -46,7 +50,15 @@ class OnnxRuntimeExecutor:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        if widen_fp16_matmul is None:  # the CPU provider has no FP16 GEMM (compiler/ort_widen.py)
+            widen_fp16_matmul = providers[0] == "CPUExecutionProvider"
+        self.widened = 0
+        model: str | bytes = str(onnx_path)
+        if widen_fp16_matmul:
+            wide = widened(Path(onnx_path))
+            model, self.widened = wide.model_bytes, wide.matmuls
+            wide.session_options(opts, Path(onnx_path).resolve().parent)
+        self.session = ort.InferenceSession(model, opts, providers=providers)
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         self._types = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self._fp8 = {i.name for i in self.session.get_inputs() if i.type == "tensor(float8e4m3fn)"}

@@ -10,6 +10,8 @@ becoming inf, which would turn a fully masked row into NaN.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx_ir as ir
 
@@ -18,7 +20,17 @@ _F16_MAX = float(np.finfo(np.float16).max)
 
 
 def _to_f16(tensor) -> ir.Tensor:
-    arr = np.clip(tensor.numpy().astype(np.float32), -_F16_MAX, _F16_MAX).astype(np.float16)
+    """Round to FP16, then clamp: +-inf from overflow become +-65504, exactly as clamping first would.
+
+    torch converts with F16C on every core; numpy's float16 cast is scalar and made this pass take
+    two minutes on a 1B model.
+    """
+    import torch
+
+    with warnings.catch_warnings():  # read-only arrays (memory-mapped weights) are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.as_tensor(np.asarray(tensor.numpy(), dtype=np.float32))
+    arr = src.to(torch.float16).clamp_(-_F16_MAX, _F16_MAX).numpy()
     return ir.tensor(arr, name=tensor.name)
 
 

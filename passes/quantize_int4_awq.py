@@ -35,6 +35,8 @@ from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantP
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
 CLIP_GRID = tuple(1.0 - i * 0.05 for i in range(8))  # 1.0 .. 0.65
+SEARCH_BUDGET, MIN_SEARCH_ROWS = 1 << 30, 128  # rows x K x N per search (search_rows)
+BIG_WEIGHT = 1 << 22  # elements from which a search runs on every thread (see QuantizeInt4AwqPass.call)
 
 
 def _fake_quant(w_KN: torch.Tensor, block: int, clip: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,18 +87,40 @@ def search_clip(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> torch.Ten
     return best_ratio
 
 
+def search_rows(x_TK: torch.Tensor, w_KN: torch.Tensor) -> torch.Tensor:
+    """An evenly strided subset of x's rows, so that rows x K x N stays within SEARCH_BUDGET.
+
+    A search costs ~ rows x K x N x grid points. On a 1B model (2 cores) the full 1024 rows made
+    the scale search alone ~70 minutes; capped, a 2048 x 16384 group searches on 128 rows. Small
+    models (every weight under SEARCH_BUDGET / 1024 elements) keep all their rows.
+    """
+    rows = max(MIN_SEARCH_ROWS, SEARCH_BUDGET // max(1, w_KN.shape[0] * w_KN.shape[1]))
+    if x_TK.shape[0] <= rows:
+        return x_TK
+    return x_TK[:: x_TK.shape[0] // rows][:rows].contiguous()
+
+
 class QuantizeInt4AwqPass(WeightQuantPass):
     q_dtype = ir.DataType.INT4
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        # The searches are thousands of small tensor ops: one thread avoids OpenMP barrier stalls.
-        # Measured on 2 shared cores: 161 s with torch's default threads vs 15 s with one.
-        threads = torch.get_num_threads()
+        # On small models the searches are thousands of small tensor ops: one thread avoids OpenMP
+        # barrier stalls (measured on 2 shared cores: 161 s with torch's default threads vs 15 s with
+        # one). Weights of 4M+ elements (a 1B model's projections) are GEMM-bound: they get every thread.
+        self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return super().call(model)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self._threads)
+
+    def _search(self, fn, x: torch.Tensor, w: torch.Tensor):
+        x = search_rows(x, w)
+        torch.set_num_threads(self._threads if w.numel() >= BIG_WEIGHT else 1)
+        try:
+            return _memoized(fn, x, w, self.block)
+        finally:
+            torch.set_num_threads(1)
 
     def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool | str = "auto",
                  targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
@@ -109,6 +133,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         # block 128 it halves RTN's perplexity delta; at block 32 (8x more clip ratios, each fitted
         # on 32 weights) it lowered calibration MSE and KL but raised held-out perplexity.
         self.clip = block_size >= 64 if clip == "auto" else clip
+        self._threads = torch.get_num_threads()
         self.fallbacks: list[str] = []
         self.search_log: dict[str, dict] = {}
         self._inputs: dict[str, torch.Tensor] = {}  # target name -> its (scaled) calibration input
@@ -138,7 +163,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                     self._inputs[t.name] = x
                 continue
             w_cat = torch.cat([torch.from_numpy(t.weight.const_value.numpy().astype(np.float32)) for t in members], dim=1)
-            s, alpha, loss0, loss = _memoized(search_scales, x, w_cat, self.block)
+            s, alpha, loss0, loss = self._search(search_scales, x, w_cat)
             for t in members:
                 self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
                 w = t.weight.const_value.numpy()
@@ -177,7 +202,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         clip = None
         x = self._inputs.get(target.name)
         if self.clip and x is not None:
-            clip = _memoized(search_clip, x, torch.from_numpy(weight_KN.astype(np.float32)), self.block).numpy()
+            clip = self._search(search_clip, x, torch.from_numpy(weight_KN.astype(np.float32))).numpy()
         q, scale = quantize_blockwise(weight_KN, self.block, clip)
         return QuantizedWeight(q, scale, axis=0, block_size=self.block)
 

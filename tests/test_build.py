@@ -92,3 +92,25 @@ def test_timing_cache_written_then_reused_where_supported(tmp_path):
     second = build_engine(path, tmp_path / "b.plan", BuildOptions(max_batch=2), get_backend(), cache)
     assert second.timing_cache.startswith("reused")
     assert [t.shape for t in second.tensors] == [(-1, 8), (-1, 8)]
+
+
+def test_isolated_build_matches_in_process_and_returns_errors(tmp_path, trained_fp16):
+    """The child-process build (used for >1 GiB models) gives the same engine I/O and layers, and
+    a parser failure in the child reaches the parent as the same BackendBuildError."""
+    from compiler.build import build_engine_isolated
+
+    opts = BuildOptions(max_batch=1, max_seq=64)
+    here = build_engine(trained_fp16, tmp_path / "a.plan", opts, get_backend())
+    there = build_engine_isolated(trained_fp16, tmp_path / "b.plan", opts, get_backend())
+    assert (tmp_path / "b.plan").stat().st_size > 0
+    assert there.layer_types == here.layer_types and there.tensors == here.tensors
+
+    F16 = TP.FLOAT16
+    vi = h.make_tensor_value_info
+    node = h.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"], name="layer0_attn")
+    path = _save(tmp_path, [node], [vi("q", F16, [1, 8, 4, 16]), vi("k", F16, [1, 2, 4, 16]),
+                                    vi("v", F16, [1, 2, 4, 16]), vi("pk", F16, [1, 2, 3, 16]),
+                                    vi("pv", F16, [1, 2, 3, 16])],
+                 [vi("y", F16, [1, 8, 4, 16]), vi("pk_out", F16, [1, 2, 7, 16]), vi("pv_out", F16, [1, 2, 7, 16])])
+    with pytest.raises(BackendBuildError, match="layer0_attn"):
+        build_engine_isolated(path, tmp_path / "c.plan", BuildOptions(), get_backend())

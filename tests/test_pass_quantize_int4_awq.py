@@ -81,3 +81,51 @@ def test_needs_activations_and_falls_back_per_group(trained_fp16, trained_calibr
     pass_(model)
     assert sorted(pass_.fallbacks) == sorted(f"model.layers.{i}.mlp.down_proj" for i in range(4))
     assert len(pass_.quantized) == 28  # the fallbacks are still quantized, by RTN
+
+
+def test_calibration_samples_rows_as_they_pass(trained, trained_calibration):
+    """The on-the-fly sample equals 'keep every row, then every stride-th up to sample_rows'."""
+    import torch
+
+    from compiler.calibrate import tokenize_windows
+    from compiler.corpus import default_calibration_text
+
+    name = "model.layers.1.mlp.down_proj"
+    module = dict(trained.model.named_modules())[name]
+    chunks = tokenize_windows(trained.tokenizer, default_calibration_text(), 128, 16)
+    rows = []
+    hook = module.register_forward_hook(lambda m, a, o: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(chunks), 8):
+                trained.model(input_ids=torch.tensor(chunks[i:i + 8]), use_cache=False)
+    finally:
+        hook.remove()
+    stride = max(1, len(chunks) * 128 // 1024)
+    assert stride > 1  # else the test would not exercise the striding
+    expected = torch.cat(rows)[::stride][:1024].numpy()
+    got = trained_calibration.activations[name]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_windows_shrink_with_model_size():
+    from compiler.calibrate import default_windows
+
+    assert default_windows(2_000_000) == 32  # tiny and sub-400M models: the full sample
+    assert default_windows(360_000_000) == 32
+    assert default_windows(1_236_000_000) == 10  # a 1B model: ~1300 tokens
+    assert default_windows(8_000_000_000) == 8  # never fewer than 8 windows
+
+
+def test_search_rows_cap_large_weights_only():
+    import torch
+
+    from passes.quantize_int4_awq import MIN_SEARCH_ROWS, SEARCH_BUDGET, search_rows
+
+    x = torch.arange(1024 * 4, dtype=torch.float32).reshape(1024, 4)
+    assert search_rows(x, torch.zeros(512, 1024)) is x  # the trained model's largest weight: every row
+    big = search_rows(x, torch.zeros(2048, 16384))  # a 1B model's gate/up group
+    assert big.shape == (MIN_SEARCH_ROWS, 4) and torch.equal(big[:, 0], x[::8][:MIN_SEARCH_ROWS, 0])
+    qkv = search_rows(x, torch.zeros(2048, 3072))
+    assert qkv.shape[0] == SEARCH_BUDGET // (2048 * 3072) and qkv.shape[0] * 2048 * 3072 <= SEARCH_BUDGET

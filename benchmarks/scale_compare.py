@@ -1,0 +1,172 @@
+"""llmc build vs the onnxruntime-genai model builder vs Optimum's ONNX export, at several model sizes.
+
+For each model directory (random weights of a published shape, written by benchmarks/random_model.py
+when missing), runs in one go, each tool in its own process so that its peak RSS is its own:
+
+  llmc fp16       llmc build DIR --recipe fp16        (export, passes, TensorRT-RTX engine, validate, package)
+  llmc int4-awq   llmc build DIR --recipe int4-awq    (+ calibrate, AWQ, held-out quality)
+  genai int4      python -m onnxruntime_genai.models.builder -p int4 -e cpu   (ONNX only, no engine)
+  optimum fp32    optimum-cli export onnx --task text-generation-with-past     (ONNX only, no engine)
+
+and records wall time, peak RSS (wait4's ru_maxrss) and llmc's per-stage seconds from report.json.
+
+    python benchmarks/scale_compare.py --work /tmp/scale --shapes smollm2-135m smollm2-360m llama-3.2-1b \
+        --genai-path /work/ogenai --optimum-python /work/optimum-venv/bin/python
+
+The genai builder and Optimum need their own installs (onnxruntime-genai with `pip install --no-deps
+--target DIR`; optimum-onnx pins transformers<4.58, so it gets its own venv). A tool that isn't
+given is reported as skipped, not guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_measured(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run cmd; return rc, wall seconds and the child's own peak RSS in bytes."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.kill()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "log": str(log)}
+
+
+def llmc_build(model: Path, recipe: str, out: Path, logs: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    res = run_measured([sys.executable, "-m", "compiler.cli", "build", str(model), "--recipe", recipe, "-o", str(out)],
+                       logs / f"llmc-{recipe}.log")
+    report = out / "report.json"
+    if report.exists():
+        data = json.loads(report.read_text())
+        res["stages_s"] = {k: round(v, 1) for k, v in data.get("timings_s", {}).items()}
+        res["status"] = data.get("status")
+        res["sizes_bytes"] = data.get("sizes_bytes")
+        res["max_abs_err"] = (data.get("validation") or {}).get("max_abs_err")
+    return res
+
+
+def genai_build(model: Path, out: Path, logs: Path, genai_path: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [genai_path, os.environ.get("PYTHONPATH")])))
+    return run_measured([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
+                         "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache")],
+                        logs / "genai-int4.log", env=env)
+
+
+def optimum_export(model: Path, out: Path, logs: Path, python: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    return run_measured([python, "-m", "optimum.exporters.onnx", "--model", str(model),
+                         "--task", "text-generation-with-past", str(out)], logs / "optimum.log")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def main() -> None:
+    from benchmarks.random_model import SHAPES, write_random_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
+    ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "smollm2-360m", "llama-3.2-1b"], choices=sorted(SHAPES))
+    ap.add_argument("--tools", nargs="+", default=["llmc-fp16", "llmc-int4-awq", "genai", "optimum"])
+    ap.add_argument("--genai-path", default=os.environ.get("GENAI_PATH", ""))
+    ap.add_argument("--optimum-python", default=os.environ.get("OPTIMUM_PYTHON", ""))
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "scale_compare.json")
+    args = ap.parse_args()
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    for shape in args.shapes:
+        model = args.work / shape
+        if not (model / "config.json").exists():
+            print(f"[{shape}] writing random model", flush=True)
+            made = write_random_model(shape, model)
+        else:
+            made = {}
+        entry = results.setdefault(shape, {})
+        cfg = json.loads((model / "config.json").read_text())
+        entry["config"] = {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "intermediate_size", "vocab_size")}
+        if made:
+            entry["parameters"] = made["parameters"]
+        if "parameters" not in entry:
+            from safetensors import safe_open
+
+            entry["parameters"] = 0
+            for f in model.glob("*.safetensors"):
+                with safe_open(str(f), "pt") as st:
+                    entry["parameters"] += sum(st.get_slice(k).get_shape().numel() if hasattr(st.get_slice(k).get_shape(), "numel")
+                                               else _numel(st.get_slice(k).get_shape()) for k in st.keys())
+        entry["fp16_weight_bytes"] = entry["parameters"] * 2
+        logs = args.work / f"{shape}-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for tool in args.tools:
+            print(f"[{shape}] {tool} ...", flush=True)
+            if tool.startswith("llmc-"):
+                recipe = tool.removeprefix("llmc-")
+                res = llmc_build(model, recipe, args.work / f"{shape}-out-{recipe}", logs)
+            elif tool == "genai":
+                if not args.genai_path:
+                    entry[tool] = {"skipped": "no --genai-path"}
+                    continue
+                res = genai_build(model, args.work / f"{shape}-out-genai", logs, args.genai_path)
+                res["output_bytes"] = dir_bytes(args.work / f"{shape}-out-genai")
+            elif tool == "optimum":
+                if not args.optimum_python:
+                    entry[tool] = {"skipped": "no --optimum-python"}
+                    continue
+                res = optimum_export(model, args.work / f"{shape}-out-optimum", logs, args.optimum_python)
+                res["output_bytes"] = dir_bytes(args.work / f"{shape}-out-optimum")
+            else:
+                raise SystemExit(f"unknown tool {tool}")
+            res["peak_rss_over_fp16_bytes"] = round(res["peak_rss_bytes"] / entry["fp16_weight_bytes"], 2)
+            entry[tool] = res
+            print(f"[{shape}] {tool}: rc {res['rc']}, {res['wall_s']} s, peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
+            args.results.write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def table(results: dict) -> str:
+    """The NOTES.md table: one row per size and tool, with ratios to genai's wall time and to FP16 bytes."""
+    rows = ["| model | params | FP16 bytes | tool | rc | wall s | peak RSS GiB | RSS / FP16 bytes | wall / genai |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for shape, entry in results.items():
+        genai = entry.get("genai", {}).get("wall_s")
+        for tool in ("llmc-fp16", "llmc-int4-awq", "genai", "optimum"):
+            r = entry.get(tool)
+            if not r or "skipped" in r:
+                continue
+            ratio = f"{r['wall_s'] / genai:.2f}" if genai else "-"
+            rows.append(f"| {shape} | {entry['parameters'] / 1e6:.0f}M | {entry['fp16_weight_bytes'] / 2**30:.2f} GiB | "
+                        f"{tool} | {r['rc']} | {r['wall_s']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                        f"{r['peak_rss_over_fp16_bytes']} | {ratio} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
