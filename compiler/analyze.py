@@ -20,13 +20,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+import onnx_ir as ir
+
 from passes import NEEDS_CALIBRATION, PassContext
 
+from .cache import StageCache, export_key
 from .calibrate import calibrate
 from .corpus import default_calibration_text, default_eval_text, read_text_file
 from .default_model import default_model_dir
-from .errors import UnsupportedModelError
-from .export import export_onnx
+from .driver import export_to_cache
 from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .package import StagedOutput
@@ -34,7 +36,9 @@ from .precision_search import Evaluator, Sensitivity, measure_sensitivity, quant
 from .preflight import check_output_path, check_output_writable
 from .quality import QUALITY_WINDOW, held_out
 from .recipe import load_recipe
+from .runtime import io_from_model
 from .sensitivity_plot import plot_sensitivity
+from .types import ExportedGraph
 
 GRANULARITIES = ("layer", "matmul")
 
@@ -50,6 +54,7 @@ class AnalyzeRequest:
     eval_data: Path | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    cache_dir: Path | None = None  # the build's stage cache: the export is reused / stored there
 
 
 def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda text: None) -> dict:
@@ -71,11 +76,7 @@ def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda te
         loaded = load_model(model_path, request.allow_pickle, request.trust_remote_code)
         note(f"loaded {loaded.spec.architecture}, {loaded.num_parameters / 1e6:.2f}M params")
         activations = calibrate(loaded, calib_text).activations if calib_text is not None else None
-        try:
-            exported = export_onnx(loaded)
-        except Exception as exc:  # noqa: BLE001 - same contract as the build's export stage
-            raise UnsupportedModelError(f"torch.onnx export of {loaded.spec.architecture} failed: "
-                                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        exported = _export(loaded, model_path, request, out.path / ".export", note)
         held = held_out(loaded, eval_text, min(QUALITY_WINDOW, request.max_seq))
         ctx = PassContext(max_positions=request.max_seq, activations=activations)
         ev = Evaluator(exported, recipe, ctx, held, loaded.tokenizer.pad_token_id)
@@ -101,6 +102,19 @@ def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda te
         (out.path / "sensitivity.md").write_text(render_markdown(report, plots))
         report["output"] = str(out.commit())
     return report
+
+
+def _export(loaded, model_path: Path, request: AnalyzeRequest, scratch: Path, note) -> ExportedGraph:
+    """The build's export stage: from the stage cache when it holds this model's export, else exported
+    (and stored there when a cache is given)."""
+    cache = StageCache(request.cache_dir)
+    key = export_key(cache, model_path, request.trust_remote_code) if cache.enabled else None
+    entry = cache.get("export", key) if key else None
+    if entry is not None:
+        note(f"export: cached {key[:12]}")
+        model = ir.load(entry / "model.onnx")
+        return ExportedGraph(model=model, io=io_from_model(model))
+    return export_to_cache(loaded, cache, key, scratch)
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:

@@ -104,6 +104,17 @@ class StageCache:
         return digest.hexdigest()
 
 
+def export_key(cache: StageCache, model_path: Path, trust_remote_code: bool = False) -> str:
+    """The export stage's key: the model's files, llmc's code and the exporting tools' versions."""
+    from . import __version__
+    from .package import tool_versions
+
+    versions = tool_versions()
+    return make_key("export", {"llmc": __version__, "llmc_source": source_digest(), "model": cache.dir_digest(model_path),
+                               "trust_remote_code": trust_remote_code,
+                               **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
+
+
 def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend,
                calibration_text: str | None = None, eval_text: str | None = None) -> dict[str, str]:
     """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
@@ -120,8 +131,7 @@ def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend,
     common = {"llmc": __version__, "llmc_source": source_digest()}
     model = cache.dir_digest(model_path)
     opts = request.options
-    export = make_key("export", {**common, "model": model, "trust_remote_code": request.trust_remote_code,
-                                 **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
+    export = export_key(cache, model_path, request.trust_remote_code)
     ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
     calib = hashlib.sha256(calibration_text.encode()).hexdigest() if calibration_text is not None else None
     passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx,

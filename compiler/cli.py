@@ -219,13 +219,16 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out text (plain or JSONL) to measure on.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (RISK: can execute code from the file).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model's own Python (RISK: runs with your permissions).")
-def analyze(model_dir, recipe, output, by, max_seq, calib_data, eval_data, allow_pickle, trust_remote_code):
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Reuse (and store) the model's export in this stage cache: the same one `llmc build --cache-dir` uses.")
+def analyze(model_dir, recipe, output, by, max_seq, calib_data, eval_data, allow_pickle, trust_remote_code, cache_dir):
     """Measure how much each layer / matmul of MODEL_DIR loses in the recipe's weight format (table + PNG)."""
     from .analyze import GRANULARITIES, AnalyzeRequest, run_analyze
 
     request = AnalyzeRequest(model=model_dir, recipe=recipe, output=output,
                              by=GRANULARITIES if by == "both" else (by,), max_seq=max_seq, calib_data=calib_data,
-                             eval_data=eval_data, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                             eval_data=eval_data, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             cache_dir=cache_dir)
     try:
         result = run_analyze(request, lambda text: err_console.print(f"      {text}", markup=False))
     except LlmcError as exc:

@@ -116,6 +116,19 @@ def _export(loaded):
         ) from exc
 
 
+def export_to_cache(loaded, cache: StageCache, key: str | None, scratch: Path) -> ExportedGraph:
+    """Export, and store the ONNX under `key` when the cache is enabled (`scratch` is a temporary dir)."""
+    graph = _export(loaded)
+    if cache.enabled:
+        scratch.mkdir()
+        try:
+            _save_onnx(graph.model, scratch / "model.onnx")
+            cache.put("export", key, _onnx_files(scratch), {"seconds": graph.seconds})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return graph
+
+
 def _passes(exported, recipe, ctx, on_pass, check=False):
     try:
         return run_passes(exported, recipe, ctx, on_pass, check=check)
@@ -254,14 +267,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         if hits["export"]:
             model = ir.load(hits["export"] / "model.onnx")
             return ExportedGraph(model=model, io=io_from_model(model))
-        graph = _export(loaded())
-        if cache.enabled:
-            tmp = out.path / ".export"
-            tmp.mkdir()
-            _save_onnx(graph.model, tmp / "model.onnx")
-            cache.put("export", keys["export"], _onnx_files(tmp), {"seconds": graph.seconds})
-            shutil.rmtree(tmp)
-        return graph
+        return export_to_cache(loaded(), cache, keys.get("export"), out.path / ".export")
 
     ctx = PassContext(max_positions=request.options.max_seq,
                       activations=calibration.activations if calibration else None,

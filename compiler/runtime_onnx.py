@@ -11,6 +11,7 @@ dequantized ahead, max |logit diff| was 0.0 at basic, 5.39 at extended and 0.06 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,11 @@ _ORT_TYPES = {
     "tensor(float8e4m3fn)": np.uint8,  # numpy has no FP8: the bytes travel as uint8 (the FP8-KV recipe's cache)
 }
 _FP8_E4M3 = 17  # onnx.TensorProto.FLOAT8E4M3FN
+
+
+# onnxruntime threads when the caller names none (default: every core). Set by processes that share the
+# machine with others, e.g. parallel test workers (tests/conftest.py), where spinning threads would fight.
+THREADS_ENV = "LLMC_ORT_THREADS"
 
 
 class OnnxRuntimeExecutor:
@@ -44,6 +50,7 @@ class OnnxRuntimeExecutor:
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
+        threads = threads or int(os.environ.get(THREADS_ENV, "0") or 0)
         if threads:
             opts.intra_op_num_threads = threads
         if not spin:  # idle threads sleep instead of spinning: for processes that share cores (Triton stubs)

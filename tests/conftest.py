@@ -5,10 +5,37 @@ Exports are expensive (tens of seconds), so each architecture is exported once p
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one compute thread each (torch / OpenMP, onnxruntime; inherited by
+    # the builds tests run as subprocesses). Two workers of two spinning threads each on 2 cores made
+    # every test 2-4x slower than running alone (OpenMP and onnxruntime threads busy-wait for each other).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("LLMC_ORT_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The test command runs two xdist workers, one file per worker at a time (`--dist loadfile`), taking
+# files in collection order: the longest files go first, so the two workers finish close together.
+LONGEST_FIRST = ("test_precision_search.py", "test_export_stamp.py", "test_cli_quantized.py", "test_cli.py",
+                 "test_runner.py", "test_bad_input.py", "test_triton_server.py", "test_pass_check.py", "test_quality.py",
+                 "test_build.py", "test_cache.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order is kept within a file
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,12 +46,81 @@ def llmc_cache(tmp_path_factory):
     return path
 
 
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory every pytest-xdist worker of this run sees (their base temp dirs share a parent)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Held by one worker at a time: the others wait, then find what it made."""
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _once(tmp_path_factory, name: str, make):
+    """`make(dir)` run once per test run (across workers) in a shared directory; returns the directory."""
+    root = _shared_dir(tmp_path_factory, "once")
+    done = root / name
+    with _exclusive(root / f".{name}.lock"):
+        if not (done / ".complete").is_file():  # made in place (paths inside stay true), marked last
+            shutil.rmtree(done, ignore_errors=True)
+            done.mkdir()
+            make(done)
+            (done / ".complete").touch()
+    return done
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     from compiler.default_model import make_tiny_model
 
-    root = tmp_path_factory.mktemp("models")
-    return {arch: make_tiny_model(root / f"tiny-{arch}", arch, seed=i) for i, arch in enumerate(("llama", "qwen2", "mistral"))}
+    def make(root):
+        for i, arch in enumerate(ARCHS):
+            make_tiny_model(root / f"tiny-{arch}", arch, seed=i)
+
+    root = _once(tmp_path_factory, "models", make)
+    return {arch: root / f"tiny-{arch}" for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory) -> Path:
+    """The stage cache (`--cache-dir`) shared by this run's builds and exports, across xdist workers.
+
+    torch.onnx export costs tens of seconds even for a tiny model; with this, each test model is
+    exported once per run. Tests *about* the cache (test_cache.py) use a cold one of their own.
+    """
+    return _shared_dir(tmp_path_factory, "stage-cache")
+
+
+@pytest.fixture(scope="session")
+def exported(build_cache):
+    """(model dir, loaded model or None) -> path of the model's export in the shared stage cache.
+
+    The same entry, keyed the same way, that `llmc build --cache-dir` reads and writes.
+    """
+    from compiler.cache import StageCache, export_key
+    from compiler.driver import export_to_cache
+    from compiler.load import load_model
+
+    def get(model_dir: Path, loaded=None) -> Path:
+        cache = StageCache(build_cache)
+        key = export_key(cache, model_dir)
+        with _exclusive(build_cache / f".export-{key[:16]}.lock"):
+            if cache.get("export", key) is None:
+                export_to_cache(loaded or load_model(model_dir), cache, key, build_cache / f".scratch-{os.getpid()}")
+        return cache.get("export", key) / "model.onnx"
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -33,16 +129,15 @@ def llama(loaded_models):
 
 
 @pytest.fixture(scope="session")
-def llama_export(llama, llmc_cache):
-    """The FP32 export of the tiny Llama, saved once; tests load their own copy to mutate."""
+def llama_export(llama, llmc_cache, model_dirs, exported):
+    """The FP32 export of the tiny Llama (a copy of the shared cache's); tests load their own copy to mutate."""
     import onnx_ir as ir
 
-    from compiler.export import export_onnx
+    from compiler.runtime import io_from_model
 
-    graph = export_onnx(llama)
     path = llmc_cache / "test-llama-fp32.onnx"
-    ir.save(graph.model, path)
-    return path, graph.io
+    shutil.copyfile(exported(model_dirs["llama"], llama), path)
+    return path, io_from_model(ir.load(path))
 
 
 @pytest.fixture()
@@ -85,14 +180,14 @@ def loaded_models(model_dirs):
 
 
 @pytest.fixture(scope="session")
-def final_fp32(loaded_models, llmc_cache, llama_export):
+def final_fp32(loaded_models, llmc_cache, model_dirs, exported):
     """arch -> the rewritten FP32 graph (fixed-capacity cache, native GQA attention), built lazily."""
     built: dict[str, Path] = {}
 
     def get(arch: str) -> Path:
         if arch not in built:
-            reuse = llama_export[0] if arch == "llama" else None
-            built[arch] = final_graph(loaded_models[arch], llmc_cache / f"final-{arch}-fp32.onnx", exported=reuse)
+            source = exported(model_dirs[arch], loaded_models[arch])
+            built[arch] = final_graph(loaded_models[arch], llmc_cache / f"final-{arch}-fp32.onnx", exported=source)
         return built[arch]
 
     return get
@@ -118,17 +213,22 @@ def trained():
 
 
 @pytest.fixture(scope="session")
-def trained_fp16(trained, llmc_cache) -> Path:
-    """The fp16 recipe's graph of the trained model (capacity 256), exported once per session."""
+def trained_fp16(trained, exported, tmp_path_factory) -> Path:
+    """The fp16 recipe's graph of the trained model (capacity 256), made once per run from its one export."""
+    from compiler.default_model import default_model_dir
     from compiler.recipe import load_recipe
 
-    return final_graph(trained, llmc_cache / "trained-fp16.onnx", passes=load_recipe("fp16").passes, capacity=256)
+    def make(folder: Path):
+        final_graph(trained, folder / "model.onnx", passes=load_recipe("fp16").passes, capacity=256,
+                    exported=exported(default_model_dir(), trained))
+
+    return _once(tmp_path_factory, "trained-fp16", make) / "model.onnx"
 
 
 @pytest.fixture(scope="session")
-def trained_build_cache(tmp_path_factory):
-    """One --cache-dir for every CLI build of the trained model: the export is made once per session."""
-    return tmp_path_factory.mktemp("trained-build-cache")
+def trained_build_cache(build_cache):
+    """The --cache-dir of every CLI build of the trained model: the export is made once per run."""
+    return build_cache
 
 
 @pytest.fixture(scope="session")
@@ -140,26 +240,25 @@ def trained_calibration(trained):
 
 
 @pytest.fixture(scope="session")
-def trained_quantized(trained_fp16, trained_calibration, llmc_cache):
-    """(pass name, options) -> path of the trained fp16 graph quantized by that pass, built lazily."""
+def trained_quantized(trained_fp16, request, tmp_path_factory):
+    """(pass name, options) -> path of the trained fp16 graph quantized by that pass, made once per run."""
+    import hashlib
     import json
 
     import onnx_ir as ir
 
     from passes import PassContext, make_pass
 
-    built: dict[str, Path] = {}
-
     def get(name: str, **options) -> Path:
-        key = f"{name}-{json.dumps(options, sort_keys=True)}"
-        if key not in built:
+        key = hashlib.sha256(f"{name}-{json.dumps(options, sort_keys=True)}".encode()).hexdigest()[:16]
+
+        def make(folder: Path):
             model = ir.load(trained_fp16)
-            ctx = PassContext(max_positions=256, activations=trained_calibration.activations)
-            assert make_pass(name, ctx, options)(model).modified
-            path = llmc_cache / f"trained-{len(built)}.onnx"
-            ir.save(model, path)
-            built[key] = path
-        return built[key]
+            activations = request.getfixturevalue("trained_calibration").activations  # calibrated only if needed
+            assert make_pass(name, PassContext(max_positions=256, activations=activations), options)(model).modified
+            ir.save(model, folder / "model.onnx")
+
+        return _once(tmp_path_factory, f"trained-{name}-{key}", make) / "model.onnx"
 
     return get
 
@@ -177,11 +276,13 @@ def cached_build(model_dirs, tmp_path_factory):
 
     from compiler.cli import main
 
-    root = tmp_path_factory.mktemp("cached-build")
-    out, cache = root / "out", root / "cache"
-    start = time.perf_counter()
-    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o", str(out),
-                                       "--cache-dir", str(cache)])
-    seconds = time.perf_counter() - start
-    assert result.exit_code == 0, result.output
-    return out, cache, json.loads((out / "report.json").read_text()), seconds
+    def make(root: Path):
+        start = time.perf_counter()
+        result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o",
+                                           str(root / "out"), "--cache-dir", str(root / "cache")])
+        assert result.exit_code == 0, result.output
+        (root / "seconds").write_text(str(time.perf_counter() - start))
+
+    root = _once(tmp_path_factory, "cached-build", make)
+    out = root / "out"
+    return out, root / "cache", json.loads((out / "report.json").read_text()), float((root / "seconds").read_text())

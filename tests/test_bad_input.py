@@ -320,27 +320,46 @@ def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_o
     _assert_previous_or_nothing(out, previous=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_signal_mid_build_in_process(cached_build, model_dirs, tmp_path, monkeypatch, signum):
-    """A real signal to this process while the (cached) build copies the engine into staging."""
-    import compiler.driver as driver
+_SIGNAL_MID_BUILD = """
+import signal, sys, time
+import compiler.driver as driver
+from compiler.cli import main
 
+signum, model, out, cache = int(sys.argv[1]), *sys.argv[2:5]
+# As in a terminal: a process started from a background job or an xdist worker inherits SIGINT
+# *ignored*, and Python then installs no KeyboardInterrupt handler at all.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real = driver._restore
+
+def restore_then_signal(*args, **kwargs):
+    real(*args, **kwargs)
+    signal.raise_signal(signum)  # delivered at the next bytecode, as from a terminal or CI runner
+    time.sleep(5)  # never reached in full: the handler raises first
+
+driver._restore = restore_then_signal
+handler = signal.getsignal(signal.SIGTERM)
+try:
+    main(["build", model, "--max-seq", "128", "-o", out, "--cache-dir", cache])
+finally:
+    if signal.getsignal(signal.SIGTERM) != handler:  # the build must restore the handler it replaced
+        print("SIGTERM handler not restored", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_signal_mid_build_in_process(cached_build, model_dirs, tmp_path, signum):
+    """A real signal to the build's own process while the (cached) build copies the engine into staging.
+
+    The build runs `main()` in a fresh interpreter (not this test process, whose signal state other
+    tests and libraries share), with `_restore` wrapped to raise the signal right after a copy."""
     first, cache, _, _ = cached_build
     out = tmp_path / "outs" / "artifact"
     _place_previous(out)
-    real = driver._restore
-
-    def restore_then_signal(*args, **kwargs):
-        real(*args, **kwargs)
-        os.kill(os.getpid(), signum)  # delivered at the next bytecode, as from a terminal or CI runner
-        time.sleep(5)  # never reached in full: the handler raises first
-
-    monkeypatch.setattr(driver, "_restore", restore_then_signal)
-    handler = signal.getsignal(signal.SIGTERM)
-    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--max-seq", "128", "-o", str(out),
-                                       "--cache-dir", str(cache)])
-    assert result.exit_code == 128 + signum, result.output
-    last = result.stderr.strip().splitlines()[-1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_MID_BUILD, str(int(signum)), str(model_dirs["llama"]), str(out),
+                           str(cache)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    assert "not restored" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("llmc: error: build ") and "previous build or nothing" in last
     _assert_previous_or_nothing(out, previous=True)
-    assert signal.getsignal(signal.SIGTERM) == handler  # the build restored the handler it replaced

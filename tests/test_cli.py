@@ -44,10 +44,12 @@ def _check_artifact(out: Path, arch: str) -> dict:
     return report
 
 
-def test_default_build_subprocess(tmp_path):
-    """`llmc build` with no model: bundled trained tiny Llama, exit 0, summary ending in pass."""
+def test_default_build_subprocess(tmp_path, build_cache):
+    """`llmc build` with no model: bundled trained tiny Llama, exit 0, summary ending in pass.
+
+    It shares the run's stage cache, so the export of the bundled model is made once per test run."""
     out = tmp_path / "default"
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(out), "--cache-dir", str(build_cache)],
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
@@ -69,22 +71,24 @@ def test_default_build_subprocess(tmp_path):
 
 
 @pytest.mark.parametrize("arch,cls", [("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
-def test_build_other_architectures(model_dirs, tmp_path, arch, cls):
+def test_build_other_architectures(model_dirs, build_cache, tmp_path, arch, cls):
     out = tmp_path / arch
-    result = CliRunner().invoke(main, ["build", str(model_dirs[arch]), "--max-batch", "2", "--max-seq", "128", "-o", str(out)])
+    result = CliRunner().invoke(main, ["build", str(model_dirs[arch]), "--max-batch", "2", "--max-seq", "128", "-o", str(out),
+                                       "--cache-dir", str(build_cache)])
     assert result.exit_code == 0, result.output
     report = _check_artifact(out, cls)
     assert report["options"] == {"max_batch": 2, "max_seq": 128}
 
 
-def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_dirs, tmp_path):
+def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_dirs, build_cache, tmp_path):
     recipe = tmp_path / "too-strict.yaml"
     recipe.write_text(
         "name: too-strict\npasses: [cleanup, rotary-2d-cache, gqa-native-attention, kv-cache-scatter, cast-fp16]\n"
         "tolerance: {max_abs_logit_error: 1.0e-7, mean_abs_logit_error: 1.0e-8, min_greedy_agreement: 1.0}\n"
     )
     out = tmp_path / "strict"
-    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--recipe", str(recipe), "-o", str(out)])
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "--recipe", str(recipe), "-o", str(out),
+                                       "--cache-dir", str(build_cache)])
     assert result.exit_code == 5
     assert "max |logit error|" in result.stderr and "too-strict" in result.stderr
     assert not out.exists()

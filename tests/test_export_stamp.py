@@ -133,7 +133,8 @@ def _pytorch(loaded, feeds, layers: int):
                             position_ids=torch.from_numpy(feeds["position_ids"]), cache=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in FULL_ARCHS])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "mistral" else a
+                                  for a in ARCHS if a not in FULL_ARCHS])  # Mistral: Llama's layer, minus GQA tweaks
 def test_stamped_graph_matches_pytorch(exports, deep, arch):
     """Qwen2 / Mistral: every logit and present of the stamped graph against the HF model, and the
     module names its MatMuls carry (what quantization selects by) are exactly the model's Linear layers."""
@@ -173,6 +174,7 @@ def test_stamped_fp16_graph_builds_with_backend(exports, tmp_path):
     assert engine.layer_types
 
 
+@pytest.mark.slow  # a 24-layer export (~1 min); NOTES.md records the measurement
 def test_stamp_export_time_flat_in_depth(exports, tmp_path_factory):
     """24 stamped layers cost about what 6 do: the exporter only ever sees 2. Also checked against PyTorch."""
     from compiler.export import export_onnx

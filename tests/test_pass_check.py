@@ -45,9 +45,9 @@ def _recipe(path, pass_list, name):
 
 
 @pytest.fixture(scope="module")
-def builds(model_dirs, tmp_path_factory):
+def builds(model_dirs, build_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("pass-check")
-    cache = root / "cache"
+    cache = build_cache
     runner = CliRunner()
     common = [str(model_dirs["llama"]), "--max-seq", "64", "--check-passes", "--cache-dir", str(cache)]
     healthy = runner.invoke(main, ["build", *common, "--recipe", "fp16", "-o", str(root / "healthy")])

@@ -129,3 +129,18 @@ def test_search_rows_cap_large_weights_only():
     assert big.shape == (MIN_SEARCH_ROWS, 4) and torch.equal(big[:, 0], x[::8][:MIN_SEARCH_ROWS, 0])
     qkv = search_rows(x, torch.zeros(2048, 3072))
     assert qkv.shape[0] == SEARCH_BUDGET // (2048 * 3072) and qkv.shape[0] * 2048 * 3072 <= SEARCH_BUDGET
+
+
+def test_search_columns_subsample_large_groups_only():
+    import torch
+
+    from passes.quantize_int4_awq import SCALE_SEARCH_ELEMENTS, search_columns
+
+    small = torch.zeros(512, 1024)  # the trained model's largest group: every column
+    assert search_columns(small) is small
+    w = torch.arange(2048 * 16384, dtype=torch.float32).reshape(2048, 16384)  # a 1B model's gate/up group
+    sub = search_columns(w)
+    assert sub.shape == (2048, 4096) and sub.numel() <= SCALE_SEARCH_ELEMENTS
+    assert torch.equal(sub, w[:, ::4])  # strided: every part of the group is represented
+    odd = search_columns(torch.zeros(2048, 5000))
+    assert odd.shape[1] <= SCALE_SEARCH_ELEMENTS // 2048 and odd.shape[1] > 2000

@@ -59,6 +59,7 @@ def test_budget_build_is_smaller_than_every_uniform_recipe_that_fits(tmp_path, t
     assert (tmp_path / "b2" / "recipe.yaml").is_file() and report["recipe"]["max_ppl_delta"] == pytest.approx(0.02)
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: a full sensitivity pass (29 probes) + bisection + a rebuild
 def test_tight_budget_promotes_measures_its_boundary_and_reproduces(tmp_path, trained_build_cache, uniform):
     budget = 0.003
     out = tmp_path / "tight"
@@ -148,10 +149,15 @@ def test_bad_budget_requests_fail_before_any_work(tmp_path, args, expected):
     assert expected in result.stderr and not out.exists()
 
 
-def test_analyze_measures_each_layer_and_writes_table_and_chart(tmp_path):
+def test_analyze_measures_each_layer_and_writes_table_and_chart(tmp_path, build_cache, exported):
+    from compiler.default_model import default_model_dir
+
+    exported(default_model_dir())  # the run's export of the bundled model, in the build's stage cache
     out = tmp_path / "sens"
-    result = CliRunner().invoke(main, ["analyze", "--recipe", "int4-rtn", "--by", "layer", "-o", str(out)])
+    result = CliRunner().invoke(main, ["analyze", "--recipe", "int4-rtn", "--by", "layer", "-o", str(out),
+                                       "--cache-dir", str(build_cache)])
     assert result.exit_code == 0, result.output
+    assert "export: cached" in result.stderr  # analyze reads the export `llmc build --cache-dir` stored
     data = json.loads((out / "sensitivity.json").read_text())
     rows = data["groups"]["layer"]
     assert [r["group"] for r in rows] == ["layer 0", "layer 1", "layer 2", "layer 3", "lm_head"]

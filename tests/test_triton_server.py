@@ -80,13 +80,13 @@ def grpc_stream_error(address: str, datatype: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def artifact(model_dirs, tmp_path_factory) -> Path:
+def artifact(model_dirs, build_cache, tmp_path_factory) -> Path:
     from compiler.driver import BuildRequest, run_build
     from compiler.types import BuildOptions
 
     out = tmp_path_factory.mktemp("served") / "tiny-llama"
     run_build(BuildRequest(model=model_dirs["llama"], output=out, options=BuildOptions(max_batch=1, max_seq=MAX_SEQ),
-                           prompt="The compiler reads a model", triton_cpu_fallback=True))
+                           prompt="The compiler reads a model", triton_cpu_fallback=True, cache_dir=build_cache))
     return out
 
 
