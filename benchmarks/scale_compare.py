@@ -4,6 +4,7 @@ For each model directory (random weights of a published shape, written by benchm
 when missing), runs in one go, each tool in its own process so that its peak RSS is its own:
 
   llmc fp16       llmc build DIR --recipe fp16        (export, passes, TensorRT-RTX engine, validate, package)
+  llmc int4-rtn   llmc build DIR --recipe int4-rtn    (INT4 round-to-nearest: the same kind of INT4 as genai's)
   llmc int4-awq   llmc build DIR --recipe int4-awq    (+ calibrate, AWQ, held-out quality)
   genai int4      python -m onnxruntime_genai.models.builder -p int4 -e cpu   (ONNX only, no engine)
   optimum fp32    optimum-cli export onnx --task text-generation-with-past     (ONNX only, no engine)
@@ -109,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/scale"))
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m", "smollm2-360m", "llama-3.2-1b"], choices=sorted(SHAPES))
-    ap.add_argument("--tools", nargs="+", default=["llmc-fp16", "llmc-int4-awq", "genai", "optimum"])
+    ap.add_argument("--tools", nargs="+", default=["llmc-fp16", "llmc-int4-rtn", "llmc-int4-awq", "genai", "optimum"])
     ap.add_argument("--genai-path", default=os.environ.get("GENAI_PATH", ""))
     ap.add_argument("--optimum-python", default=os.environ.get("OPTIMUM_PYTHON", ""))
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "scale_compare.json")
@@ -176,7 +177,7 @@ def table(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for shape, entry in results.items():
         genai = entry.get("genai", {}).get("wall_s")
-        for tool in ("llmc-fp16", "llmc-int4-awq", "genai", "optimum"):
+        for tool in ("llmc-fp16", "llmc-int4-rtn", "llmc-int4-awq", "genai", "optimum"):
             r = entry.get(tool)
             if not r or "skipped" in r:
                 continue

@@ -144,3 +144,61 @@ def test_search_columns_subsample_large_groups_only():
     assert torch.equal(sub, w[:, ::4])  # strided: every part of the group is represented
     odd = search_columns(torch.zeros(2048, 5000))
     assert odd.shape[1] <= SCALE_SEARCH_ELEMENTS // 2048 and odd.shape[1] > 2000
+
+
+def test_column_chunks_cover_every_column_once():
+    from passes.quantize_int4_awq import CHUNK_ELEMENTS, column_chunks
+
+    assert column_chunks(512, 1024) == [slice(0, 1024)]  # the trained model's largest weight: one chunk
+    for k, n in ((2048, 8192), (8192, 2048), (2048, 5000)):
+        chunks = column_chunks(k, n)
+        covered = [i for c in chunks for i in range(n)[c]]
+        assert covered == list(range(n))
+        assert all(k * (c.stop - c.start) <= CHUNK_ELEMENTS for c in chunks) and len(chunks) > 1
+
+
+def _ramp_activations(rows, k, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    outliers = 1 + 20 * (torch.rand(k, generator=g) > 0.97)  # a few hot channels, as in real activations
+    return torch.randn(rows, k, generator=g) * torch.linspace(0.1, 3, k) * outliers
+
+
+def test_chunked_searches_match_one_chunk(monkeypatch):
+    """Chunking is exact per column: the same clip ratios, the same alpha, the loss to float rounding."""
+    import torch
+
+    from passes import quantize_int4_awq as awq
+
+    x = _ramp_activations(64, 256)
+    w = torch.randn(256, 96, generator=torch.Generator().manual_seed(1)) * 0.02
+    whole_clip, whole_scales = awq.search_clip(x, w, 32), awq.search_scales(x, w, 32)
+    monkeypatch.setattr(awq, "CHUNK_ELEMENTS", 256 * 10)  # 10 columns a chunk: 10 chunks, the last short
+    assert len(awq.column_chunks(256, 96)) == 10
+    assert torch.equal(awq.search_clip(x, w, 32), whole_clip)
+    s, alpha, loss0, loss = awq.search_scales(x, w, 32)
+    assert alpha == whole_scales[1] and torch.equal(s, whole_scales[0])
+    assert loss == pytest.approx(whole_scales[3], rel=1e-5) and loss0 == pytest.approx(whole_scales[2], rel=1e-5)
+    assert (whole_clip < 1).any()  # the search did clip somewhere, so equality says something
+
+
+def test_coarse_to_fine_alpha_matches_full_grid(monkeypatch):
+    """Big groups score every 4th alpha and then the neighbours of the best: at most 12 of the 21
+    quantize-dequantize rounds, and the same alpha as the whole grid on a group with outlier channels."""
+    import torch
+
+    from passes import quantize_int4_awq as awq
+
+    x = _ramp_activations(64, 256, seed=2)
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(3)) * 0.02
+    calls = []
+    real = awq._fake_quant
+    monkeypatch.setattr(awq, "_fake_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    full = awq.search_scales(x, w, 32)
+    assert len(calls) == len(awq.ALPHA_GRID) and 0.0 < full[1] < 1.0  # an interior optimum
+    calls.clear()
+    monkeypatch.setattr(awq, "BIG_WEIGHT", w.numel())  # treat this group as a 1B model's
+    coarse = awq.search_scales(x, w, 32)
+    assert len(calls) <= 12
+    assert coarse[1] == full[1] and torch.equal(coarse[0], full[0]) and coarse[2:] == full[2:]
