@@ -51,17 +51,20 @@ def tree_rss(pid: int) -> int:
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run cmd; return rc, wall seconds, the peak summed RSS of its process tree (sampled every
-    0.5 s) and wait4's ru_maxrss (the largest single process, which misses a parent + child sum)."""
+    0.5 s) and wait4's ru_maxrss (the largest single process, which misses a parent + child sum). The
+    samples go to LOG.rss.tsv (seconds, bytes)."""
     start = time.perf_counter()
     peak = 0
-    with open(log, "w") as fh:
+    with open(log, "w") as fh, open(log.with_suffix(".rss.tsv"), "w") as timeline:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             while True:
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                peak = max(peak, tree_rss(proc.pid))
+                rss = tree_rss(proc.pid)
+                peak = max(peak, rss)
+                timeline.write(f"{time.perf_counter() - start:.1f}\t{rss}\n")  # which stage peaks: line up with the log
                 time.sleep(0.5)
         except KeyboardInterrupt:
             proc.kill()

@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-import onnx_ir as ir
 
 from passes import NEEDS_CALIBRATION, PassContext
 
@@ -28,7 +27,7 @@ from .cache import StageCache, export_key
 from .calibrate import calibrate
 from .corpus import default_calibration_text, default_eval_text, read_text_file
 from .default_model import default_model_dir
-from .driver import export_to_cache
+from .driver import export_cached
 from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .package import StagedOutput
@@ -36,7 +35,6 @@ from .precision_search import Evaluator, Sensitivity, measure_sensitivity, quant
 from .preflight import check_output_path, check_output_writable
 from .quality import QUALITY_WINDOW, held_out
 from .recipe import load_recipe
-from .runtime import io_from_model
 from .sensitivity_plot import plot_sensitivity
 from .types import ExportedGraph
 
@@ -112,9 +110,7 @@ def _export(loaded, model_path: Path, request: AnalyzeRequest, scratch: Path, no
     entry = cache.get("export", key) if key else None
     if entry is not None:
         note(f"export: cached {key[:12]}")
-        model = ir.load(entry / "model.onnx")
-        return ExportedGraph(model=model, io=io_from_model(model))
-    return export_to_cache(loaded, cache, key, scratch)
+    return export_cached(lambda: loaded, cache, key, entry, scratch)
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:

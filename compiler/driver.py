@@ -116,6 +116,15 @@ def _export(loaded):
         ) from exc
 
 
+def export_cached(loaded, cache: StageCache, key: str | None, hit: Path | None, scratch: Path) -> ExportedGraph:
+    """The export stage: the stored graph when `hit` (cache.get's entry for `key`) is given, else
+    `loaded()` exported and stored under `key`. One path for `llmc build` and `llmc analyze`."""
+    if hit is not None:
+        model = ir.load(hit / "model.onnx")
+        return ExportedGraph(model=model, io=io_from_model(model))
+    return export_to_cache(loaded(), cache, key, scratch)
+
+
 def export_to_cache(loaded, cache: StageCache, key: str | None, scratch: Path) -> ExportedGraph:
     """Export, and store the ONNX under `key` when the cache is enabled (`scratch` is a temporary dir)."""
     graph = _export(loaded)
@@ -264,10 +273,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         why_skipped="passes are cached" if texts.calibration is not None else "no pass of this recipe calibrates")
 
     def do_export() -> ExportedGraph:
-        if hits["export"]:
-            model = ir.load(hits["export"] / "model.onnx")
-            return ExportedGraph(model=model, io=io_from_model(model))
-        return export_to_cache(loaded(), cache, keys.get("export"), out.path / ".export")
+        return export_cached(loaded, cache, keys.get("export"), hits["export"], out.path / ".export")
 
     ctx = PassContext(max_positions=request.options.max_seq,
                       activations=calibration.activations if calibration else None,

@@ -42,31 +42,38 @@ class QualityResult:
     seconds: float
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def _compiled_window_logits(runner: Runner, windows: list[list[int]], batch: int) -> np.ndarray:
-    """Prefill logits at every position of each window ([n, window, vocab]), through the runner's cache path."""
-    out = []
-    for i in range(0, len(windows), batch):
-        chunk = np.array(windows[i:i + batch], np.int64)
-        runner.executor.start(len(chunk))
-        positions = np.tile(np.arange(chunk.shape[1], dtype=np.int64), (len(chunk), 1))
-        out.append(runner.executor.step(chunk, positions).astype(np.float32))
-    return np.concatenate(out)
-
-
-def _reference_window_logits(loaded: LoadedModel, windows: list[list[int]], batch: int) -> np.ndarray:
+def _log_softmax(logits: np.ndarray) -> "torch.Tensor":
+    """float32 log-probabilities (torch: one fused pass; at a 128k vocabulary a float64 numpy
+    log-softmax of 16 windows made ~2 GB arrays, several at a time)."""
     import torch
 
-    out = []
+    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=-1)
+
+
+def _batches(windows: list[list[int]], batch: int):
+    for i in range(0, len(windows), batch):
+        yield i, np.array(windows[i:i + batch], np.int64)
+
+
+def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
+    """Prefill logits at every position of each window in `chunk`, through the runner's cache path."""
+    runner.executor.start(len(chunk))
+    positions = np.tile(np.arange(chunk.shape[1], dtype=np.int64), (len(chunk), 1))
+    return runner.executor.step(chunk, positions)
+
+
+def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int) -> np.ndarray:
+    """[n, window - 1, vocab] float32 reference log-probabilities, filled one batch of windows at a time."""
+    import torch
+
+    out = None
     with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            out.append(loaded.model(input_ids=torch.tensor(windows[i:i + batch]), use_cache=False).logits.float().numpy())
-    return np.concatenate(out)
+        for i, chunk in _batches(windows, batch):
+            logp = _log_softmax(loaded.model(input_ids=torch.from_numpy(chunk), use_cache=False).logits.float().numpy())
+            if out is None:
+                out = np.empty((len(windows), logp.shape[1] - 1, logp.shape[2]), np.float32)
+            out[i:i + len(chunk)] = logp[:, :-1].numpy()
+    return out
 
 
 def _agreement(loaded: LoadedModel, runner: Runner, prompts: list[str], new_tokens: int, cap: int) -> tuple[int, int]:
@@ -96,13 +103,13 @@ class HeldOut:
     """The reference side of the perplexity / KL comparison, computed once and reused for many graphs."""
 
     windows: list[list[int]]
-    reference_logp: np.ndarray  # [n, window - 1, vocab] float64 log-probabilities
+    reference_logp: np.ndarray  # [n, window - 1, vocab] float32 log-probabilities
     targets: np.ndarray  # [n, window - 1] next tokens
     batch: int
 
     @property
     def reference_nll(self) -> float:
-        return float(-_take(self.reference_logp, self.targets).mean())
+        return float(-_take(self.reference_logp, self.targets).astype(np.float64).mean())
 
 
 @dataclasses.dataclass
@@ -119,16 +126,25 @@ def _take(logp: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def held_out(loaded: LoadedModel, eval_text: str, window: int, max_windows: int = 16, batch: int = 4) -> HeldOut:
     windows = tokenize_windows(loaded.tokenizer, eval_text, window, max_windows)
-    ref = _log_softmax(_reference_window_logits(loaded, windows, batch))[:, :-1]
-    return HeldOut(windows, ref, np.array(windows)[:, 1:], batch)
+    return HeldOut(windows, _reference_logp(loaded, windows, batch), np.array(windows)[:, 1:], batch)
 
 
 def score_windows(held: HeldOut, runner: Runner) -> WindowScores:
-    """Perplexity of reference and compiled graph, and mean KL(reference || compiled), on the same windows."""
-    got = _log_softmax(_compiled_window_logits(runner, held.windows, held.batch))[:, :-1]
-    ref_ppl, got_ppl = math.exp(held.reference_nll), math.exp(float(-_take(got, held.targets).mean()))
-    kl = float((np.exp(held.reference_logp) * (held.reference_logp - got)).sum(axis=-1).mean())
-    return WindowScores(ref_ppl, got_ppl, got_ppl / ref_ppl - 1, kl)
+    """Perplexity of reference and compiled graph, and mean KL(reference || compiled), on the same windows.
+
+    One batch of windows at a time: the compiled side never holds more than a batch of
+    log-probabilities (sums accumulate in float64)."""
+    import torch
+
+    nll = kl = 0.0
+    for i, chunk in _batches(held.windows, held.batch):
+        got = _log_softmax(_compiled_logits(runner, chunk))[:, :-1]
+        ref = torch.from_numpy(held.reference_logp[i:i + len(chunk)])
+        nll -= float(got.gather(-1, torch.from_numpy(held.targets[i:i + len(chunk)])[..., None]).sum(dtype=torch.float64))
+        kl += float((ref.exp() * (ref - got)).sum(dim=-1, dtype=torch.float64).sum())
+    rows = held.targets.size
+    ref_ppl, got_ppl = math.exp(held.reference_nll), math.exp(nll / rows)
+    return WindowScores(ref_ppl, got_ppl, got_ppl / ref_ppl - 1, kl / rows)
 
 
 def eval_window(executor: OnnxRuntimeExecutor, window: int = 128, capacity: int | None = None) -> int:

@@ -94,3 +94,20 @@ def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_di
     assert not out.exists()
     failed = tmp_path / "strict.failed"
     assert json.loads((failed / "report.json").read_text())["status"] == "fail"
+
+
+def test_llmc_command_exits_fast_with_its_output_and_codes(tmp_path):
+    """The `llmc` command leaves through compiler.cli.run (os._exit, skipping the interpreter's
+    teardown): piped output is still complete and every exit code is still the documented one."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["llmc"] == "compiler.cli:run"
+    cli = [sys.executable, "-m", "compiler.cli"]
+    codes = subprocess.run([*cli, "exit-codes"], capture_output=True, text=True, timeout=300)
+    assert codes.returncode == 0 and codes.stdout.strip().splitlines()[-1].startswith("143")  # flushed to the pipe
+    missing = subprocess.run([*cli, "build", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "model directory not found" in missing.stderr
+    usage = subprocess.run([*cli, "build", "--no-such-option"], capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+    assert not (tmp_path / "missing").exists()

@@ -82,3 +82,42 @@ def test_size_against_the_floor(trained_fp16, trained_quantized):
         # as the FP16 file (28 DequantizeLinear nodes and their names add a few KB).
         overhead = path.stat().st_size - fp["floor_bytes"]
         assert abs(overhead - graph_bytes) < 16_000, (overhead, graph_bytes)
+
+
+def test_window_scores_stream_batches_and_match_float64():
+    """score_windows works one batch of windows at a time in float32 (memory: a 128k vocabulary made
+    GB-sized float64 arrays); its perplexities and KL match a whole-array float64 computation."""
+    from types import SimpleNamespace
+
+    from compiler.quality import HeldOut, score_windows
+
+    rng = np.random.default_rng(0)
+    n, w, v = 5, 7, 50  # 5 windows in batches of 2: the last batch is short
+    ref_logits = rng.normal(size=(n, w, v)) * 3
+    got_logits = ref_logits + rng.normal(size=(n, w, v))
+    windows = rng.integers(0, v, size=(n, w))
+
+    def logp(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    class Executor:  # the runner's executor: prefill logits of whichever windows it is given
+        def start(self, batch):
+            self.batch = batch
+
+        def step(self, ids, positions):
+            rows = [next(i for i in range(n) if (windows[i] == r).all()) for r in ids]
+            assert len(rows) == self.batch and positions.shape == ids.shape
+            return got_logits[rows].astype(np.float16)  # what an FP16 graph hands back
+
+    ref, got = logp(ref_logits)[:, :-1], logp(got_logits.astype(np.float16).astype(np.float64))[:, :-1]
+    targets = windows[:, 1:]
+    held = HeldOut(windows.tolist(), ref.astype(np.float32), targets, batch=2)
+    scores = score_windows(held, SimpleNamespace(executor=Executor()))
+    take = lambda lp: np.take_along_axis(lp, targets[..., None], -1)[..., 0]  # noqa: E731
+    ref_ppl, got_ppl = np.exp(-take(ref).mean()), np.exp(-take(got).mean())
+    assert scores.reference_perplexity == pytest.approx(ref_ppl, rel=1e-5)
+    assert scores.compiled_perplexity == pytest.approx(got_ppl, rel=1e-5)
+    assert scores.ppl_delta == pytest.approx(got_ppl / ref_ppl - 1, rel=1e-4, abs=1e-6)
+    assert scores.kl_mean == pytest.approx((np.exp(ref) * (ref - got)).sum(-1).mean(), rel=1e-4)
+    assert scores.kl_mean > 0.1  # the two distributions differ, so the check compares something
