@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-
 from passes import NEEDS_CALIBRATION, PassContext
 
 from .cache import StageCache, export_key

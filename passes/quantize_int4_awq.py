@@ -88,7 +88,7 @@ def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> tuple[t
     if w_KN.numel() < BIG_WEIGHT:
         for alpha in ALPHA_GRID:
             score(alpha)
-    else:  # coarse to fine: every 4th grid point, then the 4 around the best (at most 12 of 21 evaluations)
+    else:  # coarse to fine: every 4th grid point, then the 3 either side of the best (at most 12 of 21 evaluations)
         for alpha in ALPHA_GRID[::COARSE_STRIDE]:
             score(alpha)
         i = ALPHA_GRID.index(min(scores, key=lambda a: scores[a][0]))
