@@ -85,7 +85,7 @@ def llmc_build(model: Path, recipe: str, out: Path, logs: Path) -> dict:
         res["stages_s"] = {k: round(v, 1) for k, v in data.get("timings_s", {}).items()}
         res["status"] = data.get("status")
         res["sizes_bytes"] = data.get("sizes_bytes")
-        res["max_abs_err"] = (data.get("validation") or {}).get("max_abs_err")
+        res["max_abs_err"] = (data.get("numerics") or {}).get("max_abs_error")
     return res
 
 

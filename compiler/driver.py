@@ -1,4 +1,5 @@
-"""`llmc build` end to end: load -> calibrate -> export -> precision -> passes -> build -> validate -> quality -> package.
+"""`llmc build` end to end: load -> calibrate -> reference -> export -> precision -> passes -> build -> validate
+-> quality -> package.
 
 Each stage is one module; this file only calls them in order, times them, and assembles the
 report. Everything that can be checked without loading weights (model files, recipe, options,
@@ -6,12 +7,19 @@ output path, the lock) is checked first, before any output exists. Nothing is wr
 output path until every stage has succeeded (or, for an accuracy failure, the complete build is
 kept at `<out>.failed` for inspection). With a cache directory, stages whose inputs are unchanged
 are restored instead of recomputed (compiler/cache.py says what each key covers).
+
+Memory: the PyTorch model is used only up to the export. The reference stage computes everything
+validate and quality compare against (decode logits, held-out log-probabilities, greedy
+continuations) first, and the model is dropped after the export, so it is never resident beside the
+graph's own weights or the onnxruntime session (at 1B, 4.9 GB each in FP32). validate and quality
+share one onnxruntime session.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import json
 import shutil
 import time
@@ -39,18 +47,20 @@ from .pass_check import describe_divergence, first_divergent
 from .pipeline import run_passes
 from .report_card import write_card
 from .precision_search import SAFER, Evaluator, SearchResult, quant_entry, search_budget
-from .quality import QUALITY_WINDOW, held_out, measure_quality
+from .quality import QUALITY_WINDOW, QualityReference, quality_reference, score
 from .sizes import weight_footprint
 from .preflight import check_max_seq, check_output_path, check_output_writable
 from .recipe import load_recipe, parse_recipe
+from .runner import Runner
 from .runtime import io_from_model, io_from_onnx
+from .runtime_onnx import OnnxRuntimeExecutor
 from .triton_repo import write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
-from .validate import DEFAULT_PROMPT, rejudge, validate
+from .validate import DEFAULT_PROMPT, DecodeReference, compare, decode_reference, rejudge
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
 
-STAGES = ("load", "calibrate", "export", "precision", "passes", "build", "validate", "quality", "package")
+STAGES = ("load", "calibrate", "reference", "export", "precision", "passes", "build", "validate", "quality", "package")
 CACHED_STAGES = ("export", "passes", "build", "validate")
 # OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
 # (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
@@ -230,6 +240,14 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
 
 
 @dataclasses.dataclass
+class References:
+    """The reference stage's output: the PyTorch side of validate and quality (None: not needed)."""
+
+    decode: DecodeReference | None  # None when validation is cached
+    quality: QualityReference | None  # None when the build measures no quality
+
+
+@dataclasses.dataclass
 class _Texts:
     calibration: str | None  # None: no pass of the recipe calibrates
     evaluation: str | None  # None: no quality stage
@@ -272,17 +290,27 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         lambda c: f"{c.tokens} tokens, {len(c.activations)} linear layers",
         why_skipped="passes are cached" if texts.calibration is not None else "no pass of this recipe calibrates")
 
+    def do_reference() -> References:
+        decode = None if hits["validate"] else decode_reference(
+            loaded(), request.prompt, request.decode_steps, max_positions=request.options.max_seq)
+        quality_ref = None if texts.evaluation is None else quality_reference(
+            loaded(), texts.evaluation, request.options.max_seq, window=QUALITY_WINDOW)
+        return References(decode, quality_ref)
+
+    refs = stage(2, "reference", do_reference if hits["validate"] is None or texts.evaluation is not None else None,
+                 lambda r: ", ".join(([f"{r.decode.decode_steps + 1} decode steps"] if r.decode else [])
+                                     + ([f"{r.quality.held.targets.size} held-out tokens"] if r.quality else [])),
+                 why_skipped="no quality to measure and validation is cached")
+
     def do_export() -> ExportedGraph:
         return export_cached(loaded, cache, keys.get("export"), hits["export"], out.path / ".export")
 
     ctx = PassContext(max_positions=request.options.max_seq,
                       activations=calibration.activations if calibration else None,
                       sliding_window=_spec_window(model_path, request))
-    held_box: list = []  # the held-out reference, computed once for the search and the quality stage
-
     def do_precision() -> SearchResult:
-        held_box.append(held_out(loaded(), texts.evaluation, min(QUALITY_WINDOW, request.options.max_seq)))
-        evaluator = Evaluator(exported, recipe, ctx, held_box[0], loaded().tokenizer.pad_token_id, request.promote_to)
+        evaluator = Evaluator(exported, recipe, ctx, refs.quality.held, loaded_box[0].tokenizer.pad_token_id,
+                              request.promote_to)
         progress.note(f"searching {len(evaluator.units)} matmuls: {evaluator.aggressive.label} -> "
                       f"{evaluator.safer.label} -> fp16 for held-out perplexity delta <= {request.max_ppl_delta:.2%}")
         found = search_budget(
@@ -310,18 +338,22 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         return records
 
     if hits["passes"]:  # the export is only the passes' input: with passes cached it is not even read
-        progress.stage_end(2, "export", 0.0, "skipped: passes are cached")
+        progress.stage_end(3, "export", 0.0, "skipped: passes are cached")
         timings["export"] = 0.0
     else:
-        exported = stage(2, "export", do_export, lambda g: f"{len(g.model.graph)} nodes")
+        exported = stage(3, "export", do_export, lambda g: f"{len(g.model.graph)} nodes")
+    if loaded_box:  # the model's last user was the export; the graph's initializers still view its
+        # tensors, so they are freed as the passes replace them (cast-fp16, quantization)
+        loaded_box[0] = dataclasses.replace(loaded_box[0], model=None)
+        gc.collect()
     search = None
     if request.max_ppl_delta is None:
-        progress.stage_end(3, "precision", 0.0, "skipped: no --max-ppl-delta")
+        progress.stage_end(4, "precision", 0.0, "skipped: no --max-ppl-delta")
     elif hits["passes"]:
-        progress.stage_end(3, "precision", 0.0, "skipped: passes are cached")
+        progress.stage_end(4, "precision", 0.0, "skipped: passes are cached")
         search = json.loads((hits["passes"] / "meta.json").read_text())["search"]
     else:
-        found = stage(3, "precision", do_precision, search_detail)
+        found = stage(4, "precision", do_precision, search_detail)
         search = found.report()
     if search is not None:  # the build runs the chosen recipe, and keeps it to reproduce the build
         text = (hits["passes"] / "recipe.yaml").read_text() if hits["passes"] else found.recipe_text
@@ -329,7 +361,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         search["base_recipe"] = recipe.name
         recipe = parse_recipe(text, output / "recipe.yaml")
 
-    records = stage(4, "passes", do_passes, lambda r: f"{len(r)} passes")
+    records = stage(5, "passes", do_passes, lambda r: f"{len(r)} passes")
     # The graph is on disk now; what follows reads model.onnx. Dropping the in-memory graph and the
     # calibration sample frees the model's bytes again (2.5 GB + 1.3 GB on a 1B model) before the
     # engine build and onnxruntime load their own copies.
@@ -352,29 +384,35 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         cache.put("build", keys.get("build", ""), {"model.plan": plan}, meta)
         return engine
 
-    engine = stage(5, "build", do_build,
+    engine = stage(6, "build", do_build,
                    lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
+
+    session: list[OnnxRuntimeExecutor] = []  # one onnxruntime session for validate and quality
+
+    def executor() -> OnnxRuntimeExecutor:
+        if not session:
+            session.append(OnnxRuntimeExecutor(out.path / "model.onnx"))
+        return session[0]
 
     def do_validate() -> ValidationResult:
         if hits["validate"]:
             data = json.loads((hits["validate"] / "meta.json").read_text())["result"]
             return rejudge(ValidationResult(**{**data, "tolerance": recipe.tolerance}), recipe.tolerance)
-        result = validate(loaded(), out.path / "model.onnx", recipe.tolerance, prompt=request.prompt,
-                          decode_steps=request.decode_steps, max_positions=request.options.max_seq)
+        result = compare(refs.decode, executor(), recipe.tolerance)
         cache.put("validate", keys.get("validate", ""), {},
-                  {"result": dataclasses.asdict(result), "parameters": loaded().num_parameters})
+                  {"result": dataclasses.asdict(result), "parameters": loaded_box[0].num_parameters})
         return result
 
-    result = stage(6, "validate", do_validate,
+    result = stage(7, "validate", do_validate,
                    lambda v: f"max err {v.max_abs_error:.3g}, agreement {v.greedy_agreement:.0%}")
     quality = stage(
-        7, "quality",
-        (lambda: measure_quality(loaded(), out.path / "model.onnx", texts.evaluation, capacity=request.options.max_seq,
-                                 window=QUALITY_WINDOW, held=held_box[0] if held_box else None))
+        8, "quality",
+        (lambda: score(refs.quality, Runner(executor(), loaded_box[0].tokenizer.pad_token_id)))
         if texts.evaluation is not None else None,
         lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
                   f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
         why_skipped="the recipe does not quantize (use --measure-quality)")
+    session.clear()  # the FP32 session weights go before packaging
     failures = list(result.failures)
     if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
         failures.append(
@@ -444,7 +482,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         write_report(out.path / "report.json", report)
         return report
 
-    stage(8, "package", package)
+    stage(9, "package", package)
     report["timings_s"]["total"] = sum(timings.values())
     write_report(out.path / "report.json", report)
     write_card(out.path)  # report.md (+ plots), rendered from report.json alone

@@ -10,6 +10,9 @@ calibration text:
 - greedy agreement over `new_tokens` continuation tokens of a few prompts: the reference decodes
   greedily, the compiled graph is teacher-forced on that continuation (so one flip cannot cascade)
   and its argmax is compared at every step.
+
+The PyTorch side is `quality_reference` (a `QualityReference`), computed before the model is
+dropped; `score` runs the compiled graph against it with any executor, e.g. the one validate used.
 """
 
 from __future__ import annotations
@@ -76,16 +79,11 @@ def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int) -
     return out
 
 
-def _agreement(loaded: LoadedModel, runner: Runner, prompts: list[str], new_tokens: int, cap: int) -> tuple[int, int]:
+def _agreement(runner: Runner, prompt_ids: list[list[int]], forced: list[list[int]]) -> tuple[int, int]:
     """Batched teacher forcing: every prompt's reference continuation is fed in one decode batch."""
-    from .validate import reference_decode
-
-    ids = [loaded.tokenizer(p).input_ids[: max(1, cap - new_tokens)] or [loaded.tokenizer.bos_token_id or 0]
-           for p in prompts]
-    forced = [reference_decode(loaded, p, new_tokens - 1)[1] for p in ids]
-    picks = [runner.prefill(ids).argmax(-1)]
-    for i in range(new_tokens - 1):
-        picks.append(runner.decode([f[i] for f in forced], [len(p) + i for p in ids]).argmax(-1))
+    picks = [runner.prefill(prompt_ids).argmax(-1)]
+    for i in range(len(forced[0]) - 1):
+        picks.append(runner.decode([f[i] for f in forced], [len(p) + i for p in prompt_ids]).argmax(-1))
     compiled = np.stack(picks, axis=1)  # [prompts, new_tokens]
     return int((compiled == np.array(forced)).sum()), compiled.size
 
@@ -147,23 +145,46 @@ def score_windows(held: HeldOut, runner: Runner) -> WindowScores:
     return WindowScores(ref_ppl, got_ppl, got_ppl / ref_ppl - 1, kl / rows)
 
 
-def eval_window(executor: OnnxRuntimeExecutor, window: int = 128, capacity: int | None = None) -> int:
-    """The window length the quality stage uses: 128 tokens, or fewer if the graph holds fewer."""
-    return min(window, capacity or executor.io.capacity or window)
+@dataclasses.dataclass
+class QualityReference:
+    """The PyTorch side of the quality stage: everything `score` needs, without the model."""
+
+    held: HeldOut
+    prompt_ids: list[list[int]]  # the agreement prompts, tokenized and cut to fit
+    forced: list[list[int]]  # the reference's greedy continuation of each, new_tokens long
 
 
-def measure_quality(loaded: LoadedModel, onnx_path: Path, eval_text: str, *, window: int = 128,
-                    max_windows: int = 16, batch: int = 4, new_tokens: int = 64, prompts: list[str] | None = None,
-                    capacity: int | None = None, held: HeldOut | None = None) -> QualityResult:
+def quality_reference(loaded: LoadedModel, eval_text: str, capacity: int, *, window: int = 128,
+                      max_windows: int = 16, batch: int = 4, new_tokens: int = 64, prompts: list[str] | None = None,
+                      held: HeldOut | None = None) -> QualityReference:
+    """capacity: the positions the compiled graph holds (--max-seq); windows and prompts are cut to fit."""
+    from .validate import reference_decode
+
+    held = held or held_out(loaded, eval_text, min(window, capacity), max_windows, batch)
+    ids = [loaded.tokenizer(p).input_ids[: max(1, capacity - new_tokens)] or [loaded.tokenizer.bos_token_id or 0]
+           for p in prompts or default_prompts(eval_text)]
+    forced = [reference_decode(loaded, p, new_tokens - 1)[1] for p in ids]
+    return QualityReference(held, ids, forced)
+
+
+def score(reference: QualityReference, runner: Runner) -> QualityResult:
+    """The compiled graph (through `runner`) against the reference: perplexity, KL, agreement."""
     start = time.perf_counter()
-    executor = OnnxRuntimeExecutor(onnx_path)
-    runner = Runner(executor, loaded.tokenizer.pad_token_id)
-    cap = capacity or executor.io.capacity or window
-    held = held or held_out(loaded, eval_text, eval_window(executor, window, capacity), max_windows, batch)
-    scores = score_windows(held, runner)
-    agree, total = _agreement(loaded, runner, prompts or default_prompts(eval_text), new_tokens, cap)
+    scores = score_windows(reference.held, runner)
+    agree, total = _agreement(runner, reference.prompt_ids, reference.forced)
     return QualityResult(
         reference_perplexity=scores.reference_perplexity, compiled_perplexity=scores.compiled_perplexity,
         ppl_delta=scores.ppl_delta, kl_mean=scores.kl_mean, greedy_agreement=agree / total if total else 1.0,
-        agreement_tokens=total, eval_tokens=int(held.targets.size), seconds=time.perf_counter() - start,
+        agreement_tokens=total, eval_tokens=int(reference.held.targets.size), seconds=time.perf_counter() - start,
     )
+
+
+def measure_quality(loaded: LoadedModel, onnx_path: Path, eval_text: str, *, capacity: int | None = None,
+                    **kwargs) -> QualityResult:
+    """Both sides in one call (kwargs: quality_reference's); the build runs them as separate stages."""
+    start = time.perf_counter()
+    executor = OnnxRuntimeExecutor(onnx_path)
+    reference = quality_reference(loaded, eval_text, capacity or executor.io.capacity or kwargs.get("window", 128),
+                                  **kwargs)
+    result = score(reference, Runner(executor, loaded.tokenizer.pad_token_id))
+    return dataclasses.replace(result, seconds=time.perf_counter() - start)
