@@ -12,6 +12,7 @@ dequantized ahead, max |logit diff| was 0.0 at basic, 5.39 at extended and 0.06 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ _FP8_E4M3 = 17  # onnx.TensorProto.FLOAT8E4M3FN
 # onnxruntime threads when the caller names none (default: every core). Set by processes that share the
 # machine with others, e.g. parallel test workers (tests/conftest.py), where spinning threads would fight.
 THREADS_ENV = "LLMC_ORT_THREADS"
+SCRATCH_ENV = "LLMC_SCRATCH_DIR"  # where widened FP32 weights are staged for onnxruntime (compiler/ort_widen.py)
 
 
 class OnnxRuntimeExecutor:
@@ -60,12 +62,10 @@ class OnnxRuntimeExecutor:
         if widen_fp16_matmul is None:  # the CPU provider has no FP16 GEMM (compiler/ort_widen.py)
             widen_fp16_matmul = providers[0] == "CPUExecutionProvider"
         self.widened = 0
-        model: str | bytes = str(onnx_path)
         if widen_fp16_matmul:
-            wide = widened(Path(onnx_path))
-            model, self.widened = wide.model_bytes, wide.matmuls
-            wide.session_options(opts, Path(onnx_path).resolve().parent)
-        self.session = ort.InferenceSession(model, opts, providers=providers)
+            self.session = self._widened_session(Path(onnx_path), opts, providers)
+        else:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         self._types = {i.name: _ORT_TYPES[i.type] for i in self.session.get_inputs()}
         self._fp8 = {i.name for i in self.session.get_inputs() if i.type == "tensor(float8e4m3fn)"}
@@ -73,6 +73,19 @@ class OnnxRuntimeExecutor:
         self.io = io_from_onnx(Path(onnx_path))
         self.cache: HostKVCache | None = None
         self.block_allocator = block_allocator
+
+    def _widened_session(self, onnx_path: Path, opts, providers):
+        """The session over the widened graph; its FP32 weights pass through a scratch file (under
+        $LLMC_SCRATCH_DIR, else the system temp dir) that is deleted once the session holds them."""
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None) as scratch:
+            try:
+                wide = widened(onnx_path, Path(scratch))
+            except OSError:  # scratch not writable or full: the weights stay in memory (2x at creation)
+                wide = widened(onnx_path)
+            self.widened = wide.matmuls
+            return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._types[name])

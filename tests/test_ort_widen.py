@@ -57,3 +57,39 @@ def test_outputs_match_the_fp16_fallback_and_pytorch(graph, trained, trained_fp1
     err_wide = np.mean([np.abs(y - r).mean() for y, r in zip(b, ref)])
     assert err_wide <= err_native * 1.25  # no less faithful to PyTorch than the fallback
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the artifact is never rewritten
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_weights_through_a_scratch_file_match_in_memory(external, trained_fp16, tmp_path, monkeypatch):
+    """The executor stages the FP32 weights in a memory-mapped scratch file (not 2x in memory while
+    the session is created): same logits as the in-memory arrays, the file and its folder deleted,
+    the graph's own external data read into the graph bytes."""
+    import onnxruntime as ort
+
+    from compiler.ort_widen import ALIGN, WeightFile, widened
+
+    path = trained_fp16
+    if external:  # the layout of a graph over EXTERNAL_DATA_THRESHOLD: weights in model.onnx.data
+        path = tmp_path / "ext" / "model.onnx"
+        path.parent.mkdir()
+        ir.save(ir.load(trained_fp16), path, external_data="model.onnx.data")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    wide = widened(path, scratch)
+    assert wide.initializers == {} and wide.folder == scratch
+    blob = (scratch / WeightFile.NAME).stat().st_size
+    assert blob >= sum(n.nbytes for n in widened(path).initializers.values())
+    model = ir.from_proto(__import__("onnx").load_from_string(wide.model_bytes))
+    offsets = [v.const_value.offset for v in model.graph.initializers.values()
+               if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location == WeightFile.NAME]
+    assert len(offsets) == wide.matmuls and all(o % ALIGN == 0 for o in offsets)
+    assert sorted(f.name for f in scratch.iterdir()) == [WeightFile.NAME]  # nothing else needed beside it
+    feeds_prompt = [5, 17, 3, 99, 42, 7]
+    monkeypatch.setenv("LLMC_SCRATCH_DIR", str(tmp_path / "env"))
+    (tmp_path / "env").mkdir()
+    from_file = Runner(OnnxRuntimeExecutor(path)).teacher_forced(feeds_prompt, [1, 2, 3])
+    assert list((tmp_path / "env").iterdir()) == []  # the scratch folder is gone once the session holds the weights
+    monkeypatch.setattr("compiler.runtime_onnx.widened", lambda p, scratch=None: widened(p))  # arrays in memory
+    in_memory = Runner(OnnxRuntimeExecutor(path)).teacher_forced(feeds_prompt, [1, 2, 3])
+    assert all(np.array_equal(a, b) for a, b in zip(from_file, in_memory))
+    del ort
