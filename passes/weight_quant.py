@@ -140,5 +140,9 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if qw.scale.dtype != w.dtype and w.dtype == np.float16:
                 qw.scale = qw.scale.astype(np.float16)
             replace_weight(model.graph, target, qw, self.q_dtype)
+            # The dropped initializer's Value still holds the float tensor, and `targets` holds the
+            # Value until the pass ends: release it now, or every float weight stays resident beside
+            # its quantized form (1B int4-awq: +2 GB by the pass's end).
+            target.weight.const_value = w = None
             self.quantized.append(target.name)
         return ir.passes.PassResult(model, modified=bool(targets))
