@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +77,24 @@ class OnnxRuntimeExecutor:
 
     def _widened_session(self, onnx_path: Path, opts, providers):
         """The session over the widened graph; its FP32 weights pass through a scratch file (under
-        $LLMC_SCRATCH_DIR, else the system temp dir) that is deleted once the session holds them."""
+        $LLMC_SCRATCH_DIR, else the system temp dir) that is deleted once the session holds them.
+        Without a usable scratch folder they stay arrays in memory (2x while the session is created)."""
         import onnxruntime as ort
 
-        with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None) as scratch:
-            try:
+        wide = None
+        try:
+            with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None) as scratch:
                 wide = widened(onnx_path, Path(scratch))
-            except OSError:  # scratch not writable or full: the weights stay in memory (2x at creation)
-                wide = widened(onnx_path)
-            self.widened = wide.matmuls
-            return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
+                self.widened = wide.matmuls
+                return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
+        except OSError as exc:
+            if wide is not None:  # the session itself failed, not the scratch folder
+                raise
+            warnings.warn(f"no scratch folder for the widened FP32 weights ({exc}); they stay in memory, 2x while "
+                          f"the onnxruntime session is created (set {SCRATCH_ENV} to a writable disk folder)")
+        wide = widened(onnx_path)
+        self.widened = wide.matmuls
+        return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._types[name])

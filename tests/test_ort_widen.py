@@ -93,3 +93,11 @@ def test_weights_through_a_scratch_file_match_in_memory(external, trained_fp16, 
     in_memory = Runner(OnnxRuntimeExecutor(path)).teacher_forced(feeds_prompt, [1, 2, 3])
     assert all(np.array_equal(a, b) for a, b in zip(from_file, in_memory))
     del ort
+
+
+def test_unusable_scratch_folder_falls_back_to_memory_and_says_so(trained_fp16, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMC_SCRATCH_DIR", str(tmp_path / "missing"))
+    with pytest.warns(UserWarning, match="LLMC_SCRATCH_DIR"):
+        ex = OnnxRuntimeExecutor(trained_fp16)
+    assert ex.widened == _fp16_matmuls(ir.load(trained_fp16))
+    assert np.isfinite(Runner(ex).teacher_forced([5, 17, 3], [1])[-1]).all()
