@@ -15,10 +15,11 @@ TensorRT parsed. The cost is an FP32 copy of the matmul weights in memory, in pl
 
 Where the FP32 weights live: given a scratch folder, they are written one at a time to a file there
 (`WeightFile`) that onnxruntime memory-maps, and the graph's remaining external data (embeddings,
-norms) is read into the graph bytes. onnxruntime packs each weight into its GEMM layout, its own copy, then unmaps the file.
-Handed over as arrays instead, both copies were resident while the session was created: measured on
-a 1B INT4 graph (2026-11-28), 6.5 GB before the session and 12.0 GB after it, 13.0 GB peak; at 135M
-the peak fell from 1.82 to 1.42 GB with the file, with identical logits.
+norms) is read into the graph bytes. onnxruntime packs each weight into its GEMM layout, its own
+copy, then unmaps the file. Handed over as arrays instead, both copies were resident while the
+session was created: measured on a 1B INT4 graph (2026-11-28), 6.5 GB before the session and
+12.0 GB after it, 13.0 GB peak; at 135M the peak fell from 1.82 to 1.42 GB with the file, with
+identical logits.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class WeightFile:
         self._fh.close()
 
 
-def widen_fp16_matmuls(model: ir.Model, store=None) -> tuple[int, dict[str, np.ndarray]]:
+def widen_fp16_matmuls(model: ir.Model, store: InMemory | WeightFile | None = None
+                       ) -> tuple[int, InMemory | WeightFile]:
     """Rewrite FP16 MatMuls in place; return their count and the store the FP32 weights went to
     (default: an InMemory dict; a WeightFile writes them to disk)."""
     store = InMemory() if store is None else store

@@ -83,7 +83,8 @@ class OnnxRuntimeExecutor:
 
         wide = None
         try:
-            with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None) as scratch:
+            folder = os.environ.get(SCRATCH_ENV) or None
+            with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=folder) as scratch:
                 wide = widened(onnx_path, Path(scratch))
                 self.widened = wide.matmuls
                 return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
