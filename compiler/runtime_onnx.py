@@ -11,6 +11,7 @@ dequantized ahead, max |logit diff| was 0.0 at basic, 5.39 at extended and 0.06 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -81,21 +82,17 @@ class OnnxRuntimeExecutor:
         Without a usable scratch folder they stay arrays in memory (2x while the session is created)."""
         import onnxruntime as ort
 
-        wide = None
-        try:
-            folder = os.environ.get(SCRATCH_ENV) or None
-            with tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=folder) as scratch:
+        with contextlib.ExitStack() as scratch_folder:  # kept until the session holds the weights
+            try:
+                scratch = scratch_folder.enter_context(
+                    tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None))
                 wide = widened(onnx_path, Path(scratch))
-                self.widened = wide.matmuls
-                return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
-        except OSError as exc:
-            if wide is not None:  # the session itself failed, not the scratch folder
-                raise
-            warnings.warn(f"no scratch folder for the widened FP32 weights ({exc}); they stay in memory, 2x while "
-                          f"the onnxruntime session is created (set {SCRATCH_ENV} to a writable disk folder)")
-        wide = widened(onnx_path)
-        self.widened = wide.matmuls
-        return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
+            except OSError as exc:
+                warnings.warn(f"no scratch folder for the widened FP32 weights ({exc}); they stay in memory, 2x "
+                              f"while the onnxruntime session is created (set {SCRATCH_ENV} to a writable disk folder)")
+                wide = widened(onnx_path)
+            self.widened = wide.matmuls
+            return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)
 
     def input_dtype(self, name: str) -> np.dtype:
         return np.dtype(self._types[name])
