@@ -158,12 +158,12 @@ def quality_reference(loaded: LoadedModel, eval_text: str, capacity: int, *, win
                       max_windows: int = 16, batch: int = 4, new_tokens: int = 64, prompts: list[str] | None = None,
                       held: HeldOut | None = None) -> QualityReference:
     """capacity: the positions the compiled graph holds (--max-seq); windows and prompts are cut to fit."""
-    from .validate import reference_decode
+    from .validate import reference_greedy
 
     held = held or held_out(loaded, eval_text, min(window, capacity), max_windows, batch)
     ids = [loaded.tokenizer(p).input_ids[: max(1, capacity - new_tokens)] or [loaded.tokenizer.bos_token_id or 0]
            for p in prompts or default_prompts(eval_text)]
-    forced = [reference_decode(loaded, p, new_tokens - 1)[1] for p in ids]
+    forced = reference_greedy(loaded, ids, new_tokens)
     return QualityReference(held, ids, forced)
 
 

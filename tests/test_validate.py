@@ -40,3 +40,16 @@ def test_prompt_longer_than_graph_positions_is_bad_input(llama, final_fp32):
 
     with pytest.raises(BadInputError, match="--max-seq"):
         validate(llama, final_fp32("llama"), STRICT, decode_steps=16, max_positions=8)
+
+
+def test_batched_greedy_reference_equals_one_prompt_at_a_time(loaded_models, trained):
+    """Left padding, the mask and explicit positions make each row decode exactly its own prompt."""
+    from compiler.validate import reference_decode, reference_greedy
+
+    for loaded in (trained, loaded_models["qwen2"]):
+        vocab = loaded.model.config.vocab_size
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(1, vocab, size=n).tolist() for n in (3, 11, 1, 7)]
+        batched = reference_greedy(loaded, prompts, 12)
+        assert [len(row) for row in batched] == [12] * 4
+        assert batched == [reference_decode(loaded, p, 11)[1] for p in prompts]
