@@ -368,6 +368,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     exported = ctx = None
     if calibration is not None:
         calibration = dataclasses.replace(calibration, activations={})
+    gc.collect()  # an ir graph is all reference cycles (node <-> value): only the collector frees it
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:

@@ -14,6 +14,8 @@ import logging
 import time
 import warnings
 
+from passes.rewriter_state import forget_matched_graphs
+
 from .types import ExportedGraph, GraphIO, LoadedModel
 
 OPSET = 23
@@ -159,6 +161,7 @@ def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool)
             optimize=True,
             verify=False,
         )
+    forget_matched_graphs()  # optimize=True ran onnxscript's module-level rules on this graph
     return program.model
 
 

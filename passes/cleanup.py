@@ -10,6 +10,8 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from .rewriter_state import forget_matched_graphs
+
 
 def _fingerprint(model: ir.Model) -> tuple:
     return (
@@ -31,6 +33,7 @@ class CleanupPass(ir.passes.InPlacePass):
         before = _fingerprint(model)
         # Never fold a weight's DequantizeLinear back into a float constant: that would undo quantization.
         onnxscript.optimizer.optimize_ir(model, num_iterations=2, should_fold=_keep_quantized)
+        forget_matched_graphs()  # else onnxscript's module-level rules keep this graph alive
         common.CommonSubexpressionEliminationPass()(model)
         common.RemoveUnusedNodesPass()(model)
         common.RemoveUnusedOpsetsPass()(model)

@@ -31,3 +31,19 @@ def test_backend_parses_and_builds(fresh_llama_model, tmp_path):
     CleanupPass()(fresh_llama_model)
     engine = build_with_backend(save(fresh_llama_model, tmp_path / "m.onnx"), tmp_path)
     assert engine.layer_types.get("MATRIX_MULTIPLY", 0) > 0
+
+
+def test_leaves_no_reference_to_the_graph(llama_export):
+    """onnxscript's module-level rules keep the last graph their matchers saw; the pass clears that,
+    so dropping the model frees it (and its weights): at 1B this held 3.6 GB."""
+    import gc
+    import weakref
+
+    import onnx_ir as ir
+
+    model = ir.load(llama_export[0])
+    assert CleanupPass()(model).modified
+    graph = weakref.ref(model.graph)
+    del model
+    gc.collect()
+    assert graph() is None

@@ -48,3 +48,20 @@ def test_backend_builds_native_attention_not_a_matmul_softmax_chain(before, llam
     assert engine.layer_types.get("ATTENTION_INPUT") == io.num_layers
     assert "SOFTMAX" not in engine.layer_types
     assert engine.layer_types["MATRIX_MULTIPLY"] == 7 * io.num_layers + 1  # projections + lm_head only
+
+
+def test_leaves_no_reference_to_the_graph(llama_export):
+    """The rule set is made per run: a module-level one kept the last graph its matcher saw."""
+    import gc
+    import weakref
+
+    import onnx_ir as ir
+
+    model = ir.load(llama_export[0])
+    CleanupPass()(model)
+    Rotary2DCachePass(64)(model)
+    assert GqaNativeAttentionPass()(model).modified
+    graph = weakref.ref(model.graph)
+    del model
+    gc.collect()
+    assert graph() is None
