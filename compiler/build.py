@@ -88,6 +88,41 @@ def _np_dtype(trt, dtype) -> str:
     return names.get(dtype, str(dtype).split(".")[-1].lower())
 
 
+def write_plan(trt, builder, network, config, plan_path: Path) -> bool:
+    """Build and write the plan without a host copy of it where the backend allows.
+
+    Why: a plan is as big as the weights (2.5 GB at 1B FP16). `build_serialized_network` returns it
+    in host memory, and `bytes()` of that copied it again: two plan-sized buffers beside the parsed
+    weights. `build_serialized_network_to_stream` (TensorRT 10.x, TensorRT-RTX) hands it to us in
+    chunks, written straight to the file; the same bytes (checked on the 1B plan). Otherwise the
+    buffer is written through a memoryview, not copied."""
+    if hasattr(builder, "build_serialized_network_to_stream"):
+        with open(plan_path, "wb") as fh:
+            ok = builder.build_serialized_network_to_stream(network, config, _file_writer(trt, fh))
+        if not ok:
+            plan_path.unlink(missing_ok=True)
+        return bool(ok)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        return False
+    with open(plan_path, "wb") as fh:
+        fh.write(memoryview(engine))
+    return True
+
+
+def _file_writer(trt, fh):
+    """An IStreamWriter that appends each chunk to an open file (the class needs the backend module)."""
+
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+
+        def write(self, data) -> int:
+            return fh.write(data)
+
+    return FileWriter()
+
+
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
@@ -136,10 +171,8 @@ def build_engine(
         config.set_timing_cache(cache, ignore_mismatch=True)
         cache_note = f"reused {timing_cache_path}" if blob else f"created {timing_cache_path}"
 
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
+    if not write_plan(trt, builder, network, config, plan_path):
         raise BackendBuildError(f"{backend.name} failed to build the engine: " + " | ".join(logger.messages[-5:]))
-    plan_path.write_bytes(bytes(engine))
     if use_cache:
         timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = timing_cache_path.with_suffix(".tmp")
