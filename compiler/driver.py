@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gc
 import json
 import shutil
 import time
@@ -42,6 +41,7 @@ from .export import export_onnx
 from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .manifest import write_manifest
+from .memory import release_freed_memory
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pass_check import describe_divergence, first_divergent
 from .pipeline import run_passes
@@ -345,7 +345,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     if loaded_box:  # the model's last user was the export; the graph's initializers still view its
         # tensors, so they are freed as the passes replace them (cast-fp16, quantization)
         loaded_box[0] = dataclasses.replace(loaded_box[0], model=None)
-        gc.collect()
+        release_freed_memory()
     search = None
     if request.max_ppl_delta is None:
         progress.stage_end(4, "precision", 0.0, "skipped: no --max-ppl-delta")
@@ -368,7 +368,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     exported = ctx = None
     if calibration is not None:
         calibration = dataclasses.replace(calibration, activations={})
-    gc.collect()  # an ir graph is all reference cycles (node <-> value): only the collector frees it
+    release_freed_memory()
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:
@@ -387,6 +387,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
 
     engine = stage(6, "build", do_build,
                    lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
+    release_freed_memory()  # an in-process build's working memory, before onnxruntime loads the graph
 
     session: list[OnnxRuntimeExecutor] = []  # one onnxruntime session for validate and quality
 
@@ -414,6 +415,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                   f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
         why_skipped="the recipe does not quantize (use --measure-quality)")
     session.clear()  # the FP32 session weights go before packaging
+    release_freed_memory()
     failures = list(result.failures)
     if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
         failures.append(
