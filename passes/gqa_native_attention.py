@@ -61,9 +61,8 @@ class UnrepeatedKVAttention(pattern.RewriteRuleClassBase):
 
 
 def rules() -> pattern.RewriteRuleSet:
-    """A fresh rule set per run: onnxscript's matcher keeps the last graph and node it matched in its
-    own attributes, so a module-level rule set kept the whole exported graph alive after the pass (at
-    1B: 4 GB of FP32 initializers still resident during the engine build and validation)."""
+    """A fresh rule set per run: onnxscript's matcher keeps the last graph it matched on, so a
+    module-level rule set would keep the graph alive after the pass (see passes/rewriter_state.py)."""
     return pattern.RewriteRuleSet([UnrepeatedKVAttention.rule()])
 
 
