@@ -18,6 +18,7 @@ dropped; `score` runs the compiled graph against it with any executor, e.g. the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from .calibrate import tokenize_windows
 from .runner import Runner
 from .runtime_onnx import OnnxRuntimeExecutor
+from .spill import SpilledArray, spilled_or_in_memory
 from .types import LoadedModel
 
 
@@ -65,17 +67,18 @@ def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
     return runner.executor.step(chunk, positions)
 
 
-def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int) -> np.ndarray:
-    """[n, window - 1, vocab] float32 reference log-probabilities, filled one batch of windows at a time."""
+def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int) -> SpilledArray:
+    """[n, window - 1, vocab] float32 reference log-probabilities, written one batch of windows at a
+    time to a scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality)."""
     import torch
 
     out = None
     with torch.no_grad():
-        for i, chunk in _batches(windows, batch):
+        for _, chunk in _batches(windows, batch):
             logp = _log_softmax(loaded.model(input_ids=torch.from_numpy(chunk), use_cache=False).logits.float().numpy())
             if out is None:
-                out = np.empty((len(windows), logp.shape[1] - 1, logp.shape[2]), np.float32)
-            out[i:i + len(chunk)] = logp[:, :-1].numpy()
+                out = spilled_or_in_memory(len(windows), (logp.shape[1] - 1, logp.shape[2]))
+            out.append(logp[:, :-1].numpy())
     return out
 
 
@@ -101,13 +104,16 @@ class HeldOut:
     """The reference side of the perplexity / KL comparison, computed once and reused for many graphs."""
 
     windows: list[list[int]]
-    reference_logp: np.ndarray  # [n, window - 1, vocab] float32 log-probabilities
+    reference_logp: np.ndarray | SpilledArray  # [n, window - 1, vocab] float32 log-probabilities
     targets: np.ndarray  # [n, window - 1] next tokens
     batch: int
 
-    @property
+    @functools.cached_property
     def reference_nll(self) -> float:
-        return float(-_take(self.reference_logp, self.targets).astype(np.float64).mean())
+        """Read one batch of windows at a time (the log-probabilities may be on disk)."""
+        total = sum(float(_take(self.reference_logp[i:i + self.batch], self.targets[i:i + self.batch])
+                          .astype(np.float64).sum()) for i in range(0, len(self.targets), self.batch))
+        return -total / self.targets.size
 
 
 @dataclasses.dataclass

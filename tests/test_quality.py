@@ -12,6 +12,7 @@ import pytest
 
 from compiler.corpus import default_eval_text, split_corpus, default_calibration_text
 from compiler.quality import measure_quality
+from compiler.spill import SpilledArray
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +113,16 @@ def test_window_scores_stream_batches_and_match_float64():
 
     ref, got = logp(ref_logits)[:, :-1], logp(got_logits.astype(np.float16).astype(np.float64))[:, :-1]
     targets = windows[:, 1:]
-    held = HeldOut(windows.tolist(), ref.astype(np.float32), targets, batch=2)
-    scores = score_windows(held, SimpleNamespace(executor=Executor()))
+    spilled = SpilledArray(n, ref.shape[1:])  # what the build holds: the reference on disk
+    for i in range(0, n, 2):
+        spilled.append(ref[i:i + 2])
     take = lambda lp: np.take_along_axis(lp, targets[..., None], -1)[..., 0]  # noqa: E731
     ref_ppl, got_ppl = np.exp(-take(ref).mean()), np.exp(-take(got).mean())
-    assert scores.reference_perplexity == pytest.approx(ref_ppl, rel=1e-5)
-    assert scores.compiled_perplexity == pytest.approx(got_ppl, rel=1e-5)
-    assert scores.ppl_delta == pytest.approx(got_ppl / ref_ppl - 1, rel=1e-4, abs=1e-6)
-    assert scores.kl_mean == pytest.approx((np.exp(ref) * (ref - got)).sum(-1).mean(), rel=1e-4)
-    assert scores.kl_mean > 0.1  # the two distributions differ, so the check compares something
+    for store in (ref.astype(np.float32), spilled):
+        held = HeldOut(windows.tolist(), store, targets, batch=2)
+        scores = score_windows(held, SimpleNamespace(executor=Executor()))
+        assert scores.reference_perplexity == pytest.approx(ref_ppl, rel=1e-5)
+        assert scores.compiled_perplexity == pytest.approx(got_ppl, rel=1e-5)
+        assert scores.ppl_delta == pytest.approx(got_ppl / ref_ppl - 1, rel=1e-4, abs=1e-6)
+        assert scores.kl_mean == pytest.approx((np.exp(ref) * (ref - got)).sum(-1).mean(), rel=1e-4)
+        assert scores.kl_mean > 0.1  # the two distributions differ, so the check compares something
