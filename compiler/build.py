@@ -205,7 +205,7 @@ def build_engine_isolated(
     backend: Backend,
     timing_cache_path: Path | None = None,
 ) -> EngineArtifact:
-    """build_engine in a spawned child process, for models whose weights are over 1 GiB.
+    """build_engine in a spawned child process, for models whose weights are over 256 MiB (external data).
 
     Why: the builder's working memory (parsed weights, tactics, the serialized plan: ~3x the FP16
     weights on a 1B model) stays in the parent's heap after the build returns, under the stages

@@ -58,7 +58,8 @@ from .triton_repo import write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
 from .validate import DEFAULT_PROMPT, DecodeReference, compare, decode_reference, rejudge
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf's 2 GiB cap: put weights beside the graph well before it
+EXTERNAL_DATA_THRESHOLD = 256 << 20  # weights beside the graph above this: protobuf's 2 GiB cap, and an
+# inline save builds the whole proto in memory (+2x the graph at the end of the passes: 1B INT4, 360M)
 
 STAGES = ("load", "calibrate", "reference", "export", "precision", "passes", "build", "validate", "quality", "package")
 CACHED_STAGES = ("export", "passes", "build", "validate")
@@ -337,6 +338,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                   {"records": [dataclasses.asdict(r) for r in records], "search": search})
         return records
 
+    exported = None
     if hits["passes"]:  # the export is only the passes' input: with passes cached it is not even read
         progress.stage_end(3, "export", 0.0, "skipped: passes are cached")
         timings["export"] = 0.0
@@ -365,10 +367,11 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     # The graph is on disk now; what follows reads model.onnx. Dropping the in-memory graph and the
     # calibration sample frees the model's bytes again (2.5 GB + 1.3 GB on a 1B model) before the
     # engine build and onnxruntime load their own copies.
-    exported = ctx = None
+    if exported is not None:  # the graph (and the model's last tensors) are garbage now, in cycles
+        exported = ctx = None
+        release_freed_memory()
     if calibration is not None:
         calibration = dataclasses.replace(calibration, activations={})
-    release_freed_memory()
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:
@@ -387,7 +390,8 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
 
     engine = stage(6, "build", do_build,
                    lambda e: f"{e.backend} {e.backend_version}, {e.plan_path.stat().st_size / 1e6:.2f} MB")
-    release_freed_memory()  # an in-process build's working memory, before onnxruntime loads the graph
+    if not hits["build"]:
+        release_freed_memory()  # an in-process build's working memory, before onnxruntime loads the graph
 
     session: list[OnnxRuntimeExecutor] = []  # one onnxruntime session for validate and quality
 
@@ -414,8 +418,9 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         lambda q: f"perplexity {q.reference_perplexity:.3f} -> {q.compiled_perplexity:.3f} "
                   f"({q.ppl_delta:+.2%}), KL {q.kl_mean:.4f}, agreement {q.greedy_agreement:.1%}",
         why_skipped="the recipe does not quantize (use --measure-quality)")
-    session.clear()  # the FP32 session weights go before packaging
-    release_freed_memory()
+    if session:
+        session.clear()  # the FP32 session weights go before packaging
+        release_freed_memory()
     failures = list(result.failures)
     if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
         failures.append(
