@@ -58,3 +58,22 @@ def test_exported_graph_is_freed_before_the_engine_build(model_dirs, tmp_path, m
     report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=tmp_path / "out"))
     assert report["status"] == "pass"
     assert len(graphs) == 1 and at_build == [True]
+
+
+def test_weights_over_the_threshold_go_to_external_data_and_a_child_build(model_dirs, tmp_path, monkeypatch):
+    """The layout of every model over EXTERNAL_DATA_THRESHOLD (256 MiB): model.onnx + model.onnx.data,
+    the engine built in a spawned child, validated and packaged like any other build."""
+    children = []
+    real = driver.build_engine_isolated
+
+    def isolated(*args, **kwargs):
+        children.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(driver, "build_engine_isolated", isolated)
+    out = tmp_path / "out"
+    report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=out))
+    assert report["status"] == "pass" and report["numerics"].max_abs_error < 0.1
+    assert [c.name for c in children] == ["model.onnx"]  # the staged graph, built in a child
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
