@@ -367,11 +367,11 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     # The graph is on disk now; what follows reads model.onnx. Dropping the in-memory graph and the
     # calibration sample frees the model's bytes again (2.5 GB + 1.3 GB on a 1B model) before the
     # engine build and onnxruntime load their own copies.
+    if calibration is not None:
+        calibration = dataclasses.replace(calibration, activations={})
     if exported is not None:  # the graph (and the model's last tensors) are garbage now, in cycles
         exported = ctx = None
         release_freed_memory()
-    if calibration is not None:
-        calibration = dataclasses.replace(calibration, activations={})
     onnx_files = sorted(_onnx_files(out.path).values())
 
     def do_build() -> EngineArtifact:

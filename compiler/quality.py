@@ -67,7 +67,7 @@ def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
     return runner.executor.step(chunk, positions)
 
 
-def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int) -> SpilledArray:
+def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
     """[n, window - 1, vocab] float32 reference log-probabilities, written one batch of windows at a
     time to a scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality)."""
     import torch
