@@ -13,6 +13,14 @@ dequantization by onnxruntime's own kernel so its FP16 rounding is the graph's, 
 session as an FP32 initializer; activations get a Cast node. Every other node is the graph that
 TensorRT parsed. The cost is an FP32 copy of the matmul weights in memory, in place of the FP16 one.
 
+INT4 weights stay 4-bit: a MatMul fed by a block-wise INT4 DequantizeLinear (axis 0, zero point 0,
+FP16 scales) whose every dequantized value is exact in FP16 becomes onnxruntime's `MatMulNBits`
+(com.microsoft, accuracy level 1: FP32 activations, weights dequantized to FP32 in-kernel). Its
+dequantized weight is then the graph's exactly, so the numbers are the widened ones up to FP32
+summation order; passes/quantize_int4_rtn.py rounds scales so that every product is exact, and the
+check here runs on every block. Measured at 1B INT4 (2026-11-28): the session held 7.2 GB with FP32
+weights (benchmarks/NOTES.md). A DQ that fails the check is widened as before.
+
 Where the FP32 weights live: given a scratch folder, they are written one at a time to a file there
 (`WeightFile`) that onnxruntime memory-maps, and the graph's remaining external data (embeddings,
 norms) is read into the graph bytes. onnxruntime packs each weight into its GEMM layout, its own
@@ -34,6 +42,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+MS_DOMAIN = "com.microsoft"
+NBITS_ACCURACY_FP32 = 1  # MatMulNBits' accuracy_level: A is never downcast (4 would quantize it to int8)
+_CHECK_COLUMNS = 4096  # the exactness check dequantizes this many columns at a time
 _PLACEHOLDER = "llmc-widened-weights"  # never read: onnxruntime takes these initializers from memory
 ALIGN = 1 << 16  # weights start at 64 KiB offsets: onnxruntime memory-maps page-aligned external data
 INLINE_LIMIT = 3 << 29  # 1.5 GB of non-matmul weights (embeddings, norms) go inside the graph bytes
@@ -46,8 +57,9 @@ class Widened:
 
     model_bytes: bytes
     initializers: dict[str, np.ndarray]  # empty when the weights are in a WeightFile
-    matmuls: int
+    matmuls: int  # FP16 MatMuls now computed in FP32, the 4-bit ones included
     folder: Path  # where onnxruntime reads the graph's external data
+    int4_matmuls: int = 0  # of which run as MatMulNBits on the 4-bit weights
 
     def session_options(self, opts):
         import onnxruntime as ort
@@ -105,15 +117,17 @@ def _constant_fp32(value: ir.Value) -> np.ndarray | None:
 
 
 class InMemory(dict):
-    """The FP32 weights as arrays by name; the graph gets placeholders (session_options hands them over)."""
+    """The session's new weights (FP32, packed 4-bit) as arrays by name; the graph gets placeholders
+    (session_options hands them over)."""
 
     def __call__(self, name: str, arr: np.ndarray) -> ir.ExternalTensor:
         self[name] = arr
-        return ir.ExternalTensor(_PLACEHOLDER, 0, arr.nbytes, F32, shape=ir.Shape(arr.shape), name=name)
+        return ir.ExternalTensor(_PLACEHOLDER, 0, arr.nbytes, ir.DataType.from_numpy(arr.dtype),
+                                 shape=ir.Shape(arr.shape), name=name)
 
 
 class WeightFile:
-    """The FP32 weights appended, one at a time, to `folder`/widened.bin: never all in memory."""
+    """The session's new weights appended, one at a time, to `folder`/widened.bin: never all in memory."""
 
     NAME = "widened.bin"
 
@@ -127,23 +141,88 @@ class WeightFile:
             self._fh.write(bytes(ALIGN - pos % ALIGN))
             pos += ALIGN - pos % ALIGN
         self._fh.write(np.ascontiguousarray(arr).data)
-        return ir.ExternalTensor(self.NAME, pos, arr.nbytes, F32, shape=ir.Shape(arr.shape), name=name)
+        return ir.ExternalTensor(self.NAME, pos, arr.nbytes, ir.DataType.from_numpy(arr.dtype),
+                                 shape=ir.Shape(arr.shape), name=name)
 
     def close(self) -> None:
         self._fh.close()
 
 
-def widen_fp16_matmuls(model: ir.Model, store: InMemory | WeightFile | None = None
+def _int4_operands(value: ir.Value) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """MatMulNBits' (B [N, K/block, block/2] uint8, scales [N * K/block] FP32, block) for a weight
+    that is a block-wise INT4 DequantizeLinear of initializers whose every FP16 output is the exact
+    product q * scale; None for anything else (widened instead)."""
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    q_val, s_val = node.inputs[0], node.inputs[1]
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    if q_val.const_value is None or s_val.const_value is None or q_val.dtype != ir.DataType.INT4:
+        return None
+    if s_val.dtype != F16 or value.dtype != F16 or len(q_val.shape) != 2:
+        return None
+    if zero is not None and (zero.const_value is None or zero.const_value.numpy().astype(np.int8).any()):
+        return None
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+    block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+    k, n = q_val.shape
+    if axis not in (0, -2) or block < 16 or block & (block - 1) or k % block:
+        return None
+    q = q_val.const_value.numpy().astype(np.int8)  # [K, N], -8..7
+    scale = s_val.const_value.numpy()  # [K/block, N] FP16
+    for c in range(0, n, _CHECK_COLUMNS):  # the product must be exact in FP16: then FP32 gives the same
+        cols = slice(c, c + _CHECK_COLUMNS)
+        dq = q[:, cols].astype(np.float32) * np.repeat(scale[:, cols].astype(np.float32), block, axis=0)
+        if not np.array_equal(dq.astype(np.float16).astype(np.float32), dq):
+            return None
+    u = (q + 8).astype(np.uint8).T.reshape(n, k // block, block)  # zero point 8: MatMulNBits' default
+    packed = np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))  # element 2i in the low nibble
+    return packed, np.ascontiguousarray(scale.T.astype(np.float32)).reshape(-1), block
+
+
+def _as_int4_matmul(graph: ir.Graph, node: ir.Node, store, operands) -> ir.Node:
+    """Cast(A, FP32) -> MatMulNBits(4-bit B, FP32 scales), before `node`; returns the MatMulNBits."""
+    packed, scales, block = operands
+    n, k = packed.shape[0], packed.shape[1] * block
+    weight = node.inputs[1]
+    inits = []
+    for suffix, arr in (("__nbits", packed), ("__nbits_scale", scales)):
+        name = f"{weight.name}{suffix}"
+        stored = store(name, arr)
+        init = ir.Value(name=name, type=ir.TensorType(stored.dtype), shape=stored.shape, const_value=stored)
+        graph.register_initializer(init)
+        inits.append(init)
+    cast = ir.node("Cast", [node.inputs[0]], {"to": F32}, name=f"{node.name}__widen_in0")
+    cast.outputs[0].dtype, cast.outputs[0].shape = F32, node.inputs[0].shape
+    matmul = ir.node("MatMulNBits", [cast.outputs[0], *inits], domain=MS_DOMAIN, name=f"{node.name}__nbits",
+                     attributes={"K": k, "N": n, "bits": 4, "block_size": block,
+                                 "accuracy_level": NBITS_ACCURACY_FP32})
+    matmul.outputs[0].dtype, matmul.outputs[0].shape = F32, node.outputs[0].shape
+    graph.insert_before(node, [cast, matmul])
+    return matmul
+
+
+def widen_fp16_matmuls(model: ir.Model, store: InMemory | WeightFile | None = None, int4: bool = True
                        ) -> tuple[int, InMemory | WeightFile]:
-    """Rewrite FP16 MatMuls in place; return their count and the store the FP32 weights went to
-    (default: an InMemory dict; a WeightFile writes them to disk)."""
+    """Rewrite FP16 MatMuls in place; return their count and the store the new weights went to
+    (default: an InMemory dict; a WeightFile writes them to disk). With `int4`, exact INT4 weights
+    stay 4-bit in MatMulNBits (counted in `model.meta["llmc.int4_matmuls"]`)."""
     store = InMemory() if store is None else store
     graph = model.graph
-    count = 0
+    count = int4_count = 0
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
         if not all(v is not None and v.dtype == F16 for v in node.inputs):
+            continue
+        operands = _int4_operands(node.inputs[1]) if int4 else None
+        if operands is not None:
+            matmul = _as_int4_matmul(graph, node, store, operands)
+            del operands
+            int4_count += 1
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            _cast_back(graph, node, matmul)
+            count += 1
             continue
         wide: list[ir.Value] = []
         for i, value in enumerate(node.inputs):
@@ -160,19 +239,26 @@ def widen_fp16_matmuls(model: ir.Model, store: InMemory | WeightFile | None = No
                 cast.outputs[0].dtype, cast.outputs[0].shape = F32, value.shape
                 graph.insert_before(node, cast)
                 wide.append(cast.outputs[0])
-        out = node.outputs[0]
         matmul = ir.node("MatMul", wide, name=f"{node.name}__fp32")
-        matmul.outputs[0].dtype, matmul.outputs[0].shape = F32, out.shape
-        back = ir.node("Cast", [matmul.outputs[0]], {"to": F16}, name=f"{node.name}__widen_out")
-        graph.insert_before(node, [matmul, back])
-        out.replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
-        name = out.name
-        out.name = f"{name}__fp16_unused"
-        back.outputs[0].name, back.outputs[0].dtype, back.outputs[0].shape = name, F16, out.shape
-        graph.remove(node, safe=True)
+        matmul.outputs[0].dtype, matmul.outputs[0].shape = F32, node.outputs[0].shape
+        graph.insert_before(node, matmul)
+        _cast_back(graph, node, matmul)
         count += 1
     ir.passes.common.RemoveUnusedNodesPass()(model)
+    model.meta["llmc.int4_matmuls"] = int4_count
     return count, store
+
+
+def _cast_back(graph: ir.Graph, node: ir.Node, matmul: ir.Node) -> None:
+    """Round `matmul`'s FP32 product to FP16 under `node`'s output name, and drop `node`."""
+    out = node.outputs[0]
+    back = ir.node("Cast", [matmul.outputs[0]], {"to": F16}, name=f"{node.name}__widen_out")
+    graph.insert_after(matmul, back)
+    out.replace_all_uses_with(back.outputs[0], replace_graph_outputs=True)
+    name = out.name
+    out.name = f"{name}__fp16_unused"
+    back.outputs[0].name, back.outputs[0].dtype, back.outputs[0].shape = name, F16, out.shape
+    graph.remove(node, safe=True)
 
 
 def _inline_external_data(model: ir.Model) -> bool:
@@ -188,19 +274,21 @@ def _inline_external_data(model: ir.Model) -> bool:
     return True
 
 
-def widened(onnx_path: Path, scratch: Path | None = None) -> Widened:
+def widened(onnx_path: Path, scratch: Path | None = None, int4: bool = True) -> Widened:
     """The graph at onnx_path, widened. With `scratch` (an empty folder that outlives the session's
-    creation) the FP32 weights go to a WeightFile there; without, they are arrays in memory."""
+    creation) the new weights go to a WeightFile there; without, they are arrays in memory. `int4`:
+    exact INT4 weights run as MatMulNBits (else widened to FP32 like the rest)."""
     model = ir.load(onnx_path)
     if scratch is None:
-        count, weights = widen_fp16_matmuls(model)
-        return Widened(ir.to_proto(model).SerializeToString(), weights, count, Path(onnx_path).resolve().parent)
+        count, weights = widen_fp16_matmuls(model, int4=int4)
+        return Widened(ir.to_proto(model).SerializeToString(), weights, count, Path(onnx_path).resolve().parent,
+                       model.meta["llmc.int4_matmuls"])
     store = WeightFile(scratch)
     try:
-        count, _ = widen_fp16_matmuls(model, store)
+        count, _ = widen_fp16_matmuls(model, store, int4)
     finally:
         store.close()
     if not _inline_external_data(model):  # > 1.5 GB of embeddings and norms: the in-memory path
         (scratch / WeightFile.NAME).unlink()
-        return widened(onnx_path)
-    return Widened(ir.to_proto(model).SerializeToString(), {}, count, scratch)
+        return widened(onnx_path, int4=int4)
+    return Widened(ir.to_proto(model).SerializeToString(), {}, count, scratch, model.meta["llmc.int4_matmuls"])

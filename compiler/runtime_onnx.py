@@ -54,7 +54,7 @@ class OnnxRuntimeExecutor:
 
     def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
                  optimization: str = "basic", spin: bool = True, block_allocator: BlockAllocator | None = None,
-                 widen_fp16_matmul: bool | None = None):
+                 widen_fp16_matmul: bool | None = None, int4_matmul: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -72,9 +72,9 @@ class OnnxRuntimeExecutor:
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
         if widen_fp16_matmul is None:  # the CPU provider has no FP16 GEMM (compiler/ort_widen.py)
             widen_fp16_matmul = providers[0] == "CPUExecutionProvider"
-        self.widened = 0
+        self.widened = self.int4_matmuls = 0  # FP16 MatMuls run in FP32; of them, on 4-bit weights
         if widen_fp16_matmul:
-            self.session = self._widened_session(Path(onnx_path), opts, providers)
+            self.session = self._widened_session(Path(onnx_path), opts, providers, int4_matmul)
         else:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
@@ -85,7 +85,7 @@ class OnnxRuntimeExecutor:
         self.cache: HostKVCache | None = None
         self.block_allocator = block_allocator
 
-    def _widened_session(self, onnx_path: Path, opts, providers):
+    def _widened_session(self, onnx_path: Path, opts, providers, int4: bool):
         """The session over the widened graph; its FP32 weights pass through a scratch file (under
         $LLMC_SCRATCH_DIR, else the system temp dir) that is deleted once the session holds them.
         Without a usable scratch folder they stay arrays in memory (2x while the session is created)."""
@@ -95,12 +95,12 @@ class OnnxRuntimeExecutor:
             try:
                 scratch = scratch_folder.enter_context(
                     tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None))
-                wide = widened(onnx_path, Path(scratch))
+                wide = widened(onnx_path, Path(scratch), int4)
             except OSError as exc:
                 warnings.warn(f"no scratch folder for the widened FP32 weights ({exc}); they stay in memory, 2x "
                               f"while the onnxruntime session is created (set {SCRATCH_ENV} to a writable disk folder)")
-                wide = widened(onnx_path)
-            self.widened = wide.matmuls
+                wide = widened(onnx_path, int4=int4)
+            self.widened, self.int4_matmuls = wide.matmuls, wide.int4_matmuls
             if _graph_bytes(onnx_path) > RELEASE_ABOVE:  # the loaded graph is garbage now, in cycles: at
                 release_freed_memory()  # 1B INT4, 1 GB off the peak of the session's creation
             return ort.InferenceSession(wide.model_bytes, wide.session_options(opts), providers=providers)

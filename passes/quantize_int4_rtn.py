@@ -5,6 +5,12 @@ maps `DequantizeLinear(int4 W[K, N], scale[K/block, N], axis=0, block_size)` fee
 DEQUANTIZE + MATRIX_MULTIPLY and requires zero point 0, so the quantization is symmetric:
 scale = max|W_block| / 7, q = clip(round(W / scale), -8, 7). Run after cast-fp16 so that scales
 and the dequantized weight are FP16. Target selection: passes/weight_quant.py.
+
+FP16 scales are rounded *up* to 8 significant bits (`exact_product_scale`), so every q * scale is
+exact in FP16: the DequantizeLinear's output is the exact product, whoever computes it. That is what
+lets the CPU executor run these MatMuls as onnxruntime's 4-bit `MatMulNBits` (compiler/ort_widen.py),
+which dequantizes in FP32 without rounding to FP16, and still compute this graph's numbers. Rounding
+up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale moves by < 2**-8.
 """
 
 from __future__ import annotations
@@ -17,6 +23,19 @@ from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantP
 
 INT4_MAX = 7
 BLOCK_SIZES = (32, 64, 128)
+# |q| <= 8 has at most 3 significant bits; FP16 has 11: a scale of <= 8 makes every product exact.
+_LOW_BITS = 7  # an FP16 bit pattern that is a multiple of 8: 8 significant bits (normal or subnormal)
+
+
+def exact_product_scale(scale: np.ndarray) -> np.ndarray:
+    """Positive FP16 scales rounded up to a bit pattern that is a multiple of 8, so that q * scale is
+    exact in FP16 for every int4 q (for subnormal scales too: then the pattern is the multiple of 2**-24).
+    Other dtypes are returned as they are (FP32 scales round the same way in every kernel)."""
+    if scale.dtype != np.float16:
+        return scale
+    bits = scale.view(np.uint16)
+    up = ((bits.astype(np.uint32) + _LOW_BITS) & ~np.uint32(_LOW_BITS)).astype(np.uint16).view(np.float16)
+    return np.where(np.isfinite(up), up, (bits & ~np.uint16(_LOW_BITS)).view(np.float16))
 
 
 def quantize_blockwise(weight_KN: np.ndarray, block: int, clip_KN: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +48,7 @@ def quantize_blockwise(weight_KN: np.ndarray, block: int, clip_KN: np.ndarray | 
     scale = np.abs(blocks).max(axis=1) / INT4_MAX
     if clip_KN is not None:
         scale = scale * clip_KN
-    scale = np.where(scale == 0, 1.0, scale).astype(weight_KN.dtype)
+    scale = exact_product_scale(np.where(scale == 0, 1.0, scale).astype(weight_KN.dtype))
     q = np.clip(np.rint(blocks / scale[:, None, :].astype(np.float32)), -8, INT4_MAX)
     return q.reshape(k, n).astype(ml_dtypes.int4), scale
 

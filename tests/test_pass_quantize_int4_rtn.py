@@ -5,7 +5,7 @@ import onnx_ir as ir
 import pytest
 
 from passes import QuantizeInt4RtnPass
-from passes.quantize_int4_rtn import dequantize_blockwise, quantize_blockwise
+from passes.quantize_int4_rtn import dequantize_blockwise, exact_product_scale, quantize_blockwise
 from helpers import build_with_backend, op_counts, run_onnx, save
 
 BLOCK = 32
@@ -25,6 +25,24 @@ def test_rtn_error_is_at_most_half_a_step():
     assert (err <= step * 0.51 + np.abs(w.astype(np.float32)) * 1e-3 + 1e-7).all()
     assert err.max() > step.min() / 8  # it really is 4-bit: errors are a sizeable fraction of a step
     assert (dequantize_blockwise(q, scale, BLOCK)[:32, 0] == 0).all()
+
+
+def test_scales_round_up_so_that_every_int4_product_is_exact_in_fp16():
+    """Every positive finite FP16 scale (subnormals included) x every int4 q: the product is exact in
+    FP16 after rounding, so a kernel that dequantizes in FP32 computes the graph's FP16 weight."""
+    s = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16)  # every positive finite FP16 ...
+    s = s[s.astype(np.float32) * 8 < 65000]  # ... whose products can be finite (max|W| / 7 < 8e3)
+    r = exact_product_scale(s)
+    q = np.arange(-8, 8, dtype=np.float32)[:, None]
+    exact = q * r.astype(np.float32)[None, :]
+    assert np.array_equal(exact.astype(np.float16).astype(np.float32), exact)
+    assert (r >= s).all()  # up, so max|W| / scale stays <= 7: no extra clipping
+    normal = s >= 2**-14  # a small change of scale: relative for normal scales, < 8 subnormal steps below
+    assert (r[normal].astype(np.float64) / s[normal].astype(np.float64) - 1).max() < 2**-7
+    assert (r[~normal].astype(np.float64) - s[~normal].astype(np.float64)).max() <= 7 * 2**-24
+    unrounded = q * s.astype(np.float32)[None, :]  # without it most products need more than FP16's 11 bits
+    assert (unrounded.astype(np.float16).astype(np.float32) != unrounded).any(axis=0).mean() > 0.8
+    assert exact_product_scale(np.float32([0.3]))[0] == np.float32(0.3)  # FP32 scales are left alone
 
 
 def test_graph_shape_after(final_fp16_llama, llama):
