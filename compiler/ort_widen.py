@@ -23,7 +23,7 @@ weights (benchmarks/NOTES.md). A DQ that fails the check is widened as before.
 
 Where the FP32 weights live: given a scratch folder, they are written one at a time to a file there
 (`WeightFile`) that onnxruntime memory-maps, and the graph's remaining external data (embeddings,
-norms) is read into the graph bytes. onnxruntime packs each weight into its GEMM layout, its own
+norms) is copied in beside them. onnxruntime packs each weight into its GEMM layout, its own
 copy, then unmaps the file. Handed over as arrays instead, both copies were resident while the
 session was created: measured on a 1B INT4 graph (2026-11-28), 6.5 GB before the session and
 12.0 GB after it, 13.0 GB peak; at 135M the peak fell from 1.82 to 1.42 GB with the file, with
@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,6 @@ NBITS_ACCURACY_FP32 = 1  # MatMulNBits' accuracy_level: A is never downcast (4 w
 _CHECK_COLUMNS = 4096  # the exactness check dequantizes this many columns at a time
 _PLACEHOLDER = "llmc-widened-weights"  # never read: onnxruntime takes these initializers from memory
 ALIGN = 1 << 16  # weights start at 64 KiB offsets: onnxruntime memory-maps page-aligned external data
-INLINE_LIMIT = 3 << 29  # 1.5 GB of non-matmul weights (embeddings, norms) go inside the graph bytes
 
 
 @dataclasses.dataclass
@@ -98,21 +98,70 @@ def _dequantize(node: ir.Node) -> np.ndarray:
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {})[0]
 
 
-def _constant_fp32(value: ir.Value) -> np.ndarray | None:
-    """value's FP32 array if it is computable ahead (initializer, Transpose of one, DQ of initializers)."""
+CHUNK_BYTES = 64 << 20  # a widened weight is made and stored this many FP32 bytes at a time
+
+
+@dataclasses.dataclass
+class Rows:
+    """An array made one block of rows (axis 0) at a time, so a big widened weight never exists
+    whole in memory before its store: the tied lm_head is 1.05 GB in FP32 at 1B, and widening it
+    whole (FP16 -> FP32, then its transposed copy) was a 2 GB transient of the session's creation."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: Iterator[np.ndarray]
+
+    @classmethod
+    def of(cls, arr: np.ndarray) -> "Rows":
+        return cls(tuple(arr.shape), arr.dtype, iter([arr]))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _row_blocks(rows: int, row_bytes: int) -> Iterator[slice]:
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    return (slice(r, min(r + step, rows)) for r in range(0, rows, step))
+
+
+def _widen_rows(src: np.ndarray) -> Rows:
+    if src.ndim < 2:
+        return Rows.of(_to_f32(src))
+    row = int(np.prod(src.shape[1:])) * 4
+    return Rows(src.shape, np.dtype(np.float32), (_to_f32(src[r]) for r in _row_blocks(src.shape[0], row)))
+
+
+def _widen_transposed(src: np.ndarray) -> Rows:
+    """src.T (2-D) in FP32, a block of its rows (src's columns) at a time, transposed by torch."""
+    import torch
+
+    def chunks():
+        with warnings.catch_warnings():  # read-only (memory-mapped) arrays are only read here
+            warnings.simplefilter("ignore", UserWarning)
+            for cols in _row_blocks(src.shape[1], src.shape[0] * 4):
+                yield torch.from_numpy(src[:, cols]).to(torch.float32).t().contiguous().numpy()  # cast first: 2x faster
+
+    return Rows((src.shape[1], src.shape[0]), np.dtype(np.float32), chunks())
+
+
+def _constant_fp32(value: ir.Value) -> Rows | None:
+    """value in FP32 if it is computable ahead (initializer, Transpose of one, DQ of initializers)."""
     if value.is_graph_input():
         return None
     if value.const_value is not None:
-        return _to_f32(value.const_value.numpy())
+        return _widen_rows(value.const_value.numpy())
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Transpose" and node.inputs[0].const_value is not None:
         src = node.inputs[0].const_value.numpy()
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else list(range(src.ndim))[::-1]
-        return np.ascontiguousarray(_to_f32(src).transpose(perm))
+        if src.ndim == 2 and list(perm) == [1, 0]:
+            return _widen_transposed(src)
+        return Rows.of(np.ascontiguousarray(_to_f32(src).transpose(perm)))
     if node.op_type == "DequantizeLinear" and all(v is None or v.const_value is not None for v in node.inputs):
-        return _to_f32(_dequantize(node))
+        return Rows.of(_to_f32(_dequantize(node)))
     return None
 
 
@@ -120,14 +169,21 @@ class InMemory(dict):
     """The session's new weights (FP32, packed 4-bit) as arrays by name; the graph gets placeholders
     (session_options hands them over)."""
 
-    def __call__(self, name: str, arr: np.ndarray) -> ir.ExternalTensor:
-        self[name] = arr
-        return ir.ExternalTensor(_PLACEHOLDER, 0, arr.nbytes, ir.DataType.from_numpy(arr.dtype),
-                                 shape=ir.Shape(arr.shape), name=name)
+    def __call__(self, name: str, arr: np.ndarray | Rows) -> ir.ExternalTensor:
+        rows = arr if isinstance(arr, Rows) else Rows.of(arr)
+        out = np.empty(rows.shape, rows.dtype)
+        at = 0
+        for chunk in rows.chunks:
+            out[at:at + len(chunk)] = chunk
+            at += len(chunk)
+        self[name] = out
+        return ir.ExternalTensor(_PLACEHOLDER, 0, out.nbytes, ir.DataType.from_numpy(out.dtype),
+                                 shape=ir.Shape(out.shape), name=name)
 
 
 class WeightFile:
-    """The session's new weights appended, one at a time, to `folder`/widened.bin: never all in memory."""
+    """The session's new weights appended, a block of rows at a time, to `folder`/widened.bin: never
+    all in memory."""
 
     NAME = "widened.bin"
 
@@ -135,23 +191,30 @@ class WeightFile:
         self.path = Path(folder) / self.NAME
         self._fh = open(self.path, "wb")
 
-    def __call__(self, name: str, arr: np.ndarray) -> ir.ExternalTensor:
+    def __call__(self, name: str, arr: np.ndarray | Rows) -> ir.ExternalTensor:
+        rows = arr if isinstance(arr, Rows) else Rows.of(arr)
         pos = self._fh.tell()
         if pos % ALIGN:
             self._fh.write(bytes(ALIGN - pos % ALIGN))
             pos += ALIGN - pos % ALIGN
-        self._fh.write(np.ascontiguousarray(arr).data)
-        return ir.ExternalTensor(self.NAME, pos, arr.nbytes, ir.DataType.from_numpy(arr.dtype),
-                                 shape=ir.Shape(arr.shape), name=name)
+        for chunk in rows.chunks:
+            self._fh.write(np.ascontiguousarray(chunk, rows.dtype).data)
+        assert self._fh.tell() - pos == rows.nbytes, f"{name}: wrote {self._fh.tell() - pos} of {rows.nbytes} bytes"
+        return ir.ExternalTensor(self.NAME, pos, rows.nbytes, ir.DataType.from_numpy(rows.dtype),
+                                 shape=ir.Shape(rows.shape), name=name)
 
     def close(self) -> None:
         self._fh.close()
 
 
+_INT4_VALUES = np.arange(-8, 8, dtype=np.float32)[:, None, None]
+
+
 def _int4_operands(value: ir.Value) -> tuple[np.ndarray, np.ndarray, int] | None:
     """MatMulNBits' (B [N, K/block, block/2] uint8, scales [N * K/block] FP32, block) for a weight
-    that is a block-wise INT4 DequantizeLinear of initializers whose every FP16 output is the exact
-    product q * scale; None for anything else (widened instead)."""
+    that is a block-wise INT4 DequantizeLinear of initializers whose scales make every product
+    q * scale exact in FP16 (for all 16 q: a check on the scales alone); None for anything else
+    (widened instead)."""
     node = value.producer()
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return None
@@ -168,16 +231,23 @@ def _int4_operands(value: ir.Value) -> tuple[np.ndarray, np.ndarray, int] | None
     k, n = q_val.shape
     if axis not in (0, -2) or block < 16 or block & (block - 1) or k % block:
         return None
-    q = q_val.const_value.numpy().astype(np.int8)  # [K, N], -8..7
     scale = s_val.const_value.numpy()  # [K/block, N] FP16
-    for c in range(0, n, _CHECK_COLUMNS):  # the product must be exact in FP16: then FP32 gives the same
-        cols = slice(c, c + _CHECK_COLUMNS)
-        dq = q[:, cols].astype(np.float32) * np.repeat(scale[:, cols].astype(np.float32), block, axis=0)
-        if not np.array_equal(dq.astype(np.float16).astype(np.float32), dq):
-            return None
-    u = (q + 8).astype(np.uint8).T.reshape(n, k // block, block)  # zero point 8: MatMulNBits' default
-    packed = np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))  # element 2i in the low nibble
+    products = _INT4_VALUES * scale.astype(np.float32)[None]
+    if not np.array_equal(products.astype(np.float16).astype(np.float32), products):
+        return None
+    packed_kn = np.frombuffer(q_val.const_value.tobytes(), np.uint8)  # ONNX INT4: 2 per byte, low nibble first
+    nibbles = np.empty(k * n, np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed_kn & 0xF, packed_kn >> 4
+    u = _transposed(nibbles ^ 8, k, n).reshape(n, k // block, block)  # q + 8: MatMulNBits' zero point 8
+    packed = u[..., 0::2] | (u[..., 1::2] << 4)  # element 2i in the low nibble
     return packed, np.ascontiguousarray(scale.T.astype(np.float32)).reshape(-1), block
+
+
+def _transposed(flat: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """flat viewed as [rows, cols], transposed and contiguous (torch's copy: ~4x numpy's for bytes)."""
+    import torch
+
+    return torch.from_numpy(flat.reshape(rows, cols)).t().contiguous().numpy()
 
 
 def _as_int4_matmul(graph: ir.Graph, node: ir.Node, store, operands) -> ir.Node:
@@ -261,17 +331,18 @@ def _cast_back(graph: ir.Graph, node: ir.Node, matmul: ir.Node) -> None:
     graph.remove(node, safe=True)
 
 
-def _inline_external_data(model: ir.Model) -> bool:
-    """Read the graph's own external data into it, so onnxruntime needs only the scratch folder (it
-    reads external data from one folder, and refuses links out of it). False, leaving the graph as
-    it is, when that data would pass protobuf's 2 GB cap."""
-    external = [v for v in model.graph.initializers.values()
-                if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location != WeightFile.NAME]
-    if sum(v.const_value.nbytes for v in external) > INLINE_LIMIT:
-        return False
-    for value in external:
-        value.const_value = ir.tensor(value.const_value.numpy(), name=value.const_value.name)
-    return True
+def _copy_external_data(model: ir.Model, store: WeightFile) -> None:
+    """Copy the graph's own external data (embeddings, norms) into the WeightFile, a block of rows at
+    a time, so onnxruntime reads everything from the scratch folder (it reads external data from one
+    folder and refuses links out of it). Inlined instead, the 1B embedding (0.5 GB) went through the
+    proto and its serialized bytes, and was capped by protobuf's 2 GB."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location != WeightFile.NAME:
+            arr = tensor.numpy()
+            row = int(np.prod(arr.shape[1:])) * arr.itemsize if arr.ndim > 1 else arr.nbytes
+            chunks = (arr[r] for r in _row_blocks(arr.shape[0], row)) if arr.ndim > 1 else iter([arr])
+            value.const_value = store(tensor.name or value.name, Rows(tuple(arr.shape), arr.dtype, chunks))
 
 
 def widened(onnx_path: Path, scratch: Path | None = None, int4: bool = True) -> Widened:
@@ -286,9 +357,7 @@ def widened(onnx_path: Path, scratch: Path | None = None, int4: bool = True) -> 
     store = WeightFile(scratch)
     try:
         count, _ = widen_fp16_matmuls(model, store, int4)
+        _copy_external_data(model, store)
     finally:
         store.close()
-    if not _inline_external_data(model):  # > 1.5 GB of embeddings and norms: the in-memory path
-        (scratch / WeightFile.NAME).unlink()
-        return widened(onnx_path, int4=int4)
     return Widened(ir.to_proto(model).SerializeToString(), {}, count, scratch, model.meta["llmc.int4_matmuls"])

@@ -110,7 +110,7 @@ def test_weights_through_a_scratch_file_match_in_memory(graph, external, trained
                                                         monkeypatch):
     """The executor stages the FP32 weights in a memory-mapped scratch file (not 2x in memory while
     the session is created): same logits as the in-memory arrays, the file and its folder deleted,
-    the graph's own external data read into the graph bytes."""
+    the graph's own external data copied in beside them (no link out of the folder, no 2 GB proto)."""
     import onnxruntime as ort
 
     from compiler.ort_widen import ALIGN, WeightFile, widened
@@ -127,10 +127,14 @@ def test_weights_through_a_scratch_file_match_in_memory(graph, external, trained
     blob = (scratch / WeightFile.NAME).stat().st_size
     assert blob >= sum(n.nbytes for n in widened(path).initializers.values())
     model = ir.from_proto(__import__("onnx").load_from_string(wide.model_bytes))
-    offsets = [v.const_value.offset for v in model.graph.initializers.values()
-               if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.location == WeightFile.NAME]
+    staged = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    assert {t.location for t in staged} == {WeightFile.NAME}  # everything from the scratch folder
+    own = {n for n, v in ir.load(path).graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    copied = own & set(model.graph.initializers)  # the graph's external data still used: embeddings, norms
+    assert bool(copied) == external and len(wide.model_bytes) < 2 << 20  # the graph bytes hold no weights
     assert (wide.int4_matmuls > 0) == (graph == "int4")
-    assert len(offsets) == wide.matmuls + wide.int4_matmuls and all(o % ALIGN == 0 for o in offsets)
+    assert len(staged) == wide.matmuls + wide.int4_matmuls + len(copied)
+    assert all(t.offset % ALIGN == 0 for t in staged)
     assert sorted(f.name for f in scratch.iterdir()) == [WeightFile.NAME]  # nothing else needed beside it
     feeds_prompt = [5, 17, 3, 99, 42, 7]
     monkeypatch.setenv("LLMC_SCRATCH_DIR", str(tmp_path / "env"))
