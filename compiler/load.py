@@ -176,6 +176,51 @@ def check_weight_shapes(path: Path, model_cls, config, files: list[Path]) -> Non
             )
 
 
+_HALF_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(files: list[Path]) -> str:
+    """The half dtype every floating tensor of the safetensors shards is stored in, else "float32".
+
+    Why: loaded straight in FP32, a BF16 checkpoint is converted while its mapped shard is resident
+    (1B: 4.9 GB of FP32 beside a 2 GB shard, the build's peak). Loaded in its own dtype and then
+    upcast one parameter at a time, the peak is the FP32 model alone; the values are the same (BF16
+    and FP16 widen to FP32 exactly). A mixed or FP32 checkpoint, or pickles, load in FP32 directly.
+    """
+    dtypes = set()
+    for file in files:
+        if file.suffix != ".safetensors":
+            return "float32"
+        dtypes |= {t["dtype"] for t in safetensors_header(file).values() if t["dtype"].startswith(("F", "BF"))}
+    return _HALF_DTYPES[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in _HALF_DTYPES else "float32"
+
+
+def upcast_in_place(model) -> None:
+    """Every floating parameter and buffer to FP32, one tensor at a time (tied parameters stay tied).
+
+    Loaded in a half dtype, the parameters are views of the memory-mapped shards; the mapping lives
+    until the last view is gone, so each tensor's mapped pages are dropped once its FP32 copy exists
+    (compiler/memory.drop_mapped_pages). Without that, at 1B, 1.6 GB of shard pages were resident
+    beside the FP32 model at the end of the upcast (peak 6.59 GB instead of ~5)."""
+    import torch
+
+    from .memory import drop_mapped_pages, file_mappings
+
+    spans = file_mappings(".safetensors")
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float32:
+                    continue
+                half = tensor.data
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = half.float()  # the same Parameter object: ties hold
+                else:
+                    tensors[name] = half.float()
+                drop_mapped_pages(half.data_ptr(), half.numel() * half.element_size(), spans)
+                del half
+
+
 def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
     """Load config, weights and tokenizer; the model comes back in FP32 eval mode."""
     path = Path(path).expanduser().resolve()
@@ -206,12 +251,13 @@ def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: 
             config=config,
             local_files_only=True,
             use_safetensors=files[0].suffix == ".safetensors",
-            dtype=torch.float32,
+            dtype=getattr(torch, checkpoint_dtype(files)),
             attn_implementation="sdpa",
             trust_remote_code=trust_remote_code,
         )
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"cannot load weights from {path}: {_first_line(exc)}") from exc
+    upcast_in_place(model)
     model.eval()
     return LoadedModel(
         path=path,

@@ -35,3 +35,52 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+MADV_DONTNEED = 4
+_PAGE = 4096
+
+
+@functools.cache
+def _libc_madvise():
+    name = ctypes.util.find_library("c")
+    try:
+        fn = getattr(ctypes.CDLL(name, use_errno=True), "madvise") if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files named *suffix (Linux). safetensors
+    maps its files copy-on-write (rw-p), so a page nobody wrote to is the file's page."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip().endswith(suffix) and fields[1][0] == "r" \
+                        and fields[1][3] == "p":
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        pass
+    return spans
+
+
+def drop_mapped_pages(address: int, nbytes: int, spans: list[tuple[int, int]]) -> int:
+    """Drop this process's resident pages of [address, address + nbytes) if the range lies inside one
+    of `spans` (private file mappings, see file_mappings), so they stop counting as resident. A later
+    read of them faults the file's page back in: call this only for a tensor whose data has been
+    copied and that nothing modified in place (a copy-on-write page would revert to the file's).
+    Only whole pages inside the range are dropped, never a neighbour's. Returns the bytes dropped."""
+    madvise = _libc_madvise()
+    if madvise is None or not any(s <= address and address + nbytes <= e for s, e in spans):
+        return 0
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if end <= start or madvise(start, end - start, MADV_DONTNEED) != 0:
+        return 0
+    return end - start

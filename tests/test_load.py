@@ -54,3 +54,55 @@ def test_pickle_only_weights_refused(model_dirs, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(UnsupportedModelError, match="safetensors"):
         load_model(tmp_path)
+
+
+def _half_checkpoint(tmp_path, dtype: str, tie: bool = False):
+    """A tiny Llama saved in `dtype` (as Hugging Face ships most checkpoints: BF16)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from compiler.default_model import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "fp32", num_layers=2)
+    config = transformers.AutoConfig.from_pretrained(src)
+    config.tie_word_embeddings = tie
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    out = tmp_path / dtype
+    model.save_pretrained(out, safe_serialization=True)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("dtype,tie", [("bfloat16", True), ("float16", False)])
+def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, tie):
+    """Loaded in its own dtype and upcast in place (one tensor at a time, mapped pages dropped): the
+    same FP32 parameters, buffers and logits as Hugging Face's own FP32 load, ties kept."""
+    import torch
+    import transformers
+
+    from compiler.load import checkpoint_dtype
+
+    path = _half_checkpoint(tmp_path, dtype, tie)
+    assert checkpoint_dtype(sorted(path.glob("*.safetensors"))) == dtype
+    ours = load_model(path).model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys()
+    assert all(mine[k].dtype == torch.float32 and torch.equal(mine[k], ref[k]) for k in ref)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()))
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_fp32_checkpoints_and_pickles_load_in_fp32(model_dirs, tmp_path):
+    from compiler.load import checkpoint_dtype
+
+    assert checkpoint_dtype(sorted(model_dirs["llama"].glob("*.safetensors"))) == "float32"
+    assert checkpoint_dtype([tmp_path / "pytorch_model.bin"]) == "float32"  # pickles: no header to read

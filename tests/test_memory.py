@@ -32,3 +32,52 @@ def test_freed_heap_pages_are_returned():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.split())
     assert before - after > 300, (before, after)  # 400 MB were freed mid-heap
+
+
+# Loads a BF16 checkpoint in a fresh interpreter and prints the growth of the peak RSS during the load
+# and the FP32 bytes of the model. DROP=0 turns the page dropping off (what the test compares with).
+LOAD_SCRIPT = """
+import os, sys
+import compiler.load, compiler.memory
+if os.environ["DROP"] == "0":
+    compiler.memory.drop_mapped_pages = lambda *a: 0
+compiler.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
+
+def hwm():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+base = hwm()
+model = compiler.load.load_model(sys.argv[1]).model
+print(hwm() - base, sum(p.numel() * 4 for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_a_half_checkpoint_loads_without_its_mapped_shard_beside_the_fp32_model(tmp_path):
+    """Peak growth while loading a ~100M-parameter BF16 checkpoint: the FP32 model plus little, where
+    the shard's mapped pages (half the FP32 size) stayed resident until the end without the drop."""
+    import os
+
+    import torch
+    import transformers
+
+    from compiler.default_model import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "tok", num_layers=1)
+    config = transformers.AutoConfig.from_pretrained(src)
+    config.update(dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=512))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    del model
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (tmp_path / "bf16" / f.name).write_bytes(f.read_bytes())
+    growth = {}
+    for drop in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "bf16"), str(src)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "DROP": drop})
+        growth[drop], fp32 = map(int, out.stdout.split())
+    assert growth["1"] < fp32 * 1.2, (growth, fp32)  # the FP32 model and one tensor in flight
+    assert growth["0"] > growth["1"] + fp32 * 0.25, (growth, fp32)  # the mapped half pages, without the drop
