@@ -111,7 +111,10 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False, method: str = "auto"
 
 
 def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
+    from .half_storage import restore_fp32
+
     start = time.perf_counter()
+    restore_fp32(loaded.model)  # the exporter traces plain FP32 modules (half-stored weights: 2x memory)
     model = _export_program(_wrapper(loaded.model), loaded, loaded.spec.num_layers, verbose)
     _name_dims(model)
     model.producer_name = "llmc"
@@ -119,12 +122,14 @@ def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
 
 
 def _export_stamped(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
+    from .half_storage import restore_fp32
     from .stamp import SHALLOW_LAYERS, decoder_layers, shallow_model, stamp_layers
 
     start = time.perf_counter()
     n = loaded.spec.num_layers
     path, _ = decoder_layers(loaded.model, n)
     shallow = shallow_model(loaded.model, n, SHALLOW_LAYERS)
+    restore_fp32(shallow)  # the traced part in plain FP32; stamped layers widen their half weights on read
     model = _export_program(_wrapper(shallow), loaded, SHALLOW_LAYERS, verbose)
     stamp_layers(model, loaded.model, path, n)
     _name_dims(model)

@@ -2,7 +2,9 @@
 
 The graph it runs is the one TensorRT parsed, so its outputs are what the engine is supposed to
 compute; on the CPU provider, FP16 MatMuls run as FP32 products with FP16 in and out, as
-TensorRT's FP16 GEMMs accumulate (compiler/ort_widen.py: onnxruntime has no x86 FP16 GEMM).
+TensorRT's FP16 GEMMs accumulate (compiler/ort_widen.py: onnxruntime has no x86 FP16 GEMM), and
+INT4 weight-only MatMuls as MatMulNBits on the same 4-bit weights, whose dequantized values are
+exactly the graph's (the scales make every product exact in FP16).
 Only onnxruntime's *basic* graph optimizations (constant
 folding, redundant-node removal) are on by default: its extended fusions rewrite numerics. Measured
 on the INT4 graph (DequantizeLinear + MatMul, 2026-11-27): vs the same graph with the weights

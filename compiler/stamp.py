@@ -58,7 +58,7 @@ def heterogeneity(model, num_layers: int) -> str | None:
         attn = getattr(layer, "self_attn", None)
         return (
             type(layer).__name__,
-            tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()),
+            tuple((n, tuple(p.shape), _kind(p)) for n, p in layer.named_parameters()),
             tuple((n, tuple(b.shape), b.dtype) for n, b in layer.named_buffers()),
             getattr(layer, "attention_type", None),
             getattr(attn, "sliding_window", None),
@@ -73,6 +73,12 @@ def heterogeneity(model, num_layers: int) -> str | None:
         if isinstance(value, (list, tuple)) and len(value) == num_layers and len({repr(v) for v in value}) > 1:
             return f"config.{key} differs between layers"
     return None
+
+
+def _kind(tensor):
+    """A parameter's dtype, with every float dtype as one: half-stored layers (compiler/half_storage.py)
+    and the FP32 ones restored for the export are the same layer."""
+    return "float" if tensor.is_floating_point() else tensor.dtype
 
 
 def _config_dict(config) -> dict:
@@ -276,8 +282,9 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     """Layer i's parameter as a graph initializer, without copying it.
 
     As is: a zero-copy TorchTensor view (what the exporter itself stores). Transposed (the exporter
-    folds `linear`'s weight transpose into a MatMul constant): a LazyTensor that transposes on demand,
-    so stamping N layers holds no second copy of the weights; each read or save pays one transient copy.
+    folds `linear`'s weight transpose into a MatMul constant), or half-stored (compiler/half_storage.py,
+    widened to the template's FP32): a LazyTensor that transposes / widens on demand, so stamping N
+    layers holds no second copy of the weights; each read or save pays one transient copy.
     """
     import onnx_ir as ir
     from torch.onnx._internal.exporter._core import TorchTensor
@@ -285,8 +292,10 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     tensor = param.detach()
     if transposed:
         name += "_T"
-        const = ir.LazyTensor(lambda: TorchTensor(tensor.t().contiguous(), name=name), dtype=like.dtype,
-                              shape=ir.Shape(tensor.shape[::-1]), name=name)
+    if transposed or tensor.dtype != like_torch_dtype(like):  # a half-stored weight widens on read (exact)
+        view = tensor.t() if transposed else tensor
+        const = ir.LazyTensor(lambda: TorchTensor(view.float().contiguous(), name=name), dtype=like.dtype,
+                              shape=ir.Shape(view.shape), name=name)
     else:
         const = TorchTensor(tensor, name=name)
     # A type object of its own: passes set `value.dtype` in place (cast-fp16), and a TensorType shared
@@ -294,6 +303,15 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     value = ir.Value(name=name, type=ir.TensorType(like.dtype), shape=ir.Shape(const.shape), const_value=const)
     graph.register_initializer(value)
     return value
+
+
+def like_torch_dtype(value):
+    """The torch dtype of an ir value's element type (FP32 / FP16 / BF16: what an export holds)."""
+    import onnx_ir as ir
+    import torch
+
+    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+            ir.DataType.BFLOAT16: torch.bfloat16}.get(value.dtype)
 
 
 def _own_types(graph) -> None:

@@ -80,8 +80,9 @@ def _half_checkpoint(tmp_path, dtype: str, tie: bool = False):
 
 @pytest.mark.parametrize("dtype,tie", [("bfloat16", True), ("float16", False)])
 def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, tie):
-    """Loaded in its own dtype and upcast in place (one tensor at a time, mapped pages dropped): the
-    same FP32 parameters, buffers and logits as Hugging Face's own FP32 load, ties kept."""
+    """Loaded in its own dtype and, without half storage, upcast in place (one tensor at a time, mapped
+    pages dropped): the same FP32 parameters, buffers and logits as Hugging Face's own FP32 load, ties
+    kept. (With half storage, the default, see test_half_storage.py.)"""
     import torch
     import transformers
 
@@ -89,7 +90,7 @@ def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, 
 
     path = _half_checkpoint(tmp_path, dtype, tie)
     assert checkpoint_dtype(sorted(path.glob("*.safetensors"))) == dtype
-    ours = load_model(path).model
+    ours = load_model(path, half_storage=False).model
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     mine, ref = ours.state_dict(), theirs.state_dict()
     assert mine.keys() == ref.keys()
@@ -106,3 +107,10 @@ def test_fp32_checkpoints_and_pickles_load_in_fp32(model_dirs, tmp_path):
 
     assert checkpoint_dtype(sorted(model_dirs["llama"].glob("*.safetensors"))) == "float32"
     assert checkpoint_dtype([tmp_path / "pytorch_model.bin"]) == "float32"  # pickles: no header to read
+
+
+def test_half_storage_is_the_default_for_half_checkpoints_only(tmp_path, model_dirs):
+    from compiler.half_storage import is_half_stored
+
+    assert is_half_stored(load_model(_half_checkpoint(tmp_path, "bfloat16")).model)
+    assert not is_half_stored(load_model(model_dirs["llama"]).model)  # an FP32 checkpoint: FP32 modules

@@ -40,7 +40,7 @@ LOAD_SCRIPT = """
 import os, sys
 import compiler.load, compiler.memory
 if os.environ["DROP"] == "0":
-    compiler.memory.drop_mapped_pages = lambda *a: 0
+    compiler.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
 compiler.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
 
 def hwm():
@@ -48,7 +48,7 @@ def hwm():
 
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 base = hwm()
-model = compiler.load.load_model(sys.argv[1]).model
+model = compiler.load.load_model(sys.argv[1], half_storage=False).model
 print(hwm() - base, sum(p.numel() * 4 for p in model.parameters()))
 """
 

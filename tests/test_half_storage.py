@@ -1,0 +1,123 @@
+"""Half-stored weights computing in FP32 (compiler/half_storage.py): the FP32 model's numbers from
+half the bytes. Compared with the same checkpoint loaded in FP32, which is the reference it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.half_storage import HalfStoredEmbedding, HalfStoredLinear, is_half_stored, restore_fp32, store_half
+
+# FP32 summation order only: the widened weights are the FP32 model's exactly.
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    from test_load import _half_checkpoint
+
+    return _half_checkpoint(tmp_path_factory.mktemp("half"), "bfloat16", tie=True)
+
+
+def _models(path):
+    import transformers
+
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    half = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    kept = store_half(half)
+    return fp32, half, kept
+
+
+def test_big_weights_stay_half_and_everything_else_is_fp32(bf16_dir):
+    fp32, half, kept = _models(bf16_dir)
+    assert is_half_stored(half) and not is_half_stored(fp32)
+    linears = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, HalfStoredLinear) and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert isinstance(half.model.embed_tokens, HalfStoredEmbedding)
+    assert half.lm_head.weight is half.model.embed_tokens.weight  # tied: one half Parameter
+    others = [p for n, p in half.named_parameters() if not n.endswith("proj.weight") and "embed" not in n]
+    assert others and all(p.dtype == torch.float32 for p in others)
+    assert all(b.dtype == torch.float32 for b in half.buffers() if b.is_floating_point())
+    assert kept == sum(p.numel() * 2 for p in {id(p): p for p in half.parameters() if p.dtype == torch.bfloat16}.values())
+    theirs = fp32.state_dict()
+    assert all(torch.equal(v.float(), theirs[k]) for k, v in half.state_dict().items())  # the same values
+
+
+def test_logits_and_greedy_decode_are_the_fp32_models(bf16_dir):
+    fp32, half, _ = _models(bf16_dir)
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7, 11, 250], [8, 9, 10, 11, 12, 13, 14, 15]])
+    with torch.no_grad():
+        a, b = fp32(ids).logits, half(ids).logits
+        assert b.dtype == torch.float32
+        assert float((a - b).abs().max()) <= REL_TOL * float(a.abs().max())
+        ga = fp32.generate(ids[:1], max_new_tokens=12, do_sample=False)
+        gb = half.generate(ids[:1], max_new_tokens=12, do_sample=False)
+    assert torch.equal(ga, gb)
+
+
+def test_a_bf16_activation_would_be_caught():
+    """The tolerance above can fail: computing the same product with BF16 activations misses it."""
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(rng.standard_normal((512, 256)).astype(np.float32)).bfloat16()
+    x = torch.from_numpy(rng.standard_normal((4, 256)).astype(np.float32))
+    layer = torch.nn.Linear(256, 512, bias=False)
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    layer.__class__ = HalfStoredLinear
+    exact = x.double() @ w.double().t()
+    ours = layer(x).double()
+    sloppy = (x.bfloat16() @ w.t()).double()
+    scale = float(exact.abs().max())
+    assert float((ours - exact).abs().max()) <= REL_TOL * scale < float((sloppy - exact).abs().max())
+
+
+def test_restore_fp32_gives_plain_modules(bf16_dir):
+    fp32, half, _ = _models(bf16_dir)
+    restore_fp32(half)
+    assert not is_half_stored(half)
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+               for m in half.modules() if isinstance(m, torch.nn.Linear))
+    assert half.lm_head.weight is half.model.embed_tokens.weight
+    assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in half.state_dict().items())
+
+
+def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
+    """Stamped export (6 layers) of the half-stored model: the traced layers restored to FP32, the
+    stamped ones widened on read. Same nodes, same initializers, bit for bit, as the export of the
+    same checkpoint loaded in FP32; onnxruntime gives the same logits."""
+    import onnx_ir as ir
+
+    from compiler.export import export_onnx
+    from compiler.load import load_model
+    from helpers import feeds_with_past, run_onnx
+    from test_load import _half_checkpoint
+
+    import transformers
+
+    src = _half_checkpoint(tmp_path / "a", "bfloat16", tie=True)
+    config = transformers.AutoConfig.from_pretrained(src)
+    config.num_hidden_layers = 6
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    path = tmp_path / "deep"
+    model.save_pretrained(path, safe_serialization=True)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (path / f.name).write_bytes(f.read_bytes())
+    half, full = load_model(path), load_model(path, half_storage=False)
+    assert is_half_stored(half.model)
+    a, b = export_onnx(half, method="stamp").model, export_onnx(full, method="stamp").model
+    assert [n.op_type for n in a.graph] == [n.op_type for n in b.graph]
+    assert a.graph.initializers.keys() == b.graph.initializers.keys()
+    for name, value in b.graph.initializers.items():
+        mine = a.graph.initializers[name]
+        assert mine.dtype == value.dtype and np.array_equal(mine.const_value.numpy(), value.const_value.numpy()), name
+    assert is_half_stored(half.model)  # only the traced layers went back to FP32
+    paths = []
+    for tag, m in (("half", a), ("fp32", b)):
+        paths.append(tmp_path / f"{tag}.onnx")
+        ir.save(m, paths[-1])
+    from compiler.export import graph_io
+
+    feeds = feeds_with_past(graph_io(full), np.float32, batch=1, seq=3, past=2)
+    x, y = run_onnx(paths[0], feeds), run_onnx(paths[1], feeds)
+    assert all(np.array_equal(x[k], y[k]) for k in y)
