@@ -14,7 +14,7 @@ import logging
 import time
 import warnings
 
-from passes.rewriter_state import forget_matched_graphs
+from passes.rewriter_state import forget_matched_graphs, forget_removed_io
 
 from .types import ExportedGraph, GraphIO, LoadedModel
 
@@ -167,6 +167,7 @@ def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool)
             verify=False,
         )
     forget_matched_graphs()  # optimize=True ran onnxscript's module-level rules on this graph
+    forget_removed_io(program.model.graph)  # the lifted parameters, inputs no more
     return program.model
 
 

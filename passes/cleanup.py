@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from .rewriter_state import forget_matched_graphs
+from .rewriter_state import forget_matched_graphs, forget_removed_io
 
 
 def _fingerprint(model: ir.Model) -> tuple:
@@ -34,6 +34,7 @@ class CleanupPass(ir.passes.InPlacePass):
         # Never fold a weight's DequantizeLinear back into a float constant: that would undo quantization.
         onnxscript.optimizer.optimize_ir(model, num_iterations=2, should_fold=_keep_quantized)
         forget_matched_graphs()  # else onnxscript's module-level rules keep this graph alive
+        forget_removed_io(model.graph)  # passes that rewire the graph's I/O ran before this
         common.CommonSubexpressionEliminationPass()(model)
         common.RemoveUnusedNodesPass()(model)
         common.RemoveUnusedOpsetsPass()(model)
