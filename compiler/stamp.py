@@ -136,8 +136,6 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     """
     import onnx_ir as ir
 
-    from .memory import file_mappings
-
     _, layers = decoder_layers(torch_model, num_layers)
     graph = model_ir.graph
     prefix = WRAPPER_PREFIX + layers_path  # 'model.model.layers' in the exported scopes
@@ -208,7 +206,6 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
 
     taken = {v.name for n in nodes for v in n.outputs} | set(graph_inputs) | set(graph.initializers)
     node_names = {n.name for n in nodes}
-    spans = file_mappings(".safetensors")  # where half-stored weights may be mapped (see _initializer)
     new_nodes: list = []
     new_inputs: dict[str, Any] = {}
     new_outputs: dict[str, Any] = {}
@@ -241,7 +238,7 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
                     param, transposed = uses[(n_index, i_index)]
                     if (param, transposed) not in weights:
                         weights[(param, transposed)] = _initializer(
-                            graph, layers[i].get_parameter(param), f"{prefix}.{i}.{param}", transposed, value, spans)
+                            graph, layers[i].get_parameter(param), f"{prefix}.{i}.{param}", transposed, value)
                     clone.replace_input_with(i_index, weights[(param, transposed)])
             new_nodes.append(clone)
         prev_hidden = cloner._value_map[hidden_out]
@@ -281,7 +278,7 @@ def _match(array, names: list[str], arrays: dict, unique: bool = False) -> tuple
     return hits[0] if len(hits) == 1 else None
 
 
-def _initializer(graph, param, name: str, transposed: bool, like, spans=()):
+def _initializer(graph, param, name: str, transposed: bool, like):
     """Layer i's parameter as a graph initializer, without copying it.
 
     As is: a zero-copy TorchTensor view (what the exporter itself stores). Transposed (the exporter
@@ -290,25 +287,15 @@ def _initializer(graph, param, name: str, transposed: bool, like, spans=()):
     layers holds no second copy of the weights; each read or save pays one transient copy.
     """
     import onnx_ir as ir
-    import torch
     from torch.onnx._internal.exporter._core import TorchTensor
-
-    from .memory import drop_mapped_pages
 
     tensor = param.detach()
     if transposed:
         name += "_T"
     if transposed or tensor.dtype != like_torch_dtype(like):  # a half-stored weight widens on read (exact)
         view = tensor.t() if transposed else tensor
-        half = tensor.dtype != torch.float32
-
-        def widened():
-            out = TorchTensor(view.float().contiguous(), name=name)
-            if half:  # its shard pages are copied: drop them (a re-read faults them back from the file)
-                drop_mapped_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size(), spans)
-            return out
-
-        const = ir.LazyTensor(widened, dtype=like.dtype, shape=ir.Shape(view.shape), name=name)
+        const = ir.LazyTensor(lambda: TorchTensor(view.float().contiguous(), name=name), dtype=like.dtype,
+                              shape=ir.Shape(view.shape), name=name)
     else:
         const = TorchTensor(tensor, name=name)
     # A type object of its own: passes set `value.dtype` in place (cast-fp16), and a TensorType shared

@@ -42,6 +42,10 @@ def test_big_weights_stay_half_and_everything_else_is_fp32(bf16_dir):
     assert kept == sum(p.numel() * 2 for p in {id(p): p for p in half.parameters() if p.dtype == torch.bfloat16}.values())
     theirs = fp32.state_dict()
     assert all(torch.equal(v.float(), theirs[k]) for k, v in half.state_dict().items())  # the same values
+    from compiler.memory import drop_mapped_pages, file_mappings
+
+    spans = file_mappings(".safetensors")  # copied out of the shard mapping: its pages can be paged out
+    assert not any(drop_mapped_pages(p.data_ptr(), 0, spans, probe=True) for p in half.parameters())
 
 
 def test_logits_and_greedy_decode_are_the_fp32_models(bf16_dir):
@@ -112,9 +116,6 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
         mine = a.graph.initializers[name]
         assert mine.dtype == value.dtype and np.array_equal(mine.const_value.numpy(), value.const_value.numpy()), name
     assert is_half_stored(half.model)  # only the traced layers went back to FP32
-    stamped = a.graph.initializers["model.model.layers.5.mlp.up_proj.weight_T"].const_value
-    first = stamped.numpy().copy()  # its shard pages are dropped after each read: a re-read is the same
-    assert np.array_equal(stamped.numpy(), first)
     paths = []
     for tag, m in (("half", a), ("fp32", b)):
         paths.append(tmp_path / f"{tag}.onnx")
