@@ -177,6 +177,7 @@ def check_weight_shapes(path: Path, model_cls, config, files: list[Path]) -> Non
 
 
 _HALF_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
+HALF_STORAGE_ABOVE = 2 << 30  # FP32 bytes of the model from which half storage is the default (~540M params)
 
 
 def checkpoint_dtype(files: list[Path]) -> str:
@@ -196,13 +197,15 @@ def checkpoint_dtype(files: list[Path]) -> str:
 
 
 def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False,
-               half_storage: bool = True) -> LoadedModel:
+               half_storage: bool | None = None) -> LoadedModel:
     """Load config, weights and tokenizer; the model comes back in eval mode, computing in FP32.
 
     A BF16/FP16 checkpoint is loaded in its own dtype. With `half_storage` its Linear and Embedding
     weights stay half (compiler/half_storage.py: FP32 products from half the bytes; at 1B 2.5 GB
-    instead of 4.9, and decode steps no slower); everything else, and every weight without it, is
-    upcast in place one tensor at a time (compiler/half_storage.upcast_in_place)."""
+    instead of 4.9); everything else, and every weight without it, is upcast in place one tensor at a
+    time (compiler/half_storage.upcast_in_place). None (the default): half storage when the FP32
+    model would take HALF_STORAGE_ABOVE bytes or more. Below, the saving is small and the blocked
+    products' many small kernels made a 135M reference run vary 2x in time (benchmarks/NOTES.md)."""
     path = Path(path).expanduser().resolve()
     spec = read_spec(path, trust_remote_code)
     files = check_model_files(path, allow_pickle)
@@ -239,6 +242,8 @@ def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: 
         )
     except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"cannot load weights from {path}: {_first_line(exc)}") from exc
+    if half_storage is None:
+        half_storage = 4 * sum(p.numel() for p in model.parameters()) >= HALF_STORAGE_ABOVE
     if half_storage:
         store_half(model)
     else:

@@ -107,7 +107,7 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             (path / f.name).write_bytes(f.read_bytes())
-    half, full = load_model(path), load_model(path, half_storage=False)
+    half, full = load_model(path, half_storage=True), load_model(path, half_storage=False)
     assert is_half_stored(half.model)
     a, b = export_onnx(half, method="stamp").model, export_onnx(full, method="stamp").model
     assert [n.op_type for n in a.graph] == [n.op_type for n in b.graph]

@@ -82,7 +82,7 @@ def _half_checkpoint(tmp_path, dtype: str, tie: bool = False):
 def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, tie):
     """Loaded in its own dtype and, without half storage, upcast in place (one tensor at a time, mapped
     pages dropped): the same FP32 parameters, buffers and logits as Hugging Face's own FP32 load, ties
-    kept. (With half storage, the default, see test_half_storage.py.)"""
+    kept. (With half storage, the default above HALF_STORAGE_ABOVE, see test_half_storage.py.)"""
     import torch
     import transformers
 
@@ -109,8 +109,11 @@ def test_fp32_checkpoints_and_pickles_load_in_fp32(model_dirs, tmp_path):
     assert checkpoint_dtype([tmp_path / "pytorch_model.bin"]) == "float32"  # pickles: no header to read
 
 
-def test_half_storage_is_the_default_for_half_checkpoints_only(tmp_path, model_dirs):
+def test_half_storage_is_the_default_for_big_half_checkpoints_only(tmp_path, model_dirs, monkeypatch):
     from compiler.half_storage import is_half_stored
 
-    assert is_half_stored(load_model(_half_checkpoint(tmp_path, "bfloat16")).model)
+    half = _half_checkpoint(tmp_path, "bfloat16")
+    assert not is_half_stored(load_model(half).model)  # small: FP32
+    monkeypatch.setattr("compiler.load.HALF_STORAGE_ABOVE", 1)  # as if it were big
+    assert is_half_stored(load_model(half).model)
     assert not is_half_stored(load_model(model_dirs["llama"]).model)  # an FP32 checkpoint: FP32 modules
