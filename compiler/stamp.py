@@ -292,9 +292,10 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     tensor = param.detach()
     if transposed:
         name += "_T"
-    if transposed or tensor.dtype != like_torch_dtype(like):  # a half-stored weight widens on read (exact)
+    target = _torch_dtype(like) or tensor.dtype
+    if transposed or tensor.dtype != target:  # a half-stored weight widens on read (exact)
         view = tensor.t() if transposed else tensor
-        const = ir.LazyTensor(lambda: TorchTensor(view.float().contiguous(), name=name), dtype=like.dtype,
+        const = ir.LazyTensor(lambda: TorchTensor(view.to(target).contiguous(), name=name), dtype=like.dtype,
                               shape=ir.Shape(view.shape), name=name)
     else:
         const = TorchTensor(tensor, name=name)
@@ -305,7 +306,7 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     return value
 
 
-def like_torch_dtype(value):
+def _torch_dtype(value):
     """The torch dtype of an ir value's element type (FP32 / FP16 / BF16: what an export holds)."""
     import onnx_ir as ir
     import torch

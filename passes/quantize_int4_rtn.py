@@ -10,7 +10,7 @@ FP16 scales are rounded *up* to 8 significant bits (`exact_product_scale`), so e
 exact in FP16: the DequantizeLinear's output is the exact product, whoever computes it. That is what
 lets the CPU executor run these MatMuls as onnxruntime's 4-bit `MatMulNBits` (compiler/ort_widen.py),
 which dequantizes in FP32 without rounding to FP16, and still compute this graph's numbers. Rounding
-up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale moves by < 2**-8.
+up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale moves by < 2**-7.
 """
 
 from __future__ import annotations
