@@ -92,7 +92,7 @@ def upcast_in_place(model: torch.nn.Module, keep_half=lambda module, name: False
     copied out of the mapping too: file pages can be paged out behind the build's back (this VM runs
     DAMON's proactive `pageout`), and re-read from disk at every decode step; anonymous memory (no swap)
     cannot."""
-    from .memory import drop_mapped_pages, file_mappings
+    from .memory import drop_mapped_pages, file_mappings, is_mapped
 
     spans = file_mappings(".safetensors")
     done: set[int] = set()
@@ -102,7 +102,7 @@ def upcast_in_place(model: torch.nn.Module, keep_half=lambda module, name: False
                 if tensor is None or not tensor.is_floating_point() or id(tensor) in done:
                     continue
                 keep = tensor.dtype != torch.float32 and keep_half(module, name)
-                if tensor.dtype == torch.float32 and not drop_mapped_pages(tensor.data_ptr(), 0, spans, probe=True):
+                if tensor.dtype == torch.float32 and not is_mapped(tensor.data_ptr(), 0, spans):
                     continue
                 source = tensor.data
                 copy = source.clone() if keep or source.dtype == torch.float32 else source.float()

@@ -70,18 +70,19 @@ def file_mappings(suffix: str) -> list[tuple[int, int]]:
     return spans
 
 
-def drop_mapped_pages(address: int, nbytes: int, spans: list[tuple[int, int]], probe: bool = False) -> int:
+def is_mapped(address: int, nbytes: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether [address, address + nbytes) lies inside one of `spans` (see file_mappings)."""
+    return any(s <= address and address + nbytes <= e for s, e in spans)
+
+
+def drop_mapped_pages(address: int, nbytes: int, spans: list[tuple[int, int]]) -> int:
     """Drop this process's resident pages of [address, address + nbytes) if the range lies inside one
     of `spans` (private file mappings, see file_mappings), so they stop counting as resident. A later
     read of them faults the file's page back in: call this only for a tensor whose data has been
     copied and that nothing modified in place (a copy-on-write page would revert to the file's).
-    Only whole pages inside the range are dropped, never a neighbour's. Returns the bytes dropped;
-    with `probe`, only whether the address lies in one of the spans (1 or 0), dropping nothing."""
-    inside = any(s <= address and address + nbytes <= e for s, e in spans)
-    if probe:
-        return int(inside)
+    Only whole pages inside the range are dropped, never a neighbour's. Returns the bytes dropped."""
     madvise = _libc_madvise()
-    if madvise is None or not inside:
+    if madvise is None or not is_mapped(address, nbytes, spans):
         return 0
     start = -(-address // _PAGE) * _PAGE
     end = (address + nbytes) // _PAGE * _PAGE

@@ -126,11 +126,18 @@ def _row_blocks(rows: int, row_bytes: int) -> Iterator[slice]:
     return (slice(r, min(r + step, rows)) for r in range(0, rows, step))
 
 
-def _widen_rows(src: np.ndarray) -> Rows:
+def _by_rows(src: np.ndarray, convert=None, dtype=None) -> Rows:
+    """src a block of rows at a time, each converted by `convert` to `dtype` (default: as it is)."""
+    dtype = np.dtype(dtype or src.dtype)
+    convert = convert or (lambda block: block)
     if src.ndim < 2:
-        return Rows.of(_to_f32(src))
-    row = int(np.prod(src.shape[1:])) * 4
-    return Rows(src.shape, np.dtype(np.float32), (_to_f32(src[r]) for r in _row_blocks(src.shape[0], row)))
+        return Rows(tuple(src.shape), dtype, iter([convert(src)]))
+    row = int(np.prod(src.shape[1:])) * dtype.itemsize
+    return Rows(tuple(src.shape), dtype, (convert(src[r]) for r in _row_blocks(src.shape[0], row)))
+
+
+def _widen_rows(src: np.ndarray) -> Rows:
+    return _by_rows(src, _to_f32, np.float32)
 
 
 def _widen_transposed(src: np.ndarray) -> Rows:
@@ -340,10 +347,7 @@ def _copy_external_data(model: ir.Model, store: WeightFile) -> None:
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor) and tensor.location != WeightFile.NAME:
-            arr = tensor.numpy()
-            row = int(np.prod(arr.shape[1:])) * arr.itemsize if arr.ndim > 1 else arr.nbytes
-            chunks = (arr[r] for r in _row_blocks(arr.shape[0], row)) if arr.ndim > 1 else iter([arr])
-            value.const_value = store(tensor.name or value.name, Rows(tuple(arr.shape), arr.dtype, chunks))
+            value.const_value = store(tensor.name or value.name, _by_rows(tensor.numpy()))
 
 
 def widened(onnx_path: Path, scratch: Path | None = None, int4: bool = True) -> Widened:

@@ -40,7 +40,7 @@ LOAD_SCRIPT = """
 import os, sys
 import compiler.load, compiler.memory
 if os.environ["DROP"] == "0":
-    compiler.memory.drop_mapped_pages = lambda *a, **k: 0  # (read by name at each upcast)
+    compiler.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
 compiler.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
 
 def hwm():
