@@ -111,30 +111,75 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False, method: str = "auto"
 
 
 def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
-    from .half_storage import restore_fp32
-
     start = time.perf_counter()
-    restore_fp32(loaded.model)  # the exporter traces plain FP32 modules (half-stored weights: 2x memory)
-    model = _export_program(_wrapper(loaded.model), loaded, loaded.spec.num_layers, verbose)
+    model = _export_fp32(loaded.model, loaded, loaded.spec.num_layers, verbose)
     _name_dims(model)
     model.producer_name = "llmc"
     return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
 
 
 def _export_stamped(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
-    from .half_storage import restore_fp32
     from .stamp import SHALLOW_LAYERS, decoder_layers, shallow_model, stamp_layers
 
     start = time.perf_counter()
     n = loaded.spec.num_layers
     path, _ = decoder_layers(loaded.model, n)
     shallow = shallow_model(loaded.model, n, SHALLOW_LAYERS)
-    restore_fp32(shallow)  # the traced part in plain FP32; stamped layers widen their half weights on read
-    model = _export_program(_wrapper(shallow), loaded, SHALLOW_LAYERS, verbose)
+    model = _export_fp32(shallow, loaded, SHALLOW_LAYERS, verbose)  # stamped layers widen their half weights on read
     stamp_layers(model, loaded.model, path, n)
     _name_dims(model)
     model.producer_name = "llmc"
     return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
+
+
+def _export_fp32(module, loaded: LoadedModel, num_layers: int, verbose: bool):
+    """Export `module` as the FP32 model, whatever its storage (compiler/half_storage.py).
+
+    The traced modules go back to plain FP32 (the exporter traces those; half-stored Linears cost
+    2x their memory from here on), except half-stored embeddings: they are traced through an FP32
+    stand-in that takes no memory, and the graph then views the half weight (compiler/lazy_weights.py).
+    If the exporter did not use a stand-in as expected (it read or folded it), export again without.
+    """
+    from .half_storage import fp32_stand_ins, restore_fp32
+
+    with fp32_stand_ins(module) as stand_ins:
+        restore_fp32(module)
+        model = _export_program(_wrapper(module), loaded, num_layers, verbose)
+        # Inside the block: the exporter's initializers hold the Parameter itself, which reads half again after it.
+        problem = _adopt_stand_ins(model.graph, stand_ins) if stand_ins else None
+    if problem:
+        logging.getLogger(__name__).warning("%s; exporting with the embedding in FP32", problem)
+        model = None
+        restore_fp32(module)
+        model = _export_program(_wrapper(module), loaded, num_layers, verbose)
+    return model
+
+
+def _adopt_stand_ins(graph, stand_ins) -> str | None:
+    """Point each initializer over a stand-in at the half weight; returns what went wrong, if anything.
+
+    A stand-in must be exactly one initializer with as many uses as modules hold its Parameter (an
+    embedding's Gather, a tied lm_head's Transpose): a folded use would be one fewer, and its result
+    was computed from uninitialized memory.
+    """
+    import torch
+
+    from .lazy_weights import ParameterView
+
+    found: dict[int, list] = {}
+    for value in graph.initializers.values():
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor) and raw.data_ptr() in stand_ins:
+            found.setdefault(raw.data_ptr(), []).append(value)
+    for ptr, stand_in in stand_ins.items():
+        values = found.get(ptr, [])
+        if len(values) != 1 or len(values[0].uses()) != stand_in.users:
+            return (f"the exporter did not use the stand-in of a {tuple(stand_in.half.shape)} embedding as expected "
+                    f"({len(values)} initializers, {sum(len(v.uses()) for v in values)} uses, {stand_in.users} expected)")
+    for ptr, stand_in in stand_ins.items():
+        value = found[ptr][0]
+        value.const_value = ParameterView(stand_in.half, value.dtype, value.const_value.name)
+    return None
 
 
 def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool):

@@ -21,6 +21,10 @@ vs 0.19 s; a 512-row prefill 0.095 s vs 0.133 s. Widening the whole weight per c
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from typing import Iterator
+
 import torch
 
 BLOCK_BYTES = 2 << 20  # FP32 bytes of weight widened at a time: stays in cache for the product after it
@@ -78,7 +82,8 @@ class HalfStoredEmbedding(torch.nn.Embedding):
     """nn.Embedding whose weight stays BF16/FP16; the gathered rows come back in FP32 (exact)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).float()
+        out = super().forward(ids)
+        return out if out.dtype == torch.float32 else out.float()  # an FP32 stand-in traces as nn.Embedding
 
 
 def upcast_in_place(model: torch.nn.Module, keep_half=lambda module, name: False) -> None:
@@ -135,14 +140,51 @@ def store_half(model: torch.nn.Module) -> int:
 
 
 def restore_fp32(module: torch.nn.Module) -> None:
-    """Every HalfStored* module under `module` back to a plain FP32 nn.Linear / nn.Embedding, in place
-    (tied weights stay one Parameter; mapped shard pages dropped as in upcast_in_place)."""
+    """Every HalfStored* module under `module` whose weight is half back to a plain FP32 nn.Linear /
+    nn.Embedding, in place (tied weights stay one Parameter; mapped shard pages dropped as in
+    upcast_in_place). One whose weight is FP32 already (a stand-in, below) computes as the plain module."""
     for sub in module.modules():
+        if getattr(sub, "weight", None) is None or sub.weight.dtype not in HALF:
+            continue
         if isinstance(sub, HalfStoredLinear):
             sub.__class__ = torch.nn.Linear
         elif isinstance(sub, HalfStoredEmbedding):
             sub.__class__ = torch.nn.Embedding
     upcast_in_place(module)
+
+
+@dataclasses.dataclass
+class StandIn:
+    parameter: torch.nn.Parameter  # the model's (tied: shared) Parameter, FP32 stand-in inside the block
+    half: torch.Tensor  # its real values
+    users: int  # modules holding the Parameter: the export's uses of the initializer (embedding, tied lm_head)
+
+
+@contextlib.contextmanager
+def fp32_stand_ins(module: torch.nn.Module) -> Iterator[dict[int, StandIn]]:
+    """Within the block, every half-stored embedding under `module` has an FP32 weight of its shape
+    that occupies no memory (never written, so never paged in); on exit the half weight is back.
+
+    Why: the exporter traces FP32 modules but never reads an embedding's values (its Gather has
+    dynamic indices; the Transpose of a tied lm_head has two consumers, which onnxscript's constant
+    folding leaves alone), so the 1 GB FP32 copy of a 1B model's embedding only has to exist as a
+    shape. Yields {stand-in data_ptr: StandIn}; compiler/export.py swaps the graph initializer over
+    each stand-in for a view of the half weight, and checks that the exporter used it as expected.
+    """
+    stand_ins: dict[int, StandIn] = {}
+    for sub in module.modules():
+        weight = getattr(sub, "weight", None)
+        if not isinstance(sub, HalfStoredEmbedding) or weight.dtype not in HALF:
+            continue
+        half = weight.data
+        weight.data = torch.empty(half.shape, dtype=torch.float32)
+        users = sum(1 for m in module.modules() if getattr(m, "weight", None) is weight)
+        stand_ins[weight.data_ptr()] = StandIn(weight, half, users)
+    try:
+        yield stand_ins
+    finally:
+        for s in stand_ins.values():
+            s.parameter.data = s.half
 
 
 def is_half_stored(model: torch.nn.Module) -> bool:

@@ -283,20 +283,19 @@ def _initializer(graph, param, name: str, transposed: bool, like):
 
     As is: a zero-copy TorchTensor view (what the exporter itself stores). Transposed (the exporter
     folds `linear`'s weight transpose into a MatMul constant), or half-stored (compiler/half_storage.py,
-    widened to the template's FP32): a LazyTensor that transposes / widens on demand, so stamping N
-    layers holds no second copy of the weights; each read or save pays one transient copy.
+    widened to the template's FP32): a ParameterView (compiler/lazy_weights.py) that transposes / widens
+    on demand, so stamping N layers holds no second copy of the weights.
     """
     import onnx_ir as ir
     from torch.onnx._internal.exporter._core import TorchTensor
 
+    from .lazy_weights import ParameterView, torch_dtype
+
     tensor = param.detach()
     if transposed:
         name += "_T"
-    target = _torch_dtype(like) or tensor.dtype
-    if transposed or tensor.dtype != target:  # a half-stored weight widens on read (exact)
-        view = tensor.t() if transposed else tensor
-        const = ir.LazyTensor(lambda: TorchTensor(view.to(target).contiguous(), name=name), dtype=like.dtype,
-                              shape=ir.Shape(view.shape), name=name)
+    if transposed or tensor.dtype != (torch_dtype(like) or tensor.dtype):  # a half weight widens on read (exact)
+        const = ParameterView(tensor, like.dtype, name, transposed=transposed)
     else:
         const = TorchTensor(tensor, name=name)
     # A type object of its own: passes set `value.dtype` in place (cast-fp16), and a TensorType shared
@@ -304,15 +303,6 @@ def _initializer(graph, param, name: str, transposed: bool, like):
     value = ir.Value(name=name, type=ir.TensorType(like.dtype), shape=ir.Shape(const.shape), const_value=const)
     graph.register_initializer(value)
     return value
-
-
-def _torch_dtype(value):
-    """The torch dtype of an ir value's element type (FP32 / FP16 / BF16: what an export holds)."""
-    import onnx_ir as ir
-    import torch
-
-    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
-            ir.DataType.BFLOAT16: torch.bfloat16}.get(value.dtype)
 
 
 def _own_types(graph) -> None:

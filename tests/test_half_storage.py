@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from compiler.lazy_weights import ParameterView
 from compiler.half_storage import HalfStoredEmbedding, HalfStoredLinear, is_half_stored, restore_fp32, store_half
 
 # FP32 summation order only: the widened weights are the FP32 model's exactly.
@@ -85,10 +86,12 @@ def test_restore_fp32_gives_plain_modules(bf16_dir):
     assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in half.state_dict().items())
 
 
-def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path, tie):
     """Stamped export (6 layers) of the half-stored model: the traced layers restored to FP32, the
-    stamped ones widened on read. Same nodes, same initializers, bit for bit, as the export of the
-    same checkpoint loaded in FP32; onnxruntime gives the same logits."""
+    stamped ones widened on read, the embedding traced through an FP32 stand-in and then viewed in
+    BF16. Same nodes, same initializers, bit for bit, as the export of the same checkpoint loaded in
+    FP32; onnxruntime gives the same logits. Tied (Gather + lm_head Transpose) and untied."""
     import onnx_ir as ir
 
     from compiler.export import export_onnx
@@ -98,7 +101,7 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
 
     import transformers
 
-    src = _half_checkpoint(tmp_path / "a", "bfloat16", tie=True)
+    src = _half_checkpoint(tmp_path / "a", "bfloat16", tie=tie)
     config = transformers.AutoConfig.from_pretrained(src)
     config.num_hidden_layers = 6
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -115,6 +118,11 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
     for name, value in b.graph.initializers.items():
         mine = a.graph.initializers[name]
         assert mine.dtype == value.dtype and np.array_equal(mine.const_value.numpy(), value.const_value.numpy()), name
+    embed = half.model.model.embed_tokens
+    assert isinstance(embed, HalfStoredEmbedding) and embed.weight.dtype == torch.bfloat16  # still half
+    viewing = [v for v in a.graph.initializers.values() if isinstance(v.const_value, ParameterView)
+               and v.const_value.torch_source().data_ptr() == embed.weight.data_ptr()]
+    assert len(viewing) == 1 and len(viewing[0].uses()) == (2 if tie else 1)  # Gather (+ tied lm_head)
     assert is_half_stored(half.model)  # only the traced layers went back to FP32
     paths = []
     for tag, m in (("half", a), ("fp32", b)):
@@ -125,3 +133,22 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path):
     feeds = feeds_with_past(graph_io(full), np.float32, batch=1, seq=3, past=2)
     x, y = run_onnx(paths[0], feeds), run_onnx(paths[1], feeds)
     assert all(np.array_equal(x[k], y[k]) for k in y)
+
+
+def test_cast_fp16_converts_a_half_parameter_view_without_widening_it():
+    """cast-fp16 reads a ParameterView's BF16/FP16 source directly: the same bits (NaN payloads
+    included) as rounding its FP32 widening, for every BF16 and FP16 value, transposed views too."""
+    import onnx_ir as ir
+
+    from passes.cast_fp16 import _to_f16
+
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(256, 256)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = patterns.view(dtype)
+        for transposed in (False, True):
+            view = ParameterView(half, ir.DataType.FLOAT, "w", transposed=transposed)
+            widened = ir.tensor((half.t() if transposed else half).float().numpy())
+            ours, theirs = _to_f16(view).numpy(), _to_f16(widened).numpy()
+            assert ours.dtype == np.float16 and ours.shape == theirs.shape
+            assert np.array_equal(ours.view(np.int16), theirs.view(np.int16)), (dtype, transposed)
+            assert np.array_equal(view.numpy(), widened.numpy(), equal_nan=True)  # what other readers see
