@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Callable
 
 import numpy as np
@@ -21,12 +22,86 @@ from .types import LoadedModel
 
 @dataclasses.dataclass
 class Calibration:
-    """Per module: a [tokens, in_features] float32 sample of its inputs."""
+    """Per module: a [tokens, in_features] float32 sample of its inputs (a Mapping; see ActivationStore)."""
 
-    activations: dict[str, np.ndarray]
+    activations: Mapping[str, np.ndarray]
     tokens: int
     sequences: int
     seconds: float
+
+
+class ActivationStore(Mapping):
+    """Module name -> its [rows, in_features] float32 sample, kept in one unnamed scratch file.
+
+    Why: at 1B the samples are 1.3 GB, held from the calibrate stage through the reference and the
+    export to the AWQ pass, which reads one group at a time. On disk they cost what is being read.
+    Modules fed the same tensor (q/k/v after one norm, gate/up after another) share one sample, so
+    1B holds 0.9 GB of samples instead of 1.3. Each read returns a fresh array (callers may keep or
+    modify it). Without a usable scratch folder the samples stay in memory, with a warning.
+    """
+
+    def __init__(self):
+        import os
+        import tempfile
+        import warnings
+
+        from .runtime_onnx import SCRATCH_ENV
+
+        try:
+            self._file = tempfile.TemporaryFile(prefix="llmc-calib-", dir=os.environ.get(SCRATCH_ENV) or None)
+        except OSError as exc:
+            warnings.warn(f"no scratch folder for the calibration sample ({exc}); it stays in memory "
+                          f"(set {SCRATCH_ENV} to a writable disk folder)")
+            self._file = None
+        self._regions: dict[str, list] = {}  # sample key -> [offset or ndarray, capacity, columns, rows written]
+        self._names: dict[str, str] = {}  # module name -> sample key
+        self._end = 0
+
+    def reserve(self, key: str, rows: int, columns: int) -> None:
+        if self._file is None:
+            self._regions[key] = [np.empty((rows, columns), np.float32), rows, columns, 0]
+        else:
+            self._regions[key] = [self._end, rows, columns, 0]
+            self._end += rows * columns * 4
+
+    def append(self, key: str, block: np.ndarray) -> None:
+        region = self._regions[key]
+        where, capacity, columns, written = region
+        if written + len(block) > capacity or block.shape[1:] != (columns,):
+            raise ValueError(f"sample {key!r}: {block.shape} does not fit [{capacity}, {columns}] after {written} rows")
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if isinstance(where, np.ndarray):
+            where[written:written + len(block)] = block
+        else:
+            self._file.seek(where + written * columns * 4)
+            self._file.write(memoryview(block).cast("B"))
+        region[3] = written + len(block)
+
+    def alias(self, name: str, key: str) -> None:
+        self._names[name] = key
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        where, _, columns, rows = self._regions[self._names[name]]
+        if isinstance(where, np.ndarray):
+            return where[:rows].copy()
+        out = np.empty((rows, columns), np.float32)
+        self._file.seek(where)
+        if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OSError("short read from the calibration sample's scratch file")
+        return out
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the sample to answer
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def distinct(self) -> int:
+        """Samples actually stored (modules sharing an input share one)."""
+        return len(set(self._names.values()))
 
 
 def tokenize_windows(tokenizer, text: str, window: int, max_windows: int) -> list[list[int]]:
@@ -61,22 +136,32 @@ def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total_rows = len(chunks) * window
     stride = max(1, total_rows // sample_rows)
-    samples: dict[str, list[torch.Tensor]] = {}
+    capacity = min(sample_rows, -(-total_rows // stride))  # rows 0, stride, 2 * stride, ... up to sample_rows
+    store = ActivationStore()
     seen: dict[str, int] = {}  # rows each module has been fed so far
     kept: dict[str, int] = {}
+    last: list = [None, None]  # the input the previous hook sampled, and its sample key
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (name.startswith("model.layers.") or name == "lm_head"):
             def hook(mod, args, _out, name=name):
                 # Keep global rows 0, stride, 2*stride, ... as they pass, not all rows then subsample:
                 # on a 1B model the full set is 5 GB, the sample 1.3 GB.
-                rows = args[0].detach().reshape(-1, args[0].shape[-1])
+                x = args[0]
+                if last[0] is x:  # q/k/v, gate/up: called one after another on one tensor, one sample
+                    store.alias(name, last[1])
+                    return
+                last[:] = [x, name]
+                if name not in kept:
+                    store.reserve(name, capacity, x.shape[-1])
+                    store.alias(name, name)
+                rows = x.detach().reshape(-1, x.shape[-1])
                 start = seen.get(name, 0)
                 seen[name] = start + rows.shape[0]
-                picked = rows[(-start) % stride::stride][:sample_rows - kept.get(name, 0)]
+                picked = rows[(-start) % stride::stride][:capacity - kept.get(name, 0)]
+                kept[name] = kept.get(name, 0) + len(picked)
                 if len(picked):
-                    kept[name] = kept.get(name, 0) + len(picked)
-                    samples.setdefault(name, []).append(picked.float().cpu().clone())
+                    store.append(name, picked.float().cpu().numpy())
             hooks.append(module.register_forward_hook(hook))
     model.to(device)
     try:
@@ -84,11 +169,11 @@ def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows:
             for i in range(0, len(chunks), batch):
                 ids = torch.tensor(chunks[i:i + batch], device=device)
                 model(input_ids=ids, use_cache=False)
+                last[:] = [None, None]
                 if on_progress:
                     on_progress(min(i + batch, len(chunks)), len(chunks))
     finally:
         for h in hooks:
             h.remove()
         model.to("cpu")
-    activations = {name: torch.cat(rows).numpy() for name, rows in samples.items()}
-    return Calibration(activations, tokens=total_rows, sequences=len(chunks), seconds=time.perf_counter() - start)
+    return Calibration(store, tokens=total_rows, sequences=len(chunks), seconds=time.perf_counter() - start)

@@ -182,7 +182,9 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         self._threads = torch.get_num_threads()
         self.fallbacks: list[str] = []
         self.search_log: dict[str, dict] = {}
-        self._inputs: dict[str, torch.Tensor] = {}  # target name -> its (scaled) calibration input
+        # target name -> (activation name, s or None): its calibration input is activations[name] / s.
+        # Kept as a recipe, not a tensor: at 1B the scaled inputs were 1.3 GB held through the whole pass.
+        self._inputs: dict[str, tuple[str, torch.Tensor | None]] = {}
 
     def requires(self, model: ir.Model) -> None:
         if self.activations is None:
@@ -194,11 +196,11 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         for t in targets:
             groups.setdefault(id(t.node.inputs[0]), []).append(t)
         for members in groups.values():
-            x = next((self.activations.get(t.name) for t in members if t.name in self.activations), None)
-            if x is None:
+            source = next((t.name for t in members if t.name in self.activations), None)
+            if source is None:
                 self.fallbacks.extend(t.name for t in members)
                 continue
-            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            x = self._activation(source)
             # Folding 1/s into the producer changes its output for every consumer: only when all of
             # them are in this group (a sibling kept FP16 or quantized by another pass would be off by s).
             shared = members[0].node.inputs[0]
@@ -206,7 +208,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
             fold = None if others else self._fold_target(shared, model)
             if fold is None:  # nothing to absorb 1/s: quantize these as they are (clip search still applies)
                 for t in members:
-                    self._inputs[t.name] = x
+                    self._inputs[t.name] = (source, None)
                 continue
             w_cat = torch.cat([torch.from_numpy(t.weight.const_value.numpy().astype(np.float32)) for t in members], dim=1)
             s, alpha, loss0, loss = self._search(search_scales, x, search_columns(w_cat))
@@ -214,7 +216,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                 self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
                 w = t.weight.const_value.numpy()
                 _set_const(t.weight, (w.astype(np.float32) * s.numpy()[:, None]).astype(w.dtype))
-                self._inputs[t.name] = x / s
+                self._inputs[t.name] = (source, s)
             fold(s.numpy())
 
     @staticmethod
@@ -244,10 +246,14 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         return None
 
     # -- quantization ---------------------------------------------------------------------------
+    def _activation(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.activations[name], dtype=np.float32))
+
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         clip = None
-        x = self._inputs.get(target.name)
-        if self.clip and x is not None:
+        if self.clip and target.name in self._inputs:
+            source, s = self._inputs[target.name]
+            x = self._activation(source) if s is None else self._activation(source) / s
             clip = self._search(search_clip, x, torch.from_numpy(weight_KN.astype(np.float32))).numpy()
         q, scale = quantize_blockwise(weight_KN, self.block, clip)
         return QuantizedWeight(q, scale, axis=0, block_size=self.block)

@@ -2,6 +2,8 @@
 DQs, scales folded), onnxruntime (the folding alone is exact; with quantization it beats RTN,
 see test_quality.py), and TensorRT(-RTX) parse + build."""
 
+import warnings
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -83,14 +85,16 @@ def test_needs_activations_and_falls_back_per_group(trained_fp16, trained_calibr
     assert len(pass_.quantized) == 28  # the fallbacks are still quantized, by RTN
 
 
-def test_calibration_samples_rows_as_they_pass(trained, trained_calibration):
-    """The on-the-fly sample equals 'keep every row, then every stride-th up to sample_rows'."""
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.k_proj",
+                                  "model.layers.2.mlp.up_proj"])
+def test_calibration_samples_rows_as_they_pass(trained, trained_calibration, name):
+    """The on-the-fly sample equals 'keep every row, then every stride-th up to sample_rows', for a
+    module with its own input and for modules sharing one (k_proj with q_proj, up_proj with gate_proj)."""
     import torch
 
     from compiler.calibrate import tokenize_windows
     from compiler.corpus import default_calibration_text
 
-    name = "model.layers.1.mlp.down_proj"
     module = dict(trained.model.named_modules())[name]
     chunks = tokenize_windows(trained.tokenizer, default_calibration_text(), 128, 16)
     rows = []
@@ -107,6 +111,40 @@ def test_calibration_samples_rows_as_they_pass(trained, trained_calibration):
     got = trained_calibration.activations[name]
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_fed_one_tensor_share_one_sample_on_disk(trained_calibration):
+    """q/k/v (one norm's output) and gate/up store one sample; every module is still a key; each
+    read is a fresh array, so a caller that scales it in place changes nothing for the next."""
+    store = trained_calibration.activations
+    layers = 4
+    assert len(store) == 7 * layers + 1  # every decoder Linear and lm_head
+    assert store.distinct() == 4 * layers + 1  # q=k=v, gate=up, o, down per layer; lm_head
+    q, k = store["model.layers.0.self_attn.q_proj"], store["model.layers.0.self_attn.k_proj"]
+    assert np.array_equal(q, k) and q is not k and q.dtype == np.float32
+    o = store["model.layers.0.self_attn.o_proj"]
+    assert o.shape == q.shape and not np.array_equal(o, q)
+    q *= 2
+    assert np.array_equal(store["model.layers.0.self_attn.q_proj"], k)
+
+
+def test_activation_store_falls_back_to_memory_without_a_scratch_folder(tmp_path, monkeypatch):
+    from compiler.calibrate import ActivationStore
+    from compiler.runtime_onnx import SCRATCH_ENV
+
+    rows = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for folder, warns in ((tmp_path, False), (tmp_path / "missing", True)):
+        monkeypatch.setenv(SCRATCH_ENV, str(folder))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = ActivationStore()
+        assert any("stays in memory" in str(w.message) for w in caught) == warns
+        store.reserve("a", 4, 6)
+        store.alias("a", "a"), store.alias("b", "a")
+        store.append("a", rows[:3]), store.append("a", rows[3:])
+        assert np.array_equal(store["b"], rows) and "b" in store and "c" not in store
+        with pytest.raises(ValueError, match="does not fit"):
+            store.append("a", rows[:1])
 
 
 def test_calibration_windows_shrink_with_model_size():
