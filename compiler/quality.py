@@ -68,18 +68,25 @@ def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
 
 
 def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
-    """[n, window - 1, vocab] float32 reference log-probabilities, written one batch of windows at a
-    time to a scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality)."""
+    """[n, window - 1, vocab] float32 reference log-probabilities, written one window at a time to a
+    scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality). The model runs a
+    batch of windows; the log-softmax and the write go one window at a time (a batch's log-probabilities
+    and their strided copy were 0.5 GB of transients at 1B, the reference stage's peak)."""
     import torch
 
-    out = None
+    out = spilled_or_in_memory(len(windows), (len(windows[0]) - 1, _vocab(loaded)))
     with torch.no_grad():
         for _, chunk in _batches(windows, batch):
-            logp = _log_softmax(loaded.model(input_ids=torch.from_numpy(chunk), use_cache=False).logits.float().numpy())
-            if out is None:
-                out = spilled_or_in_memory(len(windows), (logp.shape[1] - 1, logp.shape[2]))
-            out.append(logp[:, :-1].numpy())
+            logits = loaded.model(input_ids=torch.from_numpy(chunk), use_cache=False).logits
+            for row in logits:
+                out.append(_log_softmax(row[:-1].float().numpy())[None].numpy())
+            del logits
     return out
+
+
+def _vocab(loaded: LoadedModel) -> int:
+    """The logits' width: the output embedding's rows (config.vocab_size can differ from it)."""
+    return loaded.model.get_output_embeddings().weight.shape[0]
 
 
 def _agreement(runner: Runner, prompt_ids: list[list[int]], forced: list[list[int]]) -> tuple[int, int]:
