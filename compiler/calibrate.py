@@ -124,8 +124,21 @@ def default_windows(num_parameters: int, window: int = 128, most: int = 32, leas
     return max(least, min(most, int(CALIBRATION_BUDGET // (max(num_parameters, 1) * window))))
 
 
-def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows: int | None = None, batch: int = 8,
-              sample_rows: int = 1024, on_progress: Callable[[int, int], None] | None = None) -> Calibration:
+# FP32 logits a PyTorch forward over windows may make at once (calibration, the held-out reference).
+# Hugging Face computes every position's logits: 8 windows of 128 at a 128256 vocabulary made 525 MB
+# at once, the largest transient of the stages that hold the model.
+LOGITS_BUDGET = 128 << 20
+
+
+def logits_batch(window: int, vocab: int, most: int = 8) -> int:
+    """Windows per forward so that their logits fit LOGITS_BUDGET (at least 1, at most `most`)."""
+    return max(1, min(most, LOGITS_BUDGET // max(1, window * vocab * 4)))
+
+
+def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows: int | None = None,
+              batch: int | None = None, sample_rows: int = 1024,
+              on_progress: Callable[[int, int], None] | None = None) -> Calibration:
+    """batch: windows per forward (default: logits_batch). The sample does not depend on it."""
     import torch
 
     start = time.perf_counter()
@@ -133,6 +146,7 @@ def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows:
         max_windows = default_windows(loaded.num_parameters, window)
     chunks = tokenize_windows(loaded.tokenizer, text, window, max_windows)
     model = loaded.model
+    batch = batch or logits_batch(window, model.get_output_embeddings().weight.shape[0])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total_rows = len(chunks) * window
     stride = max(1, total_rows // sample_rows)

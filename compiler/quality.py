@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import tokenize_windows
+from .calibrate import logits_batch, tokenize_windows
 from .runner import Runner
 from .runtime_onnx import OnnxRuntimeExecutor
 from .spill import SpilledArray, spilled_or_in_memory
@@ -70,13 +70,15 @@ def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
 def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
     """[n, window - 1, vocab] float32 reference log-probabilities, written one window at a time to a
     scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality). The model runs a
-    batch of windows; the log-softmax and the write go one window at a time (a batch's log-probabilities
+    batch of windows (at most `batch`, fewer at a large vocabulary: calibrate.logits_batch); the
+    log-softmax and the write go one window at a time (a batch's log-probabilities
     and their strided copy were 0.5 GB of transients at 1B, the reference stage's peak)."""
     import torch
 
-    out = spilled_or_in_memory(len(windows), (len(windows[0]) - 1, _vocab(loaded)))
+    vocab = _vocab(loaded)
+    out = spilled_or_in_memory(len(windows), (len(windows[0]) - 1, vocab))
     with torch.no_grad():
-        for _, chunk in _batches(windows, batch):
+        for _, chunk in _batches(windows, min(batch, logits_batch(len(windows[0]), vocab))):
             logits = loaded.model(input_ids=torch.from_numpy(chunk), use_cache=False).logits
             for row in logits:
                 out.append(_log_softmax(row[:-1].float().numpy())[None].numpy())

@@ -152,3 +152,36 @@ def test_cast_fp16_converts_a_half_parameter_view_without_widening_it():
             assert ours.dtype == np.float16 and ours.shape == theirs.shape
             assert np.array_equal(ours.view(np.int16), theirs.view(np.int16)), (dtype, transposed)
             assert np.array_equal(view.numpy(), widened.numpy(), equal_nan=True)  # what other readers see
+
+
+def test_an_unexpected_use_of_the_stand_in_exports_again_in_fp32(tmp_path, monkeypatch, caplog):
+    """If the exporter's graph does not use a stand-in as expected (here: one use more than the
+    modules holding it), its values may have been read: the export warns, restores the embedding to
+    FP32 and exports again, giving the FP32 model's graph."""
+    import logging
+
+    import compiler.half_storage as half_storage
+    from compiler.export import export_onnx
+    from compiler.load import load_model
+    from test_load import _half_checkpoint
+
+    path = _half_checkpoint(tmp_path, "bfloat16", tie=True)
+    half, full = load_model(path, half_storage=True), load_model(path, half_storage=False)
+    real = half_storage.fp32_stand_ins
+
+    def miscounted(module):
+        with real(module) as stand_ins:
+            for s in stand_ins.values():
+                s.users += 1
+            yield stand_ins
+
+    monkeypatch.setattr(half_storage, "fp32_stand_ins", half_storage.contextlib.contextmanager(miscounted))
+    with caplog.at_level(logging.WARNING, logger="compiler.export"):
+        a = export_onnx(half, method="full").model
+    assert "did not use the stand-in" in caplog.text and "exporting with the embedding in FP32" in caplog.text
+    assert half.model.model.embed_tokens.weight.dtype == torch.float32  # restored for the second export
+    b = export_onnx(full, method="full").model
+    assert a.graph.initializers.keys() == b.graph.initializers.keys()
+    for name, value in b.graph.initializers.items():
+        mine = a.graph.initializers[name].const_value
+        assert not isinstance(mine, ParameterView) and np.array_equal(mine.numpy(), value.const_value.numpy()), name

@@ -147,6 +147,22 @@ def test_activation_store_falls_back_to_memory_without_a_scratch_folder(tmp_path
             store.append("a", rows[:1])
 
 
+def test_calibration_batch_sets_memory_not_the_sample(trained):
+    """Windows per forward are chosen so that a forward's logits stay within LOGITS_BUDGET; the rows
+    sampled are global row indices, so the sample is the same whatever the batch (GEMM rounding aside)."""
+    from compiler.calibrate import LOGITS_BUDGET, calibrate, logits_batch
+    from compiler.corpus import default_calibration_text
+
+    assert logits_batch(128, 128256) == 2  # Llama-3.2: 2 x 65.7 MB of logits per forward, not 8
+    assert logits_batch(128, 49152) == 5 and logits_batch(128, 1000) == 8 and logits_batch(4096, 128256) == 1
+    assert all(logits_batch(128, v) * 128 * v * 4 <= LOGITS_BUDGET for v in (32000, 49152, 128256, 151936))
+    one, many = (calibrate(trained, default_calibration_text(), max_windows=10, sample_rows=256, batch=b)
+                 for b in (1, 4))
+    assert list(one.activations) == list(many.activations)
+    for name in one.activations:
+        np.testing.assert_allclose(one.activations[name], many.activations[name], rtol=1e-5, atol=1e-6)
+
+
 def test_calibration_windows_shrink_with_model_size():
     from compiler.calibrate import default_windows
 
