@@ -130,6 +130,11 @@ def default_windows(num_parameters: int, window: int = 128, most: int = 32, leas
 LOGITS_BUDGET = 128 << 20
 
 
+def vocab_rows(model) -> int:
+    """The logits' width: the output embedding's rows (config.vocab_size can differ from it)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 def logits_batch(window: int, vocab: int, most: int = 8) -> int:
     """Windows per forward so that their logits fit LOGITS_BUDGET (at least 1, at most `most`)."""
     return max(1, min(most, LOGITS_BUDGET // max(1, window * vocab * 4)))
@@ -146,7 +151,7 @@ def calibrate(loaded: LoadedModel, text: str, *, window: int = 128, max_windows:
         max_windows = default_windows(loaded.num_parameters, window)
     chunks = tokenize_windows(loaded.tokenizer, text, window, max_windows)
     model = loaded.model
-    batch = batch or logits_batch(window, model.get_output_embeddings().weight.shape[0])
+    batch = batch or logits_batch(window, vocab_rows(model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total_rows = len(chunks) * window
     stride = max(1, total_rows // sample_rows)

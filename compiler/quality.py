@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import logits_batch, tokenize_windows
+from .calibrate import logits_batch, tokenize_windows, vocab_rows
 from .runner import Runner
 from .runtime_onnx import OnnxRuntimeExecutor
 from .spill import SpilledArray, spilled_or_in_memory
@@ -71,11 +71,11 @@ def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
     """[n, window - 1, vocab] float32 reference log-probabilities, written one window at a time to a
     scratch file (compiler/spill.py: 1 GB at 1B, not held in memory until quality). The model runs a
     batch of windows (at most `batch`, fewer at a large vocabulary: calibrate.logits_batch); the
-    log-softmax and the write go one window at a time (a batch's log-probabilities
-    and their strided copy were 0.5 GB of transients at 1B, the reference stage's peak)."""
+    log-softmax and the write go one window at a time (a batch's log-probabilities and their strided
+    copy were 0.5 GB of transients at 1B, the reference stage's peak)."""
     import torch
 
-    vocab = _vocab(loaded)
+    vocab = vocab_rows(loaded.model)
     out = spilled_or_in_memory(len(windows), (len(windows[0]) - 1, vocab))
     with torch.no_grad():
         for _, chunk in _batches(windows, min(batch, logits_batch(len(windows[0]), vocab))):
@@ -85,10 +85,6 @@ def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
             del logits
     return out
 
-
-def _vocab(loaded: LoadedModel) -> int:
-    """The logits' width: the output embedding's rows (config.vocab_size can differ from it)."""
-    return loaded.model.get_output_embeddings().weight.shape[0]
 
 
 def _agreement(runner: Runner, prompt_ids: list[list[int]], forced: list[list[int]]) -> tuple[int, int]:

@@ -46,8 +46,8 @@ class CastFp16Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         graph = model.graph
-        # FP32-backed tensors first, those that view a half parameter last: converting the first frees
-        # half their bytes, the second none until the model is gone, so the peak is lower this way round.
+        # FP32-backed tensors first, views of a half parameter last: converting an FP32 tensor frees half
+        # its bytes at once, converting a view at best as many as it makes, so this order peaks lower.
         for init in sorted(graph.initializers.values(), key=lambda v: hasattr(v.const_value, "torch_source")):
             if init.dtype == F32 and init.const_value is not None:
                 init.const_value = _to_f16(init.const_value)
