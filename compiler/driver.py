@@ -182,7 +182,8 @@ def _engine_from_json(data: dict, plan: Path, onnx_path: Path) -> EngineArtifact
     return EngineArtifact(plan_path=plan, onnx_path=onnx_path, backend=data["backend"],
                           backend_version=data["backend_version"],
                           tensors=[TensorInfo(t["name"], t["dtype"], tuple(t["shape"]), t["is_input"]) for t in data["tensors"]],
-                          layer_types=data["layer_types"], seconds=0.0, timing_cache=data["timing_cache"])
+                          layer_types=data["layer_types"], seconds=0.0, timing_cache=data["timing_cache"],
+                          builder_peak_rss_bytes=data.get("builder_peak_rss_bytes"))
 
 
 def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
@@ -384,7 +385,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                                                                   timing_cache)
         meta = {"backend": engine.backend, "backend_version": engine.backend_version,
                 "tensors": [dataclasses.asdict(t) for t in engine.tensors], "layer_types": engine.layer_types,
-                "timing_cache": engine.timing_cache}
+                "timing_cache": engine.timing_cache, "builder_peak_rss_bytes": engine.builder_peak_rss_bytes}
         cache.put("build", keys.get("build", ""), {"model.plan": plan}, meta)
         return engine
 
@@ -436,7 +437,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         parameters = json.loads((hits["validate"] / "meta.json").read_text()).get("parameters")
     versions = tool_versions()
     backend_info = {"name": backend.name, "version": backend.version, "supports_plugins": backend.supports_plugins,
-                    "timing_cache": engine.timing_cache}
+                    "timing_cache": engine.timing_cache, "builder_peak_rss_bytes": engine.builder_peak_rss_bytes}
     report = {
         "status": "pass" if passed else "fail",
         "llmc_version": __version__,

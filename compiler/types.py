@@ -175,6 +175,9 @@ class EngineArtifact:
     layer_types: dict[str, int]
     seconds: float
     timing_cache: str
+    # Built in a child process (build_engine_isolated): the child's peak RSS, the builder's own memory
+    # (a 1 s sampler of the process tree misses its spikes). None for an in-process build.
+    builder_peak_rss_bytes: int | None = None
 
 
 @dataclasses.dataclass

@@ -104,6 +104,9 @@ def test_isolated_build_matches_in_process_and_returns_errors(tmp_path, trained_
     there = build_engine_isolated(trained_fp16, tmp_path / "b.plan", opts, get_backend())
     assert (tmp_path / "b.plan").stat().st_size > 0
     assert there.layer_types == here.layer_types and there.tensors == here.tensors
+    # The child reports its own peak: at least the plan it wrote, far below a machine's memory.
+    assert here.builder_peak_rss_bytes is None
+    assert (tmp_path / "b.plan").stat().st_size < there.builder_peak_rss_bytes < 8 << 30
 
     F16 = TP.FLOAT16
     vi = h.make_tensor_value_info

@@ -76,4 +76,5 @@ def test_weights_over_the_threshold_go_to_external_data_and_a_child_build(model_
     report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=out))
     assert report["status"] == "pass" and report["numerics"].max_abs_error < 0.1
     assert [c.name for c in children] == ["model.onnx"]  # the staged graph, built in a child
+    assert report["backend"]["builder_peak_rss_bytes"] > (out / "model.plan").stat().st_size  # the child's own peak
     assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
