@@ -14,8 +14,7 @@ import onnx
 
 from .backend import Backend
 from .errors import BackendBuildError
-from .export import BATCH, PAST, SEQ, TOTAL
-from .types import BuildOptions, EngineArtifact, TensorInfo
+from .types import BATCH, PAST, SEQ, TOTAL, BuildOptions, EngineArtifact, TensorInfo
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 

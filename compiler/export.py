@@ -16,12 +16,10 @@ import warnings
 
 from passes.rewriter_state import forget_matched_graphs, forget_removed_io
 
-from .types import ExportedGraph, GraphIO, LoadedModel
+from .types import BATCH, PAST, SEQ, TOTAL, ExportedGraph, GraphIO, LoadedModel
 
 OPSET = 23
 
-# Dim names in the exported graph (what users of onnxruntime-genai / Optimum expect to see).
-BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
 def graph_io(loaded: LoadedModel) -> GraphIO:

@@ -9,6 +9,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+# Dim names in the exported graph (what users of onnxruntime-genai / Optimum expect to see). Here, not
+# in export.py, so that build.py does not import the exporter (torch, every pass) to read them.
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
