@@ -242,10 +242,10 @@ def build_engine_isolated(
 
 
 def _build_in_child(conn, onnx_path, plan_path, options, backend_name, timing_cache_path) -> None:
-    from .backend import _load
-
     import dataclasses
     import resource
+
+    from .backend import _load
 
     try:
         engine = build_engine(onnx_path, plan_path, options, _load(backend_name), timing_cache_path)

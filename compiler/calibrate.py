@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BadInputError
+from .spill import read_at, write_at
 from .types import LoadedModel
 
 
@@ -41,14 +42,13 @@ class ActivationStore(Mapping):
     """
 
     def __init__(self):
-        import os
-        import tempfile
         import warnings
 
         from .runtime_onnx import SCRATCH_ENV
+        from .spill import scratch_file
 
         try:
-            self._file = tempfile.TemporaryFile(prefix="llmc-calib-", dir=os.environ.get(SCRATCH_ENV) or None)
+            self._file = scratch_file("llmc-calib-")
         except OSError as exc:
             warnings.warn(f"no scratch folder for the calibration sample ({exc}); it stays in memory "
                           f"(set {SCRATCH_ENV} to a writable disk folder)")
@@ -73,8 +73,7 @@ class ActivationStore(Mapping):
         if isinstance(where, np.ndarray):
             where[written:written + len(block)] = block
         else:
-            self._file.seek(where + written * columns * 4)
-            self._file.write(memoryview(block).cast("B"))
+            write_at(self._file, where + written * columns * 4, block)
         region[3] = written + len(block)
 
     def alias(self, name: str, key: str) -> None:
@@ -84,11 +83,7 @@ class ActivationStore(Mapping):
         where, _, columns, rows = self._regions[self._names[name]]
         if isinstance(where, np.ndarray):
             return where[:rows].copy()
-        out = np.empty((rows, columns), np.float32)
-        self._file.seek(where)
-        if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise OSError("short read from the calibration sample's scratch file")
-        return out
+        return read_at(self._file, where, np.empty((rows, columns), np.float32))
 
     def __contains__(self, name) -> bool:  # Mapping's default would read the sample to answer
         return name in self._names

@@ -45,14 +45,6 @@ def _grown(holder: list, numel: int) -> torch.Tensor:
     return holder[0][:numel]
 
 
-def _buffer(numel: int) -> torch.Tensor:
-    return _grown(_BUFFER, numel)
-
-
-def _scratch(numel: int) -> torch.Tensor:
-    return _grown(_SCRATCH, numel)
-
-
 class HalfStoredLinear(torch.nn.Linear):
     """nn.Linear whose weight stays BF16/FP16; the product is FP32, a block of output rows at a time."""
 
@@ -61,7 +53,7 @@ class HalfStoredLinear(torch.nn.Linear):
         if w.dtype not in HALF:
             return super().forward(x)
         rows = max(1, BLOCK_BYTES // (4 * w.shape[1]))
-        buf = _buffer(min(rows, w.shape[0]) * w.shape[1]).view(-1, w.shape[1])
+        buf = _grown(_BUFFER, min(rows, w.shape[0]) * w.shape[1]).view(-1, w.shape[1])
         x2 = x.float().reshape(-1, x.shape[-1])
         out = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32)
         torch.set_flush_denormal(True)  # see 'Denormals' above
@@ -69,7 +61,7 @@ class HalfStoredLinear(torch.nn.Linear):
             for r in range(0, w.shape[0], rows):
                 block = buf[: min(rows, w.shape[0] - r)]
                 block.copy_(w[r:r + rows])
-                product = _scratch(x2.shape[0] * len(block)).view(x2.shape[0], len(block))
+                product = _grown(_SCRATCH, x2.shape[0] * len(block)).view(x2.shape[0], len(block))
                 torch.mm(x2, block.t(), out=product)
                 out[:, r:r + len(block)] = product
         finally:

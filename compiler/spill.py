@@ -23,6 +23,25 @@ import numpy as np
 from .runtime_onnx import SCRATCH_ENV
 
 
+def scratch_file(prefix: str):
+    """An unnamed temporary file in $LLMC_SCRATCH_DIR or the system temp dir (OSError if there is none)."""
+    return tempfile.TemporaryFile(prefix=prefix, dir=os.environ.get(SCRATCH_ENV) or None)
+
+
+def write_at(file, offset: int, block: np.ndarray) -> None:
+    """Write a C-contiguous array's bytes at `offset`."""
+    file.seek(offset)
+    file.write(memoryview(block).cast("B"))
+
+
+def read_at(file, offset: int, out: np.ndarray) -> np.ndarray:
+    """Fill `out` with the bytes at `offset`; a short read is an OSError."""
+    file.seek(offset)
+    if file.readinto(memoryview(out).cast("B")) != out.nbytes:
+        raise OSError(f"short read from the scratch file {file.name}")
+    return out
+
+
 class SpilledArray:
     """[rows, *row_shape] float32, appended in row blocks, read back by row slices (`a[i:j]`)."""
 
@@ -31,15 +50,14 @@ class SpilledArray:
     def __init__(self, rows: int, row_shape: tuple[int, ...]):
         self.shape = (rows, *row_shape)
         self._row_bytes = math.prod(row_shape) * self.dtype.itemsize
-        self._file = tempfile.TemporaryFile(prefix="llmc-spill-", dir=os.environ.get(SCRATCH_ENV) or None)
+        self._file = scratch_file("llmc-spill-")
         self._written = 0
 
     def append(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, dtype=self.dtype)
         if block.shape[1:] != self.shape[1:] or self._written + len(block) > self.shape[0]:
             raise ValueError(f"block {block.shape} does not fit {self.shape} after {self._written} rows")
-        self._file.seek(self._written * self._row_bytes)
-        self._file.write(memoryview(block).cast("B"))
+        write_at(self._file, self._written * self._row_bytes, block)
         self._written += len(block)
 
     def __len__(self) -> int:
@@ -49,11 +67,8 @@ class SpilledArray:
         start, stop, step = rows.indices(self._written)
         if step != 1:
             raise IndexError("a SpilledArray reads contiguous row slices only")
-        out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
-        self._file.seek(start * self._row_bytes)
-        if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise OSError(f"short read from the spilled array ({self._file.name})")
-        return out
+        return read_at(self._file, start * self._row_bytes,
+                       np.empty((max(0, stop - start), *self.shape[1:]), self.dtype))
 
     def close(self) -> None:
         self._file.close()
