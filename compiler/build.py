@@ -243,14 +243,13 @@ def build_engine_isolated(
 
 def _build_in_child(conn, onnx_path, plan_path, options, backend_name, timing_cache_path) -> None:
     import dataclasses
-    import resource
 
     from .backend import _load
+    from .memory import own_peak_rss_bytes
 
     try:
         engine = build_engine(onnx_path, plan_path, options, _load(backend_name), timing_cache_path)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        conn.send((True, dataclasses.replace(engine, builder_peak_rss_bytes=peak)))
+        conn.send((True, dataclasses.replace(engine, builder_peak_rss_bytes=own_peak_rss_bytes())))
     except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
         conn.send((False, exc if isinstance(exc, BackendBuildError) else BackendBuildError(f"{type(exc).__name__}: {exc}")))
     finally:

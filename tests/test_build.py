@@ -108,6 +108,23 @@ def test_isolated_build_matches_in_process_and_returns_errors(tmp_path, trained_
     assert here.builder_peak_rss_bytes is None
     assert (tmp_path / "b.plan").stat().st_size < there.builder_peak_rss_bytes < 8 << 30
 
+
+def test_isolated_build_reports_the_childs_peak_not_the_parents(tmp_path, trained_fp16):
+    """A spawned child inherits its parent's ru_maxrss on Linux (the mark survives vfork + exec): a
+    parent that once held 2 GiB must not make the builder child report 2 GiB."""
+    from compiler.build import build_engine_isolated
+    from compiler.memory import own_peak_rss_bytes
+
+    if own_peak_rss_bytes() is None:
+        pytest.skip("no /proc/self/status VmHWM on this platform")
+    ballast = bytearray(2 << 30)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    del ballast
+    parent_peak = own_peak_rss_bytes()
+    assert parent_peak > 2 << 30
+    there = build_engine_isolated(trained_fp16, tmp_path / "b.plan", BuildOptions(max_batch=1, max_seq=64), get_backend())
+    assert (tmp_path / "b.plan").stat().st_size < there.builder_peak_rss_bytes < parent_peak - (1 << 30)
+
     F16 = TP.FLOAT16
     vi = h.make_tensor_value_info
     node = h.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "pk_out", "pv_out"], name="layer0_attn")
