@@ -185,3 +185,60 @@ def test_an_unexpected_use_of_the_stand_in_exports_again_in_fp32(tmp_path, monke
     for name, value in b.graph.initializers.items():
         mine = a.graph.initializers[name].const_value
         assert not isinstance(mine, ParameterView) and np.array_equal(mine.numpy(), value.const_value.numpy()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_fp16_converts_a_sole_held_parameter_in_its_own_memory(dtype, monkeypatch):
+    """A view that is the last holder of its parameter is rewritten as FP16 in place (chunk by chunk:
+    3 chunks and a remainder here), with the copying path's bits; the spent view refuses reads. With
+    another holder, or transposed, it is copied and the parameter is left as it was."""
+    import onnx_ir as ir
+
+    import passes.cast_fp16 as cast
+
+    monkeypatch.setattr(cast, "_CHUNK", 20000)
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(256, 256)
+    expected = cast._to_f16(ir.tensor(patterns.view(dtype).float().numpy())).numpy().view(np.int16)
+
+    src = patterns.clone().view(dtype)
+    address = src.data_ptr()
+    view = ParameterView(src, ir.DataType.FLOAT, "w")
+    kept = cast._to_f16(view).numpy()  # `src` still holds the memory: a copy
+    assert kept.ctypes.data != address and np.array_equal(kept.view(np.int16), expected)
+    assert torch.equal(src.view(torch.int16), patterns)  # untouched
+    del src
+    transposed = ParameterView(patterns.clone().view(dtype), ir.DataType.FLOAT, "wt", transposed=True)
+    assert cast._to_f16(transposed).numpy().ctypes.data != transposed.torch_source().data_ptr()  # copied, still readable
+
+    ours = cast._to_f16(view).numpy()  # now the view is the only holder
+    assert ours.dtype == np.float16 and ours.ctypes.data == address  # the parameter's own memory
+    assert np.array_equal(ours.view(np.int16), expected)
+    with pytest.raises(RuntimeError, match="handed over"):
+        view.numpy()
+
+
+def test_after_the_model_is_dropped_the_embedding_is_cast_in_place(bf16_dir):
+    """The driver's order: export a half-stored model, drop the model, cast-fp16. The embedding's
+    BF16 memory becomes the FP16 initializer (no second copy), and every initializer is bit-identical
+    to cast-fp16 of the FP32 load's export. If anything still held the embedding, this would copy."""
+    import dataclasses
+    import gc
+
+    import onnx_ir as ir
+
+    from compiler.export import export_onnx
+    from compiler.load import load_model
+    from passes.cast_fp16 import CastFp16Pass
+
+    half, full = load_model(bf16_dir, half_storage=True), load_model(bf16_dir, half_storage=False)
+    address = half.model.model.embed_tokens.weight.data_ptr()
+    a, b = export_onnx(half, method="stamp").model, export_onnx(full, method="stamp").model
+    half = dataclasses.replace(half, model=None)
+    gc.collect()
+    CastFp16Pass()(a)
+    CastFp16Pass()(b)
+    in_place = [name for name, v in a.graph.initializers.items() if v.const_value.numpy().ctypes.data == address]
+    assert len(in_place) == 1 and a.graph.initializers[in_place[0]].dtype == ir.DataType.FLOAT16
+    for name, value in b.graph.initializers.items():
+        mine = a.graph.initializers[name].const_value.numpy()
+        assert mine.dtype == value.const_value.numpy().dtype and mine.tobytes() == value.const_value.numpy().tobytes(), name
