@@ -9,7 +9,8 @@ when missing), runs in one go, each tool in its own process so that its peak RSS
   genai int4      python -m onnxruntime_genai.models.builder -p int4 -e cpu   (ONNX only, no engine)
   optimum fp32    optimum-cli export onnx --task text-generation-with-past     (ONNX only, no engine)
 
-and records wall time, peak RSS (wait4's ru_maxrss) and llmc's per-stage seconds from report.json.
+and records wall time, peak RSS (wait4's ru_maxrss) and llmc's per-stage seconds from report.json,
+with llmc's own and its engine builder's peaks (report.json `memory`) to say which process it is.
 
     python benchmarks/scale_compare.py --work /tmp/scale --shapes smollm2-135m smollm2-360m llama-3.2-1b \
         --genai-path /work/ogenai --optimum-python /work/optimum-venv/bin/python
@@ -89,6 +90,9 @@ def llmc_build(model: Path, recipe: str, out: Path, logs: Path) -> dict:
         res["status"] = data.get("status")
         res["sizes_bytes"] = data.get("sizes_bytes")
         res["max_abs_err"] = (data.get("numerics") or {}).get("max_abs_error")
+        memory = data.get("memory") or {}  # which process the peak is: llmc's own, or the engine builder
+        res["llmc_process_peak_rss_bytes"] = memory.get("llmc_process_peak_rss_bytes")
+        res["builder_peak_rss_bytes"] = memory.get("builder_peak_rss_bytes")
     return res
 
 
@@ -179,8 +183,9 @@ def _numel(shape) -> int:
 
 def table(results: dict) -> str:
     """The NOTES.md table: one row per size and tool, with ratios to genai's wall time and to FP16 bytes."""
-    rows = ["| model | params | FP16 bytes | tool | rc | wall s | peak RSS GiB | RSS / FP16 bytes | wall / genai |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | params | FP16 bytes | tool | rc | wall s | peak RSS GiB | RSS / FP16 bytes | llmc / builder GiB "
+            "| wall / genai |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for shape, entry in results.items():
         genai = entry.get("genai", {}).get("wall_s")
         for tool in ("llmc-fp16", "llmc-int4-rtn", "llmc-int4-awq", "genai", "optimum"):
@@ -188,9 +193,13 @@ def table(results: dict) -> str:
             if not r or "skipped" in r:
                 continue
             ratio = f"{r['wall_s'] / genai:.2f}" if genai else "-"
+            split = "-"
+            if r.get("llmc_process_peak_rss_bytes"):
+                builder = r.get("builder_peak_rss_bytes")
+                split = f"{r['llmc_process_peak_rss_bytes'] / 2**30:.2f} / " + (f"{builder / 2**30:.2f}" if builder else "in-process")
             rows.append(f"| {shape} | {entry['parameters'] / 1e6:.0f}M | {entry['fp16_weight_bytes'] / 2**30:.2f} GiB | "
                         f"{tool} | {r['rc']} | {r['wall_s']} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                        f"{r['peak_rss_over_fp16_bytes']} | {ratio} |")
+                        f"{r['peak_rss_over_fp16_bytes']} | {split} | {ratio} |")
     return "\n".join(rows)
 
 

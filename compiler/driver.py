@@ -41,7 +41,7 @@ from .export import export_onnx
 from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .manifest import write_manifest
-from .memory import release_freed_memory
+from .memory import own_peak_rss_bytes, release_freed_memory
 from .package import StagedOutput, copy_tokenizer, tool_versions, write_report
 from .pass_check import describe_divergence, first_divergent
 from .pipeline import run_passes
@@ -493,6 +493,10 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
 
     stage(9, "package", package)
     report["timings_s"]["total"] = sum(timings.values())
+    # Peak resident memory of each process, for sizing a runner: this one (all stages but the engine
+    # build; under `llmc build` that is the build's, in-process callers see their own) and the builder child.
+    report["memory"] = {"llmc_process_peak_rss_bytes": own_peak_rss_bytes(),
+                        "builder_peak_rss_bytes": engine.builder_peak_rss_bytes}
     write_report(out.path / "report.json", report)
     write_card(out.path)  # report.md (+ plots), rendered from report.json alone
     logits = next((t.dtype for t in engine.tensors if t.name == "logits"), None)

@@ -77,4 +77,5 @@ def test_weights_over_the_threshold_go_to_external_data_and_a_child_build(model_
     assert report["status"] == "pass" and report["numerics"].max_abs_error < 0.1
     assert [c.name for c in children] == ["model.onnx"]  # the staged graph, built in a child
     assert report["backend"]["builder_peak_rss_bytes"] > (out / "model.plan").stat().st_size  # the child's own peak
+    assert report["memory"]["builder_peak_rss_bytes"] == report["backend"]["builder_peak_rss_bytes"]
     assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
