@@ -30,10 +30,11 @@ def _to_f16(tensor) -> ir.Tensor:
     """
     import torch
 
-    owned = getattr(tensor, "owned_source", lambda: None)()
-    if owned is not None and owned.element_size() == 2:
-        return ir.tensor(_f16_in_place(owned).numpy(), name=tensor.name)
     source = getattr(tensor, "torch_source", None)
+    if source is not None and source().element_size() == 2:  # FP16's size: its own memory can hold the result
+        owned = tensor.owned_source()
+        if owned is not None:
+            return ir.tensor(_f16_in_place(owned).numpy(), name=tensor.name)
     if source is not None:
         src = source()
     else:
