@@ -398,7 +398,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
 
     def executor() -> OnnxRuntimeExecutor:
         if not session:
-            session.append(OnnxRuntimeExecutor(out.path / "model.onnx"))
+            session.append(OnnxRuntimeExecutor(out.path / "model.onnx", arena=False))
         return session[0]
 
     def do_validate() -> ValidationResult:

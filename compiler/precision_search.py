@@ -221,7 +221,7 @@ class Evaluator:
         with tempfile.TemporaryDirectory(prefix="llmc-probe-") as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(final.model, path)
-            scores = score_windows(self.held, Runner(OnnxRuntimeExecutor(path), self.pad))
+            scores = score_windows(self.held, Runner(OnnxRuntimeExecutor(path, arena=False), self.pad))
         probe = Probe(dict(assignment), scores.ppl_delta, scores.kl_mean, scores.compiled_perplexity,
                       weight_footprint(final.model)["floor_bytes"], time.perf_counter() - start)
         self.probes.append(probe)

@@ -199,7 +199,7 @@ def measure_quality(loaded: LoadedModel, onnx_path: Path, eval_text: str, *, cap
                     **kwargs) -> QualityResult:
     """Both sides in one call (kwargs: quality_reference's); the build runs them as separate stages."""
     start = time.perf_counter()
-    executor = OnnxRuntimeExecutor(onnx_path)
+    executor = OnnxRuntimeExecutor(onnx_path, arena=False)
     reference = quality_reference(loaded, eval_text, capacity or executor.io.capacity or kwargs.get("window", 128),
                                   **kwargs)
     result = score(reference, Runner(executor, loaded.tokenizer.pad_token_id))

@@ -159,4 +159,4 @@ def validate(loaded: LoadedModel, onnx_path: Path, tolerance: Tolerance, **kwarg
     from .runtime_onnx import OnnxRuntimeExecutor
 
     reference = decode_reference(loaded, **kwargs)
-    return compare(reference, OnnxRuntimeExecutor(onnx_path), tolerance)
+    return compare(reference, OnnxRuntimeExecutor(onnx_path, arena=False), tolerance)

@@ -21,7 +21,7 @@ def test_model_is_dropped_before_the_one_session_validate_and_quality_share(mode
         return loaded
 
     def executor(path, *args, **kwargs):
-        sessions.append({"model_alive": models[0]() is not None, "path": path})
+        sessions.append({"model_alive": models[0]() is not None, "path": path, "arena": kwargs.get("arena", True)})
         return real_executor(path, *args, **kwargs)
 
     monkeypatch.setattr(driver, "load_model", load)
@@ -31,6 +31,7 @@ def test_model_is_dropped_before_the_one_session_validate_and_quality_share(mode
     assert report["status"] == "pass"
     assert len(models) == 1 and models[0]() is None
     assert [s["model_alive"] for s in sessions] == [False]  # one session, created after the model was freed
+    assert [s["arena"] for s in sessions] == [False]  # a one-shot check keeps no memory arena (runtime_onnx)
     # Both stages measured through it, against references computed before the export.
     assert report["numerics"].decode_steps == 16 and report["numerics"].max_abs_error < 0.1
     assert report["quality"].eval_tokens > 0 and report["quality"].agreement_tokens == 4 * 64

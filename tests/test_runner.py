@@ -113,3 +113,17 @@ def test_fp16_graph_leaves_hf_greedy_only_at_near_ties(llama, final_fp16_llama):
             assert float(top2[0] - top2[1]) < budget, f"divergence at step {first} without a near-tie"
             assert tokens[first] in torch.topk(logits, 2).indices.tolist()
     assert agree >= NEW_TOKENS  # at least one prompt's worth of identical tokens before any tie
+
+
+def test_without_the_memory_arena_the_numbers_are_the_same(final_fp32):
+    """arena=False (a build's checks) sets the session's option and changes no logit: the arena is
+    where intermediates live between runs, not how they are computed."""
+    ids = np.array([[5, 9, 2, 7, 1, 3]], np.int64)
+    outs = []
+    for arena in (True, False):
+        ex = OnnxRuntimeExecutor(final_fp32("llama"), arena=arena)
+        assert ex.session.get_session_options().enable_cpu_mem_arena is arena
+        ex.start(1)
+        prefill = ex.step(ids, np.arange(ids.shape[1])[None])
+        outs.append((prefill, ex.step(np.array([[4]]), np.array([[ids.shape[1]]]))))
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
