@@ -123,3 +123,22 @@ def test_replaced_float_weights_are_released_during_the_pass(final_fp16_llama, m
     assert all(before[n]() is None for n in replaced)
     # One fewer live float tensor at every step: the previous weight was already gone.
     assert alive_at_each_replacement == list(range(len(before), len(before) - len(replaced), -1))
+
+
+def test_quantize_blockwise_is_the_same_in_column_chunks(monkeypatch):
+    """Chunked over output columns (uneven last chunk, with and without AWQ's clip ranges), the int4
+    values and scales are those of one pass over the whole weight."""
+    import passes.quantize_int4_rtn as rtn
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((256, 1000)) * rng.uniform(0, 3, (1, 1000))).astype(np.float16)
+    w[:, 7] = 0  # an all-zero column: scale 1
+    clip = rng.uniform(0.5, 1.0, (2, 1000)).astype(np.float32)
+    for c in (None, clip):
+        whole = rtn.quantize_blockwise(w, 128, c)
+        monkeypatch.setattr(rtn, "QUANTIZE_CHUNK", 256 * 96)  # 96 columns a step: 11 chunks, the last 40 wide
+        chunked = rtn.quantize_blockwise(w, 128, c)
+        monkeypatch.undo()
+        assert whole[0].dtype == chunked[0].dtype and whole[1].dtype == chunked[1].dtype == np.float16
+        assert np.array_equal(whole[0].astype(np.int8), chunked[0].astype(np.int8))
+        assert np.array_equal(whole[1].view(np.int16), chunked[1].view(np.int16))
