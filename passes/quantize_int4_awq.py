@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -140,10 +141,32 @@ def search_columns(w_KN: torch.Tensor) -> torch.Tensor:
     group was the AWQ pass's hot spot). Weights up to 8M elements (every small model's) keep all columns.
     """
     k, n = w_KN.shape
+    step = _column_step(k, n)
+    return w_KN if step == 1 else w_KN[:, ::step].contiguous()
+
+
+def _column_step(k: int, n: int) -> int:
     columns = max(1, SCALE_SEARCH_ELEMENTS // max(1, k))
-    if n <= columns:
-        return w_KN
-    return w_KN[:, :: -(-n // columns)].contiguous()
+    return 1 if n <= columns else -(-n // columns)
+
+
+def group_search_weight(weights: list[np.ndarray]) -> torch.Tensor:
+    """`search_columns` of the members' weights side by side, in float32, made from each member's
+    own columns: the FP32 concatenation of a 1B gate/up group (134 MB, plus each member's FP32 copy
+    on the way) is never built, only the strided quarter the search scores."""
+    k, n = weights[0].shape[0], sum(w.shape[1] for w in weights)
+    step, offset, parts = _column_step(k, n), 0, []
+    for w in weights:
+        parts.append(_f32(w[:, (-offset) % step::step]))
+        offset += w.shape[1]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _f32(array: np.ndarray) -> torch.Tensor:
+    """A float32 copy of a (possibly strided, read-only) FP16/FP32 array, converted by torch (F16C)."""
+    with warnings.catch_warnings():  # torch only reads the array here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(torch.float32, copy=True).contiguous()
 
 
 class QuantizeInt4AwqPass(WeightQuantPass):
@@ -210,12 +233,13 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                 for t in members:
                     self._inputs[t.name] = (source, None)
                 continue
-            w_cat = torch.cat([torch.from_numpy(t.weight.const_value.numpy().astype(np.float32)) for t in members], dim=1)
-            s, alpha, loss0, loss = self._search(search_scales, x, search_columns(w_cat))
+            w_search = group_search_weight([t.weight.const_value.numpy() for t in members])
+            s, alpha, loss0, loss = self._search(search_scales, x, w_search)
+            del w_search
             for t in members:
                 self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
                 w = t.weight.const_value.numpy()
-                _set_const(t.weight, (w.astype(np.float32) * s.numpy()[:, None]).astype(w.dtype))
+                _set_const(t.weight, _f32(w).mul_(s[:, None]).numpy().astype(w.dtype))
                 self._inputs[t.name] = (source, s)
             fold(s.numpy())
 
@@ -279,7 +303,7 @@ def _memoized(fn, x: torch.Tensor, w: torch.Tensor, block: int):
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(memoryview(t.contiguous().numpy()).cast("B"), digest_size=16).digest()  # no bytes copy
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:

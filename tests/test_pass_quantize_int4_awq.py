@@ -256,3 +256,33 @@ def test_coarse_to_fine_alpha_matches_full_grid(monkeypatch):
     coarse = awq.search_scales(x, w, 32)
     assert len(calls) <= 12
     assert coarse[1] == full[1] and torch.equal(coarse[0], full[0]) and coarse[2:] == full[2:]
+
+
+@pytest.mark.parametrize("widths", [(5000,), (3000, 3000), (2048, 2048, 1000), (7, 9000, 11)])
+def test_group_search_weight_is_search_columns_of_the_concatenation(widths):
+    """The alpha search's weight is made per member (no FP32 concatenation of the group): the same
+    columns, the same float32 values, for groups whose widths do not line up with the stride."""
+    import torch
+
+    from passes.quantize_int4_awq import group_search_weight, search_columns
+
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal((2048, n)).astype(np.float16) for n in widths]
+    expected = search_columns(torch.cat([torch.from_numpy(w.astype(np.float32)) for w in weights], dim=1))
+    got = group_search_weight(weights)
+    assert got.dtype == torch.float32 and got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_scaling_a_weight_by_s_rounds_as_numpy_did():
+    """W * s per input channel, computed in torch on a float32 copy: the FP16 bits of numpy's
+    float32 product (what the pass computed before), so the scaled weights did not move."""
+    import torch
+
+    from passes.quantize_int4_awq import _f32
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((256, 384)).astype(np.float16)
+    s = torch.from_numpy(rng.uniform(0.05, 20, 256).astype(np.float32))
+    ours = _f32(w).mul_(s[:, None]).numpy().astype(np.float16)
+    theirs = (w.astype(np.float32) * s.numpy()[:, None]).astype(np.float16)
+    assert np.array_equal(ours.view(np.int16), theirs.view(np.int16))
