@@ -303,7 +303,7 @@ def _memoized(fn, x: torch.Tensor, w: torch.Tensor, block: int):
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(memoryview(t.contiguous().numpy()).cast("B"), digest_size=16).digest()  # no bytes copy
+    return hashlib.blake2b(t.contiguous().numpy().reshape(-1).view(np.uint8), digest_size=16).digest()  # no bytes copy
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:

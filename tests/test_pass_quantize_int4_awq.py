@@ -286,3 +286,20 @@ def test_scaling_a_weight_by_s_rounds_as_numpy_did():
     ours = _f32(w).mul_(s[:, None]).numpy().astype(np.float16)
     theirs = (w.astype(np.float32) * s.numpy()[:, None]).astype(np.float16)
     assert np.array_equal(ours.view(np.int16), theirs.view(np.int16))
+
+
+def test_memo_digest_hashes_the_tensors_bytes_without_copying_them():
+    """The search memo's key hashes the buffer in place: the digest of the bytes (empty, 0-d and
+    transposed tensors too), and tensors that differ in one element differ in digest."""
+    import hashlib
+
+    import torch
+
+    from passes.quantize_int4_awq import _digest
+
+    for t in (torch.zeros(0, 3), torch.tensor(5.0), torch.arange(35.0).reshape(7, 5).t()):
+        assert _digest(t) == hashlib.blake2b(t.contiguous().numpy().tobytes(), digest_size=16).digest()
+    a = torch.zeros(64, 64)
+    b = a.clone()
+    b[63, 63] = 1e-30
+    assert _digest(a) != _digest(b)
