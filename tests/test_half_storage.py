@@ -217,10 +217,12 @@ def test_cast_fp16_converts_a_sole_held_parameter_in_its_own_memory(dtype, monke
         view.numpy()
 
 
-def test_after_the_model_is_dropped_the_embedding_is_cast_in_place(bf16_dir):
+@pytest.mark.parametrize("tie", [True, False])
+def test_after_the_model_is_dropped_the_embedding_is_cast_in_place(tmp_path, tie):
     """The driver's order: export a half-stored model, drop the model, cast-fp16. The embedding's
     BF16 memory becomes the FP16 initializer (no second copy), and every initializer is bit-identical
-    to cast-fp16 of the FP32 load's export. If anything still held the embedding, this would copy."""
+    to cast-fp16 of the FP32 load's export. If anything still held the embedding, this would copy.
+    Untied, the lm_head's weight is a transposed view: copied, with the same bits."""
     import dataclasses
     import gc
 
@@ -229,8 +231,10 @@ def test_after_the_model_is_dropped_the_embedding_is_cast_in_place(bf16_dir):
     from compiler.export import export_onnx
     from compiler.load import load_model
     from passes.cast_fp16 import CastFp16Pass
+    from test_load import _half_checkpoint
 
-    half, full = load_model(bf16_dir, half_storage=True), load_model(bf16_dir, half_storage=False)
+    src = _half_checkpoint(tmp_path, "bfloat16", tie=tie)
+    half, full = load_model(src, half_storage=True), load_model(src, half_storage=False)
     address = half.model.model.embed_tokens.weight.data_ptr()
     a, b = export_onnx(half, method="stamp").model, export_onnx(full, method="stamp").model
     half = dataclasses.replace(half, model=None)
