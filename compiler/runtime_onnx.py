@@ -54,9 +54,9 @@ class OnnxRuntimeExecutor:
     the pool, compiler/runtime.py); ignored for linear caches.
     arena: onnxruntime's CPU memory arena, which keeps the largest intermediates a run ever needed
     (grown in powers of two) for the session's life. Good for serving; a build's checks (validate,
-    quality, precision probes) turn it off: at 1B INT4, prefilling 4 x 128 tokens left 1.3 GB in
-    the arena (llmc's peak, in the quality stage), and without it the runs were no slower (7.0-7.7 s
-    against 7.4-8.2 s a batch).
+    quality, precision probes) turn it off: at 1B INT4, prefilling 4 x 128 tokens, the arena kept
+    ~0.8 GB beyond what the runs need (llmc's peak, in the quality stage), and without it the runs
+    were no slower (7.0-7.7 s against 7.4-8.2 s a batch).
     """
 
     def __init__(self, onnx_path: Path, providers: list[str] | None = None, threads: int | None = None,
