@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from .quantize_int4_rtn import INT4_MAX, check_block_size, quantize_blockwise
+from .quantize_int4_rtn import INT4_MAX, check_block_size, column_slices, quantize_blockwise
 from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
@@ -64,8 +64,7 @@ def column_chunks(k: int, n: int) -> list[slice]:
     Both searches are exact per column (blocks run along K), so chunking changes no result beyond
     float summation order. Weights up to CHUNK_ELEMENTS (every small model's) are one chunk.
     """
-    step = max(1, CHUNK_ELEMENTS // max(1, k))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    return column_slices(k, n, CHUNK_ELEMENTS)
 
 
 def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> tuple[torch.Tensor, float, float, float]:
@@ -278,7 +277,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         if self.clip and target.name in self._inputs:
             source, s = self._inputs[target.name]
             x = self._activation(source) if s is None else self._activation(source) / s
-            clip = self._search(search_clip, x, torch.from_numpy(weight_KN.astype(np.float32))).numpy()
+            clip = self._search(search_clip, x, _f32(weight_KN)).numpy()
         q, scale = quantize_blockwise(weight_KN, self.block, clip)
         return QuantizedWeight(q, scale, axis=0, block_size=self.block)
 

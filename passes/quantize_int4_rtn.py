@@ -52,11 +52,15 @@ def quantize_blockwise(weight_KN: np.ndarray, block: int, clip_KN: np.ndarray | 
     k, n = weight_KN.shape
     q = np.empty((k, n), ml_dtypes.int4)
     scale = np.empty((k // block, n), weight_KN.dtype)
-    step = max(1, QUANTIZE_CHUNK // max(1, k))
-    for start in range(0, n, step):
-        c = slice(start, min(n, start + step))
+    for c in column_slices(k, n, QUANTIZE_CHUNK):
         q[:, c], scale[:, c] = _quantize_columns(weight_KN[:, c], block, None if clip_KN is None else clip_KN[:, c])
     return q, scale
+
+
+def column_slices(k: int, n: int, elements: int) -> list[slice]:
+    """Slices of a K x N weight's output columns, K x (at most) `elements` each (at least one column)."""
+    step = max(1, elements // max(1, k))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def _quantize_columns(weight_KN: np.ndarray, block: int, clip_KN: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
