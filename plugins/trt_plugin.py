@@ -25,15 +25,22 @@ dim 2) as a compile-time constant and the table's width as its CAP argument.
 
 Everything is imported lazily: this module imports on machines without TensorRT (CI, TensorRT-RTX,
 which has no plugin layers at all) and `unavailable_reason()` says why it cannot register there.
-Known limits, not checked on a real TensorRT here: Triton >= 3.3 appends scratch-pointer parameters
-to compiled kernels, which TensorRT's AOT launcher does not pass (compile with a Triton whose kernels
-take only the declared arguments, or check `compiled.metadata` for global_scratch_size == 0);
-decode runs this one-launch kernel, not the split-K decode kernel (a QDP AOT plugin launches one
-kernel and has no workspace for the split partials).
+Static dims (head counts, head size, block size) are read through `tensorrt.plugin`'s ShapeExpr API:
+`is_constant` is a property and `constant_value()` a method that raises on a symbolic dim
+(NVIDIA/TensorRT python/packaging/bindings_wheel/tensorrt/plugin/_tensor.py, ShapeExpr, lines 291-314
+at a892d22); read as an attribute it is a bound method, not a number.
+
+The Triton-language version is checked against the one NVIDIA's AOT plugin sample pins for the
+installed TensorRT (samples/python/quickly_deployable_plugins/requirements.txt: triton==3.2.0 from
+TensorRT 10.10 through 10.15, triton==3.5.0 from 10.16): Triton >= 3.3 appends scratch-pointer
+parameters to compiled kernels, and only the launcher of a TensorRT of that generation knows them.
+Known limit, not checked on a real TensorRT here: decode runs this one-launch kernel, not the
+split-K decode kernel (a QDP AOT plugin launches one kernel and has no workspace for the split partials).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 PLUGIN_NAMESPACE = "llmc"
@@ -60,10 +67,37 @@ def unavailable_reason() -> str | None:
     if not hasattr(trtp, "aot_impl"):
         return "this tensorrt.plugin has no aot_impl; AOT plugins need TensorRT >= 10.9"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return f"triton is not installed ({exc}): it compiles the kernel the plugin embeds"
-    return None
+    return triton_version_problem(str(getattr(trt, "__version__", "0")), str(triton.__version__))
+
+
+# TensorRT release from which NVIDIA's AOT plugin sample pins this Triton (major, minor): newest first.
+# samples/python/quickly_deployable_plugins/requirements.txt at the 10.10, 10.13.3, 10.14, 10.15 (triton==3.2.0)
+# and 10.16, 11.0, 11.1 (triton==3.5.0) OSS releases of NVIDIA/TensorRT.
+TRITON_PINS = (((10, 16), (3, 5)), ((10, 10), (3, 2)))
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def pinned_triton(trt_version: str) -> tuple[int, int] | None:
+    """The Triton (major, minor) NVIDIA pins for AOT plugins on this TensorRT; None before 10.10 (no pin)."""
+    release = _release(trt_version)
+    return next((triton for first, triton in TRITON_PINS if release >= first), None)
+
+
+def triton_version_problem(trt_version: str, triton_version: str) -> str | None:
+    """Why this Triton cannot compile kernels for this TensorRT's AOT launcher, or None."""
+    pin = pinned_triton(trt_version)
+    if pin is None or _release(triton_version) == pin:
+        return None
+    want = ".".join(map(str, pin))
+    return (f"triton {triton_version} is installed but AOT plugins on tensorrt {trt_version} take kernels from "
+            f"triton {want} (the version NVIDIA's AOT plugin sample pins for it; kernel parameters differ between "
+            f"Triton releases): pip install 'triton=={want}.*'")
 
 
 def register() -> None:
@@ -121,6 +155,27 @@ def compile_kernel(scale: float, window: int, q_heads: int, kv_heads: int, head_
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "num_stages": 2})
 
 
+def static_dim(expr, what: str) -> int:
+    """A dim the kernel compiles in as a constant. `tensorrt.plugin`'s ShapeExpr has `is_constant` as a property
+    and `constant_value()` as a method that raises on a symbolic dim (_tensor.py, ShapeExpr)."""
+    if not expr.is_constant:
+        from compiler.errors import BackendBuildError
+
+        raise BackendBuildError(f"{PLUGIN_ID}: {what} is dynamic in the graph but the kernel compiles it in; "
+                                "export the model with a static one (it comes from the model's config)")
+    return int(expr.constant_value())
+
+
+def node_dims(query, past_key, paged: bool = False) -> dict[str, int]:
+    """The node's compile-time dims from its TensorDescs: query [B, Hq, S, D], past_key [B|blocks, Hkv, C|page, D]."""
+    dims = {"q_heads": static_dim(query.shape_expr[1], "the query head count"),
+            "kv_heads": static_dim(past_key.shape_expr[1], "the KV head count"),
+            "head_dim": static_dim(query.shape_expr[3], "the head size")}
+    if paged:
+        dims["page"] = static_dim(past_key.shape_expr[2], "the block size")
+    return dims
+
+
 def _launch(trtp, query, compiled):
     """Grid (ceil(S / BLOCK_M), Hq, B) and block of the plugin kernel, as TensorRT symbolic expressions."""
     launch = trtp.KernelLaunchParams()
@@ -162,10 +217,7 @@ def _define() -> None:
                             outputs: Tuple[trtp.TensorDesc], tactic: int,
                             ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         fp8 = past_key.dtype == trt.fp8
-        q_heads = query.shape_expr[1].constant_value
-        kv_heads = past_key.shape_expr[1].constant_value
-        head_dim = query.shape_expr[3].constant_value
-        compiled = compile_kernel(scale, window, q_heads, kv_heads, head_dim, fp8)
+        compiled = compile_kernel(scale, window, fp8=fp8, **node_dims(query, past_key))
         extra = trtp.SymIntExprs(2)
         extra[0] = trtp.SymInt32(query.shape_expr[2])  # Q_LEN
         extra[1] = trtp.SymInt32(past_key.shape_expr[2])  # CAP
@@ -199,11 +251,7 @@ def _define() -> None:
                                outputs: Tuple[trtp.TensorDesc], tactic: int,
                                ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         fp8 = past_key.dtype == trt.fp8
-        q_heads = query.shape_expr[1].constant_value
-        kv_heads = past_key.shape_expr[1].constant_value
-        head_dim = query.shape_expr[3].constant_value
-        page = past_key.shape_expr[2].constant_value  # block size: static in the graph
-        compiled = compile_kernel(scale, window, q_heads, kv_heads, head_dim, fp8, page=page)
+        compiled = compile_kernel(scale, window, fp8=fp8, **node_dims(query, past_key, paged=True))
         extra = trtp.SymIntExprs(2)
         extra[0] = trtp.SymInt32(query.shape_expr[2])  # Q_LEN
         extra[1] = trtp.SymInt32(block_tables.shape_expr[1])  # CAP = blocks per sequence (the table's row stride)

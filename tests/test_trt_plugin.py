@@ -78,3 +78,54 @@ def test_paged_aot_compile_for_hopper_without_a_gpu():
     compiled = trt_plugin.compile_kernel(0.125, 0, 32, 8, 128, fp8=True, target=GPUTarget("cuda", 90, 32), page=16)
     assert compiled.metadata.name in compiled.asm["ptx"] and ".target sm_90" in compiled.asm["ptx"]
     assert getattr(compiled.metadata, "global_scratch_size", 0) == 0
+
+
+class StandInShapeExpr:
+    """A stand-in for `tensorrt.plugin.ShapeExpr` (no full TensorRT here), following its documented API
+    (NVIDIA/TensorRT python/packaging/bindings_wheel/tensorrt/plugin/_tensor.py): `is_constant` is a property,
+    `constant_value()` a method that raises RuntimeError on a symbolic dim."""
+
+    def __init__(self, value: int | None):
+        self._value = value
+
+    @property
+    def is_constant(self) -> bool:
+        return self._value is not None
+
+    def constant_value(self) -> int:
+        if not self.is_constant:
+            raise RuntimeError("Not accessible for non-constant shape expressions. Check is_constant")
+        return self._value
+
+
+class StandInTensorDesc:
+    def __init__(self, *dims):
+        self.shape_expr = [StandInShapeExpr(d) for d in dims]
+
+
+def test_node_dims_reads_static_dims_through_the_shape_expr_api():
+    """The AOT callbacks' compile-time constants are ints (not bound methods), in compile_kernel's parameter names."""
+    query, past = StandInTensorDesc(None, 32, None, 128), StandInTensorDesc(None, 8, 4096, 128)
+    dims = trt_plugin.node_dims(query, past)
+    assert dims == {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    assert all(type(v) is int for v in dims.values())
+    pool = StandInTensorDesc(None, 8, 16, 128)
+    assert trt_plugin.node_dims(query, pool, paged=True) == {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "page": 16}
+    assert set(trt_plugin.node_dims(query, pool, paged=True)) <= set(inspect.signature(trt_plugin.compile_kernel).parameters)
+
+
+def test_node_dims_refuses_a_symbolic_head_count():
+    with pytest.raises(BackendBuildError, match="KV head count is dynamic"):
+        trt_plugin.node_dims(StandInTensorDesc(None, 32, None, 128), StandInTensorDesc(None, None, 64, 128))
+
+
+def test_triton_version_is_checked_against_nvidia_pin_for_the_tensorrt():
+    """quickly_deployable_plugins pins triton 3.2.0 for TensorRT 10.10-10.15 and 3.5.0 from 10.16."""
+    assert trt_plugin.pinned_triton("10.9.0.34") is None
+    assert trt_plugin.pinned_triton("10.13.3.9") == (3, 2) and trt_plugin.pinned_triton("10.15.1") == (3, 2)
+    assert trt_plugin.pinned_triton("10.16.0.72") == (3, 5) and trt_plugin.pinned_triton("11.1.0") == (3, 5)
+    assert trt_plugin.triton_version_problem("10.16.0.72", "3.5.1") is None
+    assert trt_plugin.triton_version_problem("10.14.1", "3.2.0") is None
+    problem = trt_plugin.triton_version_problem("10.16.0.72", "3.9.0")
+    assert "triton 3.9.0" in problem and "tensorrt 10.16.0.72" in problem and "triton==3.5.*" in problem
+    assert "triton==3.2.*" in trt_plugin.triton_version_problem("10.14.1", "3.5.0")
