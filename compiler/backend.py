@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from types import ModuleType
 
 from .errors import BackendBuildError
@@ -30,6 +31,13 @@ class Backend:
     @property
     def supports_plugins(self) -> bool:
         return hasattr(self.trt.INetworkDefinition, "add_plugin_v3")
+
+    @property
+    def supports_kv_cache_update(self) -> bool:
+        """TensorRT's KVCacheUpdate layer, which the parser maps opset-24 TensorScatter to: new in TensorRT 10.15
+        (IKVCacheUpdateLayer first appears in NvInfer.h in NVIDIA/TensorRT's 10.15 OSS release, 9973b2f4)."""
+        has_layer = hasattr(self.trt.INetworkDefinition, "add_kv_cache_update")
+        return has_layer and (self.name != "tensorrt" or _release(self.version) >= KV_CACHE_UPDATE_SINCE)
 
     @property
     def supports_timing_cache(self) -> bool:
@@ -57,6 +65,22 @@ class Backend:
                 "(TensorRT-RTX has no plugins); install full TensorRT (pip install tensorrt) "
                 "on a machine with an NVIDIA GPU, or choose a recipe without plugins"
             )
+
+
+    def require_kv_cache_update(self, what: str) -> None:
+        if not self.supports_kv_cache_update:
+            since = ".".join(map(str, KV_CACHE_UPDATE_SINCE))
+            raise BackendBuildError(
+                f"{what} needs TensorRT's KVCacheUpdate layer, which appears in TensorRT {since}; {self.name} "
+                f"{self.version} lacks it: pip install 'tensorrt>={since}' (or tensorrt-rtx-cu13)")
+
+
+KV_CACHE_UPDATE_SINCE = (10, 15)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; (0,) when it has no numbers."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2]) or (0,)
 
 
 def _load(name: str) -> Backend:

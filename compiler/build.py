@@ -38,6 +38,34 @@ def custom_domain_nodes(onnx_path: Path) -> list[str]:
     return [f"{n.name or '?'} ({n.domain}::{n.op_type})" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS]
 
 
+def native_cache_updates(onnx_path: Path) -> list[str]:
+    """Standard-domain TensorScatter nodes: the parser maps them to KVCacheUpdate (passes/kv_cache_scatter.py)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return [n.name or "?" for n in proto.graph.node if n.op_type == "TensorScatter" and n.domain in STANDARD_DOMAINS]
+
+
+_PLUGIN_LAYERS = ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3")
+
+
+def plugin_layer_count(trt, network) -> int:
+    kinds = {getattr(trt.LayerType, k) for k in _PLUGIN_LAYERS if hasattr(trt.LayerType, k)}
+    return sum(network.get_layer(i).type in kinds for i in range(network.num_layers))
+
+
+def enable_aliased_plugin_io(trt, config, plugin_layers: int) -> bool:
+    """Turn on PreviewFeature.ALIASED_PLUGIN_IO_10_03 when the network has plugin layers and this TensorRT has it.
+
+    Why: a plugin's `getAliasedInput` (llmc's `past_key.aliased()` outputs: the cache updated in place)
+    "will only be called and have an effect when PreviewFeature::kALIASED_PLUGIN_IO_10_03 is turned on"
+    (NVIDIA/TensorRT include/NvInferRuntime.h:1201 at a892d22); NVIDIA's aliased_io_plugin sample sets it
+    (samples/python/aliased_io_plugin/aliased_io_plugin.py:432). Returns whether it was set."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "ALIASED_PLUGIN_IO_10_03", None)
+    if feature is None or plugin_layers == 0:
+        return False
+    config.set_preview_feature(feature, True)
+    return True
+
+
 NUM_BLOCKS = "num_blocks"  # a paged graph's pool dim (passes/attention_plugin.py)
 
 
@@ -83,6 +111,7 @@ def _np_dtype(trt, dtype) -> str:
     names = {
         trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.int8: "int8",
         trt.int32: "int32", trt.int64: "int64", trt.bool: "bool", trt.uint8: "uint8",
+        trt.fp8: "float8e4m3fn",  # ONNX's name, as the fp8kv cache is declared in model.onnx
     }
     return names.get(dtype, str(dtype).split(".")[-1].lower())
 
@@ -138,6 +167,9 @@ def build_engine(
         from plugins.trt_plugin import register  # the parser maps llmc::PagedAttention to this AOT plugin
 
         register()
+    scatters = native_cache_updates(onnx_path)
+    if scatters:
+        backend.require_kv_cache_update(f"the native KV cache ({len(scatters)} TensorScatter nodes, e.g. {scatters[0]})")
 
     logger = _capturing_logger(trt)
     builder = trt.Builder(logger)
@@ -151,6 +183,7 @@ def build_engine(
         raise BackendBuildError(f"{backend.name} could not parse {onnx_path.name}: " + "; ".join(errors or logger.messages))
 
     config = builder.create_builder_config()
+    enable_aliased_plugin_io(trt, config, plugin_layer_count(trt, network))
     profile = builder.create_optimization_profile()
     dims = _input_dims(onnx_path)
     for i in range(network.num_inputs):

@@ -180,3 +180,46 @@ def test_streamed_plan_is_the_serialized_plan(tmp_path, trained_fp16):
     assert a.size > 1_000_000 and a.size == b.size
     assert np.count_nonzero(a != b) < a.size // 1000
     assert streamed.layer_types == buffered.layer_types and streamed.tensors == buffered.tensors
+
+
+def test_aliased_plugin_io_is_set_on_the_builder_config_only_with_plugin_layers(tmp_path):
+    """getAliasedInput has an effect only with PreviewFeature.ALIASED_PLUGIN_IO_10_03 on (NvInferRuntime.h):
+    set on a real builder config of the installed TensorRT(-RTX) when the network has plugin layers."""
+    from types import SimpleNamespace
+
+    from compiler.build import enable_aliased_plugin_io, plugin_layer_count
+
+    trt = get_backend().trt
+    feature = trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    config = builder.create_builder_config()
+    assert not enable_aliased_plugin_io(trt, config, 0) and not config.get_preview_feature(feature)
+    assert enable_aliased_plugin_io(trt, config, 2) and config.get_preview_feature(feature)
+    # a TensorRT without the feature (older than 10.3): nothing to set, no error
+    assert not enable_aliased_plugin_io(SimpleNamespace(PreviewFeature=SimpleNamespace()), config, 2)
+
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    x = network.add_input("x", trt.float16, (1, 4))
+    network.mark_output(network.add_activation(x, trt.ActivationType.RELU).get_output(0))
+    assert plugin_layer_count(trt, network) == 0
+
+
+def test_native_cache_graph_needs_tensorrt_with_kv_cache_update(tmp_path):
+    """KVCacheUpdate (what TensorScatter parses to) appears in TensorRT 10.15: an older one is named before parsing."""
+    import dataclasses
+
+    from compiler.build import native_cache_updates
+
+    F16, vi = TP.FLOAT16, h.make_tensor_value_info
+    node = h.make_node("TensorScatter", ["cache", "new", "idx"], ["out"], axis=2, name="layer0_k_scatter")
+    path = _save(tmp_path, [node], [vi("cache", F16, [1, 2, 8, 4]), vi("new", F16, [1, 2, 1, 4]),
+                                    vi("idx", TP.INT64, [1])], [vi("out", F16, [1, 2, 8, 4])], opset=24)
+    assert native_cache_updates(path) == ["layer0_k_scatter"]
+    backend = get_backend()
+    assert backend.supports_kv_cache_update  # the installed one has the layer (TensorRT-RTX 1.7 / TensorRT >= 10.15)
+    old = dataclasses.replace(backend, name="tensorrt", version="10.14.1.48")  # same API, an older release label
+    assert not old.supports_kv_cache_update
+    with pytest.raises(BackendBuildError, match=r"layer0_k_scatter.*appears in TensorRT 10\.15; tensorrt 10\.14\.1\.48"):
+        build_engine(path, tmp_path / "m.plan", BuildOptions(), old)
+    assert not (tmp_path / "m.plan").exists()
+    assert dataclasses.replace(backend, name="tensorrt", version="10.15.0.1").supports_kv_cache_update
