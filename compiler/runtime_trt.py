@@ -21,6 +21,51 @@ from .runtime import BlockAllocator, block_tables_for, cache_shape, io_from_shap
 from .types import BLOCK_TABLES
 
 
+def torch_dtypes(trt, torch) -> dict:
+    """TensorRT DataType -> torch dtype, for the device buffers bound to an engine's tensors.
+
+    Not through `trt.nptype`: it raises TypeError for BF16 and FP8 ("Could not resolve TensorRT datatype
+    to an equivalent numpy datatype"; numpy has neither), which are a BF16 engine's I/O and the fp8kv
+    recipe's cache. torch has both, with the same element sizes as TensorRT's `DataType.itemsize`."""
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "fp8": torch.float8_e4m3fn, "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
+             "int64": torch.int64, "bool": torch.bool}
+    return {getattr(trt, name): dtype for name, dtype in names.items() if hasattr(trt, name)}
+
+
+def host_dtype(dtype) -> np.dtype:
+    """What a tensor of torch `dtype` is on the host: FP8 as its bytes (uint8, as compiler/runtime_onnx.py
+    carries the FP8 cache), BF16 widened to float32 (exact); the rest as numpy's own."""
+    import torch
+
+    if dtype == torch.float8_e4m3fn:
+        return np.dtype(np.uint8)
+    if dtype == torch.bfloat16:
+        return np.dtype(np.float32)
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def to_device(array: np.ndarray, dtype, device: str = "cuda"):
+    """A host array (in `host_dtype(dtype)`) as a contiguous torch tensor of `dtype` on `device`."""
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(array, dtype=host_dtype(dtype)))
+    if dtype == torch.float8_e4m3fn:
+        return host.view(dtype).to(device)  # the bytes, reinterpreted
+    return host.to(device=device, dtype=dtype)
+
+
+def to_host(tensor) -> np.ndarray:
+    """A torch tensor as a numpy array in `host_dtype(tensor.dtype)`."""
+    import torch
+
+    if tensor.dtype == torch.float8_e4m3fn:
+        return tensor.cpu().view(torch.uint8).numpy()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.float().cpu().numpy()
+    return tensor.cpu().numpy()
+
+
 class ExecutionUnavailable(RuntimeError):
     """No TensorRT engine can execute on this machine; the message says why."""
 
@@ -57,10 +102,15 @@ class TensorRTExecutor:
         self.block_tables = None
 
     def input_dtype(self, name: str) -> np.dtype:
-        return np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(name)))
+        """The host dtype of a tensor's values (FP8: its bytes as uint8; BF16: float32), see host_dtype."""
+        return host_dtype(self._torch_dtype(name))
 
     def _torch_dtype(self, name: str):
-        return self._torch.from_numpy(np.empty(0, dtype=self.input_dtype(name))).dtype
+        dtype = self.engine.get_tensor_dtype(name)
+        table = torch_dtypes(self._trt, self._torch)
+        if dtype not in table:
+            raise ValueError(f"engine tensor {name} is {dtype}, which llmc's TensorRT executor cannot bind")
+        return table[dtype]
 
     def start(self, batch: int) -> None:
         """Zeroed device cache buffers [batch, kv_heads, capacity, head_dim] (paged: pools of batch x max_blocks
@@ -83,7 +133,7 @@ class TensorRTExecutor:
         torch = self._torch
         keep = []
         for name, arr in (("input_ids", input_ids), ("position_ids", position_ids)):
-            tensor = torch.from_numpy(np.ascontiguousarray(arr, dtype=self.input_dtype(name))).to("cuda")
+            tensor = to_device(arr, self._torch_dtype(name))
             keep.append(tensor)
             self._set_input(name, tensor)
         if self.block_tables is not None:
@@ -113,11 +163,10 @@ class TensorRTExecutor:
         self._dummy = torch.empty(16, dtype=torch.uint8, device="cuda")
         keep = []
         for name in self.inputs:
-            arr = np.ascontiguousarray(feeds[name], dtype=self.input_dtype(name))
-            tensor = torch.from_numpy(arr).to("cuda", non_blocking=False)
+            tensor = to_device(feeds[name], self._torch_dtype(name))
             keep.append(tensor)
-            if not self.context.set_input_shape(name, tuple(arr.shape)):
-                raise ValueError(f"shape {arr.shape} for {name} is outside the engine's optimization profile")
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"shape {tuple(tensor.shape)} for {name} is outside the engine's optimization profile")
             self._bind(name, tensor)
         missing = self.context.infer_shapes()
         if missing:
@@ -138,4 +187,4 @@ class TensorRTExecutor:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
-        return {name: t.cpu().numpy() for name, t in results.items()}
+        return {name: to_host(t) for name, t in results.items()}
