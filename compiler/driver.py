@@ -54,7 +54,7 @@ from .recipe import load_recipe, parse_recipe
 from .runner import Runner
 from .runtime import io_from_model, io_from_onnx
 from .runtime_onnx import OnnxRuntimeExecutor
-from .triton_repo import write_repository
+from .triton_repo import unservable_reason, write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
 from .validate import DEFAULT_PROMPT, DecodeReference, compare, decode_reference, rejudge
 
@@ -478,13 +478,11 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
             io=io_from_onnx(out.path / "model.onnx"), tokenizer_dir=out.path / "tokenizer",
             onnx_files=tuple(onnx_files), pad_token_id=tok[0], stop_token_ids=tok[1],
             cpu_fallback=request.triton_cpu_fallback)
-        if serving.io.paged:  # a shared block pool is not per-sequence Triton state (triton_repo.refuse_paged)
+        unservable = unservable_reason(engine)  # a paged pool or FP8 tensors: nothing Triton can declare
+        if unservable:
             report["triton_models"] = []
             report["triton_model"] = None
-            report["warnings"].append(
-                "paged KV cache: no Triton repository was written (Triton's sequence batcher keeps one cache per "
-                "sequence, not a pool shared by the batch); serve model.onnx with `llmc generate`, or build the "
-                "linear-cache recipe (fp16-plugin / fp8kv) for Triton")
+            report["warnings"].append(f"no Triton repository was written: {unservable}")
         else:
             report["triton_models"] = sorted(write_repository(out.path / "triton", engine, serving))
         report["sizes_bytes"] = {p.name: p.stat().st_size for p in [*onnx_files, engine.plan_path]}

@@ -44,23 +44,49 @@ def triton_model_name(name: str) -> str:
 
 
 def _type(dtype: str) -> int:
+    if dtype not in _TRITON_TYPES:
+        raise BadInputError(f"engine dtype {dtype} has no Triton DataType (model_config.proto); see unservable_reason")
     return mc.DataType.Value(_TRITON_TYPES[dtype])
 
 
-def refuse_paged(engine: EngineArtifact) -> None:
-    """A paged engine's cache is one block pool shared by the batch, addressed by block tables: Triton's
-    sequence-batcher state is one buffer per sequence, so there is nothing to declare it as."""
+def unservable_reason(engine: EngineArtifact) -> str | None:
+    """Why no Triton repository can hold this engine, or None.
+
+    A paged engine's cache is one block pool shared by the batch, addressed by block tables: Triton's
+    sequence-batcher state is one buffer per sequence, so there is nothing to declare it as.
+
+    An FP8 tensor (the fp8kv recipe's cache) has no type at all: model_config.proto's DataType stops at
+    TYPE_BF16 (tritonclient's model_config_pb2 has no FP8), and carrying the bytes as TYPE_UINT8 does not
+    help, because the TensorRT backend maps the engine's kFP8 to TYPE_INVALID
+    (triton-inference-server/tensorrt_backend src/tensorrt_utils.cc, ConvertTrtTypeToDataType, default case)
+    and refuses any binding whose engine type is TYPE_INVALID or differs from the config's, state tensors
+    included (src/instance_state.cc:3056 and :2574, at e2ef6d7). So it is refused here, not reinterpreted.
+    """
+    name = engine.plan_path.name
     if any(t.name == BLOCK_TABLES for t in engine.tensors):
-        raise BadInputError(
-            f"{engine.plan_path.name} has a paged KV cache ('{BLOCK_TABLES}' input, block-pool past/present): the "
-            "Triton repository keeps each sequence's cache as sequence-batcher implicit state, which a pool shared "
-            "by the batch is not. Build the linear-cache recipe (fp16-plugin / fp8kv) for a Triton repository; "
-            "the paged model.onnx runs with `llmc generate` (onnxruntime)")
+        return (f"{name} has a paged KV cache ('{BLOCK_TABLES}' input, block-pool past/present): the Triton "
+                "repository keeps each sequence's cache as sequence-batcher implicit state, which a pool shared "
+                "by the batch is not. Build the fp16 or fp16-plugin recipe (a linear FP16 cache) for a Triton "
+                "repository; the paged model.onnx runs with `llmc generate` (onnxruntime)")
+    untyped = [t for t in engine.tensors if t.dtype not in _TRITON_TYPES]
+    if untyped:
+        dtypes = sorted({t.dtype for t in untyped})
+        return (f"{name} has {'/'.join(dtypes)} tensors ({', '.join(t.name for t in untyped[:2])}"
+                f"{', ...' if len(untyped) > 2 else ''}), a type Triton's model config has no DataType for and its "
+                "TensorRT backend refuses even declared as UINT8: build the fp16 or fp16-plugin recipe for a Triton "
+                "repository; this engine runs with `llmc generate` (llmc's TensorRT executor)")
+    return None
+
+
+def refuse_unservable(engine: EngineArtifact) -> None:
+    reason = unservable_reason(engine)
+    if reason:
+        raise BadInputError(reason)
 
 
 def _state_pairs(engine: EngineArtifact) -> dict[str, str]:
     """past_key_values.{i}.{k,v} input -> present.{i}.{k,v} output."""
-    refuse_paged(engine)
+    refuse_unservable(engine)
     names = {t.name for t in engine.tensors}
     pairs = {}
     for t in engine.tensors:
@@ -186,7 +212,7 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
               "llmc_pad_token_id": str(serving.pad_token_id),
               "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids)}
     written = {}
-    refuse_paged(engine)  # before anything is written
+    refuse_unservable(engine)  # before anything is written
 
     llm = make_config(engine, serving.max_batch)
     check_config(text_format.MessageToString(llm), engine)

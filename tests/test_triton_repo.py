@@ -113,8 +113,60 @@ def test_paged_engine_is_refused_before_anything_is_written(tmp_path):
         TensorInfo("past_key_values.0.value", "float16", pool, True),
         TensorInfo("logits", "float16", (-1, -1, 512), False),
         TensorInfo("present.0.key", "float16", pool, False), TensorInfo("present.0.value", "float16", pool, False)])
-    with pytest.raises(BadInputError, match="paged KV cache.*fp16-plugin / fp8kv"):
+    with pytest.raises(BadInputError, match="paged KV cache.*fp16 or fp16-plugin recipe"):
         write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
     assert not (tmp_path / "triton").exists()
     with pytest.raises(BadInputError, match="block_tables"):
         make_config(engine)
+
+
+def _fp8_engine(tmp_path: Path) -> EngineArtifact:
+    cache = (-1, 2, 64, 32)
+    return _engine(tmp_path, [
+        TensorInfo("input_ids", "int64", (-1, -1), True), TensorInfo("position_ids", "int64", (-1, -1), True),
+        TensorInfo("past_key_values.0.key", "float8e4m3fn", cache, True),
+        TensorInfo("past_key_values.0.value", "float8e4m3fn", cache, True),
+        TensorInfo("logits", "float16", (-1, -1, 512), False),
+        TensorInfo("present.0.key", "float8e4m3fn", cache, False),
+        TensorInfo("present.0.value", "float8e4m3fn", cache, False)])
+
+
+def test_fp8_cache_engine_is_refused_with_the_reason_before_anything_is_written(tmp_path):
+    """Triton's ModelConfig DataType has no FP8 (and the TensorRT backend refuses kFP8 bindings whatever the
+    config declares): an fp8kv engine gets a one-line refusal, not a KeyError, and no half-written repository."""
+    from compiler.errors import BadInputError
+    from compiler.triton_repo import unservable_reason
+
+    assert not [name for name in mc.DataType.keys() if "FP8" in name or "FLOAT8" in name]
+    engine = _fp8_engine(tmp_path)
+    reason = unservable_reason(engine)
+    assert "float8e4m3fn tensors (past_key_values.0.key, past_key_values.0.value, ...)" in reason
+    assert "fp16 or fp16-plugin recipe" in reason and "\n" not in reason
+    with pytest.raises(BadInputError, match="float8e4m3fn tensors"):
+        write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
+    assert not (tmp_path / "triton").exists()
+    with pytest.raises(BadInputError, match="float8e4m3fn tensors"):
+        make_config(engine)
+    assert unservable_reason(_engine(tmp_path)) is None
+
+
+def test_every_engine_dtype_is_a_triton_type_or_refused(tmp_path):
+    """Each DataType of the installed TensorRT(-RTX), named as build.py names engine tensors, either maps to a
+    member of Triton's ModelConfig DataType or makes the engine unservable (never a KeyError at packaging)."""
+    from compiler.backend import get_backend
+    from compiler.build import _np_dtype
+    from compiler.triton_repo import _TRITON_TYPES, unservable_reason
+
+    trt = get_backend().trt
+    names = {_np_dtype(trt, d) for d in trt.DataType.__members__.values()}
+    assert {"float16", "bfloat16", "float8e4m3fn", "int64"} <= names
+    for name in sorted(names):
+        engine = _engine(tmp_path)
+        engine.tensors[4] = TensorInfo("logits", name, (-1, -1, 512), False)
+        if name in _TRITON_TYPES:
+            assert mc.DataType.Name(mc.DataType.Value(_TRITON_TYPES[name])) == _TRITON_TYPES[name]
+            assert unservable_reason(engine) is None
+            cfg = check_config(text_format.MessageToString(make_config(engine)), engine)
+            assert cfg.output[0].data_type == mc.DataType.Value(_TRITON_TYPES[name])
+        else:
+            assert name in unservable_reason(engine), name
