@@ -66,7 +66,6 @@ class Backend:
                 "on a machine with an NVIDIA GPU, or choose a recipe without plugins"
             )
 
-
     def require_kv_cache_update(self, what: str) -> None:
         if not self.supports_kv_cache_update:
             since = ".".join(map(str, KV_CACHE_UPDATE_SINCE))

@@ -169,7 +169,8 @@ def build_engine(
         register()
     scatters = native_cache_updates(onnx_path)
     if scatters:
-        backend.require_kv_cache_update(f"the native KV cache ({len(scatters)} TensorScatter nodes, e.g. {scatters[0]})")
+        backend.require_kv_cache_update(
+            f"the native KV cache ({len(scatters)} TensorScatter nodes, e.g. {scatters[0]})")
 
     logger = _capturing_logger(trt)
     builder = trt.Builder(logger)

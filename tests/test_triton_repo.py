@@ -170,3 +170,96 @@ def test_every_engine_dtype_is_a_triton_type_or_refused(tmp_path):
             assert cfg.output[0].data_type == mc.DataType.Value(_TRITON_TYPES[name])
         else:
             assert name in unservable_reason(engine), name
+
+
+def _stand_in_pb_utils(device_of_outputs: str):
+    """A stand-in for `triton_python_backend_utils` (it exists only inside Triton's Python-backend stub), following
+    python_backend's documented behaviour: a BLS response's outputs stay on the device the called model produced
+    them on unless the request's `preferred_memory` names another (README.md, "preferred_memory"), and
+    `as_numpy()` raises on a GPU tensor (src/pb_tensor.cc, PbTensor::AsNumpy). Like the real stub, it gets
+    PreferredMemory only after the model's module is imported (seen with nvidia-pytriton's stub): `arm`."""
+    import types
+
+    import numpy as np
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_MEMORY_GPU, pb.TRITONSERVER_MEMORY_CPU = "GPU", "CPU"
+    pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 1, 2
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.requests = []
+
+    class PreferredMemory:
+        def __init__(self, preferred_memory_type, preferred_device_id=0):
+            self.preferred_memory_type, self.preferred_device_id = preferred_memory_type, preferred_device_id
+
+    class Tensor:
+        def __init__(self, name, array, device="CPU"):
+            self.name, self._array, self._device = name, np.asarray(array), device
+
+        def is_cpu(self):
+            return self._device == "CPU"
+
+        def as_numpy(self):
+            if not self.is_cpu():
+                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
+            return self._array
+
+    class Response:
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def has_error(self):
+            return False
+
+    class InferenceRequest:
+        def __init__(self, model_name, inputs, requested_output_names, correlation_id=0, flags=0,
+                     preferred_memory=None, **_):
+            self.kwargs = dict(model_name=model_name, correlation_id=correlation_id, flags=flags)
+            self.inputs, self.preferred_memory = inputs, preferred_memory
+            pb.requests.append(self)
+
+        def exec(self):
+            ids = self.inputs[0].as_numpy()
+            logits = np.zeros((*ids.shape, 8), np.float16)
+            logits[..., 3] = 1.0
+            prefer = self.preferred_memory.preferred_memory_type if self.preferred_memory else None
+            return Response([Tensor("logits", logits, device=prefer or device_of_outputs)])
+
+    pb.Tensor, pb.InferenceRequest = Tensor, InferenceRequest
+
+    def arm():
+        pb.PreferredMemory = PreferredMemory
+
+    pb.arm = arm
+    pb.get_output_tensor_by_name = lambda response, name: next(t for t in response.outputs if t.name == name)
+    return pb
+
+
+def test_bls_engine_steps_ask_for_host_logits(monkeypatch):
+    """TritonEngineExecutor's requests to `llm` (the TensorRT backend answers in GPU memory) get their logits in
+    host memory, so the runner can read them; with a stand-in pb_utils (see _stand_in_pb_utils)."""
+    import sys
+
+    import numpy as np
+
+    from compiler.types import GraphIO
+
+    pb = _stand_in_pb_utils(device_of_outputs="GPU")
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    stand_in_built = ("compiler.triton_models.common", "compiler.triton_models.generate")
+    for name in stand_in_built:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        from compiler.triton_models.generate import TritonEngineExecutor
+
+        pb.arm()  # the stub's setup, after model.py is imported
+        executor = TritonEngineExecutor(GraphIO(1, 2, 32, 8, 64))
+        executor.start(1)
+        logits = executor.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]))
+        executor.close()
+    finally:
+        for name in stand_in_built:  # modules built on the stand-in are not for other tests
+            sys.modules.pop(name, None)
+    assert logits.dtype == np.float32 and logits.shape == (1, 3, 8) and logits[0, -1].argmax() == 3
+    assert [r.kwargs["flags"] for r in pb.requests] == [1, 2]  # SEQUENCE_START, then the closing SEQUENCE_END
+    assert all(r.preferred_memory.preferred_memory_type == "CPU" for r in pb.requests)

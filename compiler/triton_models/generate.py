@@ -35,6 +35,20 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _IDS = itertools.count(1)
 
 
+def host_memory():
+    """`PreferredMemory(TRITONSERVER_MEMORY_CPU, 0)`, for BLS requests whose outputs are read with `as_numpy()`.
+
+    Without `preferred_memory` "the output tensors will be allocated on the same device where the output
+    tensors were received from the model" (python_backend README.md:1356 at f9088ff), which for the TensorRT
+    backend is the GPU, and `as_numpy()` raises on a GPU tensor ("Tensor is stored in GPU and cannot be
+    converted to NumPy.", src/pb_tensor.cc:585). The runner samples on the host, so one copy of the logits per
+    step is what it needs anyway. Built when used, not at import: the stub sets `PreferredMemory` on
+    pb_utils (src/pb_stub.cc:471) only after importing the model's module (nvidia-pytriton 0.7.0's stub: absent
+    while model.py imports, present in `initialize`).
+    """
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
 class TritonEngineExecutor:
     """The runner's executor interface over the `llm` model: one Triton sequence per generation.
 
@@ -46,6 +60,7 @@ class TritonEngineExecutor:
 
     def __init__(self, io: GraphIO, model: str = "llm"):
         self.io = io
+        self.host_memory = host_memory()
         self.model = model
         self.correlation_id = 0
         self.steps = 0
@@ -60,6 +75,7 @@ class TritonEngineExecutor:
     def _infer(self, input_ids: np.ndarray, position_ids: np.ndarray, flags: int) -> np.ndarray:
         request = pb_utils.InferenceRequest(
             model_name=self.model, requested_output_names=["logits"], correlation_id=self.correlation_id, flags=flags,
+            preferred_memory=self.host_memory,
             inputs=[pb_utils.Tensor("input_ids", np.ascontiguousarray(input_ids, np.int64)),
                     pb_utils.Tensor("position_ids", np.ascontiguousarray(position_ids, np.int64))])
         response = request.exec()
@@ -89,6 +105,7 @@ class TritonPythonModel:
         self.stop_tokens = tuple(int(t) for t in parameter(config, "llmc_stop_token_ids", "").split(",") if t)
         self.default_max_tokens = int(parameter(config, "llmc_default_max_tokens", "64"))
         if "llm" in self.targets:  # refuse to serve an engine this server's TensorRT can't run
+            host_memory()  # a stub without it (python_backend < 23.04) fails here, at load, not per request
             backend = parameter(config, "llmc_engine_backend")
             built = parameter(config, "llmc_engine_version")
             running = engine_version.runtime_version(backend)
