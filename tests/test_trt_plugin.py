@@ -129,3 +129,25 @@ def test_triton_version_is_checked_against_nvidia_pin_for_the_tensorrt():
     problem = trt_plugin.triton_version_problem("10.16.0.72", "3.9.0")
     assert "triton 3.9.0" in problem and "tensorrt 10.16.0.72" in problem and "triton==3.5.*" in problem
     assert "triton==3.2.*" in trt_plugin.triton_version_problem("10.14.1", "3.5.0")
+
+
+def test_launch_grid_follows_the_kernels_program_ids():
+    """_launch with a stand-in `tensorrt.plugin` (KernelLaunchParams with grid_x/y/z, block_x, shared_mem:
+    plugin/_tensor.py; cdiv: plugin/_top_level.py): grid (ceil(S / BLOCK_M), Hq, B) as the kernel reads
+    program_id(0..2), block = num_warps x 32 threads."""
+    from types import SimpleNamespace
+
+    trtp = SimpleNamespace(KernelLaunchParams=SimpleNamespace, cdiv=lambda a, b: ("cdiv", a, b))
+    batch, heads, seq = StandInShapeExpr(None), StandInShapeExpr(32), StandInShapeExpr(None)
+    query = SimpleNamespace(shape_expr=[batch, heads, seq, StandInShapeExpr(128)])
+    compiled = SimpleNamespace(metadata=SimpleNamespace(num_warps=trt_plugin.NUM_WARPS, shared=4096))
+    launch = trt_plugin._launch(trtp, query, compiled)
+    assert launch.grid_x == ("cdiv", seq, trt_plugin.BLOCK_M)
+    assert launch.grid_y is heads and launch.grid_z is batch
+    assert launch.block_x == trt_plugin.NUM_WARPS * 32 and launch.shared_mem == 4096
+    if HAS_TRITON:  # the grid as the kernels read it (both plugin kernels run _plugin_body)
+        from plugins.attention_kernel import _plugin_body
+
+        src = inspect.getsource(_plugin_body.fn)
+        assert src.index("mblock = tl.program_id(0)") < src.index("h = tl.program_id(1)") < src.index(
+            "b = tl.program_id(2)")
