@@ -28,6 +28,12 @@ def test_int4_awq_build_reports_what_it_costs(tmp_path, cache_dir):
     assert q["eval_tokens"] > 1000 and q["agreement_tokens"] == 4 * 64
     assert q["reference_perplexity"] < 30  # the trained model (uniform would be 1024)
     assert 0 < q["ppl_delta"] <= report["recipe"]["max_ppl_delta"]
+    # Decided on held-out quality; the windows used are on record (--max-seq 256 holds the 128-token window).
+    assert report["status"] == "pass" and report["verdict_basis"] == "held-out quality and the validation prompt"
+    assert (q["window"], q["windows"], q["window_cut_to_max_seq"]) == (128, 16, False)
+    assert report["numerics"]["max_rel_error"] <= report["recipe"]["tolerance"]["max_rel_logit_error"]
+    card = (out / "report.md").read_text()
+    assert "Decided on held-out quality and the validation prompt." in card and "| perplexity windows | 16 x 128 tokens |" in card
     assert report["calibration"]["tokens"] >= 4096 and report["eval_data"] == "built-in held-out sample"
     # Every linear layer of the 4 blocks is INT4-AWQ; lm_head is not in the map (kept FP16).
     assert len(report["precision"]) == 28 and set(report["precision"].values()) == {"int4-awq"}
@@ -54,6 +60,7 @@ def test_perplexity_budget_fails_the_build_with_the_figure(tmp_path, cache_dir):
     assert not out.exists()
     report = json.loads((tmp_path / "strict.failed" / "report.json").read_text())
     assert report["status"] == "fail" and report["quality"]["ppl_delta"] > 0.0001
+    assert f"held-out perplexity rose {report['quality']['ppl_delta']:.2%}" in result.stderr  # the figure itself
 
 
 def test_bad_calibration_file_fails_before_any_work(tmp_path):
