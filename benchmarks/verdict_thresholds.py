@@ -69,8 +69,9 @@ def main() -> None:
         ref_logp = torch.cat([torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1)[None] for w in windows])
         original = {name: p.detach().clone() for name, p in model.named_parameters()}
         variants = {
-            f"int4-rtn (block {args.block})": lambda: [m.weight.copy_(fake_int4(m.weight, args.block)) for name, m in model.named_modules()
-                                 if isinstance(m, torch.nn.Linear) and ".layers." in name],
+            f"int4-rtn (block {args.block})": lambda: [
+                m.weight.copy_(fake_int4(m.weight, args.block)) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in name],
             "broken (embedding rows permuted)": lambda: model.get_input_embeddings().weight.copy_(
                 model.get_input_embeddings().weight[torch.randperm(model.get_input_embeddings().weight.shape[0])]),
         }

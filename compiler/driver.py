@@ -466,7 +466,8 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         "triton_model": "triton/llm",
         "cache": {"dir": cache.root,
                   "stages": {s: {"hit": hits[s] is not None, "key": keys[s]} for s in CACHED_STAGES}} if keys else None,
-        "warnings": _serving_warnings(backend) + ([pass_check_warning] if pass_check_warning else []) + verdict.warnings,
+        "warnings": (_serving_warnings(backend) + ([pass_check_warning] if pass_check_warning else [])
+                     + verdict.warnings),
     }
 
     def package():

@@ -33,7 +33,8 @@ def test_int4_awq_build_reports_what_it_costs(tmp_path, cache_dir):
     assert (q["window"], q["windows"], q["window_cut_to_max_seq"]) == (128, 16, False)
     assert report["numerics"]["max_rel_error"] <= report["recipe"]["tolerance"]["max_rel_logit_error"]
     card = (out / "report.md").read_text()
-    assert "Decided on held-out quality and the validation prompt." in card and "| perplexity windows | 16 x 128 tokens |" in card
+    assert "Decided on held-out quality and the validation prompt." in card
+    assert "| perplexity windows | 16 x 128 tokens |" in card
     assert report["calibration"]["tokens"] >= 4096 and report["eval_data"] == "built-in held-out sample"
     # Every linear layer of the 4 blocks is INT4-AWQ; lm_head is not in the map (kept FP16).
     assert len(report["precision"]) == 28 and set(report["precision"].values()) == {"int4-awq"}

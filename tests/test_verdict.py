@@ -104,8 +104,9 @@ def test_int4_passes_its_budget_and_fails_a_tighter_one_naming_the_figure(traine
     assert decide(result, quality, recipe).passed
     verdict = decide(result, quality, dataclasses.replace(recipe, max_ppl_delta=0.005))
     assert not verdict.passed and len(verdict.failures) == 1
-    assert verdict.failures[0] == (f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} "
-                                   f"-> {quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta 0.50%")
+    assert verdict.failures[0] == (f"held-out perplexity rose {quality.ppl_delta:.2%} "
+                                   f"({quality.reference_perplexity:.3f} -> {quality.compiled_perplexity:.3f}), "
+                                   "over the recipe's max_ppl_delta 0.50%")
 
 
 def test_a_broken_graph_fails_the_wiring_check_and_every_quality_floor(trained, int4, tmp_path):
