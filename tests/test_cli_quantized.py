@@ -70,3 +70,13 @@ def test_bad_calibration_file_fails_before_any_work(tmp_path):
     result = CliRunner().invoke(main, ["build", "--recipe", "int4-awq", "--calib-data", str(bad), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "calib.jsonl:1" in result.stderr and '"text"' in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_quantizing_build_without_quality_warns_that_wiring_alone_decided(tmp_path, cache_dir):
+    out = tmp_path / "rtn"
+    result = CliRunner().invoke(main, ["build", "--recipe", "int4-rtn", "--no-measure-quality", "-o", str(out),
+                                       "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality"] is None and report["verdict_basis"] == "the validation prompt"
+    assert any("wiring check alone" in w for w in report["warnings"]) and "wiring check alone" in result.stderr
