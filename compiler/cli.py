@@ -81,12 +81,14 @@ def print_summary(report: dict) -> None:
     native = [k for k in ("ATTENTION_INPUT", "ROTARY_EMBEDDING", "KV_CACHE_UPDATE") if k in layers]
     table.add_row("native layers", ", ".join(f"{k} x{layers[k]}" for k in native) or "none")
     table.add_row("numerics", f"max |err| {num.max_abs_error:.4g}, mean |err| {num.mean_abs_error:.3g}, "
-                              f"greedy agreement {num.greedy_agreement:.1%} over {num.decode_steps + 1} tokens")
+                              f"relative {num.max_rel_error:.3g}, greedy agreement {num.greedy_agreement:.1%} "
+                              f"over {num.decode_steps + 1} tokens")
     quality = report.get("quality")
     if quality:
         table.add_row("held-out", f"perplexity {quality.reference_perplexity:.3f} (PyTorch) -> "
                                   f"{quality.compiled_perplexity:.3f} ({quality.ppl_delta:+.2%}), KL {quality.kl_mean:.4f}, "
-                                  f"greedy agreement {quality.greedy_agreement:.1%} over {quality.agreement_tokens} tokens")
+                                  f"greedy agreement {quality.greedy_agreement:.1%} over {quality.agreement_tokens} "
+                                  f"tokens; {quality.windows} windows of {quality.window} tokens")
     weights = report["weights"]
     onnx_bytes = sum(v for k, v in report["sizes_bytes"].items() if k.startswith("model.onnx"))
     table.add_row("weights", f"{weights['parameters'] / 1e6:.2f}M params, floor {weights['floor_bytes'] / 1e6:.2f} MB "

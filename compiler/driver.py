@@ -57,6 +57,7 @@ from .runtime_onnx import OnnxRuntimeExecutor
 from .triton_repo import unservable_reason, write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
 from .validate import DEFAULT_PROMPT, DecodeReference, compare, decode_reference, rejudge
+from .verdict import decide
 
 EXTERNAL_DATA_THRESHOLD = 256 << 20  # weights beside the graph above this: protobuf's 2 GiB cap, and an
 # inline save builds the whole proto in memory (+2x the graph at the end of the passes: 1B INT4, 360M)
@@ -422,12 +423,8 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
     if session:
         session.clear()  # the FP32 session weights go before packaging
         release_freed_memory()
-    failures = list(result.failures)
-    if quality and recipe.max_ppl_delta is not None and quality.ppl_delta > recipe.max_ppl_delta:
-        failures.append(
-            f"held-out perplexity rose {quality.ppl_delta:.2%} ({quality.reference_perplexity:.3f} -> "
-            f"{quality.compiled_perplexity:.3f}), over the recipe's max_ppl_delta {recipe.max_ppl_delta:.2%}")
-    passed = not failures
+    verdict = decide(result, quality, recipe)  # compiler/verdict.py: which figures decide pass / fail
+    failures, passed = verdict.failures, verdict.passed
     pass_check_warning = _pass_check_warning(records) if request.check_passes else None
     footprint = weight_footprint(ir.load(out.path / "model.onnx"))
     spec = loaded_box[0].spec if loaded_box else read_spec(model_path, request.trust_remote_code)
@@ -445,7 +442,8 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                   "parameters": parameters},
         "recipe": {"name": recipe.name, "source": recipe.source, "sha256": recipe.sha256, "passes": recipe.passes,
                    "pass_options": recipe.pass_options, "tolerance": recipe.tolerance,
-                   "max_ppl_delta": recipe.max_ppl_delta},
+                   "max_ppl_delta": recipe.max_ppl_delta, "max_kl": recipe.max_kl,
+                   "min_heldout_agreement": recipe.min_heldout_agreement},
         "options": request.options,
         "versions": versions,
         "backend": backend_info,
@@ -464,10 +462,12 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
         "precision": _precision_map(records),
         "precision_search": search,
         "failures": failures,
+        "verdict_basis": verdict.basis,
         "triton_model": "triton/llm",
         "cache": {"dir": cache.root,
                   "stages": {s: {"hit": hits[s] is not None, "key": keys[s]} for s in CACHED_STAGES}} if keys else None,
-        "warnings": _serving_warnings(backend) + ([pass_check_warning] if pass_check_warning else []),
+        "warnings": (_serving_warnings(backend) + ([pass_check_warning] if pass_check_warning else [])
+                     + verdict.warnings),
     }
 
     def package():

@@ -29,7 +29,7 @@ class BackendBuildError(LlmcError):
 
 
 class AccuracyError(LlmcError):
-    """The compiled graph's numerics fall outside the recipe's tolerance."""
+    """The compiled graph's accuracy is outside the recipe's tolerance or held-out limits (compiler/verdict.py)."""
 
     exit_code = 5
 
@@ -59,7 +59,7 @@ EXIT_CODES = {
     BadInputError.exit_code: "bad input: missing/malformed model directory, recipe or option",
     UnsupportedModelError.exit_code: "unsupported model architecture or format",
     BackendBuildError.exit_code: "TensorRT(-RTX) parse or build failure",
-    AccuracyError.exit_code: "accuracy outside the recipe's tolerance",
+    AccuracyError.exit_code: "accuracy outside the recipe's tolerance or held-out limits (perplexity, KL, agreement)",
     OutputWriteError.exit_code: "could not write the artifact (disk full, I/O error); nothing left at the output path",
     130: "interrupted by Ctrl-C (SIGINT); nothing left at the output path",
     143: "terminated by SIGTERM (e.g. a CI timeout); nothing left at the output path",

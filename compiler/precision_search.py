@@ -200,9 +200,12 @@ class Evaluator:
                 if names or lm_head:
                     entries.append({"pass": fmt.pass_name, **fmt.options, "targets": names, "include_lm_head": lm_head})
         doc = {"name": name, "description": description, "passes": entries,
-               "tolerance": dataclasses.asdict(self.recipe.tolerance)}
+               "tolerance": {k: v for k, v in dataclasses.asdict(self.recipe.tolerance).items() if v is not None}}
         if budget is not None:
             doc["max_ppl_delta"] = budget
+        for key in ("max_kl", "min_heldout_agreement"):  # the base recipe's other held-out limits
+            if getattr(self.recipe, key) is not None:
+                doc[key] = getattr(self.recipe, key)
         header = ("# Written by llmc's precision search (compiler/precision_search.py) from recipe "
                   f"'{self.recipe.name}'.\n# `llmc build MODEL --recipe THIS_FILE` rebuilds the same graph.\n")
         return header + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -32,7 +32,10 @@ from .spill import SpilledArray, spilled_or_in_memory
 from .types import LoadedModel
 
 
-QUALITY_WINDOW = 128  # tokens per perplexity window (fewer if the graph holds fewer positions)
+# Tokens per perplexity window. The compiled graph cannot take a longer window than --max-seq: its
+# KV cache (kv-cache-scatter) and rotary table (rotary-2d-cache) hold exactly that many positions, so
+# a shorter --max-seq cuts the window, and report.json's quality records the window used.
+QUALITY_WINDOW = 128
 
 
 @dataclasses.dataclass
@@ -45,6 +48,9 @@ class QualityResult:
     agreement_tokens: int
     eval_tokens: int
     seconds: float
+    window: int = 0  # tokens per perplexity window actually used
+    windows: int = 0
+    window_cut_to_max_seq: bool = False  # the requested window exceeded the graph's positions (--max-seq)
 
 
 def _log_softmax(logits: np.ndarray) -> "torch.Tensor":
@@ -168,6 +174,7 @@ class QualityReference:
     held: HeldOut
     prompt_ids: list[list[int]]  # the agreement prompts, tokenized and cut to fit
     forced: list[list[int]]  # the reference's greedy continuation of each, new_tokens long
+    window_cut: bool = False  # the requested window was cut to the graph's capacity
 
 
 def quality_reference(loaded: LoadedModel, eval_text: str, capacity: int, *, window: int = 128,
@@ -180,7 +187,7 @@ def quality_reference(loaded: LoadedModel, eval_text: str, capacity: int, *, win
     ids = [loaded.tokenizer(p).input_ids[: max(1, capacity - new_tokens)] or [loaded.tokenizer.bos_token_id or 0]
            for p in prompts or default_prompts(eval_text)]
     forced = reference_greedy(loaded, ids, new_tokens)
-    return QualityReference(held, ids, forced)
+    return QualityReference(held, ids, forced, window_cut=len(held.windows[0]) < window)
 
 
 def score(reference: QualityReference, runner: Runner) -> QualityResult:
@@ -192,6 +199,8 @@ def score(reference: QualityReference, runner: Runner) -> QualityResult:
         reference_perplexity=scores.reference_perplexity, compiled_perplexity=scores.compiled_perplexity,
         ppl_delta=scores.ppl_delta, kl_mean=scores.kl_mean, greedy_agreement=agree / total if total else 1.0,
         agreement_tokens=total, eval_tokens=int(reference.held.targets.size), seconds=time.perf_counter() - start,
+        window=len(reference.held.windows[0]), windows=len(reference.held.windows),
+        window_cut_to_max_seq=reference.window_cut,
     )
 
 

@@ -15,8 +15,11 @@ from .errors import BadInputError
 from .types import Recipe, Tolerance
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-TOP_KEYS = ("name", "description", "passes", "tolerance", "max_ppl_delta")
-TOLERANCE_KEYS = ("max_abs_logit_error", "mean_abs_logit_error", "min_greedy_agreement")
+# max_ppl_delta, max_kl, min_heldout_agreement: the held-out quality a build must meet (compiler/verdict.py).
+QUALITY_KEYS = ("max_ppl_delta", "max_kl", "min_heldout_agreement")
+TOP_KEYS = ("name", "description", "passes", "tolerance", *QUALITY_KEYS)
+TOLERANCE_KEYS = ("max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error", "min_greedy_agreement")
+LOGIT_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error")
 
 
 def available_recipes() -> list[str]:
@@ -84,16 +87,18 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         _check_options(path, item, name, opts)
         passes.append(name)
         options.append(opts)
-    max_ppl_delta = None
-    if "max_ppl_delta" in top:
-        max_ppl_delta = _number(path, top["max_ppl_delta"], "max_ppl_delta")
-        if max_ppl_delta < 0:
-            raise BadInputError(f"{_where(path, top['max_ppl_delta'])}: max_ppl_delta must be >= 0 (0.05 = 5%)")
+    quality = {}
+    for key in QUALITY_KEYS:
+        if key in top:
+            quality[key] = _number(path, top[key], key)
+            if quality[key] < 0:
+                raise BadInputError(f"{_where(path, top[key])}: {key} must be >= 0"
+                                    + (" (0.05 = 5%)" if key == "max_ppl_delta" else ""))
     tol = _mapping(path, top["tolerance"], "tolerance", TOLERANCE_KEYS)
-    missing = [k for k in TOLERANCE_KEYS if k not in tol]
-    if missing:
-        raise BadInputError(f"{_where(path, top['tolerance'])}: tolerance lacks {', '.join(missing)}")
-    tolerance = Tolerance(**{k: _number(path, tol[k], k) for k in TOLERANCE_KEYS})
+    if "min_greedy_agreement" not in tol or not any(k in tol for k in LOGIT_BOUNDS):
+        raise BadInputError(f"{_where(path, top['tolerance'])}: tolerance needs min_greedy_agreement and at least one "
+                            f"of {', '.join(LOGIT_BOUNDS)}")
+    tolerance = Tolerance(**{k: _number(path, tol[k], k) for k in TOLERANCE_KEYS if k in tol})
     return Recipe(
         name=_scalar(path, top["name"], "name") if "name" in top else path.stem,
         description=_scalar(path, top["description"], "description") if "description" in top else "",
@@ -102,7 +107,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         source=path,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         pass_options=tuple(options),
-        max_ppl_delta=max_ppl_delta,
+        **quality,
     )
 
 

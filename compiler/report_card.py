@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .sensitivity_plot import plot_sensitivity
+from .verdict import POLICY
 
 CARD = "report.md"
 PASS_PLOT = "pass_errors.png"
@@ -43,6 +44,8 @@ def render_card(report: dict, plots: dict[str, str] | None = None) -> str:
     lines = [f"# llmc accuracy card: {report['model']['name']} ({report['recipe']['name']})", ""]
     status = report.get("status", "?")
     lines += [f"**Result: {status.upper()}**" + (f" ({'; '.join(report['failures'])})" if report.get("failures") else ""), ""]
+    if report.get("verdict_basis"):
+        lines += [f"Decided on {report['verdict_basis']}. {POLICY}", ""]
     lines += _model(report) + _recipe(report) + _numerics(report) + _quality(report) + _sizes(report, plots)
     lines += _precision(report) + _search(report, plots) + _pass_checks(report, plots)
     if report.get("warnings"):
@@ -61,11 +64,18 @@ def _model(report: dict) -> list[str]:
 def _recipe(report: dict) -> list[str]:
     r = report["recipe"]
     tol = r.get("tolerance") or {}
+    bounds = [f"{label} {tol[key]:g}" for key, label in (
+        ("max_abs_logit_error", "max |logit err|"), ("mean_abs_logit_error", "mean |logit err|"),
+        ("max_rel_logit_error", "relative logit err (wiring check)")) if tol.get(key) is not None]
     out = ["## Recipe", "", f"- name: `{r['name']}`", f"- passes: {' -> '.join(r.get('passes', []))}",
-           f"- tolerance vs PyTorch: max |logit err| {tol.get('max_abs_logit_error')}, mean "
-           f"{tol.get('mean_abs_logit_error')}, greedy agreement >= {tol.get('min_greedy_agreement')}"]
+           f"- tolerance vs PyTorch (validation prompt): {', '.join(bounds)}, greedy agreement >= "
+           f"{tol.get('min_greedy_agreement')}"]
     if r.get("max_ppl_delta") is not None:
         out.append(f"- max held-out perplexity increase: {r['max_ppl_delta']:.2%}")
+    if r.get("max_kl") is not None:
+        out.append(f"- max held-out KL: {r['max_kl']:g} nats/token")
+    if r.get("min_heldout_agreement") is not None:
+        out.append(f"- min held-out greedy agreement: {r['min_heldout_agreement']:.1%}")
     opts = report.get("options") or {}
     if opts:
         out.append(f"- engine limits: max batch {opts.get('max_batch')}, max seq {opts.get('max_seq')}")
@@ -77,7 +87,9 @@ def _numerics(report: dict) -> list[str]:
     if not n:
         return []
     return ["## Numerics vs PyTorch (validation prompt)", "",
-            f"- max |logit error| {n['max_abs_error']:.4g}, mean |logit error| {n['mean_abs_error']:.4g}",
+            f"- max |logit error| {n['max_abs_error']:.4g}, mean |logit error| {n['mean_abs_error']:.4g}"
+            + (f", relative {n['max_rel_error']:.3g} (rms error / std of PyTorch's logits, worst position)"
+               if n.get("max_rel_error") is not None else ""),
             f"- greedy agreement {n['greedy_agreement']:.1%} over {n['decode_steps'] + 1} tokens "
             f"({n['prompt_tokens']}-token prompt, {n['decode_steps']} teacher-forced decode steps)", ""]
 
@@ -93,7 +105,10 @@ def _quality(report: dict) -> list[str]:
             f"| perplexity delta | {q['ppl_delta']:+.2%} |",
             f"| KL (nats/token) | {q['kl_mean']:.5f} |",
             f"| greedy agreement | {q['greedy_agreement']:.1%} over {q['agreement_tokens']} tokens |",
-            f"| evaluated tokens | {q['eval_tokens']} ({report.get('eval_data') or 'held-out text'}) |", ""]
+            f"| evaluated tokens | {q['eval_tokens']} ({report.get('eval_data') or 'held-out text'}) |",
+            *([f"| perplexity windows | {q['windows']} x {q['window']} tokens"
+               + (" (cut to the graph's positions, --max-seq)" if q.get("window_cut_to_max_seq") else "") + " |"]
+              if q.get("window") else []), ""]
 
 
 def size_line(report: dict) -> str:

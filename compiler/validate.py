@@ -3,7 +3,16 @@
 Same prompt, same tokenizer. PyTorch decodes greedily; the compiled graph is fed the reference's
 tokens through the generation runner and its KV cache (teacher forcing), so one near-tie flip cannot cascade and every
 step compares logits for the same context. Reported: max / mean absolute logit error over the
-prefill positions and every decode step, and greedy next-token agreement.
+prefill positions and every decode step, the relative error (below), and greedy next-token agreement.
+
+Relative error, per position: rms(compiled - reference) / std(reference logits over the vocabulary);
+the check takes its maximum over positions. Why this scale: a quantized graph's logit error grows
+with the model's logit spread (INT4 on a real model moves single logits by several units while its
+perplexity rises a few percent), so an absolute bound either fails good builds or passes anything.
+The relative error has a floor a mis-wired graph cannot get under: logits uncorrelated with the
+reference measure at least 1 at that position whatever their scale (rms^2 = var_c + var_r - 2 cov
+>= var_r * (1 - corr^2)), and the maximum over positions catches a graph wrong only on the decode
+path (a KV-cache bug) while right on the prefill.
 
 The two sides are separate steps: `decode_reference` needs the PyTorch model, `compare` only its
 output. The build computes the reference before it exports and then drops the model, so the
@@ -75,22 +84,34 @@ def reference_greedy(loaded: LoadedModel, prompts: list[list[int]], new_tokens: 
     return torch.stack(tokens, dim=1).tolist()
 
 
-def judge(max_err: float, mean_err: float, agreement: float, tolerance: Tolerance) -> list[str]:
-    """The tolerance check alone: a cached measurement is re-judged when only the tolerance changed."""
+def judge(max_err: float, mean_err: float, rel_err: float, agreement: float, tolerance: Tolerance) -> list[str]:
+    """The tolerance check alone: a cached measurement is re-judged when only the tolerance changed.
+    Bounds the recipe leaves unset (None) are not checked."""
     failures = []
-    if not (np.isfinite(max_err) and np.isfinite(mean_err)):
+    if not (np.isfinite(max_err) and np.isfinite(mean_err) and np.isfinite(rel_err)):
         failures.append("non-finite logits in the compiled graph")
-    if max_err > tolerance.max_abs_logit_error:
+    if tolerance.max_abs_logit_error is not None and max_err > tolerance.max_abs_logit_error:
         failures.append(f"max |logit error| {max_err:.4g} > {tolerance.max_abs_logit_error:g}")
-    if mean_err > tolerance.mean_abs_logit_error:
+    if tolerance.mean_abs_logit_error is not None and mean_err > tolerance.mean_abs_logit_error:
         failures.append(f"mean |logit error| {mean_err:.4g} > {tolerance.mean_abs_logit_error:g}")
+    if tolerance.max_rel_logit_error is not None and rel_err > tolerance.max_rel_logit_error:
+        failures.append(f"wiring check: relative logit error {rel_err:.3g} > {tolerance.max_rel_logit_error:g} "
+                        "(rms error / std of PyTorch's logits at the worst position; a graph unrelated to the "
+                        "model measures >= 1)")
     if agreement < tolerance.min_greedy_agreement:
         failures.append(f"greedy agreement {agreement:.1%} < {tolerance.min_greedy_agreement:.1%}")
     return failures
 
 
+def relative_errors(compiled: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """[positions] rms(compiled - reference) / std(reference) over the vocabulary (float64 sums)."""
+    diff = compiled.astype(np.float64) - reference
+    return np.sqrt(np.mean(diff * diff, axis=-1)) / np.maximum(reference.astype(np.float64).std(axis=-1), 1e-12)
+
+
 def rejudge(result: ValidationResult, tolerance: Tolerance) -> ValidationResult:
-    failures = judge(result.max_abs_error, result.mean_abs_error, result.greedy_agreement, tolerance)
+    failures = judge(result.max_abs_error, result.mean_abs_error, result.max_rel_error, result.greedy_agreement,
+                     tolerance)
     return dataclasses.replace(result, tolerance=tolerance, failures=failures, passed=not failures)
 
 
@@ -128,22 +149,24 @@ def compare(reference: DecodeReference, executor: Executor, tolerance: Tolerance
         compiled = Runner(executor).teacher_forced(prompt_ids, ref_tokens[:decode_steps])
     except ValueError as exc:  # e.g. a recipe without kv-cache-scatter, or too few cache slots
         raise BadInputError(f"cannot validate the compiled graph: {exc}") from exc
-    got_tokens, errors = [], []
+    got_tokens, errors, rel = [], [], []
     for logits, expected in zip(compiled, ref_logits):
         errors.append(np.abs(logits - expected).ravel())
+        rel.append(relative_errors(logits.reshape(expected.shape), expected))
         got_tokens.append(int(logits[-1].argmax()))
     err = np.concatenate(errors)
-    max_err, mean_err = float(err.max()), float(err.mean())
+    max_err, mean_err, rel_err = float(err.max()), float(err.mean()), float(np.concatenate(rel).max())
     agreement = float(np.mean(np.array(got_tokens) == np.array(ref_tokens)))
     if not np.isfinite(err).all():
-        max_err = mean_err = float("nan")
-    failures = judge(max_err, mean_err, agreement, tolerance)
+        max_err = mean_err = rel_err = float("nan")
+    failures = judge(max_err, mean_err, rel_err, agreement, tolerance)
     return ValidationResult(
         prompt=reference.prompt,
         prompt_tokens=len(prompt_ids),
         decode_steps=decode_steps,
         max_abs_error=max_err,
         mean_abs_error=mean_err,
+        max_rel_error=rel_err,
         greedy_agreement=agreement,
         reference_tokens=ref_tokens,
         compiled_tokens=got_tokens,

@@ -28,6 +28,13 @@ def test_int4_awq_build_reports_what_it_costs(tmp_path, cache_dir):
     assert q["eval_tokens"] > 1000 and q["agreement_tokens"] == 4 * 64
     assert q["reference_perplexity"] < 30  # the trained model (uniform would be 1024)
     assert 0 < q["ppl_delta"] <= report["recipe"]["max_ppl_delta"]
+    # Decided on held-out quality; the windows used are on record (--max-seq 256 holds the 128-token window).
+    assert report["status"] == "pass" and report["verdict_basis"] == "held-out quality and the validation prompt"
+    assert (q["window"], q["windows"], q["window_cut_to_max_seq"]) == (128, 16, False)
+    assert report["numerics"]["max_rel_error"] <= report["recipe"]["tolerance"]["max_rel_logit_error"]
+    card = (out / "report.md").read_text()
+    assert "Decided on held-out quality and the validation prompt." in card
+    assert "| perplexity windows | 16 x 128 tokens |" in card
     assert report["calibration"]["tokens"] >= 4096 and report["eval_data"] == "built-in held-out sample"
     # Every linear layer of the 4 blocks is INT4-AWQ; lm_head is not in the map (kept FP16).
     assert len(report["precision"]) == 28 and set(report["precision"].values()) == {"int4-awq"}
@@ -54,6 +61,7 @@ def test_perplexity_budget_fails_the_build_with_the_figure(tmp_path, cache_dir):
     assert not out.exists()
     report = json.loads((tmp_path / "strict.failed" / "report.json").read_text())
     assert report["status"] == "fail" and report["quality"]["ppl_delta"] > 0.0001
+    assert f"held-out perplexity rose {report['quality']['ppl_delta']:.2%}" in result.stderr  # the figure itself
 
 
 def test_bad_calibration_file_fails_before_any_work(tmp_path):
@@ -62,3 +70,13 @@ def test_bad_calibration_file_fails_before_any_work(tmp_path):
     result = CliRunner().invoke(main, ["build", "--recipe", "int4-awq", "--calib-data", str(bad), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "calib.jsonl:1" in result.stderr and '"text"' in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_quantizing_build_without_quality_warns_that_wiring_alone_decided(tmp_path, cache_dir):
+    out = tmp_path / "rtn"
+    result = CliRunner().invoke(main, ["build", "--recipe", "int4-rtn", "--no-measure-quality", "-o", str(out),
+                                       "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality"] is None and report["verdict_basis"] == "the validation prompt"
+    assert any("wiring check alone" in w for w in report["warnings"]) and "wiring check alone" in result.stderr

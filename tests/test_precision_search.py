@@ -7,6 +7,7 @@ written recipe.yaml rebuilds the same graph byte for byte. The bisection itself 
 brute force on a synthetic damage model.
 """
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -57,6 +58,11 @@ def test_budget_build_is_smaller_than_every_uniform_recipe_that_fits(tmp_path, t
     assert "int4-awq" in fitting and "int8-wo" in fitting  # the comparison is against real contenders
     assert report["weights"]["floor_bytes"] < min(fitting.values()), (report["weights"]["floor_bytes"], uniform)
     assert (tmp_path / "b2" / "recipe.yaml").is_file() and report["recipe"]["max_ppl_delta"] == pytest.approx(0.02)
+    # The written recipe keeps the base recipe's wiring check and its other held-out limits.
+    base = load_recipe("int4-awq")
+    assert report["recipe"]["tolerance"] == dataclasses.asdict(base.tolerance)
+    assert (report["recipe"]["max_kl"], report["recipe"]["min_heldout_agreement"]) == (base.max_kl,
+                                                                                       base.min_heldout_agreement)
 
 
 @pytest.mark.slow  # ~3 min on 2 cores: a full sensitivity pass (29 probes) + bisection + a rebuild
