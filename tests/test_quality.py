@@ -126,3 +126,31 @@ def test_window_scores_stream_batches_and_match_float64():
         assert scores.ppl_delta == pytest.approx(got_ppl / ref_ppl - 1, rel=1e-4, abs=1e-6)
         assert scores.kl_mean == pytest.approx((np.exp(ref) * (ref - got)).sum(-1).mean(), rel=1e-4)
         assert scores.kl_mean > 0.1  # the two distributions differ, so the check compares something
+
+
+class _Tokenizer:
+    """A tokenizer whose ids are the characters' codes, optionally led by a BOS id (like Gemma's, Llama 3's)."""
+
+    def __init__(self, bos):
+        self.bos_token_id = bos
+
+    def __call__(self, text):
+        lead = [] if self.bos_token_id is None else [self.bos_token_id]
+        return type("Encoding", (), {"input_ids": lead + [ord(c) for c in text]})()
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    from compiler.calibrate import tokenize_windows
+
+    text = "abcdefghijklmnopqrstuvwxyz"
+    with_bos = tokenize_windows(_Tokenizer(bos=1), text, 8, 10)
+    assert [w[0] for w in with_bos] == [1, 1, 1]  # every window, not only the first
+    assert all(len(w) == 8 for w in with_bos)
+    assert [c for w in with_bos for c in w[1:]] == [ord(c) for c in text[:21]]  # the text once, in order
+    plain = tokenize_windows(_Tokenizer(bos=None), text, 8, 10)
+    assert plain == [[ord(c) for c in text[i:i + 8]] for i in (0, 8, 16)]
+    # A BOS id that the tokenizer does not put first (the bundled model's) changes nothing.
+    class NoLead(_Tokenizer):
+        def __call__(self, text):
+            return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+    assert tokenize_windows(NoLead(bos=1), text, 8, 10) == plain
