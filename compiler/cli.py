@@ -67,6 +67,12 @@ class RichProgress:
             extra = f", check skipped: {check['skipped']}"
         self.console.print(f"      pass {record.name:<16} {flag:<7} {record.nodes_before} -> {record.nodes_after} nodes{extra}",
                            markup=False)
+        coverage = record.details.get("coverage")
+        if coverage:
+            self.console.print(f"           {coverage['summary']}", markup=False)
+            for module, m in coverage["matmuls"].items():
+                if "skipped" in m:
+                    self.console.print(f"           kept float: {module} [{m['k']}x{m['n']}]: {m['skipped']}", markup=False)
 
 
 def print_summary(report: dict) -> None:
@@ -87,6 +93,9 @@ def print_summary(report: dict) -> None:
         table.add_row("held-out", f"perplexity {quality.reference_perplexity:.3f} (PyTorch) -> "
                                   f"{quality.compiled_perplexity:.3f} ({quality.ppl_delta:+.2%}), KL {quality.kl_mean:.4f}, "
                                   f"greedy agreement {quality.greedy_agreement:.1%} over {quality.agreement_tokens} tokens")
+    for record in report["passes"]:
+        if record.details.get("coverage"):
+            table.add_row("quantized", f"{record.name}: {record.details['coverage']['summary']}")
     weights = report["weights"]
     onnx_bytes = sum(v for k, v in report["sizes_bytes"].items() if k.startswith("model.onnx"))
     table.add_row("weights", f"{weights['parameters'] / 1e6:.2f}M params, floor {weights['floor_bytes'] / 1e6:.2f} MB "
