@@ -69,10 +69,11 @@ class RichProgress:
                            markup=False)
         coverage = record.details.get("coverage")
         if coverage:
-            self.console.print(f"           {coverage['summary']}", markup=False)
+            self.console.print(f"           {coverage['summary']}", markup=False, soft_wrap=True)
             for module, m in coverage["matmuls"].items():
                 if "skipped" in m:
-                    self.console.print(f"           kept float: {module} [{m['k']}x{m['n']}]: {m['skipped']}", markup=False)
+                    self.console.print(f"           kept float: {module} [{m['k']}x{m['n']}]: {m['skipped']}", markup=False,
+                                       soft_wrap=True)
 
 
 def print_summary(report: dict) -> None:

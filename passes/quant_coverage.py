@@ -13,7 +13,7 @@ import dataclasses
 import math
 
 DEFAULT_MIN_COVERAGE = 0.95
-_LISTED = 3  # skipped matmuls named in a one-line error
+_LISTED = 3  # skip reasons named in a one-line error
 
 
 def check_min_coverage(value) -> float:
@@ -65,12 +65,15 @@ class Coverage:
         """The one-line error when coverage is under `min_coverage`; None when it is enough."""
         if self.fraction >= self.min_coverage:
             return None
-        skipped = self.skipped
-        named = "; ".join(f"{m.name} [{m.k}x{m.n}]: {m.skipped}" for m in skipped[:_LISTED])
-        more = f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else ""
+        by_reason: dict[str, list[str]] = {}
+        for m in self.skipped:
+            by_reason.setdefault(m.skipped, []).append(m.name)
+        named = "; ".join(f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}"
+                          for reason, names in list(by_reason.items())[:_LISTED])
+        more = f"; and {len(by_reason) - _LISTED} other reasons" if len(by_reason) > _LISTED else ""
         allowed = math.floor(self.fraction * 100) / 100
-        return (f"{pass_name}: only {self.summary()}, under the recipe's min_coverage {_percent(self.min_coverage)} "
-                f"({named}{more}); allow it with `min_coverage: {allowed:.2f}` on the recipe's {pass_name} "
+        return (f"{pass_name}: only {self.summary()}, under min_coverage {_percent(self.min_coverage)} "
+                f"(skipped {named}{more}); allow it with `min_coverage: {allowed:.2f}` on the recipe's {pass_name} "
                 "entry, or quantize these matmuls with another format (int8-wo, fp8-wo)")
 
     def as_dict(self) -> dict:

@@ -104,7 +104,7 @@ def int4_block(k: int, block_size: int) -> tuple[int | None, str | None]:
         if k % block == 0:
             return block, None
         block //= 2
-    return None, (f"K={k} is not a multiple of {MIN_BLOCK}: no INT4 block of {MIN_BLOCK}..{block_size} divides it "
+    return None, (f"K={k} is not a multiple of {MIN_BLOCK}, so no INT4 block of {MIN_BLOCK}..{block_size} divides it "
                   "(TensorRT-RTX needs the block to divide K)")
 
 

@@ -182,8 +182,8 @@ def test_low_coverage_fails_before_any_weight_changes(narrow):
         make_pass("quantize-int4-rtn", PassContext(max_positions=CAPACITY))(model)
     message = str(info.value)
     assert message.startswith("quantize-int4-rtn: only 12 of 14 targeted matmuls quantized (74.7% of the targeted")
-    assert "under the recipe's min_coverage 95.0%" in message
-    assert "model.layers.0.mlp.down_proj [200x64]: K=200 is not a multiple of 16" in message
+    assert "under min_coverage 95.0% (skipped" in message
+    assert "(skipped model.layers.0.mlp.down_proj and 1 more: K=200 is not a multiple of 16, so no INT4 block" in message
     assert "`min_coverage: 0.74` on the recipe's quantize-int4-rtn entry" in message and "\n" not in message
     assert "DequantizeLinear" not in op_counts(model)  # refused before changing the graph
 
@@ -220,3 +220,40 @@ def test_min_coverage_is_checked_in_the_recipe(tmp_path):
     recipe = parse_recipe(text.replace("    block_size: 128", "    block_size: 128\n    min_coverage: 0.5"),
                           tmp_path / "int4.yaml")
     assert make_pass(recipe.passes[5], PassContext(max_positions=2), recipe.options_for(5)).min_coverage == 0.5
+
+
+def test_build_refuses_low_coverage_then_reports_it_when_allowed(narrow, build_cache, tmp_path):
+    """`llmc build`: exit 3 with the one-line reason and nothing at the output path; with the recipe's
+    allowance, the build prints the coverage and the skipped matmuls, and report.json records them."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    model_dir, out = str(narrow[0].path), tmp_path / "out"
+    args = ["build", model_dir, "--max-seq", "64", "--cache-dir", str(build_cache), "-o", str(out)]
+    refused = CliRunner().invoke(main, [*args, "--recipe", "int4-rtn"])
+    assert refused.exit_code == 3, refused.output
+    assert "llmc: error: recipe 'int4-rtn' cannot be applied to this graph: quantize-int4-rtn: only 12 of 14" in refused.stderr
+    assert "`min_coverage: 0.74`" in refused.stderr and not out.exists()
+
+    data = yaml.safe_load((RECIPES_DIR / "int4-rtn.yaml").read_text())
+    data["passes"][5]["min_coverage"] = 0.7
+    recipe = tmp_path / "int4-rtn-partial.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    built = CliRunner().invoke(main, [*args, "--recipe", str(recipe)])
+    assert built.exit_code == 0, built.output
+    summary = "12 of 14 targeted matmuls quantized (74.7% of the targeted linear weight elements)"
+    assert summary in built.stderr  # under the pass's progress line
+    assert "quantize-int4-rtn: 12 of 14 targeted matmuls" in built.stdout  # the final table (its cell wraps)
+    assert "kept float: model.layers.1.mlp.down_proj [200x64]: K=200 is not a multiple of 16" in built.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["coverage"] == {"quantize-int4-rtn": summary}
+    coverage = next(r for r in report["passes"] if r["name"] == "quantize-int4-rtn")["details"]["coverage"]
+    assert coverage["matmuls"]["model.layers.0.mlp.down_proj"] == {
+        "k": 200, "n": 64, "skipped": "K=200 is not a multiple of 16, so no INT4 block of 16..128 divides it "
+                                      "(TensorRT-RTX needs the block to divide K)"}
+    assert coverage["matmuls"]["model.layers.0.mlp.up_proj"] == {"k": 64, "n": 200, "block": 64}
+    assert len(report["precision"]) == 12 and "model.layers.0.mlp.down_proj" not in report["precision"]
