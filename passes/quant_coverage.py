@@ -1,8 +1,8 @@
 """What a weight-only quantization pass covered, and the rule that a recipe may not leave most of it float.
 
 Why: a format can be unable to take a matmul (INT4's block has to divide the input width K), and a
-pass that quietly skipped those left a Gemma 3 270M (hidden 576, 576 % 128 != 0) with 180 of its 210
-decoder matmuls FP16 under `int4-awq`. So every matmul a pass targets is recorded, quantized (with
+pass that quietly skipped those left a model of hidden 576 (576 % 128 != 0; SmolLM2-135M's shape)
+with 180 of its 210 decoder matmuls FP16 under `int4-awq` at block 128. So every matmul a pass targets is recorded, quantized (with
 its block) or skipped (with the reason), and a pass whose quantized share of the targeted weight
 elements is below `min_coverage` (a recipe option, default 0.95) refuses the graph before changing it.
 """

@@ -15,12 +15,13 @@ up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale m
 The block is chosen per matmul (`int4_block`): the recipe's block_size if it divides K, else the
 largest smaller power of two, down to 16, that does. A block must divide K: ONNX allows a short last
 block (scale rows = ceil(K / block)) and onnxruntime computes it, but TensorRT-RTX 1.7's parser
-asserts K % rows == 0 and takes K / rows as the block, so K = 576 at block 128 is rejected and
-K = 100 at block 32 parses as blocks of 25, another function. Zero-padding K instead would need a Pad
-on the activation or a Slice after the DequantizeLinear, outside the DQ -> MatMul form TensorRT fuses
-into a weight-only GEMM. 16 is MatMulNBits' smallest block (the CPU executor's 4-bit kernel). Real
-widths (576, 960, 1536, 2880) are multiples of 64 or 32; a K no block of 16..128 divides is skipped
-with that reason (passes/quant_coverage.py).
+asserts K % rows == 0 (TensorRT infers the block from the scale's shape, K / rows), so K = 576 at
+block 128 (5 rows) is rejected, and K = 100 at block 32 (4 rows) builds, where that rule would make
+blocks of 25, not ONNX's (benchmarks/dq_block_probe.py; no engine runs on this machine to see it).
+Zero-padding K instead would need a Pad on the activation or a Slice after the DequantizeLinear,
+outside the DQ -> MatMul form TensorRT fuses into a weight-only GEMM. 16 is MatMulNBits' smallest
+block (the CPU executor's 4-bit kernel). Real widths (576, 960, 1536, 2880) are multiples of 64 or
+32; a K no block of 16..128 divides is skipped with that reason (passes/quant_coverage.py).
 """
 
 from __future__ import annotations
