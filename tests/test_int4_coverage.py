@@ -257,3 +257,23 @@ def test_build_refuses_low_coverage_then_reports_it_when_allowed(narrow, build_c
                                       "(TensorRT-RTX needs the block to divide K)"}
     assert coverage["matmuls"]["model.layers.0.mlp.up_proj"] == {"k": 64, "n": 200, "block": 64}
     assert len(report["precision"]) == 12 and "model.layers.0.mlp.down_proj" not in report["precision"]
+
+
+def test_a_tied_weight_is_reported_not_silently_kept():
+    """Two targeted MatMuls sharing one weight: quantizing it for one would change the other, so
+    both are recorded as skipped with that reason (0% coverage fails unless the recipe allows it)."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT16), shape=ir.Shape([2, 64]))
+    w = ir.Value(name="w", const_value=ir.tensor(np.ones((64, 64), np.float16), name="w"))
+    w.type, w.shape = ir.TensorType(ir.DataType.FLOAT16), ir.Shape([64, 64])
+    nodes = [ir.node("MatMul", [x, w], name=f"mm{i}",
+                     metadata_props={"pkg.torch.onnx.name_scopes": f"['', 'model.layers.0.mlp.{p}', 'linear']"})
+             for i, p in enumerate(("up_proj", "gate_proj"))]
+    graph = ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=[w], opset_imports={"": 23})
+    model = ir.Model(graph, ir_version=10)
+    with pytest.raises(ir.passes.PreconditionError, match=r"only 0 of 2 .*weight shared by 2 nodes \(tied\)"):
+        make_pass("quantize-int4-rtn", PassContext(max_positions=2))(model)
+    pass_ = make_pass("quantize-int4-rtn", PassContext(max_positions=2), {"min_coverage": 0})
+    assert not pass_(model).modified and "DequantizeLinear" not in op_counts(model)
+    assert {m: v.get("skipped") for m, v in pass_.coverage.as_dict()["matmuls"].items()} == {
+        "model.layers.0.mlp.up_proj": "weight shared by 2 nodes (tied)",
+        "model.layers.0.mlp.gate_proj": "weight shared by 2 nodes (tied)"}
