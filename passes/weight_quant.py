@@ -63,7 +63,8 @@ def is_lm_head(node: ir.Node) -> bool:
 
 @dataclasses.dataclass
 class Target:
-    """One quantizable MatMul: the node, its HF module name and its float weight [K, N]."""
+    """One targeted MatMul: the node, its HF module name, its float weight [K, N], and either the
+    block the format chose for it or why it stays float."""
 
     node: ir.Node
     name: str

@@ -1,6 +1,6 @@
 """INT4 covers every targeted matmul of a model whose widths are not multiples of 128 (issue 21).
 
-A tiny random Llama shaped like Gemma 3 270M's widths: hidden 576 (576 % 128 = 64), intermediate 1536,
+A tiny random Llama with SmolLM2-135M's widths: hidden 576 (576 % 128 = 64), intermediate 1536,
 9 query / 3 KV heads of 64. Each INT4 pass is checked three ways (graph shape, onnxruntime, TensorRT-RTX
 parse + build), and the coverage rule on a model with a width no INT4 block divides.
 """
