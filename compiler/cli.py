@@ -67,6 +67,13 @@ class RichProgress:
             extra = f", check skipped: {check['skipped']}"
         self.console.print(f"      pass {record.name:<16} {flag:<7} {record.nodes_before} -> {record.nodes_after} nodes{extra}",
                            markup=False)
+        coverage = record.details.get("coverage")
+        if coverage:
+            self.console.print(f"           {coverage['summary']}", markup=False, soft_wrap=True)
+            for module, m in coverage["matmuls"].items():
+                if "skipped" in m:
+                    self.console.print(f"           kept float: {module} [{m['k']}x{m['n']}]: {m['skipped']}", markup=False,
+                                       soft_wrap=True)
 
 
 def print_summary(report: dict) -> None:
@@ -89,6 +96,9 @@ def print_summary(report: dict) -> None:
                                   f"{quality.compiled_perplexity:.3f} ({quality.ppl_delta:+.2%}), KL {quality.kl_mean:.4f}, "
                                   f"greedy agreement {quality.greedy_agreement:.1%} over {quality.agreement_tokens} "
                                   f"tokens; {quality.windows} windows of {quality.window} tokens")
+    for record in report["passes"]:
+        if record.details.get("coverage"):
+            table.add_row("quantized", f"{record.name}: {record.details['coverage']['summary']}")
     weights = report["weights"]
     onnx_bytes = sum(v for k, v in report["sizes_bytes"].items() if k.startswith("model.onnx"))
     table.add_row("weights", f"{weights['parameters'] / 1e6:.2f}M params, floor {weights['floor_bytes'] / 1e6:.2f} MB "

@@ -460,6 +460,7 @@ def _run_stages(request, progress, stage, out, output, model_path, recipe, backe
                                                              else "built-in held-out sample"),
         "weights": footprint,
         "precision": _precision_map(records),
+        "coverage": {r.name: r.details["coverage"]["summary"] for r in records if r.details.get("coverage")},
         "precision_search": search,
         "failures": failures,
         "verdict_basis": verdict.basis,

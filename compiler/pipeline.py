@@ -50,13 +50,15 @@ def run_passes(
 
 
 def _details(pass_) -> dict:
-    """What a quantizer did, for the report's precision map (empty for other passes)."""
+    """What a quantizer did, for the report's precision map and coverage (empty for other passes)."""
     details = {}
     for attr in ("quantized", "fallbacks"):
         if getattr(pass_, attr, None):
             details[attr] = list(getattr(pass_, attr))
     if getattr(pass_, "search_log", None):
         details["awq_alpha"] = {k: v["alpha"] for k, v in pass_.search_log.items()}
+    if getattr(pass_, "coverage", None) is not None:  # targeted / quantized / skipped matmuls (passes/quant_coverage.py)
+        details["coverage"] = pass_.coverage.as_dict()
     return details
 
 

@@ -35,8 +35,8 @@ import onnx
 import onnx_ir as ir
 import yaml
 
-from passes import PassContext
-from passes.weight_quant import DEFAULT_TARGETS, select_targets
+from passes import PassContext, make_pass
+from passes.quantize_int4_rtn import int4_block
 
 from .errors import BadInputError
 from .pipeline import run_passes
@@ -67,7 +67,7 @@ class Format:
         if self.pass_name is None:
             return 2 * k * n
         if self.label.startswith("int4"):
-            block = int(self.options.get("block_size", 128))
+            block, _ = int4_block(k, int(self.options.get("block_size", 128)))  # per matmul, as the pass chooses
             return k * n // 2 + 2 * (k // block) * n
         return k * n + 2 * n  # 8-bit, one FP16 scale per output channel
 
@@ -175,10 +175,11 @@ class Evaluator:
                               io=exported.io, seconds=exported.seconds)
         prepared, _ = run_passes(graph, prefix, ctx)
         self._snapshot = ir.serde.serialize_model(prepared.model).SerializeToString()  # bytes: never shared
-        k_multiple = int(self.aggressive.options.get("block_size", 1)) if self.aggressive.label.startswith("int4") else 1
-        targets = opts.get("targets", DEFAULT_TARGETS)
+        # The matmuls the aggressive format can take (lm_head included): its own plan, so a width it
+        # skips (an INT4 K no block divides) is never assigned to it.
+        planner = make_pass(name, ctx, {**opts, "include_lm_head": True})
         self.units = [Unit(t.name, int(t.weight.shape[0]), int(t.weight.shape[1]))
-                      for t in select_targets(prepared.model, targets, opts.get("exclude", ()), True, k_multiple)]
+                      for t in planner.plan(prepared.model)[0]]
         if not self.units:
             raise BadInputError(f"recipe '{recipe.name}' selects no MatMul of this model to quantize")
         self.probes: list[Probe] = []

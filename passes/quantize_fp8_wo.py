@@ -27,6 +27,7 @@ def quantize_per_channel_fp8(weight_KN: np.ndarray) -> QuantizedWeight:
 
 class QuantizeFp8WoPass(WeightQuantPass):
     q_dtype = ir.DataType.FLOAT8E4M3FN
+    recipe_name = "quantize-fp8-wo"
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         return quantize_per_channel_fp8(weight_KN)

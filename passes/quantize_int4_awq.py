@@ -14,7 +14,8 @@ mixed-precision recipe): folding would scale that sibling's input too. Per group
 input, s = mean|x|^alpha (normalized) with alpha searched on a grid to minimise
 || X W - (X / s) Q(diag(s) W) ||^2 over calibration activations X; then (optionally) each
 (block, output channel) range is shrunk by the clip ratio that minimises the same output error.
-Quantization itself is the RTN of quantize_int4_rtn.py: symmetric, block-wise, FP16 scales.
+Quantization itself is the RTN of quantize_int4_rtn.py: symmetric, block-wise, FP16 scales, the
+block chosen per matmul by K (`int4_block`); a group shares its input, so K and the block.
 
 Calibration activations come from the PyTorch model (compiler/calibrate.py), keyed by Hugging Face
 module name; a target without activations falls back to RTN (reported in `self.fallbacks`).
@@ -31,7 +32,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from .quantize_int4_rtn import INT4_MAX, check_block_size, column_slices, quantize_blockwise
+from .quant_coverage import DEFAULT_MIN_COVERAGE
+from .quantize_int4_rtn import INT4_MAX, check_block_size, column_slices, int4_block, quantize_blockwise
 from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
@@ -170,6 +172,7 @@ def _f32(array: np.ndarray) -> torch.Tensor:
 
 class QuantizeInt4AwqPass(WeightQuantPass):
     q_dtype = ir.DataType.INT4
+    recipe_name = "quantize-int4-awq"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # On small models the searches are thousands of small tensor ops: one thread avoids OpenMP
@@ -182,25 +185,23 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         finally:
             torch.set_num_threads(self._threads)
 
-    def _search(self, fn, x: torch.Tensor, w: torch.Tensor):
+    def _search(self, fn, x: torch.Tensor, w: torch.Tensor, block: int):
         x = search_rows(x, w)
         torch.set_num_threads(self._threads if w.numel() >= BIG_WEIGHT else 1)
         try:
-            return _memoized(fn, x, w, self.block)
+            return _memoized(fn, x, w, block)
         finally:
             torch.set_num_threads(1)
 
     def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool | str = "auto",
-                 targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
-        super().__init__(targets, exclude, include_lm_head)
-        self.block = self.k_multiple = check_block_size(block_size)
+                 targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
+                 min_coverage: float = DEFAULT_MIN_COVERAGE):
+        super().__init__(targets, exclude, include_lm_head, min_coverage)
+        self.block = check_block_size(block_size)  # the largest block; a matmul may get a smaller one
         self.activations = activations
         if clip not in (True, False, "auto"):
             raise ValueError(f"clip must be true, false or auto (got {clip!r})")
-        # auto: clip search at blocks of 64 / 128 only. Measured on the trained model (NOTES.md): at
-        # block 128 it halves RTN's perplexity delta; at block 32 (8x more clip ratios, each fitted
-        # on 32 weights) it lowered calibration MSE and KL but raised held-out perplexity.
-        self.clip = block_size >= 64 if clip == "auto" else clip
+        self.clip = clip
         self._threads = torch.get_num_threads()
         self.fallbacks: list[str] = []
         self.search_log: dict[str, dict] = {}
@@ -211,6 +212,16 @@ class QuantizeInt4AwqPass(WeightQuantPass):
     def requires(self, model: ir.Model) -> None:
         if self.activations is None:
             raise ValueError("quantize-int4-awq needs calibration activations (the driver runs the calibrate stage)")
+        super().requires(model)
+
+    def block_for(self, k: int) -> tuple[int | None, str | None]:
+        return int4_block(k, self.block)
+
+    def clips(self, block: int) -> bool:
+        """auto: clip search at blocks of 64 / 128 only, judged per matmul's block. Measured on the
+        trained model (NOTES.md): at block 128 it halves RTN's perplexity delta; at block 32 (8x more
+        clip ratios, each fitted on 32 weights) it lowered calibration MSE and KL but raised held-out perplexity."""
+        return block >= 64 if self.clip == "auto" else self.clip
 
     # -- scale search and folding ------------------------------------------------------------------
     def prepare(self, model: ir.Model, targets: list[Target]) -> None:
@@ -233,7 +244,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
                     self._inputs[t.name] = (source, None)
                 continue
             w_search = group_search_weight([t.weight.const_value.numpy() for t in members])
-            s, alpha, loss0, loss = self._search(search_scales, x, w_search)
+            s, alpha, loss0, loss = self._search(search_scales, x, w_search, members[0].block)
             del w_search
             for t in members:
                 self.search_log[t.name] = {"alpha": alpha, "loss_rtn": loss0, "loss_awq": loss}
@@ -274,12 +285,12 @@ class QuantizeInt4AwqPass(WeightQuantPass):
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         clip = None
-        if self.clip and target.name in self._inputs:
+        if self.clips(target.block) and target.name in self._inputs:
             source, s = self._inputs[target.name]
             x = self._activation(source) if s is None else self._activation(source) / s
-            clip = self._search(search_clip, x, _f32(weight_KN)).numpy()
-        q, scale = quantize_blockwise(weight_KN, self.block, clip)
-        return QuantizedWeight(q, scale, axis=0, block_size=self.block)
+            clip = self._search(search_clip, x, _f32(weight_KN), target.block).numpy()
+        q, scale = quantize_blockwise(weight_KN, target.block, clip)
+        return QuantizedWeight(q, scale, axis=0, block_size=target.block)
 
 
 # The searches are pure functions of (activations, weights, block). The precision search

@@ -11,6 +11,17 @@ exact in FP16: the DequantizeLinear's output is the exact product, whoever compu
 lets the CPU executor run these MatMuls as onnxruntime's 4-bit `MatMulNBits` (compiler/ort_widen.py),
 which dequantizes in FP32 without rounding to FP16, and still compute this graph's numbers. Rounding
 up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale moves by < 2**-7.
+
+The block is chosen per matmul (`int4_block`): the recipe's block_size if it divides K, else the
+largest smaller power of two, down to 16, that does. A block must divide K: ONNX allows a short last
+block (scale rows = ceil(K / block)) and onnxruntime computes it, but TensorRT-RTX 1.7's parser
+asserts K % rows == 0 (TensorRT infers the block from the scale's shape, K / rows), so K = 576 at
+block 128 (5 rows) is rejected, and K = 100 at block 32 (4 rows) builds, where that rule would make
+blocks of 25, not ONNX's (benchmarks/dq_block_probe.py; no engine runs on this machine to see it).
+Zero-padding K instead would need a Pad on the activation or a Slice after the DequantizeLinear,
+outside the DQ -> MatMul form TensorRT fuses into a weight-only GEMM. 16 is MatMulNBits' smallest
+block (the CPU executor's 4-bit kernel). Real widths (576, 960, 1536, 2880) are multiples of 64 or
+32; a K no block of 16..128 divides is skipped with that reason (passes/quant_coverage.py).
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from .quant_coverage import DEFAULT_MIN_COVERAGE
 from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass
 
 INT4_MAX = 7
-BLOCK_SIZES = (32, 64, 128)
+BLOCK_SIZES = (32, 64, 128)  # what a recipe may ask for
+MIN_BLOCK = 16  # the smallest a width may fall back to (MatMulNBits' minimum)
 # |q| <= 8 has at most 3 significant bits; FP16 has 11: a scale of <= 8 makes every product exact.
 _LOW_BITS = 7  # an FP16 bit pattern that is a multiple of 8: 8 significant bits (normal or subnormal)
 
@@ -84,13 +97,30 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
+def int4_block(k: int, block_size: int) -> tuple[int | None, str | None]:
+    """(block, None): the largest power of two <= block_size, and >= MIN_BLOCK, that divides K;
+    (None, reason) when there is none."""
+    block = block_size
+    while block >= MIN_BLOCK:
+        if k % block == 0:
+            return block, None
+        block //= 2
+    return None, (f"K={k} is not a multiple of {MIN_BLOCK}, so no INT4 block of {MIN_BLOCK}..{block_size} divides it "
+                  "(TensorRT-RTX needs the block to divide K)")
+
+
 class QuantizeInt4RtnPass(WeightQuantPass):
     q_dtype = ir.DataType.INT4
+    recipe_name = "quantize-int4-rtn"
 
-    def __init__(self, block_size: int = 128, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
-        super().__init__(targets, exclude, include_lm_head)
-        self.block = self.k_multiple = check_block_size(block_size)
+    def __init__(self, block_size: int = 128, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
+                 min_coverage: float = DEFAULT_MIN_COVERAGE):
+        super().__init__(targets, exclude, include_lm_head, min_coverage)
+        self.block = check_block_size(block_size)  # the largest block; a matmul may get a smaller one
+
+    def block_for(self, k: int) -> tuple[int | None, str | None]:
+        return int4_block(k, self.block)
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
-        q, scale = quantize_blockwise(weight_KN, self.block)
-        return QuantizedWeight(q, scale, axis=0, block_size=self.block)
+        q, scale = quantize_blockwise(weight_KN, target.block)
+        return QuantizedWeight(q, scale, axis=0, block_size=target.block)

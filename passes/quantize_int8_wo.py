@@ -25,6 +25,7 @@ def quantize_per_channel_int8(weight_KN: np.ndarray) -> QuantizedWeight:
 
 class QuantizeInt8WoPass(WeightQuantPass):
     q_dtype = ir.DataType.INT8
+    recipe_name = "quantize-int8-wo"
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         return quantize_per_channel_int8(weight_KN)

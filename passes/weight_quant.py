@@ -11,6 +11,8 @@ matches one of `targets` (fnmatch patterns; default `model.layers.*`: every line
 decoder blocks) and none of `exclude`. `lm_head` is kept unless `include_lm_head`; embeddings are
 Gathers and never touched. A MatMul already fed by a DequantizeLinear is not a candidate, so passes
 listed earlier in a recipe win: mixed precision per layer is "int8 for these, then int4 for the rest".
+A targeted MatMul the format cannot take (a tied weight; for INT4, a width K no block divides) stays
+float with its reason recorded, and too little coverage fails the pass (passes/quant_coverage.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import fnmatch
 
 import numpy as np
 import onnx_ir as ir
+
+from .quant_coverage import DEFAULT_MIN_COVERAGE, Coverage, MatmulPlan, check_min_coverage
 
 DEFAULT_TARGETS = ("model.layers.*",)
 
@@ -59,15 +63,24 @@ def is_lm_head(node: ir.Node) -> bool:
 
 @dataclasses.dataclass
 class Target:
-    """One quantizable MatMul: the node, its HF module name and its float weight [K, N]."""
+    """One targeted MatMul: the node, its HF module name, its float weight [K, N], and either the
+    block the format chose for it or why it stays float."""
 
     node: ir.Node
     name: str
     weight: ir.Value
+    skipped: str | None = None  # why the MatMul is targeted but cannot be quantized
+    block: int | None = None  # the format's block along K for this weight (block-wise formats)
 
 
-def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
-                   k_multiple: int = 1) -> list[Target]:
+def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False) -> list[Target]:
+    """The targeted MatMuls whose weight can be rewritten (see `matching_matmuls`)."""
+    return [t for t in matching_matmuls(model, targets, exclude, include_lm_head) if t.skipped is None]
+
+
+def matching_matmuls(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False) -> list[Target]:
+    """Every MatMul with a constant 2-D float weight whose module name is targeted; a weight shared
+    with another node (tied) comes back with `skipped` set, since rewriting it would change the other."""
     out = []
     for node in model.graph:
         if node.op_type != "MatMul" or node.domain != "":
@@ -76,8 +89,6 @@ def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include
         if weight is None or not weight.is_initializer() or weight.const_value is None:
             continue
         if weight.dtype not in (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.BFLOAT16) or len(weight.shape) != 2:
-            continue
-        if weight.shape[0] % k_multiple or len(weight.uses()) != 1:  # a tied weight: one use would change the other
             continue
         lm_head = is_lm_head(node)
         name = "lm_head" if lm_head else (module_name(node) or node.name)
@@ -88,7 +99,8 @@ def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        out.append(Target(node, name, weight))
+        uses = len(weight.uses())
+        out.append(Target(node, name, weight, None if uses == 1 else f"weight shared by {uses} nodes (tied)"))
     return out
 
 
@@ -116,23 +128,49 @@ class WeightQuantPass(ir.passes.InPlacePass):
     """Base: select targets, quantize each weight with `quantize`, rewrite to DQ + MatMul."""
 
     q_dtype: ir.DataType
-    k_multiple = 1
+    recipe_name: str  # the registry name a recipe uses, for error messages
 
-    def __init__(self, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False):
+    def __init__(self, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
+                 min_coverage: float = DEFAULT_MIN_COVERAGE):
         super().__init__()
         if isinstance(targets, str) or isinstance(exclude, str):
             raise TypeError("targets / exclude must be lists of module-name patterns")
         self.targets, self.exclude, self.include_lm_head = tuple(targets), tuple(exclude), bool(include_lm_head)
+        self.min_coverage = check_min_coverage(min_coverage)
         self.quantized: list[str] = []  # module names, for the report's precision map
+        self.coverage: Coverage | None = None  # what the last run targeted, quantized and skipped
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         raise NotImplementedError
+
+    def block_for(self, k: int) -> tuple[int | None, str | None]:
+        """(block along K, None) for a weight with K input rows, or (None, why the format can't take it).
+        Per-output-channel formats take every K."""
+        return None, None
+
+    def plan(self, model: ir.Model) -> tuple[list[Target], Coverage]:
+        """The targets to quantize (each with its block) and the coverage record of every targeted MatMul."""
+        targets, plans = [], []
+        for t in matching_matmuls(model, self.targets, self.exclude, self.include_lm_head):
+            k, n = (int(d) for d in t.weight.shape)
+            if t.skipped is None:
+                t.block, t.skipped = self.block_for(k)
+            if t.skipped is None:
+                targets.append(t)
+            plans.append(MatmulPlan(t.name, k, n, t.block, t.skipped))
+        return targets, Coverage(plans, self.min_coverage)
+
+    def requires(self, model: ir.Model) -> None:
+        """Too little coverage fails before any weight changes (raised as is: the message is the error)."""
+        problem = self.plan(model)[1].shortfall(self.recipe_name)
+        if problem:
+            raise ir.passes.PreconditionError(problem)
 
     def prepare(self, model: ir.Model, targets: list[Target]) -> None:
         """Hook for formats that transform weights before quantizing (AWQ's scale folding)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        targets = select_targets(model, self.targets, self.exclude, self.include_lm_head, self.k_multiple)
+        targets, self.coverage = self.plan(model)
         self.prepare(model, targets)
         for target in targets:
             w = target.weight.const_value.numpy()

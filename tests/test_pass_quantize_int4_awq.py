@@ -58,7 +58,7 @@ def test_scale_folding_alone_preserves_outputs(trained_fp16, trained_calibration
     """Apply AWQ's scaling and folding without quantizing: the function is unchanged (FP16 rounding aside)."""
     model = ir.load(trained_fp16)
     pass_ = QuantizeInt4AwqPass(trained_calibration.activations, block_size=128)
-    pass_.prepare(model, select_targets(model, k_multiple=128))
+    pass_.prepare(model, pass_.plan(model)[0])
     assert pass_.search_log
     ids = _text_ids(trained)
     got = run_onnx(save(model, tmp_path / "scaled.onnx"), _feeds(model, ids))["logits"]
