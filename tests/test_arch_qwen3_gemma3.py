@@ -205,3 +205,40 @@ def test_backend_builds_native_layers(finals, loaded, arch, tmp_path):
     assert engine.layer_types.get("KV_CACHE_UPDATE") == 2 * layers
     assert engine.layer_types.get("ROTARY_EMBEDDING") == 2 * layers
     assert "SOFTMAX" not in engine.layer_types  # the windowed mask did not push attention off the native layer
+
+
+# --- quantizers ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
+    """AWQ divides a norm's scale by s and multiplies the next weights' rows by s. Gemma's norm scales by
+    (1 + w): the exported RMSNormalization's scale must be that whole factor for the fold to be exact.
+    Scaled but not yet quantized, the graph must compute what it did; and every q/k/v and gate/up group
+    (after input_layernorm / pre_feedforward_layernorm; Qwen3's after its two norms) must have folded."""
+    from compiler.calibrate import calibrate
+    from compiler.corpus import default_calibration_text
+    from passes.quantize_int4_awq import QuantizeInt4AwqPass
+    from passes.weight_quant import select_targets
+
+    from helpers import feeds_with_past, run_onnx
+    from compiler.runtime import io_from_model
+
+    model = ir.from_proto(ir.to_proto(finals[arch]))
+    before = save(finals[arch], tmp_path / "before.onnx")
+    awq = QuantizeInt4AwqPass(calibrate(loaded[arch], default_calibration_text(), max_windows=2).activations,
+                              block_size=32)
+    awq.prepare(model, select_targets(model, awq.targets, awq.exclude, awq.include_lm_head, awq.k_multiple))
+    folded = sorted(name for name, (_, s) in awq._inputs.items() if s is not None)
+    layers = loaded[arch].spec.num_layers
+    expected = sorted(f"model.layers.{i}.{m}" for i in range(layers)
+                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                "mlp.up_proj", "mlp.down_proj"))
+    assert folded == expected and not awq.fallbacks
+    assert max(float((s - 1).abs().max()) for _, s in awq._inputs.values() if s is not None) > 0.1  # not identity
+    feeds = feeds_with_past(io_from_model(model), np.float32, batch=2, seq=3, past=0)
+    feeds.pop("attention_mask")
+    feeds.update({k: np.zeros(v.shape[:2] + (CAP, v.shape[3]), np.float32) for k, v in feeds.items()
+                  if k.startswith("past_")})
+    want = run_onnx(before, feeds)["logits"]
+    got = run_onnx(save(model, tmp_path / "scaled.onnx"), feeds)["logits"]
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
