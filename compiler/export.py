@@ -219,13 +219,15 @@ def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool)
 
 def _record_windows(model, loaded: LoadedModel) -> None:
     """Write each layer's attention window into the graph (passes/kv_cache_scatter.py builds its masks
-    from it: the exported mask it replaces is the only place the window was). Only where a layer slides,
-    so the exports of other models stay byte-identical."""
+    from it: the exported mask it replaces is the only place the window was), and whether its residual
+    stream needs FP32. Only where a layer slides / the stream does, so other exports stay byte-identical."""
     from passes.kv_cache_scatter import LAYER_WINDOWS
+    from passes.residual_fp32 import mark
 
     windows = loaded.spec.layer_windows
     if any(windows):
         model.graph.metadata_props[LAYER_WINDOWS] = ",".join(str(w) for w in windows)
+    mark(model, loaded.spec.architecture)  # a residual stream beyond FP16 (passes/residual_fp32.py)
 
 
 def _name_dims(model) -> None:

@@ -242,3 +242,43 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     want = run_onnx(before, feeds)["logits"]
     got = run_onnx(save(model, tmp_path / "scaled.onnx"), feeds)["logits"]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+def _fp16(final: ir.Model) -> ir.Model:
+    from passes import CastFp16Pass, CleanupPass
+
+    model = ir.from_proto(ir.to_proto(final))  # a copy: the fixture's graph stays FP32
+    CastFp16Pass()(model)
+    CleanupPass()(model)
+    return model
+
+
+def _greedy(path, prompts, steps: int = 6) -> np.ndarray:
+    """Prefill + greedy decode through the runner (its executor makes the paged graph's block tables)."""
+    from compiler.runner import Runner
+    from compiler.runtime_onnx import OnnxRuntimeExecutor
+
+    runner = Runner(OnnxRuntimeExecutor(path))
+    logits = [runner.prefill(prompts)]
+    for i in range(steps - 1):
+        logits.append(runner.decode([int(t) for t in logits[-1].argmax(-1)], [len(p) + i for p in prompts]))
+    return np.stack(logits)
+
+
+def test_paged_plugin_recipe_on_qwen3_and_its_refusal_on_gemma3(finals, tmp_path):
+    """fp16-paged's last pass: Qwen3 (no window) gives the native graph's logits through the paged
+    plugin (onnxruntime inlines its function; building it needs full TensorRT). Gemma 3's layers differ
+    in window and the plugin has one: refused, naming the windows and the native recipes."""
+    from passes import PassContext, make_pass
+
+    native = _fp16(finals["qwen3"])
+    native_path = save(native, tmp_path / "native.onnx")
+    paged = ir.from_proto(ir.to_proto(native))
+    make_pass("attention-plugin", PassContext(max_positions=CAP), {"paged": True, "block_size": 16})(paged)
+    prompts = [[1, 5, 9, 200, 33, 7, 8, 100, 41, 3], [4, 4, 300]]
+    np.testing.assert_allclose(_greedy(save(paged, tmp_path / "paged.onnx"), prompts), _greedy(native_path, prompts),
+                               atol=1e-3, rtol=0)
+    gemma = _fp16(finals["gemma3"])
+    with pytest.raises(ir.passes.PreconditionError, match=r"windows differ \(\[0, 8\], 0 = full\).*native recipe"):
+        make_pass("attention-plugin", PassContext(max_positions=CAP, sliding_window=GEMMA3_TINY_WINDOW),
+                  {"paged": True, "block_size": 16})(gemma)

@@ -24,7 +24,8 @@ from compiler.sizes import weight_footprint
 from compiler.types import PassRecord
 
 BROKEN = "test-scale-weight"
-FP16_PASSES = ["cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-cache-scatter", "cast-fp16", "cleanup"]
+FP16_PASSES = ["cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-cache-scatter", "cast-fp16", "residual-fp32",
+               "cleanup"]
 
 
 class _ScaleLargestWeight(ir.passes.InPlacePass):
