@@ -282,3 +282,35 @@ def test_paged_plugin_recipe_on_qwen3_and_its_refusal_on_gemma3(finals, tmp_path
     with pytest.raises(ir.passes.PreconditionError, match=r"windows differ \(\[0, 8\], 0 = full\).*native recipe"):
         make_pass("attention-plugin", PassContext(max_positions=CAP, sliding_window=GEMMA3_TINY_WINDOW),
                   {"paged": True, "block_size": 16})(gemma)
+
+
+# --- the CLI, end to end --------------------------------------------------------------------------
+
+def _cli_build(model_dir, out, build_cache, *extra):
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    result = CliRunner().invoke(main, ["build", str(model_dir), "--max-seq", "64", "-o", str(out),
+                                       "--cache-dir", str(build_cache), *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+def test_cli_fp16_build_of_gemma3_beyond_its_window(dirs, build_cache, tmp_path):
+    """--max-seq 64 with an 8-position window: accepted, built, and validated against PyTorch over a
+    prompt + 16 decode steps that run past the window."""
+    report = _cli_build(dirs["gemma3"], tmp_path / "out", build_cache)
+    assert report["status"] == "pass" and report["model"]["architecture"] == "Gemma3ForCausalLM"
+    assert report["numerics"]["prompt_tokens"] + report["numerics"]["decode_steps"] > GEMMA3_TINY_WINDOW
+    assert report["engine"]["layer_types"]["ATTENTION_INPUT"] == LAYERS["gemma3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,recipe", [("gemma3", "int4-awq"), ("qwen3", "int4-awq"), ("gemma3", "int4-rtn"),
+                                         ("qwen3", "int4-rtn")])
+def test_cli_int4_builds_quantize_every_decoder_matmul(dirs, build_cache, tmp_path, arch, recipe):
+    report = _cli_build(dirs[arch], tmp_path / "out", build_cache, "--recipe", recipe)
+    assert report["status"] == "pass"
+    quantized = next(p for p in report["passes"] if p["name"].startswith("quantize-"))["details"]["quantized"]
+    assert len(quantized) == 7 * LAYERS[arch]  # q, k, v, o, gate, up, down of every layer
