@@ -170,7 +170,8 @@ class KvCacheScatterPass(ir.passes.InPlacePass):
             if windows and layer is None:
                 raise ir.passes.PreconditionError(f"{node.name}: its key is not a cache Concat, so its layer (and "
                                                   "window) is unknown")
-            found[node] = windows[layer] if windows else 0
+            window = windows[layer] if windows else 0
+            found[node] = window if window < self.capacity else 0  # a window the cache can't exceed masks nothing
         return found
 
     def ensures(self, model: ir.Model) -> None:

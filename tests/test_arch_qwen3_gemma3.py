@@ -145,6 +145,14 @@ def test_graph_shape_after_native_passes(finals, loaded, arch):
     assert len(tables) == (2 if arch == "gemma3" else 1)
 
 
+def test_a_window_no_shorter_than_the_cache_adds_no_mask(loaded, dirs, exported):
+    """Mistral's 4096 window with --max-seq <= 4096: the plain causal mask, as before windows were masked."""
+    spec = loaded["gemma3"].spec
+    model = _final(loaded["gemma3"], exported(dirs["gemma3"], loaded["gemma3"]), windows=(CAP, 0, CAP))
+    assert [n.inputs[3].producer().op_type for n in model.graph if n.op_type == "Attention"] == ["LessOrEqual"] * 3
+    assert "And" not in op_counts(model) and spec.num_layers == 3
+
+
 # --- 2. onnxruntime vs PyTorch, past the window ------------------------------------------------
 
 def _run_fixed_cache(path, spec, ids: np.ndarray, prefill: int) -> np.ndarray:
