@@ -2,7 +2,7 @@
 
 `llmc build` with no argument compiles the shipped trained model through exactly the same loader
 path as a user's model (a real HF directory: config.json, model.safetensors, tokenizer.json).
-`make_tiny_model` writes random tiny Llama / Qwen2 / Mistral directories (fixed seed; the tokenizer
+`make_tiny_model` writes random tiny Llama / Qwen2 / Mistral / Qwen3 / Gemma 3 directories (fixed seed; the tokenizer
 is a byte-level BPE trained on the text below) for the tests' architecture coverage.
 """
 
@@ -31,6 +31,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc"))
 
 
+GEMMA3_TINY_WINDOW = 8
+
+
 def make_tiny_model(
     out_dir: Path,
     architecture: str = "llama",
@@ -44,7 +47,7 @@ def make_tiny_model(
     seed: int = 0,
     initializer_range: float = 0.08,
 ) -> Path:
-    """Write a random tiny causal LM of a real architecture (llama, qwen2, mistral) as an HF directory.
+    """Write a random tiny causal LM of a real architecture (llama, qwen2, mistral, qwen3, gemma3) as an HF directory.
 
     Used for the bundled default and by the tests. `initializer_range` is larger than HF's 0.02 so
     that logits are spread out and greedy decoding has clear winners instead of near-ties.
@@ -73,12 +76,28 @@ def make_tiny_model(
         "llama": lambda: transformers.LlamaConfig(**common),
         "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=False),
         "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4096),
+        "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=hidden_size // num_heads, use_sliding_window=False),
+        # Gemma 3's traits at tiny size: local layers with a window shorter than the tests' sequences, a
+        # global layer every second one, its own rope theta per layer type, MQA (one KV head, as the 270M
+        # has), query_pre_attn_scalar unlike head_dim (so a wrong attention scale shows), tied embeddings.
+        "gemma3": lambda: transformers.Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True, "num_key_value_heads": 1}, head_dim=hidden_size // num_heads,
+            query_pre_attn_scalar=hidden_size // num_heads * 3 // 4, sliding_window=GEMMA3_TINY_WINDOW,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]),
     }
     if architecture not in configs:
         raise ValueError(f"unknown tiny architecture {architecture!r}; choose from {sorted(configs)}")
     config = configs[architecture]()
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if architecture in ("qwen3", "gemma3"):
+        # HF initialises norm weights to the identity (Gemma's to zero: its norm scales by 1 + w), which
+        # makes every norm alike: the exporter then shares one scale initializer between them, and a
+        # pass that folds into a norm's scale (AWQ) or a per-head q/k norm would go untested.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir

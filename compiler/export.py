@@ -38,8 +38,9 @@ def _wrapper(model):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            # No config: plain full-length layers. With config, Mistral/Qwen2 get sliding-window layers
-            # that slice the cache; llmc requires --max-seq <= sliding_window instead (driver check).
+            # No config: plain full-length layers (the export's past/present keep every position). With
+            # config, sliding layers would slice the cache; the window is the mask's job instead (HF's mask
+            # here, passes/kv_cache_scatter.py's after the passes).
             cache = DynamicCache()
             for layer in range(len(past) // 2):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -112,6 +113,7 @@ def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
     start = time.perf_counter()
     model = _export_fp32(loaded.model, loaded, loaded.spec.num_layers, verbose)
     _name_dims(model)
+    _record_windows(model, loaded)
     model.producer_name = "llmc"
     return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
 
@@ -126,6 +128,7 @@ def _export_stamped(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
     model = _export_fp32(shallow, loaded, SHALLOW_LAYERS, verbose)  # stamped layers widen their half weights on read
     stamp_layers(model, loaded.model, path, n)
     _name_dims(model)
+    _record_windows(model, loaded)
     model.producer_name = "llmc"
     return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
 
@@ -212,6 +215,19 @@ def _export_program(module, loaded: LoadedModel, num_layers: int, verbose: bool)
     forget_matched_graphs()  # optimize=True ran onnxscript's module-level rules on this graph
     forget_removed_io(program.model.graph)  # the lifted parameters, inputs no more
     return program.model
+
+
+def _record_windows(model, loaded: LoadedModel) -> None:
+    """Write each layer's attention window into the graph (passes/kv_cache_scatter.py builds its masks
+    from it: the exported mask it replaces is the only place the window was), and whether its residual
+    stream needs FP32. Only where a layer slides / the stream does, so other exports stay byte-identical."""
+    from passes.kv_cache_scatter import LAYER_WINDOWS
+    from passes.residual_fp32 import mark
+
+    windows = loaded.spec.layer_windows
+    if any(windows):
+        model.graph.metadata_props[LAYER_WINDOWS] = ",".join(str(w) for w in windows)
+    mark(model, loaded.spec.architecture)  # a residual stream beyond FP16 (passes/residual_fp32.py)
 
 
 def _name_dims(model) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import BadInputError, UnsupportedModelError
 from .types import LoadedModel, ModelSpec
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                           "Gemma3ForCausalLM")
 
 
 def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
@@ -51,6 +52,7 @@ def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
+            layer_windows=_layer_windows(cfg),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"{config_file} lacks a required field or has a bad value: {exc}") from exc
@@ -65,11 +67,35 @@ def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
 
 
 def _sliding_window(cfg: dict) -> int | None:
-    """The attention window, where the config enables one (Mistral; Qwen2 with use_sliding_window)."""
+    """The attention window, where the config enables one (Mistral; Qwen2/Qwen3 with use_sliding_window;
+    Gemma 3's local layers)."""
     window = cfg.get("sliding_window")
-    if not window or (cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False)):
+    if not window or (cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False)):
+        return None
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and types and "sliding_attention" not in types:
         return None
     return int(window)
+
+
+def _layer_windows(cfg: dict) -> tuple[int, ...]:
+    """Each layer's attention window (0 = full attention), for the kv-cache pass's per-layer masks.
+
+    Configs with `layer_types` (Gemma 3's interleaved local / global layers; transformers writes it for
+    Qwen2/Qwen3 too) window only their "sliding_attention" layers; without it, a window applies to
+    every layer (Mistral).
+    """
+    window = _sliding_window(cfg) or 0
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if not window:
+        return (0,) * layers
+    if isinstance(types, list) and types:
+        if len(types) != layers:
+            raise BadInputError(f"config.json has {len(types)} layer_types for {layers} layers; use the config "
+                                "that came with the weights")
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    return (window,) * layers
 
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")

@@ -13,12 +13,15 @@ from .types import BuildOptions, ModelSpec
 
 
 def check_max_seq(spec: ModelSpec, options: BuildOptions, plugins: bool = False) -> None:
-    """`plugins`: the recipe's attention plugin applies the window, so a longer cache is fine."""
-    if spec.sliding_window and options.max_seq > spec.sliding_window and not plugins:
+    """`plugins`: the recipe's attention plugin applies one window to every layer, so a model whose
+    layers differ (Gemma 3's local and global layers) needs a native recipe, whose kv-cache pass masks
+    each layer by its own window (passes/kv_cache_scatter.py). Either applies the window, so --max-seq
+    may exceed it."""
+    if plugins and len(set(spec.layer_windows)) > 1 and options.max_seq > min(w for w in spec.layer_windows if w):
         raise UnsupportedModelError(
-            f"--max-seq {options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
-            "TensorRT's native attention has no window: use --max-seq <= the window, or the "
-            "fp16-plugin / fp8kv recipe (full TensorRT) whose plugin applies it"
+            f"--max-seq {options.max_seq} exceeds the window ({spec.sliding_window}) of the model's sliding layers, "
+            "and the attention plugin applies one window to every layer while this model mixes sliding and full "
+            "layers: use a native recipe (fp16, int4-awq, ...) or --max-seq <= the window"
         )
     if options.max_seq > spec.max_position_embeddings:
         raise BadInputError(

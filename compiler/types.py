@@ -28,6 +28,7 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     sliding_window: int | None = None
+    layer_windows: tuple[int, ...] = ()  # per layer: attention window, 0 = full (load._layer_windows)
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
 from .quantize_int4_rtn import QuantizeInt4RtnPass
 from .quantize_int8_wo import QuantizeInt8WoPass
+from .residual_fp32 import ResidualFp32Pass
 from .rotary_2d_cache import Rotary2DCachePass
 
 
@@ -42,6 +43,7 @@ REGISTRY: dict[str, Callable[..., ir.passes.PassBase]] = {
     "gqa-native-attention": lambda ctx: GqaNativeAttentionPass(),
     "kv-cache-scatter": lambda ctx: KvCacheScatterPass(capacity=ctx.max_positions),
     "cast-fp16": lambda ctx: CastFp16Pass(),
+    "residual-fp32": lambda ctx: ResidualFp32Pass(),
     "quantize-int4-rtn": lambda ctx, **o: QuantizeInt4RtnPass(**o),
     "quantize-int4-awq": lambda ctx, **o: QuantizeInt4AwqPass(ctx.activations, **o),
     "quantize-int8-wo": lambda ctx, **o: QuantizeInt8WoPass(**o),

@@ -47,6 +47,8 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from .kv_cache_scatter import layer_windows
+
 DOMAIN = "llmc"
 OP = "PagedAttention"
 PAGED_OP = "PagedAttentionBlockTable"  # a separate plugin: TensorRT plugins have a fixed input list
@@ -116,6 +118,13 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         for attention, *_ in layers:
             if attention.attributes.get("is_causal") is not None and attention.attributes["is_causal"].as_int():
                 raise ir.passes.PreconditionError(f"{attention.name}: is_causal=1 (expected the explicit cache mask)")
+        windows = set(layer_windows(model))
+        capacity = layers[0][1].inputs[0].shape[2]
+        if len(windows) > 1 and not (isinstance(capacity, int) and capacity <= min(w for w in windows if w)):
+            raise ir.passes.PreconditionError(
+                f"the layers' attention windows differ ({sorted(windows)}, 0 = full) and the plugin applies one "
+                f"window to every layer: use a native recipe (fp16, int4-awq, ...) or a cache of at most "
+                f"{min(w for w in windows if w)} positions")
         if self.paged:
             if BLOCK_TABLES in {v.name for v in model.graph.inputs}:
                 raise ir.passes.PreconditionError(f"graph already has a '{BLOCK_TABLES}' input (paged twice?)")

@@ -14,6 +14,11 @@ the cache) and batches whose sequences have different lengths (each row has its 
 right-padded prompt tokens write slots that the sequence's later tokens overwrite before any
 real query can see them). The `attention_mask` input is no longer needed and is removed.
 
+Sliding-window layers (Mistral; Gemma 3's local layers) see only the last `window` positions:
+their mask is `pos - window < slot <= pos`, the window HF's `sliding_window_overlay` applies, so
+--max-seq may exceed the window. Which layers slide comes from the export (`LAYER_WINDOWS`, the
+graph metadata compiler/export.py writes from config.json), one window per layer, 0 = full.
+
 Requires gqa-native-attention first: Attention must read the cache values directly.
 """
 
@@ -27,6 +32,13 @@ import onnx_ir as ir
 POSITION_IDS = "position_ids"
 OPSET = 24  # TensorScatter
 _PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
+LAYER_WINDOWS = "llmc.layer_windows"  # graph metadata: comma-separated attention window per layer, 0 = full
+
+
+def layer_windows(model: ir.Model) -> tuple[int, ...]:
+    """The per-layer windows the export recorded (empty: no layer slides)."""
+    text = model.graph.metadata_props.get(LAYER_WINDOWS, "")
+    return tuple(int(w) for w in text.split(",")) if text else ()
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -61,9 +73,11 @@ class KvCacheScatterPass(ir.passes.InPlacePass):
     length dimension"), equal to the engine's --max-seq.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, windows: tuple[int, ...] | None = None):
+        """windows: the attention window of each layer (0 = full); None reads the export's LAYER_WINDOWS."""
         super().__init__()
         self.capacity = capacity
+        self.windows = windows
 
     def requires(self, model: ir.Model) -> None:
         if POSITION_IDS not in {v.name for v in model.graph.inputs}:
@@ -83,6 +97,7 @@ class KvCacheScatterPass(ir.passes.InPlacePass):
         if not concats:
             return ir.passes.PassResult(model, modified=False)
         position_ids = next(v for v in graph.inputs if v.name == POSITION_IDS)
+        attention_windows = self._attention_windows(model, concats)
         first = graph.node(0)
 
         # write_index[b] = position_ids[b, 0]; slot[j] = j for j < capacity; mask = slot <= position.
@@ -104,6 +119,17 @@ class KvCacheScatterPass(ir.passes.InPlacePass):
         nodes.append(ir.node("LessOrEqual", [nodes[4].outputs[0], nodes[5].outputs[0]], name="kv_cache.causal_mask"))
         mask = nodes[-1].outputs[0]
         mask.name = "kv_cache.causal_mask_Bx1xSxT"
+        masks = {0: mask}
+        for window in sorted({w for w in attention_windows.values() if w > 0}):
+            # in_window = slot > pos - window, the same Bx1xSxT broadcast as the causal mask
+            floor = ir.node("Sub", [nodes[5].outputs[0], _const(graph, f"kv_cache.window_{window}",
+                                                                 np.array(window, np.int64))],
+                            name=f"kv_cache.window_floor_{window}")
+            inside = ir.node("Greater", [nodes[4].outputs[0], floor.outputs[0]], name=f"kv_cache.in_window_{window}")
+            both = ir.node("And", [mask, inside.outputs[0]], name=f"kv_cache.window_mask_{window}")
+            both.outputs[0].name = f"kv_cache.window_mask_{window}_Bx1xSxT"
+            nodes += [floor, inside, both]
+            masks[window] = both.outputs[0]
         graph.insert_before(first, nodes)
 
         batch = some_past.shape[0]
@@ -119,16 +145,34 @@ class KvCacheScatterPass(ir.passes.InPlacePass):
             name = present.name
             present.name = f"{name}.concat_unused"
             new_out.name = name
-        for node in graph:
-            if node.op_type == "Attention":
-                node.resize_inputs(max(len(node.inputs), 4))
-                node.replace_input_with(3, mask)
+        for node, window in attention_windows.items():
+            node.resize_inputs(max(len(node.inputs), 4))
+            node.replace_input_with(3, masks[window])
         ir.passes.common.RemoveUnusedNodesPass()(model)
         for value in list(graph.inputs):
             if value.name == "attention_mask" and not value.uses():
                 graph.inputs.remove(value)
         model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
         return ir.passes.PassResult(model, modified=True)
+
+    def _attention_windows(self, model: ir.Model, concats) -> dict[ir.Node, int]:
+        """Each Attention's window, by the layer of the cache Concat its key comes from (checked before
+        anything changes, so a mismatch leaves the graph as it was)."""
+        windows = layer_windows(model) if self.windows is None else tuple(self.windows)
+        layers = {concat: int(_PRESENT.fullmatch(present.name)[1]) for concat, _, present in concats}
+        if windows and len(windows) != len(concats) // 2:
+            raise ir.passes.PreconditionError(f"{len(windows)} layer windows for {len(concats) // 2} cached layers")
+        found = {}
+        for node in model.graph:
+            if node.op_type != "Attention":
+                continue
+            layer = layers.get(node.inputs[1].producer())
+            if windows and layer is None:
+                raise ir.passes.PreconditionError(f"{node.name}: its key is not a cache Concat, so its layer (and "
+                                                  "window) is unknown")
+            window = windows[layer] if windows else 0
+            found[node] = window if window < self.capacity else 0  # a window the cache can't exceed masks nothing
+        return found
 
     def ensures(self, model: ir.Model) -> None:
         left = [o.name for o in model.graph.outputs if _PRESENT.fullmatch(o.name or "")

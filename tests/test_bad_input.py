@@ -126,10 +126,6 @@ def case_max_seq_beyond_positions(tmp_path, dirs):
     return [str(dirs["llama"]), "--max-seq", "100000"]
 
 
-def case_max_seq_beyond_window(tmp_path, dirs):
-    return [str(dirs["mistral"]), "--max-seq", "5000"]
-
-
 def case_pickle_weights(tmp_path, dirs):
     model = _copy_model(dirs, tmp_path)
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
@@ -160,7 +156,6 @@ MATRIX = [
     (case_recipe_bad_yaml, 2, ["recipe.yaml:3:", "not valid YAML", "fix the syntax"]),
     (case_unknown_recipe, 2, ["unknown recipe 'int3-magic'", "available: fp16"]),
     (case_max_seq_beyond_positions, 2, ["--max-seq 100000 exceeds", "max_position_embeddings (2048)", "lower --max-seq"]),
-    (case_max_seq_beyond_window, 3, ["sliding_window (4096)", "use --max-seq <= the window"]),
     (case_pickle_weights, 3, ["only pickle weights (pytorch_model.bin)", "--allow-pickle", "can execute code"]),
     (case_remote_code, 3, ["auto_map", "--trust-remote-code", "executes that code"]),
 ]

@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import build_with_backend, feeds_with_past, op_counts, run_onnx, save
 
-ARCHS = ("llama", "qwen2", "mistral")
+ARCHS = ("llama", "qwen2", "mistral", "qwen3")
 FULL_ARCHS = ("llama",)  # compared against a full export; the others against PyTorch
 LAYERS = 6
 
