@@ -222,6 +222,7 @@ def test_min_coverage_is_checked_in_the_recipe(tmp_path):
     assert make_pass(recipe.passes[5], PassContext(max_positions=2), recipe.options_for(5)).min_coverage == 0.5
 
 
+@pytest.mark.slow  # two builds: 25 s idle, 40 s on busy cores; the pass-level tests above cover the rule
 def test_build_refuses_low_coverage_then_reports_it_when_allowed(narrow, build_cache, tmp_path):
     """`llmc build`: exit 3 with the one-line reason and nothing at the output path; with the recipe's
     allowance, the build prints the coverage and the skipped matmuls, and report.json records them."""
