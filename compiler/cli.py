@@ -291,7 +291,7 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
             f"speculation {spec['proposer']} (k = {spec['num_draft_tokens']}, fixed): acceptance "
             f"{spec['acceptance_rate']:.1%} ({spec['accepted']}/{spec['proposed']}), "
             f"{spec['accepted_per_target_step']:.2f} accepted tokens per target step, "
-            f"{spec['target_steps']} target steps for {result['new_tokens']} new tokens", markup=False)
+            f"{spec['target_steps']} target steps for {result['new_tokens']} new tokens", markup=False, soft_wrap=True)
 
 
 @main.command()
