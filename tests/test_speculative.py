@@ -174,6 +174,32 @@ def test_greedy_stand_in_equals_plain_in_a_batch_to_the_capacity(proposer, order
     assert got.proposed > 0
 
 
+class CheckedDraft(DraftProposer):
+    """Each batched proposal must be the draft's own greedy continuation of the row's context,
+    computed from scratch: what it proposes when its cache holds exactly the accepted tokens."""
+
+    def propose(self, contexts, counts, sampling, rng):
+        out = super().propose(contexts, counts, sampling, rng)
+        for ctx, proposal in zip(contexts, out):
+            if proposal.tokens:
+                fresh = Runner(PrefixModel(seed=2)).generate([ctx], len(proposal.tokens)).tokens[0]
+                assert proposal.tokens == fresh
+        self.checked = getattr(self, "checked", 0) + 1
+        return out
+
+
+def test_draft_cache_rolls_back_to_the_accepted_context():
+    """A draft of another model is often rejected; its next proposals are still computed from the
+    accepted tokens only (its stale slots are never read) — in a batch whose rows accept differently."""
+    prompts = [[0, 1, 2, 3, 0, 1], [3], [2, 2, 1, 0, 3, 3, 1, 2, 0, 1]]
+    target = Runner(PrefixModel(seed=1, order=2))
+    draft = CheckedDraft(PrefixModel(seed=2))
+    got = SpeculativeRunner(target, draft, num_draft_tokens=3).generate(prompts, 16)
+    assert got.tokens == target.generate(prompts, 16).tokens
+    assert 0 < got.accepted < got.proposed and draft.checked >= 5
+    assert len(set(got.accepted_per_row)) > 1  # rows accepted different counts
+
+
 # --- real graphs: greedy speculation is plain greedy, token for token -----------------------------
 
 class ScriptedProposer:
