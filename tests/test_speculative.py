@@ -202,6 +202,33 @@ def test_draft_cache_rolls_back_to_the_accepted_context():
 
 # --- real graphs: greedy speculation is plain greedy, token for token -----------------------------
 
+def test_stale_slots_past_a_rejection_are_never_read(final_fp32):
+    """The premise of rollback-free verification, on the real graph: after a verify step wrote three
+    rejected tokens' K/V into slots n..n+2, the next token fed at position n gets the logits (FP32
+    graph, |diff| < 1e-4) of a run that never wrote them, whatever they were; a query at n+2,
+    which may see slot n+1, does depend on them (the control: the stale K/V are really there)."""
+    ex = OnnxRuntimeExecutor(final_fp32("llama"))
+    prompt = np.array([[5, 9, 2, 7, 1, 3]])
+    n = prompt.shape[1]
+
+    def prefill():
+        ex.start(1)
+        ex.step(prompt[:, :-1], np.arange(n - 1)[None])
+
+    prefill()
+    clean_first = ex.step(prompt[:, -1:], np.array([[n - 1]]))[0, 0]
+    clean = ex.step(np.array([[11]]), np.array([[n]]))[0, 0]
+    late = {}
+    for rejected in ([40, 41, 42], [50, 51, 52]):
+        prefill()
+        verify = ex.step(np.array([[3, *rejected]]), np.arange(n - 1, n + 3)[None])[0]
+        assert np.abs(verify[0] - clean_first).max() < 1e-4
+        after = ex.step(np.array([[11]]), np.array([[n]]))[0, 0]
+        assert np.abs(after - clean).max() < 1e-4
+        late[rejected[0]] = ex.step(np.array([[11]]), np.array([[n + 2]]))[0, 0]  # sees stale slot n+1
+    assert np.abs(late[40] - late[50]).max() > 1e-2
+
+
 class ScriptedProposer:
     """Proposes, per row, the known plain continuation (right = True: always accepted) or a token that
     differs from it at every place (always rejected)."""
