@@ -356,3 +356,17 @@ def test_generate_command_prints_the_same_text_and_the_acceptance(bundled, tmp_p
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = CliRunner().invoke(main, [*args, "--speculate", "draft"])
     assert missing.exit_code == 2 and "needs --draft-artifact" in missing.stderr
+
+
+def test_generate_on_a_built_artifact(cached_build):
+    """A real `llmc build` output (the session's one build of the tiny Llama): the same text with
+    either proposer, the artifact being its own draft (every proposal accepted)."""
+    out = cached_build[0]
+    args = ["generate", str(out), "--prompt", "The compiler reads", "--prompt", "one, two", "--max-new-tokens", "20"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0, plain.output
+    for extra in (["--speculate", "ngram"], ["--speculate", "draft", "--draft-artifact", str(out)]):
+        spec = CliRunner().invoke(main, [*args, *extra])
+        assert spec.exit_code == 0, spec.output
+        assert spec.stdout.split("executor ")[0] == plain.stdout.split("executor ")[0]
+    assert "acceptance 100.0%" in spec.stdout
