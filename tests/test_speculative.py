@@ -349,6 +349,8 @@ def test_generate_command_prints_the_same_text_and_the_acceptance(bundled, tmp_p
         assert spec.stdout.split("executor ")[0] == text
         assert f"speculation {heading}, fixed): acceptance" in spec.stdout
         assert "accepted tokens per target step" in spec.stdout
+    sampled = CliRunner().invoke(main, [*args, "--temperature", "0.8", "--seed", "1", *runs["draft (k = 3"]])
+    assert sampled.exit_code == 0 and "speculation draft (k = 3, fixed)" in sampled.stdout, sampled.output
     # a draft with another tokenizer: one line, exit 2, naming the cause and the fix
     other = _artifact(tmp_path / "other", final_fp32("llama"), model_dirs["llama"])
     bad = CliRunner().invoke(main, [*args, "--speculate", "draft", "--draft-artifact", str(other)])
