@@ -121,12 +121,12 @@ class SpeculativeRunner:
                                                    num_draft_tokens=self.k, accepted_per_row=[0] * batch)
         rng = np.random.default_rng(sampling.seed)
         first = [pick(row, sampling, rng) for row in target.prefill(prompts)]
-        self.proposer.start(prompts)
         contexts = [[*p, t] for p, t in zip(prompts, first)]
         emitted = [1] * batch
         done = [t in stop_tokens or max_new_tokens == 1 for t in first]
         stats.steps = 1
         yield [[t] for t in first]
+        self.proposer.start(prompts)
         while not all(done):
             live = [b for b in range(batch) if not done[b]]
             starts = [len(contexts[b]) - 1 for b in range(batch)]  # the last token's position: not yet in the cache
