@@ -385,6 +385,10 @@ def test_generate_command_prints_the_same_text_and_the_acceptance(bundled, tmp_p
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = CliRunner().invoke(main, [*args, "--speculate", "draft"])
     assert missing.exit_code == 2 and "needs --draft-artifact" in missing.stderr
+    stray = CliRunner().invoke(main, [*args, "--speculate", "ngram", "--draft-artifact", str(art)])
+    assert stray.exit_code == 2 and "only with --speculate draft" in stray.stderr
+    zero = CliRunner().invoke(main, [*args, "--speculate", "ngram", "--num-draft-tokens", "0"])
+    assert zero.exit_code == 2 and "--num-draft-tokens 0" in zero.stderr
 
 
 def test_generate_on_a_built_artifact(cached_build):
@@ -399,3 +403,22 @@ def test_generate_on_a_built_artifact(cached_build):
         assert spec.exit_code == 0, spec.output
         assert spec.stdout.split("executor ")[0] == plain.stdout.split("executor ")[0]
     assert "acceptance 100.0%" in spec.stdout
+
+
+def test_paged_cache_greedy_equals_plain(final_fp16_llama, tmp_path):
+    """The paged graph (attention-plugin, paged: true; onnxruntime runs the plugin's reference): the
+    verify step's k + 1 tokens may straddle a block boundary of a shuffled block table."""
+    import onnx_ir as ir
+
+    from passes import PassContext, make_pass
+
+    model = ir.load(final_fp16_llama)
+    assert make_pass("attention-plugin", PassContext(max_positions=128), {"paged": True})(model).modified
+    ir.save(model, tmp_path / "paged.onnx")
+    target = Runner(OnnxRuntimeExecutor(tmp_path / "paged.onnx"))
+    assert target.io.paged
+    prompts = [[1, 5, 9, 200, 33, 7, 8, 100, 41, 3], [4, 4, 300]]
+    plain = target.generate(prompts, 40)
+    for proposer in (NgramProposer(), DraftProposer(OnnxRuntimeExecutor(tmp_path / "paged.onnx"))):
+        got = SpeculativeRunner(target, proposer, 5).generate(prompts, 40)
+        assert got.tokens == plain.tokens and got.accepted > 0
