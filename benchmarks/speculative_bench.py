@@ -4,11 +4,11 @@
 
 An artifact here is any folder with model.onnx and tokenizer/ (what `llmc build` writes). Every
 configuration generates from the same prompts, greedy, after one untimed warm-up; each figure is the
-median of --repeats runs. Two prompt sets: "repetitive" (the prompt quotes a passage the
-continuation is likely to repeat: the n-gram proposer's case) and "free" (short prompts). Output:
-a markdown table (decode wall time, speedup vs plain, target steps per token, acceptance, mean
-accepted tokens per sequence per target step) and a check that every speculative run printed
-plain greedy's tokens.
+median of --repeats runs. Two prompt sets: "repetitive" (the prompt quotes a passage a model may
+copy: the n-gram proposer's case where the model copies) and "free" (short prompts). Batch b takes
+the set's prompts in turn. Output: a markdown table (generate wall time including the shared
+prefill, speedup vs plain, target forward passes per generated token, acceptance, mean accepted
+tokens per sequence per target step) and whether each run printed plain greedy's tokens.
 """
 
 from __future__ import annotations
