@@ -55,11 +55,13 @@ class NgramProposer:
         pass
 
     def lookup(self, context: list[int], count: int) -> list[int]:
+        ids = np.asarray(context, np.int64)
         for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
-            tail = context[-n:]
-            for start in range(len(context) - n - 1, -1, -1):  # most recent earlier occurrence first
-                if context[start:start + n] == tail:
-                    return context[start + n:start + n + count]
+            # windows ids[s:s+n] for s <= len-n-1: each is followed by at least one token
+            hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids[:-1], n) == ids[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1])  # the most recent earlier occurrence
+                return context[start + n:start + n + count]
         return []
 
     def propose(self, contexts, counts, sampling, rng):

@@ -187,6 +187,14 @@ def test_verify_rules_on_explicit_rows():
         assert accepted == 0 and tokens == [1]
 
 
+def test_ngram_lookup_prefers_the_longest_then_the_most_recent_match():
+    ngram = NgramProposer(max_n=3)
+    assert ngram.lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 3) == [7, 1, 2]  # latest [1 2 3], not the first
+    assert ngram.lookup([5, 2, 3, 8, 6, 3, 4, 2, 3], 2) == [8, 6]  # [2 3] beats the later 1-gram [3]
+    assert ngram.lookup([4, 1, 2, 8, 2], 3) == [8, 2]  # only a 1-gram matches; the proposal stops at the end
+    assert ngram.lookup([1, 2, 3], 2) == [] and ngram.lookup([7], 2) == []
+
+
 @pytest.mark.parametrize("order", [None, 2])
 @pytest.mark.parametrize("proposer", sorted(PROPOSERS))
 def test_greedy_stand_in_equals_plain_in_a_batch_to_the_capacity(proposer, order):
