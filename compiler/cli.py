@@ -274,12 +274,21 @@ def report(artifact_dir):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--executor", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="onnxruntime runs model.onnx (CPU); tensorrt runs model.plan (needs a GPU TensorRT runs on).")
-def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, executor):
+@click.option("--speculate", type=click.Choice(["ngram", "draft"]), default=None,
+              help="Speculative decoding: the model verifies proposed tokens several at a time; the output is "
+                   "the same as without it. ngram: prompt lookup; draft: a second artifact (--draft-artifact).")
+@click.option("--draft-artifact", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="With --speculate draft: a smaller model built by `llmc build`, with the same tokenizer.")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=int,
+              help="With --speculate: tokens proposed per step (fixed).")
+def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, executor, speculate, draft_artifact,
+             num_draft_tokens):
     """Generate text from a built ARTIFACT_DIR; prints text, time to first token and tokens/s."""
     from .generate import run_generate
 
     try:
-        result = run_generate(artifact_dir, list(prompts), max_new_tokens, temperature, top_k, seed, executor)
+        result = run_generate(artifact_dir, list(prompts), max_new_tokens, temperature, top_k, seed, executor,
+                              speculate, draft_artifact, num_draft_tokens)
     except LlmcError as exc:
         _fail(str(exc), exc.exit_code)
     for prompt, text in zip(prompts, result["texts"]):
@@ -288,6 +297,13 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
         f"executor {result['executor']}: time to first token {result['ttft_s'] * 1e3:.1f} ms, "
         f"{result['decode_tokens_per_s']:.1f} tokens/s decode, {result['new_tokens']} new tokens"
     )
+    if "speculation" in result:
+        spec = result["speculation"]
+        out_console.print(
+            f"speculation {spec['proposer']} (k = {spec['num_draft_tokens']}, fixed): acceptance "
+            f"{spec['acceptance_rate']:.1%} ({spec['accepted']}/{spec['proposed']}), "
+            f"{spec['accepted_per_target_step']:.2f} accepted tokens per target step, "
+            f"{spec['target_steps']} target steps for {result['new_tokens']} new tokens", markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -43,15 +43,23 @@ class Generation:
         return later / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    if sampling.temperature <= 0:
-        return int(np.argmax(logits))
+def distribution(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The sampling distribution (temperature, then top-k) over the vocabulary, float64.
+
+    One definition shared by plain sampling and speculative verification (compiler/speculative.py),
+    whose rejection rule is exact only if its p is the distribution plain sampling draws from."""
     scaled = logits.astype(np.float64) / sampling.temperature
     if 0 < sampling.top_k < scaled.size:
         cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
         scaled = np.where(scaled >= cutoff, scaled, -np.inf)
     probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
+    return probs / probs.sum()
+
+
+def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    if sampling.temperature <= 0:
+        return int(np.argmax(logits))
+    probs = distribution(logits, sampling)
     return int(rng.choice(probs.size, p=probs))
 
 

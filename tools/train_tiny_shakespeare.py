@@ -7,6 +7,12 @@ compiler/data/llmc-tiny-shakespeare/, which llmc ships. Provenance (corpus hash,
 losses, wall time) goes to TRAINING.json beside the weights.
 
     python tools/train_tiny_shakespeare.py [--steps 600] [--out compiler/data/llmc-tiny-shakespeare]
+    python tools/train_tiny_shakespeare.py --draft --batch 32 --out DIR   # its speculative-decoding draft
+
+The draft (`--draft`, DRAFT_ARCH) is a 5x smaller model on the same corpus, split and tokenizer
+(the tokenizer is trained deterministically from the same text, so `llmc generate --speculate
+draft` accepts it: same vocabulary). Two layers and two KV heads: the export of a one-layer,
+one-KV-head variant kept a Shape(attention_mask), so its graph had no fixed-capacity cache to run.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from compiler.corpus import CORPUS_SHA256, split_corpus
 ARCH = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024, rope_theta=10000.0,
             tie_word_embeddings=False)
+DRAFT_ARCH = dict(ARCH, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
 
 
 def make_tokenizer(train_text: str, vocab_size: int):
@@ -47,17 +55,20 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", type=Path, default=Path("compiler/data/llmc-tiny-shakespeare"))
+    ap.add_argument("--out", type=Path, help="[default: compiler/data/llmc-tiny-shakespeare, -draft with --draft]")
+    ap.add_argument("--draft", action="store_true", help="train the smaller draft model (DRAFT_ARCH) instead")
     args = ap.parse_args()
+    arch = DRAFT_ARCH if args.draft else ARCH
+    args.out = args.out or Path("compiler/data/llmc-tiny-shakespeare" + ("-draft" if args.draft else ""))
 
     torch.manual_seed(args.seed)
     train_text, heldout_text = split_corpus()
-    tokenizer = make_tokenizer(train_text, ARCH["vocab_size"])
+    tokenizer = make_tokenizer(train_text, arch["vocab_size"])
     train_ids = torch.tensor(tokenizer(train_text)["input_ids"], dtype=torch.long)
     held_ids = torch.tensor(tokenizer(heldout_text)["input_ids"], dtype=torch.long)
     print(f"train tokens {len(train_ids)}, heldout tokens {len(held_ids)}", flush=True)
 
-    config = transformers.LlamaConfig(**ARCH, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.LlamaForCausalLM(config).to(device)
@@ -108,14 +119,14 @@ def main() -> None:
     final = {"heldout_loss": best[0], "step": best[1]}
     (args.out / "TRAINING.json").write_text(json.dumps({
         "script": "tools/train_tiny_shakespeare.py", "corpus": "Tiny Shakespeare (karpathy/char-rnn)",
-        "corpus_sha256": CORPUS_SHA256, "split": "first 90% train, last 10% held out", "arch": ARCH,
+        "corpus_sha256": CORPUS_SHA256, "split": "first 90% train, last 10% held out", "arch": arch,
         "params": n_params, "seed": args.seed, "steps": args.steps, "batch": args.batch, "seq": args.seq,
         "lr": args.lr, "torch": torch.__version__, "transformers": transformers.__version__,
         "heldout_perplexity_fp32": round(math.exp(final["heldout_loss"]), 2),
         "best_step": best[1], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "uniform_perplexity": ARCH["vocab_size"], "log": log, "wall_s": round(time.time() - t0, 1),
+        "uniform_perplexity": arch["vocab_size"], "log": log, "wall_s": round(time.time() - t0, 1),
     }, indent=1) + "\n")
-    print(f"wrote {args.out}; held-out perplexity {math.exp(final['heldout_loss']):.1f} (uniform {ARCH['vocab_size']})")
+    print(f"wrote {args.out}; held-out perplexity {math.exp(final['heldout_loss']):.1f} (uniform {arch['vocab_size']})")
 
 
 if __name__ == "__main__":
