@@ -7,6 +7,8 @@ read as a real one or a missed stop changes the tokens. It runs in milliseconds,
 mutation testing (benchmarks/mutation_summary.md) run this file for every mutant of compiler/runner.py.
 """
 
+import time
+
 import numpy as np
 import pytest
 
@@ -28,9 +30,10 @@ class ScriptedExecutor:
 
     name = "scripted"
 
-    def __init__(self, capacity: int = 32):
+    def __init__(self, capacity: int | None = 32, delay: float = 0.0):
         self.io = GraphIO(num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=VOCAB, capacity=capacity)
         self.steps: list[tuple[np.ndarray, np.ndarray]] = []
+        self.delay = delay  # seconds per step: a model that takes time, for the timing fields
 
     def start(self, batch: int) -> None:
         self.cache = np.full((batch, self.io.capacity), -1, np.int64)  # -1: never written
@@ -39,6 +42,8 @@ class ScriptedExecutor:
         assert input_ids.shape == position_ids.shape and input_ids.dtype == position_ids.dtype == np.int64
         self.steps.append((input_ids.copy(), position_ids.copy()))
         batch, width = input_ids.shape
+        assert batch == self.cache.shape[0], "batch differs from the one the cache was started for"
+        time.sleep(self.delay)
         self.cache[np.arange(batch)[:, None], position_ids] = input_ids
         logits = np.zeros((batch, width, VOCAB), np.float32)
         for b in range(batch):
@@ -106,6 +111,7 @@ def test_stream_marks_stopped_sequences_with_none():
 
 
 def test_pad_token_none_means_zero():
+    assert Runner(ScriptedExecutor()).pad == 0
     assert Runner(ScriptedExecutor(), pad_token_id=None).pad == 0
     assert Runner(ScriptedExecutor(), pad_token_id=5).pad == 5
 
@@ -115,10 +121,13 @@ def test_capacity_is_checked_for_the_positions_actually_written():
     assert Runner(ex).generate([[1, 2, 3]], 6).tokens == [reference([1, 2, 3], 6)]  # slots 0..7
     with pytest.raises(ValueError, match="9 positions needed but the cache holds 8"):
         Runner(ex).generate([[1, 2, 3, 4]], 6)
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="^empty prompt$"):
         Runner(ex).generate([[1], []], 2)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 1 \(got 0\)$"):
         Runner(ex).generate([[1]], 0)
+    assert Runner(ex).generate([[1], [2, 3]], 1).tokens == [reference([1], 1), reference([2, 3], 1)]
+    with pytest.raises(ValueError, match="^graph has a Concat-grown cache: rebuild with a recipe that runs kv-cache-scatter$"):
+        Runner(ScriptedExecutor(capacity=None)).generate([[1]], 2)
     with pytest.raises(ValueError, match="9 positions needed"):
         Runner(ex).teacher_forced([1, 2, 3, 4], [5, 6, 7, 8, 9])
 
@@ -145,6 +154,11 @@ def test_pick_greedy_top_k_and_temperature():
     assert set(hot) == set(range(5))  # top_k 0: no truncation; a high temperature flattens
     cold = [pick(logits, Sampling(temperature=0.05, top_k=5), rng) for _ in range(50)]
     assert set(cold) == {3}  # top_k = vocab keeps everything; a low temperature sharpens to the max
+    hot_top1 = [pick(logits, Sampling(temperature=100.0, top_k=1), rng) for _ in range(50)]
+    assert set(hot_top1) == {3}  # top-1 is greedy at any temperature
+    large = np.array([1000.0, 999.0, -5.0], np.float32)  # softmax is shifted by the max: no overflow
+    draws = [pick(large, Sampling(temperature=1.0), rng) for _ in range(200)]
+    assert set(draws) == {0, 1} and draws.count(0) > draws.count(1)
 
 
 def test_sampling_is_seeded():
@@ -152,6 +166,15 @@ def test_sampling_is_seeded():
         return Runner(ScriptedExecutor()).generate(PROMPTS, 5, Sampling(temperature=1.0, seed=seed)).tokens
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_time_to_first_token_is_prefill_and_decode_time_the_rest():
+    delay = 0.05  # per executor step: prefill, then 4 decode steps for 5 tokens
+    got = Runner(ScriptedExecutor(delay=delay)).generate([[1, 2]], 5)
+    assert got.steps == 5
+    assert delay <= got.time_to_first_token_s < 4 * delay + 1  # one step, with slack for a loaded machine
+    assert 4 * delay <= got.decode_s < 4 * delay + 2
+    assert got.decode_tokens_per_s == pytest.approx(4 / got.decode_s)
 
 
 def test_decode_rate_counts_tokens_after_the_first():
