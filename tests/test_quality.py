@@ -126,3 +126,60 @@ def test_window_scores_stream_batches_and_match_float64():
         assert scores.ppl_delta == pytest.approx(got_ppl / ref_ppl - 1, rel=1e-4, abs=1e-6)
         assert scores.kl_mean == pytest.approx((np.exp(ref) * (ref - got)).sum(-1).mean(), rel=1e-4)
         assert scores.kl_mean > 0.1  # the two distributions differ, so the check compares something
+
+
+# --- agreement, prompts and the score's assembly over the scripted executor (milliseconds) ------------
+
+def test_agreement_teacher_forces_every_prompt_in_one_batch():
+    """Each step feeds the reference's token (not the graph's own pick): one miss stays one miss."""
+    from test_runner_loop import ScriptedExecutor, next_token
+
+    from compiler.quality import _agreement
+    from compiler.runner import Runner
+
+    prompts = [[3, 1, 4, 1], [9, 2]]
+    forced = []
+    for p in prompts:
+        tokens = []
+        for _ in range(5):
+            tokens.append(next_token(p + tokens))
+        forced.append(tokens)
+    forced[1][1] = (forced[1][1] + 1) % 13  # the graph disagrees here, and is fed this token after it
+    # teacher forcing: step i is predicted from the prompt and forced[:i], whatever the graph picked before
+    expected = sum(next_token(p + f[:i]) == f[i] for p, f in zip(prompts, forced) for i in range(5))
+    assert _agreement(Runner(ScriptedExecutor()), prompts, forced) == (expected, 10)
+    assert 5 <= expected < 10  # the first prompt agrees throughout, the second not at step 2
+
+
+def test_default_prompts_take_first_lines_spread_through_the_text():
+    from compiler.quality import default_prompts
+
+    text = "\n\n".join(f"P{i} one\nP{i} two\nP{i} three" for i in range(6)) + "\n\nlast"
+    assert default_prompts(text) == ["P0 one\nP0 two", "P1 one\nP1 two", "P2 one\nP2 two", "P3 one\nP3 two"]
+    assert default_prompts(text, count=2) == ["P0 one\nP0 two", "P3 one\nP3 two"]
+    assert default_prompts(text, count=7)[-1] == "last\n"  # a one-line paragraph: its line alone
+    assert default_prompts("\n\n  \n\nonly\nline", count=3) == ["only\nline"]
+
+
+def test_score_assembles_windows_and_agreement():
+    from test_runner_loop import ScriptedExecutor
+
+    from compiler.quality import HeldOut, QualityReference, score, score_windows
+    from compiler.runner import Runner
+
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, 13, (3, 6))
+    ref = np.log(rng.dirichlet(np.ones(13), (3, 5))).astype(np.float32)
+    held = HeldOut(windows.tolist(), ref, windows[:, 1:], batch=2)
+    runner = Runner(ScriptedExecutor())
+    reference = QualityReference(held, [[1, 2], [3]], [[0, 0, 0], [0, 0, 0]])
+    got = score(reference, runner)
+    windows_only = score_windows(held, runner)
+    assert (got.reference_perplexity, got.compiled_perplexity, got.ppl_delta, got.kl_mean) == (
+        windows_only.reference_perplexity, windows_only.compiled_perplexity, windows_only.ppl_delta,
+        windows_only.kl_mean)
+    from compiler.quality import _agreement
+
+    agree, total = _agreement(runner, reference.prompt_ids, reference.forced)
+    assert total == 6 and got.agreement_tokens == 6 and got.greedy_agreement == agree / 6
+    assert got.eval_tokens == 15 and got.seconds > 0

@@ -90,6 +90,8 @@ def test_compare_reports_the_errors_and_agreement_it_measured():
     assert result.greedy_agreement == 0.75  # 3 of 4 tokens: the reference's last is not the graph's
     assert result.compiled_tokens[:3] == reference.tokens[:3] and result.compiled_tokens[3] != reference.tokens[3]
     assert result.passed and result.failures == [] and (result.prompt_tokens, result.decode_steps) == (3, 3)
+    assert result.prompt == "p" and result.reference_tokens == reference.tokens and result.tolerance == loose
+    assert 0 < result.seconds < 60
     strict = compare(reference, executor(), STRICT)
     assert not strict.passed and strict.failures == ["max |logit error| 0.75 > 0.001",
                                                      "mean |logit error| 0.01282 > 0.0001",
@@ -129,5 +131,5 @@ def test_judge_fails_only_beyond_each_bound():
 
     passed = compare(reference, executor(), tol)
     failed = rejudge(passed, Tolerance(-1.0, 0.05, 0.9))
-    assert passed.passed and not failed.passed and failed.tolerance.max_abs_logit_error == -1.0
+    assert passed.passed is True and failed.passed is False and failed.tolerance.max_abs_logit_error == -1.0
     assert failed.failures == ["max |logit error| 0 > -1"] and failed.max_abs_error == passed.max_abs_error
