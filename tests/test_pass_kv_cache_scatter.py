@@ -86,3 +86,104 @@ def test_requires_gqa_native_attention_first(fresh_llama_model):
     CleanupPass()(fresh_llama_model)
     with pytest.raises(ir.passes.PreconditionError, match="gqa-native-attention"):
         KvCacheScatterPass(CAP)(fresh_llama_model)
+
+
+# --- one synthetic layer: Attention over a Concat-grown cache (milliseconds; what mutation testing runs) ---
+
+BATCH, HEADS, KV, SEQ, PAST, DIM = 2, 4, 2, 3, 4, 8
+
+
+def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: bool = True):
+    """present.0.{key,value} = Concat(past, new) feeding a GQA Attention whose mask is the graph's
+    `attention_mask` input (bool [B, 1, S, P+S]), the shape the exporter leaves after gqa-native-attention."""
+    from onnx import TensorProto, helper
+
+    f, total = TensorProto.FLOAT, "past_plus_seq"
+    nodes, outputs = [], [helper.make_tensor_value_info("out", f, ["batch", HEADS, SEQ, DIM])]
+    for kv in ("key", "value"):
+        past, new = f"past_key_values.0.{kv}", f"new_{kv}"
+        nodes.append(helper.make_node("Concat", [past, new] if past_first else [new, past], [f"present.0.{kv}"],
+                                      axis=axis, name=f"concat_{kv}"))
+        outputs.append(helper.make_tensor_value_info(f"present.0.{kv}", f, ["batch", KV, total, DIM]))
+    nodes.append(helper.make_node("Attention", ["query", "present.0.key", "present.0.value", "attention_mask"], ["out"],
+                                  name="attention"))
+    inputs = [helper.make_tensor_value_info("query", f, ["batch", HEADS, SEQ, DIM])]
+    inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", SEQ])] * position_ids
+    inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, SEQ, total])]
+    for kv in ("key", "value"):
+        inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kv}", f, ["batch", KV, "past", DIM]),
+                   helper.make_tensor_value_info(f"new_{kv}", f, ["batch", KV, SEQ, DIM])]
+    graph = helper.make_graph(nodes, "concat_cache", inputs, outputs)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+
+
+def _synthetic_feeds():
+    """Two sequences at different positions: the second has one real past token fewer (left in the
+    buffer as padding that its own next token overwrites)."""
+    rng = np.random.default_rng(3)
+    starts = np.array([PAST, PAST - 1])
+    feeds = {"query": rng.standard_normal((BATCH, HEADS, SEQ, DIM)).astype(np.float32),
+             "position_ids": starts[:, None] + np.arange(SEQ)[None]}
+    for kv in ("key", "value"):
+        feeds[f"past_key_values.0.{kv}"] = rng.standard_normal((BATCH, KV, PAST, DIM)).astype(np.float32)
+        feeds[f"new_{kv}"] = rng.standard_normal((BATCH, KV, SEQ, DIM)).astype(np.float32)
+    return feeds
+
+
+def _ort(model, feeds, names):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {v.name for v in model.graph.inputs}
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def test_synthetic_layer_writes_at_position_and_masks_by_slot():
+    """Reference: the Concat graph per sequence, with exactly its own past and the causal mask
+    slot <= position; after the pass: one fixed buffer (garbage beyond what was written), new entries
+    written at position_ids[b, 0], same attention output."""
+    feeds = _synthetic_feeds()
+    model = concat_cache_layer()
+    assert KvCacheScatterPass(CAP)(model).modified
+    assert {v.name for v in model.graph.inputs} == {"query", "position_ids", "past_key_values.0.key", "new_key",
+                                                    "past_key_values.0.value", "new_value"}  # attention_mask gone
+    assert model.opset_imports[""] == 24
+    scatters = [n for n in model.graph if n.op_type == "TensorScatter"]
+    assert len(scatters) == 2 and all(n.attributes["axis"].as_int() == 2 for n in scatters)
+    for out in model.graph.outputs[1:]:
+        assert out.producer().op_type == "TensorScatter" and list(out.shape)[1:] == [KV, CAP, DIM]
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert attention.inputs[3].name == "kv_cache.causal_mask_Bx1xSxT"
+
+    rng = np.random.default_rng(4)
+    fixed = dict(feeds)
+    for kv in ("key", "value"):
+        buffer = (30 * rng.standard_normal((BATCH, KV, CAP, DIM))).astype(np.float32)  # must never be read
+        buffer[:, :, :PAST] = feeds[f"past_key_values.0.{kv}"]
+        fixed[f"past_key_values.0.{kv}"] = buffer
+    got = _ort(model, fixed, ["out", "present.0.key", "present.0.value"])
+    reference = concat_cache_layer()
+    for b, start in enumerate(feeds["position_ids"][:, 0]):
+        one = {k: v[b:b + 1] for k, v in feeds.items()}
+        for kv in ("key", "value"):
+            one[f"past_key_values.0.{kv}"] = one[f"past_key_values.0.{kv}"][:, :, :start]
+        slots, positions = np.arange(start + SEQ), feeds["position_ids"][b]
+        one["attention_mask"] = (slots[None, :] <= positions[:, None])[None, None]
+        want = _ort(reference, one, ["out", "present.0.key", "present.0.value"])
+        np.testing.assert_allclose(got["out"][b], want["out"][0], atol=1e-5, rtol=1e-5)
+        for kv in ("key", "value"):
+            buffer = got[f"present.0.{kv}"][b]
+            np.testing.assert_array_equal(buffer[:, :start + SEQ], want[f"present.0.{kv}"][0])
+            np.testing.assert_array_equal(buffer[:, start + SEQ:], fixed[f"past_key_values.0.{kv}"][b][:, start + SEQ:])
+
+
+def test_synthetic_layer_preconditions_name_what_is_wrong():
+    with pytest.raises(ir.passes.PreconditionError, match="graph has no 'position_ids' input"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(position_ids=False))
+    with pytest.raises(ir.passes.PreconditionError, match=r"^present\.0\.key is a Concat, but not of past_key_values\.0\.key and new entries$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(past_first=False))
+    with pytest.raises(ir.passes.PreconditionError, match=r"^concat_key: cache Concat on axis 1, not 2$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(axis=1))
+    model = concat_cache_layer(axis=-2)
+    assert KvCacheScatterPass(CAP)(model).modified  # -2 is axis 2 of a rank-4 cache
+    assert not KvCacheScatterPass(CAP)(model).modified  # nothing left to rewrite
