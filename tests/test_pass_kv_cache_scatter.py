@@ -93,28 +93,38 @@ def test_requires_gqa_native_attention_first(fresh_llama_model):
 BATCH, HEADS, KV, SEQ, PAST, DIM = 2, 4, 2, 3, 4, 8
 
 
-def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: bool = True):
+def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: bool = True, opset: int = 23,
+                       key_via: str | None = None, present_value_via: str | None = None):
     """present.0.{key,value} = Concat(past, new) feeding a GQA Attention whose mask is the graph's
-    `attention_mask` input (bool [B, 1, S, P+S]), the shape the exporter leaves after gqa-native-attention."""
+    `attention_mask` input (bool [B, 1, S, P+S]), the shape the exporter leaves after gqa-native-attention.
+    key_via: an op between the key Concat and Attention; present_value_via: an op between the value
+    Concat and its graph output. `input_ids` is an input nothing reads (the pass must keep it)."""
     from onnx import TensorProto, helper
 
     f, total = TensorProto.FLOAT, "past_plus_seq"
     nodes, outputs = [], [helper.make_tensor_value_info("out", f, ["batch", HEADS, SEQ, DIM])]
     for kv in ("key", "value"):
         past, new = f"past_key_values.0.{kv}", f"new_{kv}"
-        nodes.append(helper.make_node("Concat", [past, new] if past_first else [new, past], [f"present.0.{kv}"],
-                                      axis=axis, name=f"concat_{kv}"))
+        via = present_value_via if kv == "value" else None
+        nodes.append(helper.make_node("Concat", [past, new] if past_first else [new, past],
+                                      [f"concat_{kv}" if via else f"present.0.{kv}"], axis=axis, name=f"concat_{kv}"))
+        if via:
+            nodes.append(helper.make_node(via, [f"concat_{kv}"], [f"present.0.{kv}"]))
         outputs.append(helper.make_tensor_value_info(f"present.0.{kv}", f, ["batch", KV, total, DIM]))
-    nodes.append(helper.make_node("Attention", ["query", "present.0.key", "present.0.value", "attention_mask"], ["out"],
-                                  name="attention"))
+    key, value = "present.0.key", "concat_value" if present_value_via else "present.0.value"
+    if key_via:
+        nodes.append(helper.make_node(key_via, [key], ["key_for_attention"]))
+        key = "key_for_attention"
+    nodes.append(helper.make_node("Attention", ["query", key, value, "attention_mask"], ["out"], name="attention"))
     inputs = [helper.make_tensor_value_info("query", f, ["batch", HEADS, SEQ, DIM])]
     inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", SEQ])] * position_ids
-    inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, SEQ, total])]
+    inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, SEQ, total]),
+               helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", SEQ])]
     for kv in ("key", "value"):
         inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kv}", f, ["batch", KV, "past", DIM]),
                    helper.make_tensor_value_info(f"new_{kv}", f, ["batch", KV, SEQ, DIM])]
     graph = helper.make_graph(nodes, "concat_cache", inputs, outputs)
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
 
 
 def _synthetic_feeds():
@@ -123,7 +133,7 @@ def _synthetic_feeds():
     rng = np.random.default_rng(3)
     starts = np.array([PAST, PAST - 1])
     feeds = {"query": rng.standard_normal((BATCH, HEADS, SEQ, DIM)).astype(np.float32),
-             "position_ids": starts[:, None] + np.arange(SEQ)[None]}
+             "position_ids": starts[:, None] + np.arange(SEQ)[None], "input_ids": np.zeros((BATCH, SEQ), np.int64)}
     for kv in ("key", "value"):
         feeds[f"past_key_values.0.{kv}"] = rng.standard_normal((BATCH, KV, PAST, DIM)).astype(np.float32)
         feeds[f"new_{kv}"] = rng.standard_normal((BATCH, KV, SEQ, DIM)).astype(np.float32)
@@ -145,15 +155,19 @@ def test_synthetic_layer_writes_at_position_and_masks_by_slot():
     feeds = _synthetic_feeds()
     model = concat_cache_layer()
     assert KvCacheScatterPass(CAP)(model).modified
-    assert {v.name for v in model.graph.inputs} == {"query", "position_ids", "past_key_values.0.key", "new_key",
-                                                    "past_key_values.0.value", "new_value"}  # attention_mask gone
-    assert model.opset_imports[""] == 24
+    assert {v.name for v in model.graph.inputs} == {"query", "position_ids", "input_ids", "past_key_values.0.key",
+                                                    "new_key", "past_key_values.0.value", "new_value"}  # attention_mask gone
+    assert model.opset_imports[""] == 24 and "Concat" not in {n.op_type for n in model.graph}
+    for past in model.graph.inputs[-4::2]:  # the cache inputs are fixed-capacity buffers now
+        assert past.name.startswith("past_key_values.") and str(past.shape[0]) == "batch"
+        assert list(past.shape)[1:] == [KV, CAP, DIM]
     scatters = [n for n in model.graph if n.op_type == "TensorScatter"]
     assert len(scatters) == 2 and all(n.attributes["axis"].as_int() == 2 for n in scatters)
     for out in model.graph.outputs[1:]:
         assert out.producer().op_type == "TensorScatter" and list(out.shape)[1:] == [KV, CAP, DIM]
+        assert str(out.shape[0]) == "batch"
     attention = next(n for n in model.graph if n.op_type == "Attention")
-    assert attention.inputs[3].name == "kv_cache.causal_mask_Bx1xSxT"
+    assert len(attention.inputs) == 4 and attention.inputs[3].name == "kv_cache.causal_mask_Bx1xSxT"
 
     rng = np.random.default_rng(4)
     fixed = dict(feeds)
@@ -184,6 +198,14 @@ def test_synthetic_layer_preconditions_name_what_is_wrong():
         KvCacheScatterPass(CAP)(concat_cache_layer(past_first=False))
     with pytest.raises(ir.passes.PreconditionError, match=r"^concat_key: cache Concat on axis 1, not 2$"):
         KvCacheScatterPass(CAP)(concat_cache_layer(axis=1))
+    with pytest.raises(ir.passes.PreconditionError,
+                       match=r"^attention: Attention's key does not come straight from the cache \(run gqa-native-attention before kv-cache-scatter\)$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(key_via="Identity"))
+    with pytest.raises(ir.passes.PostconditionError, match=r"^cache outputs not updated by TensorScatter: \['present\.0\.value'\]$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(present_value_via="Identity"))
     model = concat_cache_layer(axis=-2)
-    assert KvCacheScatterPass(CAP)(model).modified  # -2 is axis 2 of a rank-4 cache
-    assert not KvCacheScatterPass(CAP)(model).modified  # nothing left to rewrite
+    assert KvCacheScatterPass(CAP)(model).modified is True  # -2 is axis 2 of a rank-4 cache
+    assert KvCacheScatterPass(CAP)(model).modified is False  # nothing left to rewrite
+    newer = concat_cache_layer(opset=25)
+    KvCacheScatterPass(CAP)(newer)
+    assert newer.opset_imports[""] == 25  # raised to TensorScatter's 24 if below, never lowered

@@ -162,7 +162,7 @@ def test_default_prompts_take_first_lines_spread_through_the_text():
 
 
 def test_score_assembles_windows_and_agreement():
-    from test_runner_loop import ScriptedExecutor
+    from test_runner_loop import ScriptedExecutor, reference as scripted
 
     from compiler.quality import HeldOut, QualityReference, score, score_windows
     from compiler.runner import Runner
@@ -172,7 +172,8 @@ def test_score_assembles_windows_and_agreement():
     ref = np.log(rng.dirichlet(np.ones(13), (3, 5))).astype(np.float32)
     held = HeldOut(windows.tolist(), ref, windows[:, 1:], batch=2)
     runner = Runner(ScriptedExecutor())
-    reference = QualityReference(held, [[1, 2], [3]], [[0, 0, 0], [0, 0, 0]])
+    forced = [scripted([1, 2], 3), [0, 0, 0]]  # the first prompt agrees throughout, the second hardly
+    reference = QualityReference(held, [[1, 2], [3]], forced)
     got = score(reference, runner)
     windows_only = score_windows(held, runner)
     assert (got.reference_perplexity, got.compiled_perplexity, got.ppl_delta, got.kl_mean) == (
@@ -181,5 +182,5 @@ def test_score_assembles_windows_and_agreement():
     from compiler.quality import _agreement
 
     agree, total = _agreement(runner, reference.prompt_ids, reference.forced)
-    assert total == 6 and got.agreement_tokens == 6 and got.greedy_agreement == agree / 6
-    assert got.eval_tokens == 15 and got.seconds > 0
+    assert total == 6 and got.agreement_tokens == 6 and got.greedy_agreement == agree / 6 and 3 <= agree < 6
+    assert got.eval_tokens == 15 and 0 < got.seconds < 60
