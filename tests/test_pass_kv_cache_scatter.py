@@ -98,7 +98,8 @@ def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: boo
     """present.0.{key,value} = Concat(past, new) feeding a GQA Attention whose mask is the graph's
     `attention_mask` input (bool [B, 1, S, P+S]), the shape the exporter leaves after gqa-native-attention.
     key_via: an op between the key Concat and Attention; present_value_via: an op between the value
-    Concat and its graph output. `input_ids` is an input nothing reads (the pass must keep it)."""
+    Concat and its graph output. `input_ids` is an input nothing reads and `new_key_twice` an output
+    made by a Concat that is no cache (the pass must keep both)."""
     from onnx import TensorProto, helper
 
     f, total = TensorProto.FLOAT, "past_plus_seq"
@@ -116,6 +117,8 @@ def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: boo
         nodes.append(helper.make_node(key_via, [key], ["key_for_attention"]))
         key = "key_for_attention"
     nodes.append(helper.make_node("Attention", ["query", key, value, "attention_mask"], ["out"], name="attention"))
+    nodes.append(helper.make_node("Concat", ["new_key", "new_key"], ["new_key_twice"], axis=2))  # not a cache
+    outputs.append(helper.make_tensor_value_info("new_key_twice", f, ["batch", KV, 2 * SEQ, DIM]))
     inputs = [helper.make_tensor_value_info("query", f, ["batch", HEADS, SEQ, DIM])]
     inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", SEQ])] * position_ids
     inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, SEQ, total]),
@@ -157,13 +160,14 @@ def test_synthetic_layer_writes_at_position_and_masks_by_slot():
     assert KvCacheScatterPass(CAP)(model).modified
     assert {v.name for v in model.graph.inputs} == {"query", "position_ids", "input_ids", "past_key_values.0.key",
                                                     "new_key", "past_key_values.0.value", "new_value"}  # attention_mask gone
-    assert model.opset_imports[""] == 24 and "Concat" not in {n.op_type for n in model.graph}
+    assert model.opset_imports[""] == 24 and [n.op_type for n in model.graph].count("Concat") == 1
+    assert model.graph.outputs[-1].name == "new_key_twice" and model.graph.outputs[-1].producer().op_type == "Concat"
     for past in model.graph.inputs[-4::2]:  # the cache inputs are fixed-capacity buffers now
         assert past.name.startswith("past_key_values.") and str(past.shape[0]) == "batch"
         assert list(past.shape)[1:] == [KV, CAP, DIM]
     scatters = [n for n in model.graph if n.op_type == "TensorScatter"]
     assert len(scatters) == 2 and all(n.attributes["axis"].as_int() == 2 for n in scatters)
-    for out in model.graph.outputs[1:]:
+    for out in model.graph.outputs[1:3]:
         assert out.producer().op_type == "TensorScatter" and list(out.shape)[1:] == [KV, CAP, DIM]
         assert str(out.shape[0]) == "batch"
     attention = next(n for n in model.graph if n.op_type == "Attention")
