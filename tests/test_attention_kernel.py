@@ -2,8 +2,10 @@
 paged, FP16 and FP8 cache, with and without window, GQA ratios 1/4/8.
 
 Runs on a CUDA GPU; without one, in Triton's CPU interpreter when triton is installed (small
-shapes); else skips with the reason. Tolerance: relative L2 error < 5e-3 vs the float32 reference
-on the same (already quantized) cache: the kernel rounds P to FP16 before P.V (~1e-3).
+shapes); else skips with the reason. Tolerance: relative L2 error vs the float32 reference on the same
+(already quantized) cache, which the kernel leaves by rounding P to FP16 before P.V and its output to
+FP16: in the interpreter's shapes at most 2.6e-4 over all 48 cases (benchmarks/NOTES.md), bound 1e-3
+(4x); on a GPU's larger shapes 5e-3, not measured on this CPU-only machine.
 
 The interpreter is scoped to this file: `triton.jit` reads TRITON_INTERPRET when it decorates, so
 on CPU the kernels tested here are a private copy of plugins/attention_kernel.py decorated with the
@@ -69,7 +71,7 @@ def interpreter():
         yield
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = DEV == "cpu"  # the interpreter runs every program in Python: keep shapes tiny
-TOL = 5e-3
+TOL = 1e-3 if SMALL else 5e-3
 
 
 def make_case(group, paged, fp8, lens, head_dim, kv_heads=2, q_len=1, block_size=16, seed=0):
