@@ -197,3 +197,43 @@ def test_onnxruntime_weights_equal_an_independent_rtn_exactly():
     exact = q_ref * np.repeat(scale_ref, BLOCK, axis=0)  # float64: every product is exact
     np.testing.assert_array_equal(y.astype(np.float64), exact)
     assert np.abs(exact - w.astype(np.float64)).max() <= 0.5 * scale_ref.max() * (1 + 2**-7)  # it did quantize
+
+
+def test_clip_ranges_shrink_the_scale_and_clipping_keeps_int4():
+    """AWQ's clip search hands quantize_blockwise a range per block in (0, 1]: the scale is max|W| / 7
+    times it (then rounded up as always), and the values it pushes past the range clip to [-8, 7]."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((64, 40)) * 0.1).astype(np.float16)
+    clip = rng.uniform(0.4, 1.0, (2, 40)).astype(np.float32)
+    q, scale = quantize_blockwise(w, BLOCK, clip)
+    assert q.dtype == ml_dtypes.int4 and scale.dtype == np.float16
+    amax = np.abs(w.astype(np.float32)).reshape(2, BLOCK, 40).max(axis=1)
+    _, scale_ref = independent_rtn((np.repeat(amax / 7 * clip * 7, BLOCK, axis=0)).astype(np.float32), BLOCK)
+    np.testing.assert_array_equal(scale.astype(np.float64), scale_ref)
+    want = np.clip(np.rint(w.astype(np.float64) / np.repeat(scale_ref, BLOCK, axis=0)), -8, 7)
+    np.testing.assert_array_equal(q.astype(np.float64), want)
+    assert (want == -8).any() and (want == 7).any() and (q.astype(np.int8) >= -8).all()  # clipping happened
+
+
+def test_column_slices_cover_the_columns_once_in_chunks_of_the_budget():
+    from passes.quantize_int4_rtn import column_slices
+
+    assert column_slices(256, 1000, 256 * 96) == [slice(i, min(1000, i + 96)) for i in range(0, 1000, 96)]
+    assert column_slices(4096, 10, 100) == [slice(i, i + 1) for i in range(10)]  # at least one column
+    assert column_slices(1, 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert column_slices(0, 3, 2) == [slice(0, 2), slice(2, 3)]  # K = 0: no division by zero
+
+
+def test_scales_that_would_round_up_to_infinity_round_down():
+    """Near FP16's largest value the multiple of 8 above is infinite: the one below is taken instead."""
+    s = np.array([65504.0, 65472.0, 65440.0], np.float16)
+    r = exact_product_scale(s)
+    assert np.isfinite(r).all() and (r.view(np.uint16) % 8 == 0).all() and (r <= s).all()
+    assert r.tolist() == [65280.0, 65280.0, 65280.0]  # bit pattern 0x7BF8: the multiple of 8 below 0x7BFF
+
+
+def test_defaults_are_block_128_without_the_lm_head():
+    p = QuantizeInt4RtnPass()
+    assert p.block == p.k_multiple == 128 and p.include_lm_head is False
