@@ -2,27 +2,76 @@
 paged, FP16 and FP8 cache, with and without window, GQA ratios 1/4/8.
 
 Runs on a CUDA GPU; without one, in Triton's CPU interpreter when triton is installed (small
-shapes); else skips with the reason. Tolerance: relative L2 error < 5e-3 vs the float32 reference
-on the same (already quantized) cache: the kernel rounds P to FP16 before P.V (~1e-3).
+shapes); else skips with the reason. Tolerance: relative L2 error vs the float32 reference on the same
+(already quantized) cache, which the kernel leaves by rounding P to FP16 before P.V and its output to
+FP16: in the interpreter's shapes at most 2.6e-4 over all 48 cases (benchmarks/NOTES.md), bound 1e-3
+(4x); on a GPU's larger shapes 5e-3, not measured on this CPU-only machine.
+
+The interpreter is scoped to this file: `triton.jit` reads TRITON_INTERPRET when it decorates, so
+on CPU the kernels tested here are a private copy of plugins/attention_kernel.py decorated with the
+flag set, and the flag is set only while this file's tests run. plugins.attention_kernel itself
+keeps compilable kernels for the AOT-compile tests (tests/test_trt_plugin.py), whichever file a
+pytest-xdist worker collects or runs first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede triton.jit decoration
+import plugins
+from plugins import attention_reference as ref
 
-from plugins import attention_kernel as kern  # noqa: E402
-from plugins import attention_reference as ref  # noqa: E402
+INTERPRET = not torch.cuda.is_available()
 
-pytestmark = pytest.mark.skipif(kern.unavailable_reason() is not None, reason=str(kern.unavailable_reason()))
+
+@contextlib.contextmanager
+def interpreting():
+    """TRITON_INTERPRET=1 for the duration, then as it was."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def load_kernels():
+    """The kernel module as the plugin uses it on a GPU; on CPU, a copy decorated for the interpreter."""
+    if not INTERPRET:
+        from plugins import attention_kernel
+
+        return attention_kernel
+    spec = importlib.util.spec_from_file_location("plugins._attention_kernel_interpreted",
+                                                  Path(plugins.__file__).parent / "attention_kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    with interpreting():
+        spec.loader.exec_module(module)
+    return module
+
+
+kern = load_kernels()
+with interpreting() if INTERPRET else contextlib.nullcontext():
+    UNAVAILABLE = kern.unavailable_reason()  # None, or why (e.g. triton not installed)
+pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter():
+    """The interpreter's flag while this file's tests run (Triton also reads it at launch), never beyond."""
+    with interpreting() if INTERPRET else contextlib.nullcontext():
+        yield
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = DEV == "cpu"  # the interpreter runs every program in Python: keep shapes tiny
-TOL = 5e-3
+TOL = 1e-3 if SMALL else 5e-3
 
 
 def make_case(group, paged, fp8, lens, head_dim, kv_heads=2, q_len=1, block_size=16, seed=0):
@@ -63,13 +112,11 @@ def test_decode_matches_reference(group, paged, fp8, window):
     assert rel_err(out[:, :, None], expected) < TOL
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 4] if SMALL else [1, 4, 8])  # interpreter: 8 adds nothing over 4 at its size
 @pytest.mark.parametrize("paged", [False, True], ids=["linear", "paged"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
 @pytest.mark.parametrize("window", [0, 37])
 def test_prefill_matches_reference(group, paged, fp8, window):
-    if SMALL and group == 8:
-        pytest.skip("interpreter: group 8 adds nothing over 4 at this size")
     lens, q_len = ([20, 48], 20) if SMALL else ([300, 1000, 513], 300)
     head_dim = 32 if SMALL else 128
     q, k, v, sl, table, ks, vs = make_case(group, paged, fp8, lens, head_dim, q_len=q_len, seed=7 + group)

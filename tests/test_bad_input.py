@@ -205,12 +205,35 @@ def test_output_path_not_writable(model_dirs, tmp_path):
     line = _one_line(result.stderr)
     assert "is not writable" in line and "is a file" in line and "choose another -o" in line
     assert blocker.read_text() == "x"
-    if os.geteuid() != 0:  # root ignores permission bits
-        locked = tmp_path / "read-only"
-        locked.mkdir(mode=0o500)
-        result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(locked / "out")])
-        assert result.exit_code == 2 and "not writable" in _one_line(result.stderr)
-        assert list(locked.iterdir()) == []
+
+
+DAC_CAPS = "-dac_override,-dac_read_search"
+
+
+def _permission_bits_apply() -> list[str]:
+    """A command prefix under which file permission bits bind: none for a user; for root (CI runs as
+    root, and CAP_DAC_OVERRIDE ignores the bits), util-linux's setpriv removes CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH from the bounding set before exec, so the command runs without them."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without util-linux's setpriv: cannot drop CAP_DAC_OVERRIDE")
+    return [setpriv, f"--bounding-set={DAC_CAPS}", f"--inh-caps={DAC_CAPS}", "--"]
+
+
+def test_output_directory_without_write_permission(model_dirs, tmp_path):
+    """A real `llmc build` process that may not write the output's parent (mode 0500)."""
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o500)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([*_permission_bits_apply(), sys.executable, "-m", "compiler.cli", "build",
+                           str(model_dirs["llama"]), "-o", str(locked / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert f"output path {locked / 'out'} is not writable (Permission denied" in line and "permissions" in line
+    assert list(locked.iterdir()) == []
 
 
 def test_flags_say_what_they_risk():

@@ -86,3 +86,130 @@ def test_requires_gqa_native_attention_first(fresh_llama_model):
     CleanupPass()(fresh_llama_model)
     with pytest.raises(ir.passes.PreconditionError, match="gqa-native-attention"):
         KvCacheScatterPass(CAP)(fresh_llama_model)
+
+
+# --- one synthetic layer: Attention over a Concat-grown cache (milliseconds; what mutation testing runs) ---
+
+BATCH, HEADS, KV, SEQ, PAST, DIM = 2, 4, 2, 3, 4, 8
+
+
+def concat_cache_layer(axis: int = 2, past_first: bool = True, position_ids: bool = True, opset: int = 23,
+                       key_via: str | None = None, present_value_via: str | None = None):
+    """present.0.{key,value} = Concat(past, new) feeding a GQA Attention whose mask is the graph's
+    `attention_mask` input (bool [B, 1, S, P+S]), the shape the exporter leaves after gqa-native-attention.
+    key_via: an op between the key Concat and Attention; present_value_via: an op between the value
+    Concat and its graph output. `input_ids` is an input nothing reads and `new_key_twice` an output
+    made by a Concat that is no cache (the pass must keep both)."""
+    from onnx import TensorProto, helper
+
+    f, total = TensorProto.FLOAT, "past_plus_seq"
+    nodes, outputs = [], [helper.make_tensor_value_info("out", f, ["batch", HEADS, SEQ, DIM])]
+    for kv in ("key", "value"):
+        past, new = f"past_key_values.0.{kv}", f"new_{kv}"
+        via = present_value_via if kv == "value" else None
+        nodes.append(helper.make_node("Concat", [past, new] if past_first else [new, past],
+                                      [f"concat_{kv}" if via else f"present.0.{kv}"], axis=axis, name=f"concat_{kv}"))
+        if via:
+            nodes.append(helper.make_node(via, [f"concat_{kv}"], [f"present.0.{kv}"]))
+        outputs.append(helper.make_tensor_value_info(f"present.0.{kv}", f, ["batch", KV, total, DIM]))
+    key, value = "present.0.key", "concat_value" if present_value_via else "present.0.value"
+    if key_via:
+        nodes.append(helper.make_node(key_via, [key], ["key_for_attention"]))
+        key = "key_for_attention"
+    nodes.append(helper.make_node("Attention", ["query", key, value, "attention_mask"], ["out"], name="attention"))
+    nodes.append(helper.make_node("Concat", ["new_key", "new_key"], ["new_key_twice"], axis=2))  # not a cache
+    outputs.append(helper.make_tensor_value_info("new_key_twice", f, ["batch", KV, 2 * SEQ, DIM]))
+    inputs = [helper.make_tensor_value_info("query", f, ["batch", HEADS, SEQ, DIM])]
+    inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", SEQ])] * position_ids
+    inputs += [helper.make_tensor_value_info("attention_mask", TensorProto.BOOL, ["batch", 1, SEQ, total]),
+               helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", SEQ])]
+    for kv in ("key", "value"):
+        inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kv}", f, ["batch", KV, "past", DIM]),
+                   helper.make_tensor_value_info(f"new_{kv}", f, ["batch", KV, SEQ, DIM])]
+    graph = helper.make_graph(nodes, "concat_cache", inputs, outputs)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _synthetic_feeds():
+    """Two sequences at different positions: the second has one real past token fewer (left in the
+    buffer as padding that its own next token overwrites)."""
+    rng = np.random.default_rng(3)
+    starts = np.array([PAST, PAST - 1])
+    feeds = {"query": rng.standard_normal((BATCH, HEADS, SEQ, DIM)).astype(np.float32),
+             "position_ids": starts[:, None] + np.arange(SEQ)[None], "input_ids": np.zeros((BATCH, SEQ), np.int64)}
+    for kv in ("key", "value"):
+        feeds[f"past_key_values.0.{kv}"] = rng.standard_normal((BATCH, KV, PAST, DIM)).astype(np.float32)
+        feeds[f"new_{kv}"] = rng.standard_normal((BATCH, KV, SEQ, DIM)).astype(np.float32)
+    return feeds
+
+
+def _ort(model, feeds, names):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {v.name for v in model.graph.inputs}
+    return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def test_synthetic_layer_writes_at_position_and_masks_by_slot():
+    """Reference: the Concat graph per sequence, with exactly its own past and the causal mask
+    slot <= position; after the pass: one fixed buffer (garbage beyond what was written), new entries
+    written at position_ids[b, 0], same attention output."""
+    feeds = _synthetic_feeds()
+    model = concat_cache_layer()
+    assert KvCacheScatterPass(CAP)(model).modified
+    assert {v.name for v in model.graph.inputs} == {"query", "position_ids", "input_ids", "past_key_values.0.key",
+                                                    "new_key", "past_key_values.0.value", "new_value"}  # attention_mask gone
+    assert model.opset_imports[""] == 24 and [n.op_type for n in model.graph].count("Concat") == 1
+    assert model.graph.outputs[-1].name == "new_key_twice" and model.graph.outputs[-1].producer().op_type == "Concat"
+    for past in model.graph.inputs[-4::2]:  # the cache inputs are fixed-capacity buffers now
+        assert past.name.startswith("past_key_values.") and str(past.shape[0]) == "batch"
+        assert list(past.shape)[1:] == [KV, CAP, DIM]
+    scatters = [n for n in model.graph if n.op_type == "TensorScatter"]
+    assert len(scatters) == 2 and all(n.attributes["axis"].as_int() == 2 for n in scatters)
+    for out in model.graph.outputs[1:3]:
+        assert out.producer().op_type == "TensorScatter" and list(out.shape)[1:] == [KV, CAP, DIM]
+        assert str(out.shape[0]) == "batch"
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    assert len(attention.inputs) == 4 and attention.inputs[3].name == "kv_cache.causal_mask_Bx1xSxT"
+
+    rng = np.random.default_rng(4)
+    fixed = dict(feeds)
+    for kv in ("key", "value"):
+        buffer = (30 * rng.standard_normal((BATCH, KV, CAP, DIM))).astype(np.float32)  # must never be read
+        buffer[:, :, :PAST] = feeds[f"past_key_values.0.{kv}"]
+        fixed[f"past_key_values.0.{kv}"] = buffer
+    got = _ort(model, fixed, ["out", "present.0.key", "present.0.value"])
+    reference = concat_cache_layer()
+    for b, start in enumerate(feeds["position_ids"][:, 0]):
+        one = {k: v[b:b + 1] for k, v in feeds.items()}
+        for kv in ("key", "value"):
+            one[f"past_key_values.0.{kv}"] = one[f"past_key_values.0.{kv}"][:, :, :start]
+        slots, positions = np.arange(start + SEQ), feeds["position_ids"][b]
+        one["attention_mask"] = (slots[None, :] <= positions[:, None])[None, None]
+        want = _ort(reference, one, ["out", "present.0.key", "present.0.value"])
+        np.testing.assert_allclose(got["out"][b], want["out"][0], atol=1e-5, rtol=1e-5)
+        for kv in ("key", "value"):
+            buffer = got[f"present.0.{kv}"][b]
+            np.testing.assert_array_equal(buffer[:, :start + SEQ], want[f"present.0.{kv}"][0])
+            np.testing.assert_array_equal(buffer[:, start + SEQ:], fixed[f"past_key_values.0.{kv}"][b][:, start + SEQ:])
+
+
+def test_synthetic_layer_preconditions_name_what_is_wrong():
+    with pytest.raises(ir.passes.PreconditionError, match="graph has no 'position_ids' input"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(position_ids=False))
+    with pytest.raises(ir.passes.PreconditionError, match=r"^present\.0\.key is a Concat, but not of past_key_values\.0\.key and new entries$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(past_first=False))
+    with pytest.raises(ir.passes.PreconditionError, match=r"^concat_key: cache Concat on axis 1, not 2$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(axis=1))
+    with pytest.raises(ir.passes.PreconditionError,
+                       match=r"^attention: Attention's key does not come straight from the cache \(run gqa-native-attention before kv-cache-scatter\)$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(key_via="Identity"))
+    with pytest.raises(ir.passes.PostconditionError, match=r"^cache outputs not updated by TensorScatter: \['present\.0\.value'\]$"):
+        KvCacheScatterPass(CAP)(concat_cache_layer(present_value_via="Identity"))
+    model = concat_cache_layer(axis=-2)
+    assert KvCacheScatterPass(CAP)(model).modified is True  # -2 is axis 2 of a rank-4 cache
+    assert KvCacheScatterPass(CAP)(model).modified is False  # nothing left to rewrite
+    newer = concat_cache_layer(opset=25)
+    KvCacheScatterPass(CAP)(newer)
+    assert newer.opset_imports[""] == 25  # raised to TensorScatter's 24 if below, never lowered

@@ -142,3 +142,98 @@ def test_quantize_blockwise_is_the_same_in_column_chunks(monkeypatch):
         assert whole[0].dtype == chunked[0].dtype and whole[1].dtype == chunked[1].dtype == np.float16
         assert np.array_equal(whole[0].astype(np.int8), chunked[0].astype(np.int8))
         assert np.array_equal(whole[1].view(np.int16), chunked[1].view(np.int16))
+
+
+def independent_rtn(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT4 RTN written from the pass's contract, not its code: each block's scale is
+    max|W| / 7 as an FP16 number, rounded *up* to 8 significant bits (a multiple of 2**-21 below FP16's
+    normal range), so that |q| <= 8 times it needs at most 11 bits; q = clip(round(W / scale), -8, 7)."""
+    k, n = w.shape
+    amax = np.abs(w.astype(np.float64)).reshape(k // block, block, n).max(axis=1)
+    fp16 = (amax.astype(np.float32) / np.float32(7)).astype(np.float16).astype(np.float64)
+    fp16[fp16 == 0] = 1.0
+    _, exponent = np.frexp(fp16)  # fp16 = m * 2**exponent, m in [0.5, 1)
+    step = np.maximum(np.ldexp(1.0, exponent - 8), 2.0**-21)
+    scale = np.ceil(fp16 / step) * step
+    q = np.clip(np.rint(w.astype(np.float64) / np.repeat(scale, block, axis=0)), -8, 7)
+    return q, scale
+
+
+def one_matmul_graph(w: np.ndarray) -> ir.Model:
+    """y = x @ W with W an FP16 initializer, under a module name the pass's default targets select."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="model.layers.0.mlp.down_proj")],
+                              "one_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", n])],
+                              [numpy_helper.from_array(w, "w")])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+
+
+def test_onnxruntime_weights_equal_an_independent_rtn_exactly():
+    """The graph's int4 values and scales are those of `independent_rtn`, bit for bit, and onnxruntime's
+    DequantizeLinear computes exactly q * scale (x = identity makes y the dequantized weight, with no
+    rounding in the MatMul). Weight magnitudes span 1e-6..4 per column, subnormal scales included."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    k, n = 128, 96
+    w = (rng.standard_normal((k, n)) * np.geomspace(1e-6, 4, n)[None, :]).astype(np.float16)
+    w[:BLOCK, 3] = 0  # an all-zero block: scale 1
+    model = one_matmul_graph(w)
+    assert QuantizeInt4RtnPass(BLOCK)(model).modified
+    dq = next(node for node in model.graph if node.op_type == "DequantizeLinear")
+    q, scale = (v.const_value.numpy() for v in dq.inputs[:2])
+    q_ref, scale_ref = independent_rtn(w, BLOCK)
+    assert (scale_ref < 2.0**-14).any() and (scale_ref > 0.1).any()  # subnormal and large scales both covered
+    np.testing.assert_array_equal(scale.astype(np.float64), scale_ref)
+    np.testing.assert_array_equal(q.astype(np.float64), q_ref)
+
+    options = ort.SessionOptions()  # basic, as the numerics executor: "all" fuses DQ + MatMul into MatMulNBits
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(["y"], {"x": np.eye(k, dtype=np.float16)})[0]
+    exact = q_ref * np.repeat(scale_ref, BLOCK, axis=0)  # float64: every product is exact
+    np.testing.assert_array_equal(y.astype(np.float64), exact)
+    assert np.abs(exact - w.astype(np.float64)).max() <= 0.5 * scale_ref.max() * (1 + 2**-7)  # it did quantize
+
+
+def test_clip_ranges_shrink_the_scale_and_clipping_keeps_int4():
+    """AWQ's clip search hands quantize_blockwise a range per block in (0, 1]: the scale is max|W| / 7
+    times it (then rounded up as always), and the values it pushes past the range clip to [-8, 7]."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((64, 40)) * 0.1).astype(np.float16)
+    clip = rng.uniform(0.4, 1.0, (2, 40)).astype(np.float32)
+    q, scale = quantize_blockwise(w, BLOCK, clip)
+    assert q.dtype == ml_dtypes.int4 and scale.dtype == np.float16
+    amax = np.abs(w.astype(np.float32)).reshape(2, BLOCK, 40).max(axis=1)
+    _, scale_ref = independent_rtn((np.repeat(amax / 7 * clip * 7, BLOCK, axis=0)).astype(np.float32), BLOCK)
+    np.testing.assert_array_equal(scale.astype(np.float64), scale_ref)
+    want = np.clip(np.rint(w.astype(np.float64) / np.repeat(scale_ref, BLOCK, axis=0)), -8, 7)
+    np.testing.assert_array_equal(q.astype(np.float64), want)
+    assert (want == -8).any() and (want == 7).any() and (q.astype(np.int8) >= -8).all()  # clipping happened
+
+
+def test_column_slices_cover_the_columns_once_in_chunks_of_the_budget():
+    from passes.quantize_int4_rtn import column_slices
+
+    assert column_slices(256, 1000, 256 * 96) == [slice(i, min(1000, i + 96)) for i in range(0, 1000, 96)]
+    assert column_slices(4096, 10, 100) == [slice(i, i + 1) for i in range(10)]  # at least one column
+    assert column_slices(1, 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert column_slices(0, 3, 2) == [slice(0, 2), slice(2, 3)]  # K = 0: no division by zero
+
+
+def test_scales_that_would_round_up_to_infinity_round_down():
+    """Near FP16's largest value the multiple of 8 above is infinite: the one below is taken instead."""
+    s = np.array([65504.0, 65472.0, 65440.0], np.float16)
+    r = exact_product_scale(s)
+    assert np.isfinite(r).all() and (r.view(np.uint16) % 8 == 0).all() and (r <= s).all()
+    assert r.tolist() == [65280.0, 65280.0, 65280.0]  # bit pattern 0x7BF8: the multiple of 8 below 0x7BFF
+
+
+def test_defaults_are_block_128_without_the_lm_head():
+    p = QuantizeInt4RtnPass()
+    assert p.block == p.k_multiple == 128 and p.include_lm_head is False

@@ -154,3 +154,61 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one():
         def __call__(self, text):
             return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
     assert tokenize_windows(NoLead(bos=1), text, 8, 10) == plain
+
+
+# --- agreement, prompts and the score's assembly over the scripted executor (milliseconds) ------------
+
+def test_agreement_teacher_forces_every_prompt_in_one_batch():
+    """Each step feeds the reference's token (not the graph's own pick): one miss stays one miss."""
+    from test_runner_loop import ScriptedExecutor, next_token
+
+    from compiler.quality import _agreement
+    from compiler.runner import Runner
+
+    prompts = [[3, 1, 4, 1], [9, 2]]
+    forced = []
+    for p in prompts:
+        tokens = []
+        for _ in range(5):
+            tokens.append(next_token(p + tokens))
+        forced.append(tokens)
+    forced[1][1] = (forced[1][1] + 1) % 13  # the graph disagrees here, and is fed this token after it
+    # teacher forcing: step i is predicted from the prompt and forced[:i], whatever the graph picked before
+    expected = sum(next_token(p + f[:i]) == f[i] for p, f in zip(prompts, forced) for i in range(5))
+    assert _agreement(Runner(ScriptedExecutor()), prompts, forced) == (expected, 10)
+    assert 5 <= expected < 10  # the first prompt agrees throughout, the second not at step 2
+
+
+def test_default_prompts_take_first_lines_spread_through_the_text():
+    from compiler.quality import default_prompts
+
+    text = "\n\n".join(f"P{i} one\nP{i} two\nP{i} three" for i in range(6)) + "\n\nlast"
+    assert default_prompts(text) == ["P0 one\nP0 two", "P1 one\nP1 two", "P2 one\nP2 two", "P3 one\nP3 two"]
+    assert default_prompts(text, count=2) == ["P0 one\nP0 two", "P3 one\nP3 two"]
+    assert default_prompts(text, count=7)[-1] == "last\n"  # a one-line paragraph: its line alone
+    assert default_prompts("\n\n  \n\nonly\nline", count=3) == ["only\nline"]
+
+
+def test_score_assembles_windows_and_agreement():
+    from test_runner_loop import ScriptedExecutor, reference as scripted
+
+    from compiler.quality import HeldOut, QualityReference, score, score_windows
+    from compiler.runner import Runner
+
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, 13, (3, 6))
+    ref = np.log(rng.dirichlet(np.ones(13), (3, 5))).astype(np.float32)
+    held = HeldOut(windows.tolist(), ref, windows[:, 1:], batch=2)
+    runner = Runner(ScriptedExecutor())
+    forced = [scripted([1, 2], 3), [0, 0, 0]]  # the first prompt agrees throughout, the second hardly
+    reference = QualityReference(held, [[1, 2], [3]], forced)
+    got = score(reference, runner)
+    windows_only = score_windows(held, runner)
+    assert (got.reference_perplexity, got.compiled_perplexity, got.ppl_delta, got.kl_mean) == (
+        windows_only.reference_perplexity, windows_only.compiled_perplexity, windows_only.ppl_delta,
+        windows_only.kl_mean)
+    from compiler.quality import _agreement
+
+    agree, total = _agreement(runner, reference.prompt_ids, reference.forced)
+    assert total == 6 and got.agreement_tokens == 6 and got.greedy_agreement == agree / 6 and 3 <= agree < 6
+    assert got.eval_tokens == 15 and 0 < got.seconds < 60

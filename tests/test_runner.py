@@ -47,6 +47,19 @@ def test_stop_tokens_end_each_sequence_on_its_own(loaded_models, final_fp32):
         assert cut == expected
 
 
+def test_a_stop_token_as_the_first_new_token_ends_that_sequence(loaded_models, final_fp32):
+    """The first new token comes from prefill, outside the decode loop: a stop there counts too."""
+    loaded = loaded_models["llama"]
+    ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
+    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
+    free = runner.generate(ids, 8).tokens
+    stop = free[1][0]
+    stopped = runner.generate(ids, 8, stop_tokens=(stop,)).tokens
+    assert stopped[1] == [stop]
+    for full, cut in zip(free, stopped):
+        assert cut == (full[: full.index(stop) + 1] if stop in full else full)
+
+
 def test_stream_yields_each_step_as_it_is_decoded(loaded_models, final_fp32):
     """What servers stream: one entry per step, None for a sequence that has stopped."""
     loaded = loaded_models["llama"]

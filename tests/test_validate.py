@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from compiler.types import Tolerance
 from compiler.validate import validate
@@ -53,3 +54,82 @@ def test_batched_greedy_reference_equals_one_prompt_at_a_time(loaded_models, tra
         batched = reference_greedy(loaded, prompts, 12)
         assert [len(row) for row in batched] == [12] * 4
         assert batched == [reference_decode(loaded, p, 11)[1] for p in prompts]
+
+
+# --- compare / judge arithmetic over a scripted executor (milliseconds; what mutation testing runs) ----
+
+def _scripted_reference(perturb: dict[int, np.ndarray], wrong_token_at: int | None = None):
+    """A DecodeReference whose logits are the scripted model's plus `perturb[step]`, and whose greedy
+    tokens are the scripted model's (one replaced by another token at `wrong_token_at`)."""
+    from test_runner_loop import VOCAB, ScriptedExecutor, next_token
+
+    from compiler.runner import Runner
+    from compiler.validate import DecodeReference
+
+    prompt, steps = [2, 7, 1], 3
+    tokens = [next_token(prompt)]
+    for _ in range(steps):
+        tokens.append(next_token(prompt + tokens))
+    if wrong_token_at is not None:
+        tokens[wrong_token_at] = (tokens[wrong_token_at] + 1) % VOCAB
+    exact = Runner(ScriptedExecutor()).teacher_forced(prompt, tokens[:steps])
+    logits = [step + perturb.get(i, 0) for i, step in enumerate(exact)]
+    return DecodeReference("p", prompt, logits, tokens, steps), ScriptedExecutor
+
+
+def test_compare_reports_the_errors_and_agreement_it_measured():
+    from compiler.validate import compare
+
+    bumps = {0: np.zeros((3, 13)), 2: np.zeros((1, 13))}
+    bumps[0][1, 4], bumps[2][0, 9] = -0.25, 0.75  # errors in a prompt row and in a decode step
+    reference, executor = _scripted_reference(bumps, wrong_token_at=3)
+    loose = Tolerance(max_abs_logit_error=1.0, mean_abs_logit_error=0.1, min_greedy_agreement=0.7)
+    result = compare(reference, executor(), loose)
+    elements = (3 + 3) * 13  # 3 prompt rows, then one row per decode step
+    assert result.max_abs_error == 0.75 and result.mean_abs_error == pytest.approx(1.0 / elements)
+    assert result.greedy_agreement == 0.75  # 3 of 4 tokens: the reference's last is not the graph's
+    assert result.compiled_tokens[:3] == reference.tokens[:3] and result.compiled_tokens[3] != reference.tokens[3]
+    assert result.passed and result.failures == [] and (result.prompt_tokens, result.decode_steps) == (3, 3)
+    assert result.prompt == "p" and result.reference_tokens == reference.tokens and result.tolerance == loose
+    assert 0 < result.seconds < 60
+    strict = compare(reference, executor(), STRICT)
+    assert not strict.passed and strict.failures == ["max |logit error| 0.75 > 0.001",
+                                                     "mean |logit error| 0.01282 > 0.0001",
+                                                     "greedy agreement 75.0% < 100.0%"]
+
+
+def test_compare_turns_non_finite_logits_into_a_failure():
+    from compiler.validate import compare
+
+    reference, executor = _scripted_reference({1: np.full((1, 13), np.nan)})
+    result = compare(reference, executor(), Tolerance(1e9, 1e9, 0.0))
+    assert np.isnan(result.max_abs_error) and np.isnan(result.mean_abs_error)
+    assert result.failures == ["non-finite logits in the compiled graph"] and not result.passed
+
+
+def test_compare_names_a_graph_it_cannot_run():
+    from compiler.errors import BadInputError
+    from compiler.validate import compare
+
+    reference, executor = _scripted_reference({})
+    with pytest.raises(BadInputError, match=r"^cannot validate the compiled graph: 6 positions needed but the cache holds 5"):
+        compare(reference, executor(capacity=5), STRICT)
+
+
+def test_judge_fails_only_beyond_each_bound():
+    from compiler.validate import judge, rejudge
+
+    tol = Tolerance(max_abs_logit_error=0.5, mean_abs_logit_error=0.05, min_greedy_agreement=0.9)
+    assert judge(0.5, 0.05, 0.9, tol) == []  # at the bound passes
+    assert judge(0.5001, 0.05, 0.9, tol) == ["max |logit error| 0.5001 > 0.5"]
+    assert judge(0.5, 0.0501, 0.9, tol) == ["mean |logit error| 0.0501 > 0.05"]
+    assert judge(0.5, 0.05, 0.899, tol) == ["greedy agreement 89.9% < 90.0%"]
+    assert judge(float("inf"), 0.0, 1.0, tol)[0] == "non-finite logits in the compiled graph"
+    assert judge(0.0, float("nan"), 1.0, tol) == ["non-finite logits in the compiled graph"]
+    reference, executor = _scripted_reference({})
+    from compiler.validate import compare
+
+    passed = compare(reference, executor(), tol)
+    failed = rejudge(passed, Tolerance(-1.0, 0.05, 0.9))
+    assert passed.passed is True and failed.passed is False and failed.tolerance.max_abs_logit_error == -1.0
+    assert failed.failures == ["max |logit error| 0 > -1"] and failed.max_abs_error == passed.max_abs_error
