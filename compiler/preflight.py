@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BadInputError, UnsupportedModelError
+from .input_schema import check_build_options
 from .types import BuildOptions, ModelSpec
 
 
 def check_max_seq(spec: ModelSpec, options: BuildOptions, plugins: bool = False) -> None:
     """`plugins`: the recipe's attention plugin applies the window, so a longer cache is fine."""
+    check_build_options({"--max-batch": options.max_batch, "--max-seq": options.max_seq})
     if spec.sliding_window and options.max_seq > spec.sliding_window and not plugins:
         raise UnsupportedModelError(
             f"--max-seq {options.max_seq} exceeds the model's sliding_window ({spec.sliding_window}); "
