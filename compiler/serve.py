@@ -17,9 +17,9 @@
 The server runs with --exit-on-error=false and --strict-readiness=false so that one model that
 can't load (`llm` without a TensorRT backend) leaves the rest of the repository serving.
 
-Serving never writes into the artifact: the embedded interpreter would cache the model.py files'
+Serving never writes into the artifact: the stub's interpreter would cache the model.py files'
 bytecode in `triton/*/1/__pycache__`, which `llmc inspect` then reports as files the manifest does
-not list, so the server runs with PYTHONDONTWRITEBYTECODE. When the server cannot start, the
+not list; llmc's copy of the backend switches bytecode caching off (NO_BYTECODE). When the server cannot start, the
 reason is in its log, not in its exit code: the log is read as it is written and the error line
 that preceded the exit is quoted (the last one: on a CPU host the first is always the harmless
 "CudaDriverHelper has not been initialized").
@@ -48,6 +48,12 @@ from pathlib import Path
 from .errors import BadInputError, ServerStartError
 
 STUB = "triton_python_backend_stub"
+UTILS = "triton_python_backend_utils.py"
+# The stub embeds an *isolated* interpreter (pybind11's default), which ignores PYTHONDONTWRITEBYTECODE,
+# and it imports this backend module before any model.py: switching bytecode caching off here keeps
+# `model.cpython-3X.pyc` out of the artifact's triton/*/1/ (llmc inspect would report it as an extra file).
+NO_BYTECODE = "\n\n# Added by llmc (compiler/serve.py): write no __pycache__ beside the served model.py files.\n" \
+              "import sys as _llmc_sys\n_llmc_sys.dont_write_bytecode = True\n"
 
 
 def _pytriton_root() -> Path:
@@ -76,13 +82,15 @@ def backend_dir(cache: Path) -> Path:
     if not stub.is_file():
         raise BadInputError(f"nvidia-pytriton {importlib.metadata.version('nvidia-pytriton')} has no Python backend "
                             f"stub for Python {version}; use a Python it ships stubs for (3.8-3.13)")
-    target = cache / "triton-backends" / f"pytriton-{importlib.metadata.version('nvidia-pytriton')}-py{version}"
+    target = cache / "triton-backends" / f"pytriton-{importlib.metadata.version('nvidia-pytriton')}-py{version}-nopyc"
     if not (target / "python" / STUB).is_file():
         staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(root / "backends", staging / "", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, staging / "python" / STUB)
+        with open(staging / "python" / UTILS, "a") as utils:
+            utils.write(NO_BYTECODE)
         with contextlib.suppress(OSError):  # another process won the race: use its copy
             os.replace(staging, target)
         shutil.rmtree(staging, ignore_errors=True)
@@ -121,7 +129,6 @@ def server_env() -> dict[str, str]:
     paths = stub_python_path()
     _check_stub_numpy(paths)
     env["LLMC_PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ inside the artifact's triton/ (module docstring)
     return env
 
 

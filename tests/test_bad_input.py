@@ -515,3 +515,27 @@ def test_signal_mid_build_in_process(cached_build, model_dirs, tmp_path, signum)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("llmc: error: build ") and "previous build or nothing" in last
     _assert_previous_or_nothing(out, previous=True)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "through-loop"])
+def test_output_path_links(model_dirs, tmp_path, kind):
+    """-o at a link loop, a dangling link (the build would land at its target) or a path through a loop."""
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    out = outs / "artifact"
+    if kind == "loop":
+        out.symlink_to(out)
+    elif kind == "dangling":
+        out.symlink_to(tmp_path / "elsewhere" / "artifact")
+    else:
+        (outs / "loop").symlink_to(outs / "loop")
+        out = outs / "loop" / "artifact"
+    before = sorted(os.listdir(outs))
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    line = _one_line(result.stderr)
+    expected = {"loop": f"output path {out} is a symbolic link loop; remove the link or choose another -o",
+                "dangling": f"output path {out} is a dangling symbolic link (to {tmp_path / 'elsewhere'}",
+                "through-loop": f"output path {out} is, or passes through, a symbolic link loop; choose another -o"}
+    assert expected[kind] in line
+    assert sorted(os.listdir(outs)) == before and not (tmp_path / "elsewhere").exists()

@@ -121,7 +121,8 @@ def test_serving_leaves_the_artifact_as_built(cached_build, tmp_path):
     env_path = str(Path(__file__).resolve().parent.parent)
     proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "serve", str(artifact), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": env_path})
+                            env={**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+                                 "PYTHONPATH": env_path})  # a user's shell: Python writes bytecode by default
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
