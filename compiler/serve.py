@@ -167,7 +167,8 @@ class _LogReader(threading.Thread):
 
     def run(self) -> None:
         for raw in iter(self.stream.readline, b""):
-            self.sink(raw)
+            with contextlib.suppress(OSError, ValueError):  # a closed stdout must not stop the draining:
+                self.sink(raw)  # a full pipe would block the server
             match = _ERROR_LINE.match(raw.decode(errors="replace"))
             if match:
                 self.errors.append(match.group(1).strip())

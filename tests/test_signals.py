@@ -90,7 +90,8 @@ for point in points:
             code = 0
         except SystemExit as exc:
             code = exc.code
-    untouched = ({p.name: p.read_text() for p in out.iterdir()} == PREVIOUS
+    untouched = (sorted(p.name for p in out.iterdir()) == sorted(PREVIOUS)
+                 and all((out / name).read_text() == text for name, text in PREVIOUS.items())
                  and [p.name for p in out.parent.iterdir()] == ["artifact"])
     lines = err.getvalue().strip().splitlines()
     results.append({"point": point, "fired": state["fired"], "code": code, "untouched": untouched,
