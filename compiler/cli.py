@@ -128,12 +128,6 @@ def parse_fraction(text: str, option: str) -> float:
         raise BadInputError(f"{option} {text!r} is not a number; write 2% or 0.02") from None
 
 
-def _terminate(signum, frame):
-    from .errors import BuildInterrupted
-
-    raise BuildInterrupted(signum)
-
-
 def _fail(message: str, code: int):
     err_console.print(f"llmc: error: {message}", markup=False, soft_wrap=True)
     sys.exit(code)
@@ -184,6 +178,7 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from .driver import BuildRequest, run_build
     from .errors import BuildInterrupted
+    from .interrupt import interruptible, pending
     from .validate import DEFAULT_PROMPT
 
     try:
@@ -205,19 +200,20 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             max_ppl_delta=None if max_ppl_delta is None else parse_fraction(max_ppl_delta, "--max-ppl-delta"),
             promote_to=promote_to,
         )
-        previous = signal.signal(signal.SIGTERM, _terminate)  # CI timeouts: unwind so staging is removed
-        try:
+        with interruptible():  # Ctrl-C, CI timeouts: unwind at once or at the next safe point (interrupt.py)
             report = run_build(request, RichProgress(err_console))
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     except LlmcError as exc:
         _fail(str(exc), exc.exit_code)
     except BuildInterrupted as exc:
-        _fail(f"build terminated by signal {exc.signum} (SIGTERM); the output path holds the previous build or "
-              "nothing", exc.exit_code)
+        what = "interrupted by signal 2 (Ctrl-C)" if exc.signum == signal.SIGINT else \
+            f"terminated by signal {exc.signum} ({signal.Signals(exc.signum).name})"
+        _fail(f"build {what}; the output path holds the previous build or nothing", exc.exit_code)
     except KeyboardInterrupt:
         _fail("build interrupted (Ctrl-C); the output path holds the previous build or nothing", 130)
     print_summary(report)
+    if pending() is not None:
+        err_console.print(f"warning: signal {pending()} arrived after {report['output']} was complete; "
+                          "the build was kept", markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -38,6 +38,7 @@ from .corpus import default_calibration_text, default_eval_text, read_text_file
 from .default_model import cache_root, default_model_dir
 from .errors import AccuracyError, BadInputError, OutputWriteError, UnsupportedModelError
 from .export import export_onnx
+from .interrupt import checkpoint
 from .load import check_model_files, load_model, read_spec
 from .lock import OutputLock
 from .manifest import write_manifest
@@ -54,6 +55,7 @@ from .recipe import load_recipe, parse_recipe
 from .runner import Runner
 from .runtime import io_from_model, io_from_onnx
 from .runtime_onnx import OnnxRuntimeExecutor
+from .safe_paths import model_directory, output_path
 from .triton_repo import unservable_reason, write_repository
 from .types import BuildOptions, EngineArtifact, ExportedGraph, PassRecord, ServingSpec, TensorInfo, ValidationResult
 from .validate import DEFAULT_PROMPT, DecodeReference, compare, decode_reference, rejudge
@@ -98,6 +100,34 @@ class Progress:
     def pass_done(self, record: PassRecord) -> None: ...
     def step(self, what: str, done: int, total: int) -> None: ...
     def note(self, text: str) -> None: ...
+
+
+class CheckedProgress(Progress):
+    """Every progress callback is a safe point to stop at (compiler/interrupt.py): stage boundaries,
+    between passes, the calibration and sensitivity loops."""
+
+    def __init__(self, inner: Progress):
+        self.inner = inner
+
+    def _call(self, method, *args):
+        checkpoint()
+        method(*args)
+        checkpoint()
+
+    def stage_start(self, index, name):
+        self._call(self.inner.stage_start, index, name)
+
+    def stage_end(self, index, name, seconds, detail=""):
+        self._call(self.inner.stage_end, index, name, seconds, detail)
+
+    def pass_done(self, record):
+        self._call(self.inner.pass_done, record)
+
+    def step(self, what, done, total):
+        self._call(self.inner.step, what, done, total)
+
+    def note(self, text):
+        self._call(self.inner.note, text)
 
 
 def _serving_warnings(backend) -> list[str]:
@@ -189,7 +219,7 @@ def _engine_from_json(data: dict, plan: Path, onnx_path: Path) -> EngineArtifact
 
 def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     """Run every stage; returns the report (also written as report.json). Raises LlmcError subclasses."""
-    progress = progress or Progress()
+    progress = CheckedProgress(progress or Progress())
     timings: dict[str, float] = {}
     backend = get_backend()
     recipe = load_recipe(request.recipe)
@@ -198,13 +228,13 @@ def run_build(request: BuildRequest, progress: Progress | None = None) -> dict:
     plugins = needs_plugins(recipe.passes)
     if plugins:  # before any export: TensorRT-RTX's parser would abort the process on the plugin node
         backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
-    model_path = (Path(request.model) if request.model else default_model_dir()).expanduser().resolve()
+    model_path = model_directory(Path(request.model) if request.model else default_model_dir())
     # Fail fast, before any output exists: bad dir, unsupported arch, broken files, options, output path.
     spec = read_spec(model_path, request.trust_remote_code)
     check_model_files(model_path, request.allow_pickle)
     check_max_seq(spec, request.options, plugins)
     texts = _texts(request, recipe)
-    output = (Path(request.output) if request.output else Path("artifacts") / model_path.name).resolve()
+    output = output_path(Path(request.output) if request.output else Path("artifacts") / model_path.name)
     check_output_path(output, model_path)
     check_output_writable(output)
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"

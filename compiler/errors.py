@@ -40,6 +40,13 @@ class OutputWriteError(LlmcError):
     exit_code = 6
 
 
+class ServerStartError(LlmcError):
+    """`llmc serve`: the Triton server could not start (port in use, unusable repository) or stopped on its
+    own; the message carries the server's own error line."""
+
+    exit_code = 7
+
+
 class BuildInterrupted(BaseException):
     """SIGTERM (CI timeout) or SIGINT during a build.
 
@@ -61,6 +68,8 @@ EXIT_CODES = {
     BackendBuildError.exit_code: "TensorRT(-RTX) parse or build failure",
     AccuracyError.exit_code: "accuracy outside the recipe's tolerance or held-out limits (perplexity, KL, agreement)",
     OutputWriteError.exit_code: "could not write the artifact (disk full, I/O error); nothing left at the output path",
+    ServerStartError.exit_code: "llmc serve: the Triton server could not start (port in use, bad repository) or "
+                                "stopped on its own; the message quotes its error",
     130: "interrupted by Ctrl-C (SIGINT); nothing left at the output path",
     143: "terminated by SIGTERM (e.g. a CI timeout); nothing left at the output path",
 }

@@ -13,6 +13,8 @@ import struct
 from pathlib import Path
 
 from .errors import BadInputError, UnsupportedModelError
+from .input_schema import CONFIG_FIX, check_config, check_config_identity, check_tokenizer_json, read_json
+from .safe_paths import model_directory, regular_file
 from .types import LoadedModel, ModelSpec
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
@@ -21,23 +23,18 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCa
 
 def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
     """Read and check config.json without touching the weights (cheap: used for early errors)."""
+    path = model_directory(path)
     config_file = path / "config.json"
-    if not path.exists():
-        raise BadInputError(f"model directory not found: {path} (pass a local Hugging Face model directory)")
-    if not path.is_dir():
-        raise BadInputError(f"not a directory: {path} (pass a local Hugging Face model directory)")
-    if not config_file.is_file():
+    if not (config_file.exists() or config_file.is_symlink()):
         raise BadInputError(f"no config.json in {path}: not a Hugging Face model directory")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{config_file} is not valid JSON: {exc}") from exc
+    cfg = check_config_identity(read_json(config_file, CONFIG_FIX), config_file)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else f"<none; model_type={cfg.get('model_type')!r}>"
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"unsupported architecture {arch} in {config_file}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    check_config(cfg, config_file)  # every field's type and range: input_schema.py
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -167,8 +164,10 @@ def check_model_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     """Everything about the files that can be checked without loading weights: shards, headers, tokenizer."""
     files = weight_files(path, allow_pickle)
     for file in files:
+        regular_file(file, "re-download it")  # a pipe named *.safetensors would block the read forever
         if file.suffix == ".safetensors":
             safetensors_header(file)
+    check_tokenizer_json(path)
     check_tokenizer_files(path)
     return files
 
@@ -243,15 +242,15 @@ def load_model(path: str | Path, allow_pickle: bool = False, trust_remote_code: 
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    try:  # first: AutoTokenizer reads config.json too, and would take the blame for it
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
                                                                trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - tokenizers raise many types; the message says which file
         raise BadInputError(f"cannot load the tokenizer from {path}: {_first_line(exc)}; check its tokenizer files") from exc
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise BadInputError(f"cannot read {path / 'config.json'}: {_first_line(exc)}") from exc
     remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     model_cls = transformers.AutoModelForCausalLM if remote else getattr(transformers, spec.architecture)
     if not remote:

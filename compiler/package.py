@@ -15,6 +15,8 @@ import shutil
 import signal
 from pathlib import Path
 
+from . import interrupt
+
 _TOOLS = ("llmc", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime",
           "tensorrt", "tensorrt-rtx-cu13", "tensorrt_rtx_cu13", "polygraphy", "tritonclient", "numpy")
 
@@ -103,6 +105,7 @@ class StagedOutput:
         # Two renames must not be split by Ctrl-C / SIGTERM: held signals arrive after the swap.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
+            interrupt.checkpoint()  # a signal whose first raise was swallowed stops the build here, not after
             if final.exists():
                 os.replace(final, old)
             try:
@@ -111,6 +114,7 @@ class StagedOutput:
                 if old.exists():
                     os.replace(old, final)  # put the previous build back
                 raise
+            interrupt.disarm()  # committed: a signal held until the unblock below can no longer undo the build
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import BadInputError, UnsupportedModelError
+from .input_schema import check_build_options
 from .types import BuildOptions, ModelSpec
 
 
@@ -17,6 +18,7 @@ def check_max_seq(spec: ModelSpec, options: BuildOptions, plugins: bool = False)
     layers differ (Gemma 3's local and global layers) needs a native recipe, whose kv-cache pass masks
     each layer by its own window (passes/kv_cache_scatter.py). Either applies the window, so --max-seq
     may exceed it."""
+    check_build_options({"--max-batch": options.max_batch, "--max-seq": options.max_seq})
     if plugins and len(set(spec.layer_windows)) > 1 and options.max_seq > min(w for w in spec.layer_windows if w):
         raise UnsupportedModelError(
             f"--max-seq {options.max_seq} exceeds the window ({spec.sliding_window}) of the model's sliding layers, "

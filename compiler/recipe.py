@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from .errors import BadInputError
+from .input_schema import PASS_OPTION_FIELDS, check_fields
 from .types import Recipe, Tolerance
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -40,12 +41,22 @@ def _kind(node: yaml.Node) -> str:
     return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list", yaml.ScalarNode: "value"}[type(node)]
 
 
+# Inclusive ranges of the recipe's numbers (a NaN tolerance would pass every comparison, an infinite one too).
+RANGES = {"max_abs_logit_error": (0.0, 1e6), "mean_abs_logit_error": (0.0, 1e6), "max_rel_logit_error": (0.0, 1e6),
+          "min_greedy_agreement": (0.0, 1.0), "max_ppl_delta": (0.0, 10.0), "max_kl": (0.0, 1e6),
+          "min_heldout_agreement": (0.0, 1.0)}
+
+
 def _number(path: Path, node: yaml.Node, key: str) -> float:
     text = _scalar(path, node, key)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise BadInputError(f"{_where(path, node)}: {key} must be a number, got {text!r}") from None
+    low, high = RANGES[key]
+    if not low <= value <= high:  # also false for NaN
+        raise BadInputError(f"{_where(path, node)}: {key} must be in [{low:g}, {high:g}], got {text!r}")
+    return value
 
 
 def _mapping(path: Path, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
@@ -87,13 +98,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         _check_options(path, item, name, opts)
         passes.append(name)
         options.append(opts)
-    quality = {}
-    for key in QUALITY_KEYS:
-        if key in top:
-            quality[key] = _number(path, top[key], key)
-            if quality[key] < 0:
-                raise BadInputError(f"{_where(path, top[key])}: {key} must be >= 0"
-                                    + (" (0.05 = 5%)" if key == "max_ppl_delta" else ""))
+    quality = {key: _number(path, top[key], key) for key in QUALITY_KEYS if key in top}  # max_ppl_delta 0.05 = 5%
     tol = _mapping(path, top["tolerance"], "tolerance", TOLERANCE_KEYS)
     if "min_greedy_agreement" not in tol or not any(k in tol for k in LOGIT_BOUNDS):
         raise BadInputError(f"{_where(path, top['tolerance'])}: tolerance needs min_greedy_agreement and at least one "
@@ -126,10 +131,12 @@ def _check_options(path: Path, node: yaml.Node, name: str, opts: dict) -> None:
     """Instantiate the pass once so a bad option fails at load time, naming the line and the pass."""
     from passes import PassContext, make_pass
 
+    check_fields(opts, PASS_OPTION_FIELDS, _where(path, node), f"see the options of pass {name!r} in its file in passes/")
     try:
         make_pass(name, PassContext(max_positions=2), opts)
-    except (TypeError, ValueError) as exc:
-        raise BadInputError(f"{_where(path, node)}: pass {name!r} rejects its options {opts}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - YAML can give any type to any option; each pass raises its own
+        raise BadInputError(f"{_where(path, node)}: pass {name!r} rejects its options {opts}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

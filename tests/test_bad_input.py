@@ -138,6 +138,134 @@ def case_remote_code(tmp_path, dirs):
     return [str(model)]
 
 
+# --- config.json / tokenizer / recipe values of the wrong type or range (compiler/input_schema.py) -----------
+
+def case_config_malformed_number(tmp_path, dirs):  # was blamed on the tokenizer (AutoTokenizer reads config.json)
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, rms_norm_eps="1e-5x")
+    return [str(model)]
+
+
+def case_config_infinite_layers(tmp_path, dirs):  # Python's JSON reads Infinity: int(inf) was a traceback
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, num_hidden_layers=float("inf"))
+    return [str(model)]
+
+
+def case_config_negative_layers(tmp_path, dirs):  # built a model with no decoder layers
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, num_hidden_layers=-1)
+    return [str(model)]
+
+
+def case_config_not_an_object(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "config.json").write_text("[1, 2]")
+    return [str(model)]
+
+
+def case_config_not_utf8(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "config.json").write_bytes(b'{"hidden_size": "\xff\xfe"}')
+    return [str(model)]
+
+
+def case_config_unknown_activation(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    _edit_config(model, hidden_act="swiglu2")
+    return [str(model)]
+
+
+def case_tokenizer_config_wrong_type(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = 2
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return [str(model)]
+
+
+def case_tokenizer_json_not_an_object(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "tokenizer.json").write_text("[]")
+    return [str(model)]
+
+
+def case_recipe_nan_tolerance(tmp_path, dirs):  # NaN passes every comparison: any numerics would "pass"
+    recipe = _recipe(tmp_path, "name: x\npasses: [cleanup]\ntolerance:\n  max_abs_logit_error: nan\n"
+                               "  mean_abs_logit_error: 1\n  min_greedy_agreement: 0\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_agreement_above_one(tmp_path, dirs):  # no build could ever pass
+    recipe = _recipe(tmp_path, "name: x\npasses: [cleanup]\ntolerance:\n  max_abs_logit_error: 1\n"
+                               "  mean_abs_logit_error: 1\n  min_greedy_agreement: 2\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_recipe_option_wrong_type(tmp_path, dirs):  # targets of numbers: a traceback inside the pass
+    recipe = _recipe(tmp_path, "name: x\npasses:\n  - cleanup\n  - {pass: quantize-int8-wo, targets: [1, 2]}\n"
+                               "tolerance: {max_abs_logit_error: 9, mean_abs_logit_error: 9, min_greedy_agreement: 0}\n")
+    return [str(dirs["llama"]), "--recipe", str(recipe)]
+
+
+def case_max_batch_huge(tmp_path, dirs):
+    return [str(dirs["llama"]), "--max-batch", str(1 << 40)]
+
+
+# --- file-system oddities around the model directory (compiler/safe_paths.py) --------------------------------
+
+def case_model_dir_symlink_loop(tmp_path, dirs):  # Path.resolve raised RuntimeError
+    link = tmp_path / "loop"
+    link.symlink_to(link)
+    return [str(link)]
+
+
+def case_model_dir_dangling_link(tmp_path, dirs):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "gone")
+    return [str(link)]
+
+
+def case_model_dir_is_fifo(tmp_path, dirs):
+    os.mkfifo(tmp_path / "pipe")
+    return [str(tmp_path / "pipe")]
+
+
+def case_config_symlink_loop(tmp_path, dirs):  # was reported as "no config.json"
+    model = _copy_model(dirs, tmp_path)
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(model / "config.json")
+    return [str(model)]
+
+
+def case_config_is_fifo(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")
+    return [str(model)]
+
+
+def case_weights_are_a_directory(tmp_path, dirs):  # open() raised IsADirectoryError
+    model = _copy_model(dirs, tmp_path)
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").mkdir()
+    return [str(model)]
+
+
+def case_weights_are_a_fifo(tmp_path, dirs):  # open() blocked forever, waiting for a writer
+    model = _copy_model(dirs, tmp_path)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    return [str(model)]
+
+
+def case_tokenizer_is_fifo(tmp_path, dirs):
+    model = _copy_model(dirs, tmp_path)
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")
+    return [str(model)]
+
+
 # (case, exit code, substrings of the one-line message: the cause and the fix)
 MATRIX = [
     (case_missing_dir, 2, ["model directory not found", "pass a local Hugging Face model directory"]),
@@ -158,6 +286,30 @@ MATRIX = [
     (case_max_seq_beyond_positions, 2, ["--max-seq 100000 exceeds", "max_position_embeddings (2048)", "lower --max-seq"]),
     (case_pickle_weights, 3, ["only pickle weights (pytorch_model.bin)", "--allow-pickle", "can execute code"]),
     (case_remote_code, 3, ["auto_map", "--trust-remote-code", "executes that code"]),
+    (case_config_malformed_number, 2, ["config.json: field 'rms_norm_eps' must be a finite number", "'1e-5x'",
+                                       "fix config.json"]),
+    (case_config_infinite_layers, 2, ["config.json: field 'num_hidden_layers' must be an integer in [1, 1024]",
+                                      "Infinity"]),
+    (case_config_negative_layers, 2, ["config.json: field 'num_hidden_layers'", "got -1"]),
+    (case_config_not_an_object, 2, ["config.json must hold a JSON object, not list", "fix config.json"]),
+    (case_config_not_utf8, 2, ["config.json is not UTF-8 text", "fix config.json"]),
+    (case_config_unknown_activation, 2, ["field 'hidden_act' must be one of \"silu\"", "'swiglu2'"]),
+    (case_tokenizer_config_wrong_type, 2, ["tokenizer_config.json: field 'eos_token' must be a string", "got 2",
+                                           "copy tokenizer_config.json of the original model"]),
+    (case_tokenizer_json_not_an_object, 2, ["tokenizer.json must hold a JSON object, not list"]),
+    (case_recipe_nan_tolerance, 2, ["recipe.yaml:4:", "max_abs_logit_error must be in [0, 1e+06]", "'nan'"]),
+    (case_recipe_agreement_above_one, 2, ["recipe.yaml:6:", "min_greedy_agreement must be in [0, 1]"]),
+    (case_recipe_option_wrong_type, 2, ["recipe.yaml:4:", "field 'targets' must be a list of name patterns",
+                                        "[1, 2]"]),
+    (case_max_batch_huge, 2, ["--max-batch must be an integer in [1, 65536]", "1099511627776"]),
+    (case_model_dir_symlink_loop, 2, ["model directory", "is a symbolic link loop", "pass a local Hugging Face"]),
+    (case_model_dir_dangling_link, 2, ["model directory", "is a dangling symbolic link", "gone"]),
+    (case_model_dir_is_fifo, 2, ["not a directory:", "is a named pipe (FIFO)"]),
+    (case_config_symlink_loop, 2, ["config.json is a symbolic link loop"]),
+    (case_config_is_fifo, 2, ["config.json is a named pipe (FIFO), not a regular file"]),
+    (case_weights_are_a_directory, 2, ["model.safetensors is a directory, not a regular file", "re-download"]),
+    (case_weights_are_a_fifo, 2, ["model.safetensors is a named pipe (FIFO), not a regular file"]),
+    (case_tokenizer_is_fifo, 2, ["tokenizer.json is a named pipe (FIFO), not a regular file"]),
 ]
 
 
@@ -381,3 +533,27 @@ def test_signal_mid_build_in_process(cached_build, model_dirs, tmp_path, signum)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("llmc: error: build ") and "previous build or nothing" in last
     _assert_previous_or_nothing(out, previous=True)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling", "through-loop"])
+def test_output_path_links(model_dirs, tmp_path, kind):
+    """-o at a link loop, a dangling link (the build would land at its target) or a path through a loop."""
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    out = outs / "artifact"
+    if kind == "loop":
+        out.symlink_to(out)
+    elif kind == "dangling":
+        out.symlink_to(tmp_path / "elsewhere" / "artifact")
+    else:
+        (outs / "loop").symlink_to(outs / "loop")
+        out = outs / "loop" / "artifact"
+    before = sorted(os.listdir(outs))
+    result = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    line = _one_line(result.stderr)
+    expected = {"loop": f"output path {out} is a symbolic link loop; remove the link or choose another -o",
+                "dangling": f"output path {out} is a dangling symbolic link (to {tmp_path / 'elsewhere'}",
+                "through-loop": f"output path {out} is, or passes through, a symbolic link loop; choose another -o"}
+    assert expected[kind] in line
+    assert sorted(os.listdir(outs)) == before and not (tmp_path / "elsewhere").exists()
