@@ -59,6 +59,9 @@ CONFIG_FIELDS: dict[str, Field] = {
     "rope_parameters": Field("mapping"),
     "rope_scaling": Field("mapping"),
     "hidden_act": Field("str", choices=ACTIVATIONS),
+    "hidden_activation": Field("str", choices=ACTIVATIONS),  # Gemma 3's name for it
+    "layer_types": Field("strs"),  # Gemma 3, Qwen3: one per layer (compiler/load.py checks the names and count)
+    "query_pre_attn_scalar": Field("number", low=1e-6, high=1e9),  # Gemma 3: attention scale ** -2
     "tie_word_embeddings": Field("bool"),
     "attention_bias": Field("bool"),
     "mlp_bias": Field("bool"),
