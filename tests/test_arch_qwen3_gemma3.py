@@ -226,7 +226,6 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     from compiler.calibrate import calibrate
     from compiler.corpus import default_calibration_text
     from passes.quantize_int4_awq import QuantizeInt4AwqPass
-    from passes.weight_quant import select_targets
 
     from helpers import feeds_with_past, run_onnx
     from compiler.runtime import io_from_model
@@ -235,7 +234,7 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     before = save(finals[arch], tmp_path / "before.onnx")
     awq = QuantizeInt4AwqPass(calibrate(loaded[arch], default_calibration_text(), max_windows=2).activations,
                               block_size=32)
-    awq.prepare(model, select_targets(model, awq.targets, awq.exclude, awq.include_lm_head, awq.k_multiple))
+    awq.prepare(model, awq.plan(model)[0])
     folded = sorted(name for name, (_, s) in awq._inputs.items() if s is not None)
     layers = loaded[arch].spec.num_layers
     expected = sorted(f"model.layers.{i}.{m}" for i in range(layers)

@@ -219,7 +219,8 @@ def test_min_coverage_is_checked_in_the_recipe(tmp_path):
                          tmp_path / "int4.yaml")
     recipe = parse_recipe(text.replace("    block_size: 128", "    block_size: 128\n    min_coverage: 0.5"),
                           tmp_path / "int4.yaml")
-    assert make_pass(recipe.passes[5], PassContext(max_positions=2), recipe.options_for(5)).min_coverage == 0.5
+    at = recipe.passes.index("quantize-int4-rtn")
+    assert make_pass(recipe.passes[at], PassContext(max_positions=2), recipe.options_for(at)).min_coverage == 0.5
 
 
 @pytest.mark.slow  # two builds: 25 s idle, 40 s on busy cores; the pass-level tests above cover the rule
