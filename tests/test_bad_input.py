@@ -231,39 +231,32 @@ def case_model_dir_is_fifo(tmp_path, dirs):
     return [str(tmp_path / "pipe")]
 
 
-def case_config_symlink_loop(tmp_path, dirs):  # was reported as "no config.json"
+def _model_with(tmp_path, dirs, name, make):
+    """A copy of the tiny model whose file `name` is replaced by what `make(path)` puts there."""
     model = _copy_model(dirs, tmp_path)
-    (model / "config.json").unlink()
-    (model / "config.json").symlink_to(model / "config.json")
+    (model / name).unlink()
+    make(model / name)
     return [str(model)]
+
+
+def case_config_symlink_loop(tmp_path, dirs):  # was reported as "no config.json"
+    return _model_with(tmp_path, dirs, "config.json", lambda p: p.symlink_to(p))
 
 
 def case_config_is_fifo(tmp_path, dirs):
-    model = _copy_model(dirs, tmp_path)
-    (model / "config.json").unlink()
-    os.mkfifo(model / "config.json")
-    return [str(model)]
+    return _model_with(tmp_path, dirs, "config.json", os.mkfifo)
 
 
 def case_weights_are_a_directory(tmp_path, dirs):  # open() raised IsADirectoryError
-    model = _copy_model(dirs, tmp_path)
-    (model / "model.safetensors").unlink()
-    (model / "model.safetensors").mkdir()
-    return [str(model)]
+    return _model_with(tmp_path, dirs, "model.safetensors", lambda p: p.mkdir())
 
 
 def case_weights_are_a_fifo(tmp_path, dirs):  # open() blocked forever, waiting for a writer
-    model = _copy_model(dirs, tmp_path)
-    (model / "model.safetensors").unlink()
-    os.mkfifo(model / "model.safetensors")
-    return [str(model)]
+    return _model_with(tmp_path, dirs, "model.safetensors", os.mkfifo)
 
 
 def case_tokenizer_is_fifo(tmp_path, dirs):
-    model = _copy_model(dirs, tmp_path)
-    (model / "tokenizer.json").unlink()
-    os.mkfifo(model / "tokenizer.json")
-    return [str(model)]
+    return _model_with(tmp_path, dirs, "tokenizer.json", os.mkfifo)
 
 
 # (case, exit code, substrings of the one-line message: the cause and the fix)

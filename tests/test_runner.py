@@ -35,27 +35,17 @@ def test_greedy_batch_of_unequal_prompts_equals_hf_generate(arch, loaded_models,
     assert got.steps == NEW_TOKENS and got.time_to_first_token_s > 0
 
 
-def test_stop_tokens_end_each_sequence_on_its_own(loaded_models, final_fp32):
+@pytest.mark.parametrize("at", [3, 0], ids=["decode-step", "first-new-token"])
+def test_stop_tokens_end_each_sequence_on_its_own(loaded_models, final_fp32, at):
+    """A stop token the second sequence emits at new token `at` ends that sequence there and no other;
+    the first new token comes from prefill, outside the decode loop: a stop there counts too."""
     loaded = loaded_models["llama"]
     ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
     runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
     free = runner.generate(ids, 12).tokens
-    stop = free[1][3]  # a token the second sequence emits at step 4
+    stop = free[1][at]
     stopped = runner.generate(ids, 12, stop_tokens=(stop,)).tokens
-    for full, cut in zip(free, stopped):
-        expected = full[: full.index(stop) + 1] if stop in full else full
-        assert cut == expected
-
-
-def test_a_stop_token_as_the_first_new_token_ends_that_sequence(loaded_models, final_fp32):
-    """The first new token comes from prefill, outside the decode loop: a stop there counts too."""
-    loaded = loaded_models["llama"]
-    ids = [loaded.tokenizer(p).input_ids for p in PROMPTS]
-    runner = Runner(OnnxRuntimeExecutor(final_fp32("llama")))
-    free = runner.generate(ids, 8).tokens
-    stop = free[1][0]
-    stopped = runner.generate(ids, 8, stop_tokens=(stop,)).tokens
-    assert stopped[1] == [stop]
+    assert stopped[1] == free[1][: free[1].index(stop) + 1]
     for full, cut in zip(free, stopped):
         assert cut == (full[: full.index(stop) + 1] if stop in full else full)
 
