@@ -236,4 +236,4 @@ def test_scales_that_would_round_up_to_infinity_round_down():
 
 def test_defaults_are_block_128_without_the_lm_head():
     p = QuantizeInt4RtnPass()
-    assert p.block == p.k_multiple == 128 and p.include_lm_head is False
+    assert p.block == 128 and p.block_for(4096) == (128, None) and p.include_lm_head is False

@@ -119,17 +119,22 @@ def test_compare_names_a_graph_it_cannot_run():
 def test_judge_fails_only_beyond_each_bound():
     from compiler.validate import judge, rejudge
 
-    tol = Tolerance(max_abs_logit_error=0.5, mean_abs_logit_error=0.05, min_greedy_agreement=0.9)
-    assert judge(0.5, 0.05, 0.9, tol) == []  # at the bound passes
-    assert judge(0.5001, 0.05, 0.9, tol) == ["max |logit error| 0.5001 > 0.5"]
-    assert judge(0.5, 0.0501, 0.9, tol) == ["mean |logit error| 0.0501 > 0.05"]
-    assert judge(0.5, 0.05, 0.899, tol) == ["greedy agreement 89.9% < 90.0%"]
-    assert judge(float("inf"), 0.0, 1.0, tol)[0] == "non-finite logits in the compiled graph"
-    assert judge(0.0, float("nan"), 1.0, tol) == ["non-finite logits in the compiled graph"]
+    tol = Tolerance(max_abs_logit_error=0.5, mean_abs_logit_error=0.05, max_rel_logit_error=0.8,
+                    min_greedy_agreement=0.9)
+    assert judge(0.5, 0.05, 0.8, 0.9, tol) == []  # at the bound passes
+    assert judge(0.5001, 0.05, 0.8, 0.9, tol) == ["max |logit error| 0.5001 > 0.5"]
+    assert judge(0.5, 0.0501, 0.8, 0.9, tol) == ["mean |logit error| 0.0501 > 0.05"]
+    assert judge(0.5, 0.05, 0.8001, 0.9, tol)[0].startswith("wiring check: relative logit error 0.8 > 0.8")
+    assert judge(0.5, 0.05, 0.8, 0.899, tol) == ["greedy agreement 89.9% < 90.0%"]
+    assert judge(float("inf"), 0.0, 0.0, 1.0, tol)[0] == "non-finite logits in the compiled graph"
+    assert judge(0.0, float("nan"), 0.0, 1.0, tol) == ["non-finite logits in the compiled graph"]
+    assert judge(0.0, 0.0, float("nan"), 1.0, tol) == ["non-finite logits in the compiled graph"]
+    unset = Tolerance(min_greedy_agreement=0.9)  # bounds the recipe leaves out are not checked
+    assert judge(1e9, 1e9, 1e9, 0.9, unset) == []
     reference, executor = _scripted_reference({})
     from compiler.validate import compare
 
     passed = compare(reference, executor(), tol)
-    failed = rejudge(passed, Tolerance(-1.0, 0.05, 0.9))
+    failed = rejudge(passed, Tolerance(max_abs_logit_error=-1.0, mean_abs_logit_error=0.05, min_greedy_agreement=0.9))
     assert passed.passed is True and failed.passed is False and failed.tolerance.max_abs_logit_error == -1.0
     assert failed.failures == ["max |logit error| 0 > -1"] and failed.max_abs_error == passed.max_abs_error
