@@ -259,6 +259,10 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         producer = value.producer()
         if producer is None or len(value.uses()) == 0:
             return None
+        if producer.op_type == "Cast" and producer.domain == "" and len(producer.inputs[0].uses()) == 1:
+            # residual-fp32 (Gemma 3) leaves RMSNormalization(FP32) -> Cast(FP16) -> the group's MatMuls:
+            # a cast commutes with a per-channel scale, so the norm still absorbs 1/s.
+            return QuantizeInt4AwqPass._fold_target(producer.inputs[0], model)
         if producer.op_type == "RMSNormalization" and producer.domain == "":
             gamma = producer.inputs[1]
             if gamma is not None and gamma.is_initializer() and gamma.const_value is not None and len(gamma.uses()) == 1:

@@ -251,6 +251,28 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 
+def test_awq_folds_through_the_fp32_residual_casts_on_gemma3(finals, loaded):
+    """After cast-fp16 and residual-fp32 (the recipes' order), Gemma's norms run in FP32 and a Cast feeds
+    the q/k/v and gate/up groups: AWQ must still fold into those norms, not fall back to RTN + clip."""
+    from compiler.calibrate import calibrate
+    from compiler.corpus import default_calibration_text
+    from passes import PassContext, make_pass
+    from passes.quantize_int4_awq import QuantizeInt4AwqPass
+
+    model = _fp16(finals["gemma3"])
+    make_pass("residual-fp32", PassContext(max_positions=CAP))(model)
+    assert any(n.op_type == "Cast" and n.inputs[0].producer() is not None
+               and n.inputs[0].producer().op_type == "RMSNormalization" for n in model.graph)  # the case under test
+    awq = QuantizeInt4AwqPass(calibrate(loaded["gemma3"], default_calibration_text(), max_windows=2).activations,
+                              block_size=32)
+    awq.prepare(model, awq.plan(model)[0])
+    folded = sorted(name for name, (_, s) in awq._inputs.items() if s is not None)
+    layers = loaded["gemma3"].spec.num_layers
+    assert folded == sorted(f"model.layers.{i}.{m}" for i in range(layers)
+                            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                      "mlp.up_proj", "mlp.down_proj"))
+
+
 def _fp16(final: ir.Model) -> ir.Model:
     from passes import CastFp16Pass, CleanupPass
 
