@@ -290,7 +290,7 @@ def _texts(request: BuildRequest, recipe) -> _Texts:
     """Read --calib-data / --eval-data up front (bad files fail before any work), or the built-in samples."""
     calibrate_ = any(p in NEEDS_CALIBRATION for p in recipe.passes)
     quality = request.max_ppl_delta is not None or (request.measure_quality if request.measure_quality is not None
-                                                     else recipe.quantizes or recipe.max_ppl_delta is not None)
+                                                     else recipe.quantizes or recipe.quality_limits)
     calib = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
              else default_calibration_text()) if calibrate_ else None
     evaluation = (read_text_file(request.eval_data, "--eval-data") if request.eval_data

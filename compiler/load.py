@@ -63,34 +63,60 @@ def read_spec(path: Path, trust_remote_code: bool = False) -> ModelSpec:
     return spec
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _layer_types(cfg: dict) -> list[str] | None:
+    """Each layer's attention type as transformers derives it, or None for "the window on every layer".
+
+    `layer_types` when the config has it; otherwise what transformers' config classes fill in, so that
+    older configs without the field (Gemma 3 checkpoints on the Hub with `sliding_window_pattern`,
+    Qwen2 with `use_sliding_window` and `max_window_layers`) get the same global layers as PyTorch:
+    windowing a global layer would change its output past the window, unseen by a short validation.
+    """
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if not types:
+        model_type = cfg.get("model_type")
+        if model_type in ("gemma3", "gemma3_text"):  # Gemma3TextConfig: every `pattern`-th layer is global
+            pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        elif model_type in ("qwen2", "qwen3"):  # Qwen2Config: layers from max_window_layers on slide
+            first = int(cfg.get("max_window_layers", 28))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+        else:
+            return None
+    if len(types) != layers:
+        raise BadInputError(f"config.json has {len(types)} layer_types for {layers} layers; use the config "
+                            "that came with the weights")
+    unknown = sorted({t for t in types if t not in LAYER_TYPES})
+    if unknown:
+        raise BadInputError(f"config.json: field 'layer_types' holds {', '.join(map(repr, unknown))}; llmc knows "
+                            f"{', '.join(LAYER_TYPES)}; use the config that came with the weights")
+    return types
+
+
 def _sliding_window(cfg: dict) -> int | None:
-    """The attention window, where the config enables one (Mistral; Qwen2/Qwen3 with use_sliding_window;
-    Gemma 3's local layers)."""
+    """The attention window, where the config enables one on some layer (Mistral; Qwen2/Qwen3 with
+    use_sliding_window; Gemma 3's local layers)."""
     window = cfg.get("sliding_window")
     if not window or (cfg.get("model_type") in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False)):
         return None
-    types = cfg.get("layer_types")
-    if isinstance(types, list) and types and "sliding_attention" not in types:
+    types = _layer_types(cfg)
+    if types is not None and "sliding_attention" not in types:
         return None
     return int(window)
 
 
 def _layer_windows(cfg: dict) -> tuple[int, ...]:
-    """Each layer's attention window (0 = full attention), for the kv-cache pass's per-layer masks.
-
-    Configs with `layer_types` (Gemma 3's interleaved local / global layers; transformers writes it for
-    Qwen2/Qwen3 too) window only their "sliding_attention" layers; without it, a window applies to
-    every layer (Mistral).
-    """
+    """Each layer's attention window (0 = full attention), for the kv-cache pass's per-layer masks:
+    the window on the "sliding_attention" layers of `_layer_types`, or on every layer (Mistral)."""
+    types = _layer_types(cfg)
     window = _sliding_window(cfg) or 0
     layers = int(cfg["num_hidden_layers"])
-    types = cfg.get("layer_types")
     if not window:
         return (0,) * layers
-    if isinstance(types, list) and types:
-        if len(types) != layers:
-            raise BadInputError(f"config.json has {len(types)} layer_types for {layers} layers; use the config "
-                                "that came with the weights")
+    if types is not None:
         return tuple(window if t == "sliding_attention" else 0 for t in types)
     return (window,) * layers
 

@@ -133,6 +133,11 @@ class Recipe:
         return dict(self.pass_options[index]) if index < len(self.pass_options) else {}
 
     @property
+    def quality_limits(self) -> bool:
+        """Whether the recipe sets a held-out limit (max_ppl_delta, max_kl, min_heldout_agreement)."""
+        return any(v is not None for v in (self.max_ppl_delta, self.max_kl, self.min_heldout_agreement))
+
+    @property
     def quantizes(self) -> bool:
         return any(p.startswith("quantize-") for p in self.passes)
 

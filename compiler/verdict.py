@@ -66,7 +66,9 @@ def decide(validation: ValidationResult, quality, recipe: Recipe) -> Verdict:
         basis = "held-out quality and the validation prompt"
     else:
         basis = "the validation prompt"
-        if recipe.quantizes:
-            warnings.append(f"recipe '{recipe.name}' quantizes but held-out quality was not measured: the verdict "
-                            "rests on the validation prompt's wiring check alone (drop --no-measure-quality)")
+        if recipe.quantizes or recipe.quality_limits:
+            why, rest = (("quantizes", "the validation prompt's wiring check alone") if recipe.quantizes
+                         else ("sets held-out limits", "the validation prompt alone, those limits unchecked"))
+            warnings.append(f"recipe '{recipe.name}' {why} but held-out quality was not measured: the verdict "
+                            f"rests on {rest} (drop --no-measure-quality)")
     return Verdict(failures, basis, warnings)
