@@ -4,7 +4,7 @@ Tiny random models with power-of-two widths hide real bugs (FP16 overflow of Gem
 stream, BOS-sensitive perplexity, global layers windowed by mistake). This test builds the real model
 with the fp16 recipe at a cache longer than its 512-token window and checks what a user sees: the
 build passes and greedy text equals PyTorch FP32's, on a short prompt and on a held-out prompt past
-the window. Slow (~10 min on 2 cores) and it needs the model directory: `python
+the window. Slow (2:08 on an idle 2-core machine, build included) and it needs the model directory: `python
 benchmarks/gemma3_from_gguf.py DIR` (a 240 MB download), then `LLMC_GEMMA3_DIR=DIR pytest -m slow
 tests/test_real_model.py`. Figures for every recipe are in benchmarks/NOTES.md.
 """
