@@ -281,13 +281,20 @@ def assignment_after(ev: Evaluator, order: list[tuple[str, str]], count: int) ->
 def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe], None] | None = None,
                   on_progress: Callable[[int, int], None] | None = None,
                   sensitivity: list[Sensitivity] | None = None) -> SearchResult:
-    """The fewest promotions (most damaging per byte first) whose measured perplexity delta fits `budget`.
+    """The fewest promotions (most damaging per byte first) whose measured perplexity delta fits `budget`
+    and whose KL fits the recipe's `max_kl`, when it sets one: the written recipe carries that limit, so
+    an answer over it would pass the search and fail the build.
 
     `sensitivity` (per matmul, from measure_sensitivity) may be passed in to search several budgets."""
     note = on_probe or (lambda what, probe: None)
+    max_kl = getattr(ev.recipe, "max_kl", None)
+
+    def within(probe: Probe) -> bool:
+        return probe.ppl_delta <= budget and (max_kl is None or probe.kl_mean <= max_kl)
+
     start = ev.measure(assignment_after(ev, [], 0))
     note("all units in the recipe's format", start)
-    if start.ppl_delta <= budget:  # nothing to promote: no need to know which units hurt most
+    if within(start):  # nothing to promote: no need to know which units hurt most
         sensitivity, order, measured, best = [], [], {0: start}, 0
     else:
         sensitivity = sensitivity or measure_sensitivity(ev, "matmul", on_progress)
@@ -298,7 +305,7 @@ def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe],
             if count not in measured:
                 measured[count] = ev.measure(assignment_after(ev, order, count))
                 note(f"{count} of {len(order)} promotions", measured[count])
-            return measured[count].ppl_delta <= budget
+            return within(measured[count])
 
         if not fits(len(order)):
             best = len(order)
@@ -312,7 +319,7 @@ def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe],
                     low = mid
             best = high
     final = measured[best]
-    ok = final.ppl_delta <= budget
+    ok = within(final)
     label = f"{ev.recipe.name}-within-{budget:.2%}".replace("%", "pct")
     description = (f"{ev.recipe.name} with {best} promotions chosen for a held-out perplexity budget "
                    f"of {budget:.2%}: measured {final.ppl_delta:+.3%} at {final.weight_bytes} weight bytes")

@@ -132,6 +132,18 @@ def test_bisection_finds_the_fewest_promotions_brute_force_would():
     assert found.promotion_order[0] == ("model.layers.0.mlp.down_proj", "int8")
 
 
+def test_the_recipes_max_kl_is_searched_for_too():
+    """A recipe's max_kl goes into the searched recipe.yaml, so the search must meet it as well: here the
+    perplexity budget alone needs no promotion, the KL limit does."""
+    damage = [0.004, 0.0001, 0.002, 0.0, 0.0005, 0.001, 0.0002, 0.003]
+    ev = _Synthetic(damage)
+    ev.recipe = SimpleNamespace(name="synthetic", max_kl=0.001)
+    found = search_budget(ev, 0.05)
+    brute = next(c for c in range(len(found.promotion_order) + 1)
+                 if ev.measure(assignment_after(ev, found.promotion_order, c)).kl_mean <= 0.001)
+    assert brute > 0 and found.fits and found.promotions == brute and found.final.kl_mean <= 0.001
+
+
 def test_a_budget_not_even_fp16_meets_fails_with_the_figures(tmp_path):
     ev = _Synthetic([0.004, 0.002], floor=0.001)
     found = search_budget(ev, 0.0005)
