@@ -53,6 +53,25 @@ LLMC_VARIANTS = {
 }
 GENAI_VARIANTS = {f"genai int4 {algo} b{b}": (algo, b) for algo in ("rtn", "k_quant_mixed") for b in (128, 32)}
 
+# The builder (0.18.0) reads Gemma 3's rope as a flat `rope_parameters["rope_type"]` plus
+# `rope_local_base_freq`, the pre-transformers-5 config layout; transformers 5 nests it per layer type
+# and the builder fails with KeyError 'rope_type'. This runs the builder with the loaded config put back
+# in the old layout (the same thetas: global 1e6, local 1e4 on Gemma 3 270M); flat configs pass unchanged.
+GENAI_BUILDER = """
+import runpy, transformers
+_load = transformers.AutoConfig.from_pretrained
+def _flat(*args, **kwargs):
+    config = _load(*args, **kwargs)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and {"full_attention", "sliding_attention"} <= rope.keys():
+        config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        config.rope_theta = rope["full_attention"]["rope_theta"]
+        config.rope_parameters = dict(rope["full_attention"])
+    return config
+transformers.AutoConfig.from_pretrained = _flat
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
 
 def files_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
@@ -167,7 +186,7 @@ def main() -> None:
             continue
         out = args.out / name.replace(" ", "_")
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+        proc = subprocess.run([sys.executable, "-c", GENAI_BUILDER, "-i", str(model_dir), "-o", str(out),
                                "-p", "int4", "-e", "cpu", "-c", str(args.out / "genai-cache"), "--extra_options",
                                "accuracy_level=1", f"block_size={block}", f"algo_config={algo}"],
                               capture_output=True, text=True, env=env)
