@@ -92,6 +92,12 @@ def genai_logits(path: Path, windows: np.ndarray, head_dim: int) -> np.ndarray:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
+    # A model with sliding-window layers (Gemma 3) runs GroupQueryAttention on a cache buffer of at
+    # least the window ("sliding_window_cache: KV cache capacity (0) must be at least local_window_size"):
+    # an empty past of that capacity; attention_mask still says only the window's tokens are valid.
+    config = path.parent / "genai_config.json"
+    sliding = json.loads(config.read_text())["model"]["decoder"].get("sliding_window") if config.exists() else None
+    capacity = int(sliding["window_size"]) if sliding else 0
     out = []
     for i in range(0, len(windows), 4):
         chunk = windows[i:i + 4]
@@ -101,7 +107,7 @@ def genai_logits(path: Path, windows: np.ndarray, head_dim: int) -> np.ndarray:
         for name, meta in inputs.items():
             if name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in meta.type else np.float32
-                feeds[name] = np.zeros((len(chunk), meta.shape[1], 0, head_dim), dtype)
+                feeds[name] = np.zeros((len(chunk), meta.shape[1], capacity, head_dim), dtype)
         out.append(sess.run(["logits"], feeds)[0].astype(np.float32))
     return np.concatenate(out)
 
