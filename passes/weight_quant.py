@@ -73,11 +73,6 @@ class Target:
     block: int | None = None  # the format's block along K for this weight (block-wise formats)
 
 
-def select_targets(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False) -> list[Target]:
-    """The targeted MatMuls whose weight can be rewritten (see `matching_matmuls`)."""
-    return [t for t in matching_matmuls(model, targets, exclude, include_lm_head) if t.skipped is None]
-
-
 def matching_matmuls(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False) -> list[Target]:
     """Every MatMul with a constant 2-D float weight whose module name is targeted; a weight shared
     with another node (tied) comes back with `skipped` set, since rewriting it would change the other."""
