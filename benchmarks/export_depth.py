@@ -31,7 +31,7 @@ def loaded_model(layers: int):
     import torch
     import transformers
 
-    from compiler.types import LoadedModel, ModelSpec
+    from compiler.frontend.model import LoadedModel, ModelSpec
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=layers, **SMOLLM_135M)
@@ -42,7 +42,7 @@ def loaded_model(layers: int):
 
 
 def child(method: str, layers: int, save: str | None) -> dict:
-    from compiler.export import export_onnx
+    from compiler.frontend.export import export_onnx
 
     loaded = loaded_model(layers)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS

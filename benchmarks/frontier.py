@@ -2,7 +2,7 @@
 
 Runs on the CPU (onnxruntime), on the quality stage's held-out windows. For each uniform recipe and
 each budget (`--budgets`), prints held-out perplexity delta, KL and weight bytes; the budget mixes
-come from compiler/precision_search.py with the per-matmul sensitivity measured once.
+come from compiler/measure/precision_search.py with the per-matmul sensitivity measured once.
 
     python benchmarks/frontier.py --budgets 5,2,1,0.5,0.3,0.1
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compiler.calibrate import calibrate  # noqa: E402
-from compiler.corpus import default_calibration_text, default_eval_text  # noqa: E402
-from compiler.default_model import default_model_dir  # noqa: E402
-from compiler.export import export_onnx  # noqa: E402
-from compiler.load import load_model  # noqa: E402
-from compiler.precision_search import Evaluator, measure_sensitivity, search_budget  # noqa: E402
-from compiler.quality import held_out  # noqa: E402
+from compiler.frontend.calibrate import calibrate  # noqa: E402
+from compiler.frontend.corpus import default_calibration_text, default_eval_text  # noqa: E402
+from compiler.frontend.default_model import default_model_dir  # noqa: E402
+from compiler.frontend.export import export_onnx  # noqa: E402
+from compiler.frontend.load import load_model  # noqa: E402
+from compiler.measure.precision_search import Evaluator, measure_sensitivity, search_budget  # noqa: E402
+from compiler.measure.quality import held_out  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
 from passes import PassContext  # noqa: E402
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def corpus_prompt(tokenizer, tokens: int) -> str:
     """The start of the held-out Tiny Shakespeare split, cut to about `tokens` tokens of this tokenizer."""
-    from compiler.corpus import split_corpus
+    from compiler.frontend.corpus import split_corpus
 
     _, held_out = split_corpus()
     ids = tokenizer(held_out[: tokens * 8], add_special_tokens=False).input_ids[:tokens]
@@ -56,7 +56,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from compiler.generate import run_generate
+    from compiler.commands.generate import run_generate
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     prompts = list(args.prompt) + ([corpus_prompt(tokenizer, args.corpus_prompt_tokens)]

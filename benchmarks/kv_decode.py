@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from compiler.default_model import make_tiny_model
-from compiler.export import export_onnx
-from compiler.load import load_model
-from compiler.pipeline import run_passes
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.types import Recipe, Tolerance
+from compiler.frontend.default_model import make_tiny_model
+from compiler.frontend.export import export_onnx
+from compiler.frontend.load import load_model
+from compiler.frontend.run_passes import run_passes
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.recipe import Recipe, Tolerance
 from passes import PassContext
 
 CONTEXTS = (256, 1024)
@@ -33,8 +33,8 @@ CONTEXTS = (256, 1024)
 
 def build(graph_path: Path, passes: tuple[str, ...], capacity: int, out: Path) -> Path:
     model = ir.load(graph_path)
-    from compiler.types import ExportedGraph
-    from compiler.runtime import io_from_model
+    from compiler.graph_io import ExportedGraph
+    from compiler.runtime.executor import io_from_model
 
     graph, _ = run_passes(ExportedGraph(model, io_from_model(model)), Recipe("bench", "", passes, Tolerance(1, 1, 0)),
                           PassContext(max_positions=capacity))

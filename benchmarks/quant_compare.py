@@ -27,17 +27,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compiler.calibrate import calibrate, tokenize_windows  # noqa: E402
-from compiler.corpus import default_calibration_text, default_eval_text  # noqa: E402
-from compiler.default_model import default_model_dir  # noqa: E402
-from compiler.export import export_onnx  # noqa: E402
-from compiler.load import load_model  # noqa: E402
-from compiler.pipeline import run_passes  # noqa: E402
-from compiler.quality import default_prompts  # noqa: E402
+from compiler.frontend.calibrate import calibrate, tokenize_windows  # noqa: E402
+from compiler.frontend.corpus import default_calibration_text, default_eval_text  # noqa: E402
+from compiler.frontend.default_model import default_model_dir  # noqa: E402
+from compiler.frontend.export import export_onnx  # noqa: E402
+from compiler.frontend.load import load_model  # noqa: E402
+from compiler.frontend.run_passes import run_passes  # noqa: E402
+from compiler.measure.quality import default_prompts  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
-from compiler.runtime import io_from_model  # noqa: E402
-from compiler.runtime_onnx import OnnxRuntimeExecutor  # noqa: E402
-from compiler.types import ExportedGraph, Recipe, Tolerance  # noqa: E402
+from compiler.runtime.executor import io_from_model  # noqa: E402
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor  # noqa: E402
+from compiler.graph_io import ExportedGraph
+from compiler.recipe import Recipe, Tolerance  # noqa: E402
 from passes import PassContext  # noqa: E402
 
 LLMC_VARIANTS = {
@@ -134,7 +135,7 @@ def main() -> None:
     eval_text = default_eval_text()
     windows = np.array(tokenize_windows(loaded.tokenizer, eval_text, 128, 16), np.int64)
     # Teacher-forced agreement without a cache: prompt + the reference's greedy continuation in one window.
-    from compiler.validate import reference_decode
+    from compiler.measure.validate import reference_decode
 
     prompts = [loaded.tokenizer(p).input_ids for p in default_prompts(eval_text)]
     forced = [reference_decode(loaded, p, 63)[1] for p in prompts]

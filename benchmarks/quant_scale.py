@@ -35,7 +35,7 @@ def step(name: str, out: Path) -> dict:
         import torch
         import transformers
 
-        from compiler.default_model import _make_tokenizer
+        from compiler.frontend.default_model import _make_tokenizer
 
         tok = _make_tokenizer(512)
         cfg = transformers.Qwen2Config(**QWEN25_05B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -46,9 +46,9 @@ def step(name: str, out: Path) -> dict:
         model.save_pretrained(out / "model", safe_serialization=True)
         tok.save_pretrained(out / "model")
     elif name == "export":
-        from compiler.export import export_onnx
-        from compiler.load import load_model
-        from compiler.pipeline import run_passes
+        from compiler.frontend.export import export_onnx
+        from compiler.frontend.load import load_model
+        from compiler.frontend.run_passes import run_passes
         from compiler.recipe import load_recipe
         from passes import PassContext
 
@@ -61,9 +61,9 @@ def step(name: str, out: Path) -> dict:
         info["passes_s"] = time.perf_counter() - t
         ir.save(final.model, out / "fp16.onnx", external_data="fp16.onnx.data")
     else:
-        from compiler.calibrate import calibrate
-        from compiler.corpus import default_calibration_text
-        from compiler.load import load_model
+        from compiler.frontend.calibrate import calibrate
+        from compiler.frontend.corpus import default_calibration_text
+        from compiler.frontend.load import load_model
         from passes import PassContext, make_pass
 
         activations = None

@@ -42,7 +42,7 @@ def write_random_model(shape: str, out_dir: Path, dtype: str = "bfloat16", seed:
     import transformers
     from safetensors.torch import save_file
 
-    from compiler.default_model import _make_tokenizer
+    from compiler.frontend.default_model import _make_tokenizer
 
     start = time.perf_counter()
     out_dir = Path(out_dir)

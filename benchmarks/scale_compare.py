@@ -79,7 +79,7 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 def llmc_build(model: Path, recipe: str, out: Path, logs: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
-    res = run_measured([sys.executable, "-m", "compiler.cli", "build", str(model), "--recipe", recipe, "-o", str(out)],
+    res = run_measured([sys.executable, "-m", "compiler.commands.cli", "build", str(model), "--recipe", recipe, "-o", str(out)],
                        logs / f"llmc-{recipe}.log")
     report = out / "report.json"
     if not report.exists():  # a build outside its tolerance (exit 5) is moved aside with its report

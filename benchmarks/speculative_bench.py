@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compiler.proposers import DraftProposer, NgramProposer  # noqa: E402
-from compiler.runner import Runner  # noqa: E402
-from compiler.runtime_onnx import OnnxRuntimeExecutor  # noqa: E402
-from compiler.speculative import SpeculativeRunner  # noqa: E402
+from compiler.runtime.proposers import DraftProposer, NgramProposer  # noqa: E402
+from compiler.runtime.runner import Runner  # noqa: E402
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor  # noqa: E402
+from compiler.runtime.speculative import SpeculativeRunner  # noqa: E402
 
 PASSAGE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
            "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief,\n")

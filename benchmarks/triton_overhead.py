@@ -20,9 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from compiler.runner import Runner
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.serve import TritonServer
+from compiler.runtime.runner import Runner
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.serving.serve import TritonServer
 
 PROMPTS = ["The compiler", "Once upon a time", "A tensor is a", "Hello"]
 

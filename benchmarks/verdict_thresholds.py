@@ -1,8 +1,8 @@
 """What the accuracy verdict's figures measure on a real checkpoint: INT4 vs a broken graph.
 
 Why: the quantizing recipes' wiring check bounds the error *relative to the reference logits'
-spread* (compiler/validate.py, rel = rms(err) / std(reference logits) per position), and the verdict
-rests on held-out quality (compiler/verdict.py). Their thresholds need the figures of a real trained
+spread* (compiler/measure/validate.py, rel = rms(err) / std(reference logits) per position), and the verdict
+rests on held-out quality (compiler/measure/verdict.py). Their thresholds need the figures of a real trained
 model quantized to INT4 (which must pass) and of a broken model (which must fail). This script
 measures both in PyTorch alone, so it runs on any Hugging Face causal LM transformers loads (Gemma 3
 included, before llmc can compile it): decoder Linear weights fake-quantized with the same symmetric
@@ -50,9 +50,9 @@ def prompt_logits(model, ids: list[int], steps: int) -> tuple[torch.Tensor, list
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compiler.calibrate import tokenize_windows
-    from compiler.corpus import default_eval_text
-    from compiler.validate import DEFAULT_PROMPT
+    from compiler.frontend.calibrate import tokenize_windows
+    from compiler.frontend.corpus import default_eval_text
+    from compiler.measure.validate import DEFAULT_PROMPT
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -29,7 +29,7 @@ class BackendBuildError(LlmcError):
 
 
 class AccuracyError(LlmcError):
-    """The compiled graph's accuracy is outside the recipe's tolerance or held-out limits (compiler/verdict.py)."""
+    """The compiled graph's accuracy is outside the recipe's tolerance or held-out limits (compiler/measure/verdict.py)."""
 
     exit_code = 5
 

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError
+from compiler.errors import BadInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ CONFIG_FIELDS: dict[str, Field] = {
     "rope_scaling": Field("mapping"),
     "hidden_act": Field("str", choices=ACTIVATIONS),
     "hidden_activation": Field("str", choices=ACTIVATIONS),  # Gemma 3's name for it
-    "layer_types": Field("strs"),  # Gemma 3, Qwen3: one per layer (compiler/load.py checks the names and count)
+    "layer_types": Field("strs"),  # Gemma 3, Qwen3: one per layer (compiler/frontend/load.py checks the names and count)
     "query_pre_attn_scalar": Field("number", low=1e-6, high=1e9),  # Gemma 3: attention scale ** -2
     "tie_word_embeddings": Field("bool"),
     "attention_bias": Field("bool"),
@@ -191,7 +191,7 @@ def check_fields(data: Any, fields: dict[str, Field], file: Path, fix: str) -> d
 
 def read_json(file: Path, fix: str) -> Any:
     """A JSON file's contents; unreadable, non-UTF-8 or malformed files fail naming the file."""
-    from .safe_paths import read_bytes
+    from compiler.frontend.safe_paths import read_bytes
 
     raw = read_bytes(file)
     try:

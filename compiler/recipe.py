@@ -6,17 +6,60 @@ composed into nodes (which keep their positions) and checked key by key before i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import yaml
 
-from .errors import BadInputError
-from .input_schema import PASS_OPTION_FIELDS, check_fields
-from .types import Recipe, Tolerance
+from compiler.errors import BadInputError
+from compiler.input_schema import PASS_OPTION_FIELDS, check_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """What 'numerically correct' means for a recipe (compiled ONNX vs PyTorch FP32, one prompt).
+
+    Absolute bounds suit graphs that equal PyTorch up to FP16 rounding. A quantized graph's logits
+    move by an amount that scales with the model's logits, so quantizing recipes bound the error
+    relative to the reference logits' spread (`max_rel_logit_error`, compiler/measure/validate.py) as a
+    wiring check, and their verdict rests on held-out quality (compiler/measure/verdict.py). None: unchecked."""
+
+    max_abs_logit_error: float | None = None
+    mean_abs_logit_error: float | None = None
+    min_greedy_agreement: float = 0.0
+    max_rel_logit_error: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named, ordered pass list plus the tolerance its output must meet (recipes/*.yaml)."""
+
+    name: str
+    description: str
+    passes: tuple[str, ...]
+    tolerance: Tolerance
+    source: Path | None = None
+    sha256: str = ""  # of the recipe file's text: the build manifest and the cache keys record it
+    pass_options: tuple[dict, ...] = ()  # per pass, parallel to `passes` ({} = defaults)
+    max_ppl_delta: float | None = None  # relative held-out perplexity increase allowed (0.05 = 5%)
+    max_kl: float | None = None  # held-out mean KL(reference || compiled) allowed, nats per token
+    min_heldout_agreement: float | None = None  # held-out greedy agreement required (quality stage)
+
+    def options_for(self, index: int) -> dict:
+        return dict(self.pass_options[index]) if index < len(self.pass_options) else {}
+
+    @property
+    def quality_limits(self) -> bool:
+        """Whether the recipe sets a held-out limit (max_ppl_delta, max_kl, min_heldout_agreement)."""
+        return any(v is not None for v in (self.max_ppl_delta, self.max_kl, self.min_heldout_agreement))
+
+    @property
+    def quantizes(self) -> bool:
+        return any(p.startswith("quantize-") for p in self.passes)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-# max_ppl_delta, max_kl, min_heldout_agreement: the held-out quality a build must meet (compiler/verdict.py).
+# max_ppl_delta, max_kl, min_heldout_agreement: the held-out quality a build must meet (compiler/measure/verdict.py).
 QUALITY_KEYS = ("max_ppl_delta", "max_kl", "min_heldout_agreement")
 TOP_KEYS = ("name", "description", "passes", "tolerance", *QUALITY_KEYS)
 TOLERANCE_KEYS = ("max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error", "min_greedy_agreement")

@@ -52,7 +52,7 @@ from .kv_cache_scatter import layer_windows
 DOMAIN = "llmc"
 OP = "PagedAttention"
 PAGED_OP = "PagedAttentionBlockTable"  # a separate plugin: TensorRT plugins have a fixed input list
-BLOCK_TABLES = "block_tables"  # graph input name (the I/O contract of compiler/types.py)
+BLOCK_TABLES = "block_tables"  # graph input name (the I/O contract of compiler/graph_io.py)
 NUM_BLOCKS = "num_blocks"  # the pool's dynamic dim
 OPSET = 24
 FP8_MAX = 448.0

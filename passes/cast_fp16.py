@@ -24,7 +24,7 @@ def _to_f16(tensor) -> ir.Tensor:
 
     torch converts with F16C on every core; numpy's float16 cast is scalar and made this pass take
     two minutes on a 1B model. A tensor that views a BF16/FP16 model parameter (`torch_source()`,
-    compiler/lazy_weights.py) converts from the parameter itself: BF16 widens to FP32 exactly, so
+    compiler/frontend/lazy_weights.py) converts from the parameter itself: BF16 widens to FP32 exactly, so
     the result is the same bits, without the FP32 copy in between (1 GB for a 1B model's embedding).
     A view that is the last holder of its parameter (`owned_source()`) is converted in its own memory.
     """

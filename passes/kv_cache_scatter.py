@@ -17,7 +17,7 @@ real query can see them). The `attention_mask` input is no longer needed and is 
 Sliding-window layers (Mistral; Gemma 3's local layers) see only the last `window` positions:
 their mask is `pos - window < slot <= pos`, the window HF's `sliding_window_overlay` applies, so
 --max-seq may exceed the window. Which layers slide comes from the export (`LAYER_WINDOWS`, the
-graph metadata compiler/export.py writes from config.json), one window per layer, 0 = full.
+graph metadata compiler/frontend/export.py writes from config.json), one window per layer, 0 = full.
 
 Requires gqa-native-attention first: Attention must read the cache values directly.
 """

@@ -17,7 +17,7 @@ input, s = mean|x|^alpha (normalized) with alpha searched on a grid to minimise
 Quantization itself is the RTN of quantize_int4_rtn.py: symmetric, block-wise, FP16 scales, the
 block chosen per matmul by K (`int4_block`); a group shares its input, so K and the block.
 
-Calibration activations come from the PyTorch model (compiler/calibrate.py), keyed by Hugging Face
+Calibration activations come from the PyTorch model (compiler/frontend/calibrate.py), keyed by Hugging Face
 module name; a target without activations falls back to RTN (reported in `self.fallbacks`).
 """
 
@@ -298,7 +298,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
 
 
 # The searches are pure functions of (activations, weights, block). The precision search
-# (compiler/precision_search.py) runs this pass on dozens of assignments of the same model whose
+# (compiler/measure/precision_search.py) runs this pass on dozens of assignments of the same model whose
 # groups mostly repeat; remembering results by content makes each repeat a hash instead of a search.
 _MEMO: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 _MEMO_ENTRIES = 256

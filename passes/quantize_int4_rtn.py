@@ -8,7 +8,7 @@ and the dequantized weight are FP16. Target selection: passes/weight_quant.py.
 
 FP16 scales are rounded *up* to 8 significant bits (`exact_product_scale`), so every q * scale is
 exact in FP16: the DequantizeLinear's output is the exact product, whoever computes it. That is what
-lets the CPU executor run these MatMuls as onnxruntime's 4-bit `MatMulNBits` (compiler/ort_widen.py),
+lets the CPU executor run these MatMuls as onnxruntime's 4-bit `MatMulNBits` (compiler/runtime/ort_widen.py),
 which dequantizes in FP32 without rounding to FP16, and still compute this graph's numbers. Rounding
 up, never down, keeps max|W_block| / scale <= 7 (no extra clipping); the scale moves by < 2**-7.
 

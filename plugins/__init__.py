@@ -7,5 +7,5 @@
 
 passes/attention_plugin.py puts the node in the graph (recipes fp8kv, fp16-plugin). Plugin recipes
 are refused before export on backends without plugin layers (TensorRT-RTX, whose parser aborts on
-a custom-domain node); compiler.build registers the plugin before parsing on full TensorRT.
+a custom-domain node); compiler.engine.engine_build registers the plugin before parsing on full TensorRT.
 """

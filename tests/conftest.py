@@ -82,7 +82,7 @@ def _once(tmp_path_factory, name: str, make):
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from compiler.default_model import make_tiny_model
+    from compiler.frontend.default_model import make_tiny_model
 
     def make(root):
         for i, arch in enumerate(ARCHS):
@@ -108,9 +108,9 @@ def exported(build_cache):
 
     The same entry, keyed the same way, that `llmc build --cache-dir` reads and writes.
     """
-    from compiler.cache import StageCache, export_key
-    from compiler.driver import export_to_cache
-    from compiler.load import load_model
+    from compiler.driver.cache import StageCache, export_key
+    from compiler.driver.run import export_to_cache
+    from compiler.frontend.load import load_model
 
     def get(model_dir: Path, loaded=None) -> Path:
         cache = StageCache(build_cache)
@@ -133,7 +133,7 @@ def llama_export(llama, llmc_cache, model_dirs, exported):
     """The FP32 export of the tiny Llama (a copy of the shared cache's); tests load their own copy to mutate."""
     import onnx_ir as ir
 
-    from compiler.runtime import io_from_model
+    from compiler.runtime.executor import io_from_model
 
     path = llmc_cache / "test-llama-fp32.onnx"
     shutil.copyfile(exported(model_dirs["llama"], llama), path)
@@ -155,10 +155,11 @@ def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CA
     """Export (or reuse `exported`) + the fp16 recipe's rewrites (without the FP16 lowering unless asked)."""
     import onnx_ir as ir
 
-    from compiler.export import export_onnx
-    from compiler.pipeline import run_passes
-    from compiler.runtime import io_from_model
-    from compiler.types import ExportedGraph, Recipe, Tolerance
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.run_passes import run_passes
+    from compiler.runtime.executor import io_from_model
+    from compiler.graph_io import ExportedGraph
+    from compiler.recipe import Recipe, Tolerance
     from passes import PassContext
 
     if exported is not None:
@@ -174,7 +175,7 @@ def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CA
 
 @pytest.fixture(scope="session")
 def loaded_models(model_dirs):
-    from compiler.load import load_model
+    from compiler.frontend.load import load_model
 
     return {arch: load_model(path) for arch, path in model_dirs.items()}
 
@@ -206,8 +207,8 @@ def final_fp16_llama(llama, llmc_cache, llama_export) -> Path:
 
 @pytest.fixture(scope="session")
 def trained():
-    from compiler.default_model import default_model_dir
-    from compiler.load import load_model
+    from compiler.frontend.default_model import default_model_dir
+    from compiler.frontend.load import load_model
 
     return load_model(default_model_dir())
 
@@ -215,7 +216,7 @@ def trained():
 @pytest.fixture(scope="session")
 def trained_fp16(trained, exported, tmp_path_factory) -> Path:
     """The fp16 recipe's graph of the trained model (capacity 256), made once per run from its one export."""
-    from compiler.default_model import default_model_dir
+    from compiler.frontend.default_model import default_model_dir
     from compiler.recipe import load_recipe
 
     def make(folder: Path):
@@ -233,8 +234,8 @@ def trained_build_cache(build_cache):
 
 @pytest.fixture(scope="session")
 def trained_calibration(trained):
-    from compiler.calibrate import calibrate
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import calibrate
+    from compiler.frontend.corpus import default_calibration_text
 
     return calibrate(trained, default_calibration_text(), max_windows=16)
 
@@ -274,7 +275,7 @@ def cached_build(model_dirs, tmp_path_factory):
 
     from click.testing import CliRunner
 
-    from compiler.cli import main
+    from compiler.commands.cli import main
 
     def make(root: Path):
         start = time.perf_counter()

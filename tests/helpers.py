@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from compiler.backend import get_backend
-from compiler.build import build_engine
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.types import BuildOptions, GraphIO
+from compiler.engine.backend import get_backend
+from compiler.engine.engine_build import build_engine
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.engine.engine_build import BuildOptions
+from compiler.graph_io import GraphIO
 
 
 def op_counts(model: ir.Model) -> collections.Counter:

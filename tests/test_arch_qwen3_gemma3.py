@@ -2,7 +2,7 @@
 rewrites, onnxruntime against PyTorch over a sequence longer than Gemma's sliding window, TensorRT-RTX
 parse + build.
 
-The tiny Gemma 3 has Gemma 3 270M's traits (compiler/default_model.py): local layers with a window of
+The tiny Gemma 3 has Gemma 3 270M's traits (compiler/frontend/default_model.py): local layers with a window of
 GEMMA3_TINY_WINDOW (8) positions interleaved with a global one, a rope theta per layer type, one KV
 head, query_pre_attn_scalar unlike head_dim, q/k RMSNorm, four norms per block, tied embeddings.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.default_model import GEMMA3_TINY_WINDOW
+from compiler.frontend.default_model import GEMMA3_TINY_WINDOW
 from helpers import build_with_backend, op_counts, save
 
 CAP = 32
@@ -26,7 +26,7 @@ FP32_PASSES = ("cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-cache-s
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    from compiler.default_model import make_tiny_model
+    from compiler.frontend.default_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("arch")
     return {arch: make_tiny_model(root / f"tiny-{arch}", arch, num_layers=LAYERS[arch], seed=7 + i)
@@ -35,7 +35,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(dirs):
-    from compiler.load import load_model
+    from compiler.frontend.load import load_model
 
     return {arch: load_model(path) for arch, path in dirs.items()}
 
@@ -70,7 +70,7 @@ def test_windows_without_layer_types_follow_transformers():
     import transformers
 
     from compiler.errors import BadInputError
-    from compiler.load import _layer_windows
+    from compiler.frontend.load import _layer_windows
 
     gemma = {"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 512, "sliding_window_pattern": 6}
     hf = transformers.Gemma3TextConfig(num_hidden_layers=12, sliding_window=512, sliding_window_pattern=6).layer_types
@@ -89,7 +89,7 @@ def test_windows_without_layer_types_follow_transformers():
 
 
 def test_spec_windows_per_layer(dirs, tmp_path):
-    from compiler.load import read_spec
+    from compiler.frontend.load import read_spec
 
     gemma = read_spec(dirs["gemma3"])
     assert (gemma.architecture, gemma.num_kv_heads, gemma.head_dim) == ("Gemma3ForCausalLM", 1, 32)
@@ -119,9 +119,9 @@ def test_max_seq_beyond_the_window(dirs):
     import dataclasses
 
     from compiler.errors import UnsupportedModelError
-    from compiler.load import read_spec
-    from compiler.preflight import check_max_seq
-    from compiler.types import BuildOptions
+    from compiler.frontend.load import read_spec
+    from compiler.driver.preflight import check_max_seq
+    from compiler.engine.engine_build import BuildOptions
 
     gemma = read_spec(dirs["gemma3"])
     check_max_seq(gemma, BuildOptions(max_seq=64))
@@ -135,11 +135,11 @@ def test_max_seq_beyond_the_window(dirs):
 def test_gemma3_with_different_layers_is_exported_in_full(tmp_path):
     """Stamping one layer for all would give the global layers the local mask and rope: refused, so
     method="auto" exports every layer."""
-    from compiler.default_model import make_tiny_model
+    from compiler.frontend.default_model import make_tiny_model
     from compiler.errors import UnsupportedModelError
-    from compiler.export import export_onnx
-    from compiler.load import load_model
-    from compiler.stamp import heterogeneity
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.load import load_model
+    from compiler.frontend.stamp import heterogeneity
 
     deep = load_model(make_tiny_model(tmp_path / "gemma3-6", "gemma3", num_layers=6))
     assert heterogeneity(deep.model, 6).startswith("layer 1 differs from layer 0")  # its sliding flag
@@ -187,7 +187,7 @@ def test_a_window_no_shorter_than_the_cache_adds_no_mask(loaded, dirs, exported)
 def _run_fixed_cache(path, spec, ids: np.ndarray, prefill: int) -> np.ndarray:
     """Prefill `prefill` tokens, then decode the rest one at a time through the fixed-capacity cache;
     returns the logits of every position [B, T, vocab]."""
-    from compiler.runtime_onnx import OnnxRuntimeExecutor
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
     ex = OnnxRuntimeExecutor(path)
     batch = ids.shape[0]
@@ -252,12 +252,12 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     (1 + w): the exported RMSNormalization's scale must be that whole factor for the fold to be exact.
     Scaled but not yet quantized, the graph must compute what it did; and every q/k/v and gate/up group
     (after input_layernorm / pre_feedforward_layernorm; Qwen3's after its two norms) must have folded."""
-    from compiler.calibrate import calibrate
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import calibrate
+    from compiler.frontend.corpus import default_calibration_text
     from passes.quantize_int4_awq import QuantizeInt4AwqPass
 
     from helpers import feeds_with_past, run_onnx
-    from compiler.runtime import io_from_model
+    from compiler.runtime.executor import io_from_model
 
     model = ir.from_proto(ir.to_proto(finals[arch]))
     before = save(finals[arch], tmp_path / "before.onnx")
@@ -283,8 +283,8 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
 def test_awq_folds_through_the_fp32_residual_casts_on_gemma3(finals, loaded):
     """After cast-fp16 and residual-fp32 (the recipes' order), Gemma's norms run in FP32 and a Cast feeds
     the q/k/v and gate/up groups: AWQ must still fold into those norms, not fall back to RTN + clip."""
-    from compiler.calibrate import calibrate
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import calibrate
+    from compiler.frontend.corpus import default_calibration_text
     from passes import PassContext, make_pass
     from passes.quantize_int4_awq import QuantizeInt4AwqPass
 
@@ -313,8 +313,8 @@ def _fp16(final: ir.Model) -> ir.Model:
 
 def _greedy(path, prompts, steps: int = 6) -> np.ndarray:
     """Prefill + greedy decode through the runner (its executor makes the paged graph's block tables)."""
-    from compiler.runner import Runner
-    from compiler.runtime_onnx import OnnxRuntimeExecutor
+    from compiler.runtime.runner import Runner
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
     runner = Runner(OnnxRuntimeExecutor(path))
     logits = [runner.prefill(prompts)]
@@ -347,7 +347,7 @@ def test_paged_plugin_recipe_on_qwen3_and_its_refusal_on_gemma3(finals, tmp_path
 def _cli_build(model_dir, out, build_cache, *extra):
     from click.testing import CliRunner
 
-    from compiler.cli import main
+    from compiler.commands.cli import main
 
     result = CliRunner().invoke(main, ["build", str(model_dir), "--max-seq", "64", "-o", str(out),
                                        "--cache-dir", str(build_cache), *extra])
@@ -373,7 +373,7 @@ def test_cli_int4_builds_quantize_every_decoder_matmul(dirs, build_cache, tmp_pa
     Qwen3 measured 41% at max |err| 1.37 of 3): accuracy claims are the trained model's (NOTES.md)."""
     from click.testing import CliRunner
 
-    from compiler.cli import main
+    from compiler.commands.cli import main
 
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["build", str(dirs[arch]), "--max-seq", "64", "-o", str(out),

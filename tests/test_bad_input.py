@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import main
+from compiler.commands.cli import main
 from compiler.errors import UnsupportedModelError
-from compiler.load import load_model
+from compiler.frontend.load import load_model
 
 PREVIOUS = {"report.json": '{"previous": true}\n', "model.onnx": "previous build\n"}
 
@@ -212,7 +212,7 @@ def case_max_batch_huge(tmp_path, dirs):
     return [str(dirs["llama"]), "--max-batch", str(1 << 40)]
 
 
-# --- file-system oddities around the model directory (compiler/safe_paths.py) --------------------------------
+# --- file-system oddities around the model directory (compiler/frontend/safe_paths.py) --------------------------------
 
 def case_model_dir_symlink_loop(tmp_path, dirs):  # Path.resolve raised RuntimeError
     link = tmp_path / "loop"
@@ -372,7 +372,7 @@ def test_output_directory_without_write_permission(model_dirs, tmp_path):
     locked = tmp_path / "read-only"
     locked.mkdir(mode=0o500)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([*_permission_bits_apply(), sys.executable, "-m", "compiler.cli", "build",
+    proc = subprocess.run([*_permission_bits_apply(), sys.executable, "-m", "compiler.commands.cli", "build",
                            str(model_dirs["llama"]), "-o", str(locked / "out")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -423,7 +423,7 @@ def test_trust_remote_code_runs_the_models_code_only_when_allowed(model_dirs, tm
 @pytest.mark.parametrize("where", ["_restore", "write_manifest"])
 def test_disk_full_mid_write_exit_6_and_previous_artifact_kept(cached_build, model_dirs, tmp_path, monkeypatch, where):
     """ENOSPC while copying the engine into staging, or while writing the manifest at package time."""
-    import compiler.driver as driver
+    import compiler.driver.run as driver
 
     first, cache, _, _ = cached_build
     out = tmp_path / "outs" / "artifact"
@@ -462,7 +462,7 @@ def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_o
     out = tmp_path / "outs" / "artifact"
     _place_previous(out)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "build", str(model_dirs["llama"]), "-o", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "build", str(model_dirs["llama"]), "-o", str(out)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for(proc, "[1/10] load")  # the reference and export (tens of seconds) run now
@@ -485,8 +485,8 @@ def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_o
 
 _SIGNAL_MID_BUILD = """
 import signal, sys, time
-import compiler.driver as driver
-from compiler.cli import main
+import compiler.driver.run as driver
+from compiler.commands.cli import main
 
 signum, model, out, cache = int(sys.argv[1]), *sys.argv[2:5]
 # As in a terminal: a process started from a background job or an xdist worker inherits SIGINT

@@ -5,11 +5,11 @@ import onnx.helper as h
 import pytest
 from onnx import TensorProto as TP
 
-from compiler.backend import get_backend
-from compiler.build import build_engine, profile_shapes
+from compiler.engine.backend import get_backend
+from compiler.engine.engine_build import build_engine, profile_shapes
 from compiler.errors import BackendBuildError
-from compiler.export import BATCH, PAST, SEQ, TOTAL
-from compiler.types import BuildOptions
+from compiler.frontend.export import BATCH, PAST, SEQ, TOTAL
+from compiler.engine.engine_build import BuildOptions
 
 
 def _save(tmp_path, nodes, inputs, outputs, opset=23, extra_opsets=()):
@@ -97,7 +97,7 @@ def test_timing_cache_written_then_reused_where_supported(tmp_path):
 def test_isolated_build_matches_in_process_and_returns_errors(tmp_path, trained_fp16):
     """The child-process build (used for >1 GiB models) gives the same engine I/O and layers, and
     a parser failure in the child reaches the parent as the same BackendBuildError."""
-    from compiler.build import build_engine_isolated
+    from compiler.engine.engine_build import build_engine_isolated
 
     opts = BuildOptions(max_batch=1, max_seq=64)
     here = build_engine(trained_fp16, tmp_path / "a.plan", opts, get_backend())
@@ -112,8 +112,8 @@ def test_isolated_build_matches_in_process_and_returns_errors(tmp_path, trained_
 def test_isolated_build_reports_the_childs_peak_not_the_parents(tmp_path, trained_fp16):
     """A spawned child inherits its parent's ru_maxrss on Linux (the mark survives vfork + exec): a
     parent that once held 2 GiB must not make the builder child report 2 GiB."""
-    from compiler.build import build_engine_isolated
-    from compiler.memory import own_peak_rss_bytes
+    from compiler.engine.engine_build import build_engine_isolated
+    from compiler.runtime.memory import own_peak_rss_bytes
 
     if own_peak_rss_bytes() is None:
         pytest.skip("no /proc/self/status VmHWM on this platform")
@@ -156,7 +156,7 @@ def test_streamed_plan_is_the_serialized_plan(tmp_path, trained_fp16):
     hand, was byte-identical.)"""
     import numpy as np
 
-    from compiler import build as build_module
+    from compiler.engine import engine_build as build_module
 
     backend = get_backend()
     opts = BuildOptions(max_batch=1, max_seq=64)
@@ -187,7 +187,7 @@ def test_aliased_plugin_io_is_set_on_the_builder_config_only_with_plugin_layers(
     set on a real builder config of the installed TensorRT(-RTX) when the network has plugin layers."""
     from types import SimpleNamespace
 
-    from compiler.build import enable_aliased_plugin_io, plugin_layer_count
+    from compiler.engine.engine_build import enable_aliased_plugin_io, plugin_layer_count
 
     trt = get_backend().trt
     feature = trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03
@@ -208,7 +208,7 @@ def test_native_cache_graph_needs_tensorrt_with_kv_cache_update(tmp_path):
     """KVCacheUpdate (what TensorScatter parses to) appears in TensorRT 10.15: an older one is named before parsing."""
     import dataclasses
 
-    from compiler.build import native_cache_updates
+    from compiler.engine.engine_build import native_cache_updates
 
     F16, vi = TP.FLOAT16, h.make_tensor_value_info
     node = h.make_node("TensorScatter", ["cache", "new", "idx"], ["out"], axis=2, name="layer0_k_scatter")

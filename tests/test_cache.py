@@ -10,8 +10,8 @@ import time
 
 from click.testing import CliRunner
 
-from compiler.cli import main
-from compiler.manifest import file_sha256
+from compiler.commands.cli import main
+from compiler.report.manifest import file_sha256
 from compiler.recipe import load_recipe
 
 FP16_PASSES = f"[{', '.join(load_recipe('fp16').passes)}]"  # the default build's passes, so its cache entries match

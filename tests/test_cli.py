@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from compiler.cli import main
+from compiler.commands.cli import main
 
 LAYOUT = ["manifest.json", "model.onnx", "model.plan", "report.json", "report.md", "tokenizer", "triton", "weights.png"]
 
@@ -49,7 +49,7 @@ def test_default_build_subprocess(tmp_path, build_cache):
 
     It shares the run's stage cache, so the export of the bundled model is made once per test run."""
     out = tmp_path / "default"
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(out), "--cache-dir", str(build_cache)],
+    proc = subprocess.run([sys.executable, "-m", "compiler.commands.cli", "build", "-o", str(out), "--cache-dir", str(build_cache)],
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
@@ -68,7 +68,7 @@ def test_default_build_subprocess(tmp_path, build_cache):
     assert "time to first token" in gen.stdout and "tokens/s" in gen.stdout
     assert gen.stdout.count("The compiler") == 1 and "Once upon a time" in gen.stdout
     trt = CliRunner().invoke(main, ["generate", str(out), "--prompt", "x", "--executor", "tensorrt"])
-    from compiler.backend import get_backend
+    from compiler.engine.backend import get_backend
 
     if get_backend().execution_unavailable_reason():
         assert trt.exit_code == 4 and "cannot run model.plan here" in trt.stderr
@@ -101,13 +101,13 @@ def test_out_of_tolerance_fails_with_exit_5_and_keeps_nothing_at_output(model_di
 
 
 def test_llmc_command_exits_fast_with_its_output_and_codes(tmp_path):
-    """The `llmc` command leaves through compiler.cli.run (os._exit, skipping the interpreter's
+    """The `llmc` command leaves through compiler.commands.cli.run (os._exit, skipping the interpreter's
     teardown): piped output is still complete and every exit code is still the documented one."""
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["llmc"] == "compiler.cli:run"
-    cli = [sys.executable, "-m", "compiler.cli"]
+    assert scripts["llmc"] == "compiler.commands.cli:run"
+    cli = [sys.executable, "-m", "compiler.commands.cli"]
     codes = subprocess.run([*cli, "exit-codes"], capture_output=True, text=True, timeout=300)
     assert codes.returncode == 0 and codes.stdout.strip().splitlines()[-1].startswith("143")  # flushed to the pipe
     missing = subprocess.run([*cli, "build", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)

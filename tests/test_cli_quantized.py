@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from compiler.cli import main
+from compiler.commands.cli import main
 from compiler.recipe import RECIPES_DIR
 
 

@@ -1,4 +1,4 @@
-"""The build's memory plan (compiler/driver.py): the PyTorch model is gone before onnxruntime loads
+"""The build's memory plan (compiler/driver/run.py): the PyTorch model is gone before onnxruntime loads
 the compiled graph, and validate and quality share one session.
 
 Why it matters: at 1B the FP32 model and the widened FP32 session are 4.9 GB each, and a second
@@ -7,8 +7,8 @@ session for the quality stage repeated the widening's transient peak (21 GB on a
 
 import weakref
 
-import compiler.driver as driver
-from compiler.driver import BuildRequest, run_build
+import compiler.driver.run as driver
+from compiler.driver.run import BuildRequest, run_build
 
 
 def test_model_is_dropped_before_the_one_session_validate_and_quality_share(model_dirs, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from compiler.export import BATCH, PAST, SEQ, TOTAL
+from compiler.frontend.export import BATCH, PAST, SEQ, TOTAL
 from helpers import feeds_with_past, op_counts, run_onnx
 
 

@@ -1,4 +1,4 @@
-"""Stamped export (compiler/stamp.py): a 2-layer export cloned per layer must equal the full export.
+"""Stamped export (compiler/frontend/stamp.py): a 2-layer export cloned per layer must equal the full export.
 
 The Llama (GQA) is exported twice at 6 layers (full, then stamped) and the two graphs compared;
 Qwen2 (biases) and Mistral are stamped only and compared with PyTorch directly (a full export of each
@@ -25,8 +25,8 @@ LAYERS = 6
 def _load_deep(root, arch: str, layers: int, seed: int):
     import torch
 
-    from compiler.default_model import make_tiny_model
-    from compiler.load import load_model
+    from compiler.frontend.default_model import make_tiny_model
+    from compiler.frontend.load import load_model
 
     loaded = load_model(make_tiny_model(root / f"{arch}-{layers}", arch, num_layers=layers, seed=seed))
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +46,7 @@ def deep(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(deep, tmp_path_factory):
     """arch -> {"full": (ExportedGraph, path), "stamp": (...)}; full first so stamp's time has no warm-up in it."""
-    from compiler.export import export_onnx
+    from compiler.frontend.export import export_onnx
 
     root = tmp_path_factory.mktemp("stamp-exports")
     done: dict[str, dict] = {}
@@ -158,11 +158,11 @@ def test_stamped_graph_matches_pytorch(exports, deep, arch):
 
 def test_stamped_fp16_graph_builds_with_backend(exports, tmp_path):
     """The fp16 recipe's passes rewrite the stamped graph, and TensorRT(-RTX) parses and builds it."""
-    from compiler.pipeline import run_passes
+    from compiler.frontend.run_passes import run_passes
     from compiler.recipe import load_recipe
     from passes import PassContext
 
-    from compiler.types import ExportedGraph
+    from compiler.graph_io import ExportedGraph
 
     capacity = 128
     stamped, path = exports("llama")["stamp"]
@@ -177,7 +177,7 @@ def test_stamped_fp16_graph_builds_with_backend(exports, tmp_path):
 @pytest.mark.slow  # a 24-layer export (~1 min); NOTES.md records the measurement
 def test_stamp_export_time_flat_in_depth(exports, tmp_path_factory):
     """24 stamped layers cost about what 6 do: the exporter only ever sees 2. Also checked against PyTorch."""
-    from compiler.export import export_onnx
+    from compiler.frontend.export import export_onnx
 
     full6, stamp6 = exports("llama")["full"][0].seconds, exports("llama")["stamp"][0].seconds
     loaded = _load_deep(tmp_path_factory.mktemp("deep24"), "llama", 24, seed=7)
@@ -207,7 +207,7 @@ def _tiny_hf(arch: str, layers: int, **extra):
 
 
 def test_heterogeneous_layers_are_detected():
-    from compiler.stamp import heterogeneity
+    from compiler.frontend.stamp import heterogeneity
 
     assert heterogeneity(_tiny_hf("llama", 6), 6) is None
     mixed = _tiny_hf("qwen2", 6, use_sliding_window=True, sliding_window=16, max_window_layers=3)
@@ -220,9 +220,9 @@ def test_auto_stamps_only_deep_homogeneous_models(monkeypatch, deep, llama):
     """auto: > 4 layers and homogeneous -> stamp; shallow -> full; a failing stamp falls back to full."""
     import dataclasses
 
-    import compiler.export as export
+    import compiler.frontend.export as export
     from compiler.errors import UnsupportedModelError
-    from compiler.stamp import StampError
+    from compiler.frontend.stamp import StampError
 
     calls = []
     monkeypatch.setattr(export, "_export_full", lambda loaded, verbose: calls.append("full"))

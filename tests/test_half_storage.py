@@ -1,4 +1,4 @@
-"""Half-stored weights computing in FP32 (compiler/half_storage.py): the FP32 model's numbers from
+"""Half-stored weights computing in FP32 (compiler/frontend/half_storage.py): the FP32 model's numbers from
 half the bytes. Compared with the same checkpoint loaded in FP32, which is the reference it replaces."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.lazy_weights import ParameterView
-from compiler.half_storage import HalfStoredEmbedding, HalfStoredLinear, is_half_stored, restore_fp32, store_half
+from compiler.frontend.lazy_weights import ParameterView
+from compiler.frontend.half_storage import HalfStoredEmbedding, HalfStoredLinear, is_half_stored, restore_fp32, store_half
 
 # FP32 summation order only: the widened weights are the FP32 model's exactly.
 REL_TOL = 1e-5
@@ -43,7 +43,7 @@ def test_big_weights_stay_half_and_everything_else_is_fp32(bf16_dir):
     assert kept == sum(p.numel() * 2 for p in {id(p): p for p in half.parameters() if p.dtype == torch.bfloat16}.values())
     theirs = fp32.state_dict()
     assert all(torch.equal(v.float(), theirs[k]) for k, v in half.state_dict().items())  # the same values
-    from compiler.memory import file_mappings, is_mapped
+    from compiler.runtime.memory import file_mappings, is_mapped
 
     spans = file_mappings(".safetensors")  # copied out of the shard mapping: its pages can be paged out
     assert not any(is_mapped(p.data_ptr(), 0, spans) for p in half.parameters())
@@ -94,8 +94,8 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path, tie):
     FP32; onnxruntime gives the same logits. Tied (Gather + lm_head Transpose) and untied."""
     import onnx_ir as ir
 
-    from compiler.export import export_onnx
-    from compiler.load import load_model
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.load import load_model
     from helpers import feeds_with_past, run_onnx
     from test_load import _half_checkpoint
 
@@ -128,7 +128,7 @@ def test_a_half_stored_model_exports_the_fp32_models_graph(tmp_path, tie):
     for tag, m in (("half", a), ("fp32", b)):
         paths.append(tmp_path / f"{tag}.onnx")
         ir.save(m, paths[-1])
-    from compiler.export import graph_io
+    from compiler.frontend.export import graph_io
 
     feeds = feeds_with_past(graph_io(full), np.float32, batch=1, seq=3, past=2)
     x, y = run_onnx(paths[0], feeds), run_onnx(paths[1], feeds)
@@ -160,9 +160,9 @@ def test_an_unexpected_use_of_the_stand_in_exports_again_in_fp32(tmp_path, monke
     FP32 and exports again, giving the FP32 model's graph."""
     import logging
 
-    import compiler.half_storage as half_storage
-    from compiler.export import export_onnx
-    from compiler.load import load_model
+    import compiler.frontend.half_storage as half_storage
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.load import load_model
     from test_load import _half_checkpoint
 
     path = _half_checkpoint(tmp_path, "bfloat16", tie=True)
@@ -176,7 +176,7 @@ def test_an_unexpected_use_of_the_stand_in_exports_again_in_fp32(tmp_path, monke
             yield stand_ins
 
     monkeypatch.setattr(half_storage, "fp32_stand_ins", half_storage.contextlib.contextmanager(miscounted))
-    with caplog.at_level(logging.WARNING, logger="compiler.export"):
+    with caplog.at_level(logging.WARNING, logger="compiler.frontend.export"):
         a = export_onnx(half, method="full").model
     assert "did not use the stand-in" in caplog.text and "exporting with the embedding in FP32" in caplog.text
     assert half.model.model.embed_tokens.weight.dtype == torch.float32  # restored for the second export
@@ -228,8 +228,8 @@ def test_after_the_model_is_dropped_the_embedding_is_cast_in_place(tmp_path, tie
 
     import onnx_ir as ir
 
-    from compiler.export import export_onnx
-    from compiler.load import load_model
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.load import load_model
     from passes.cast_fp16 import CastFp16Pass
     from test_load import _half_checkpoint
 

@@ -23,8 +23,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import compiler.driver as driver
-from compiler.cli import main
+import compiler.driver.run as driver
+from compiler.commands.cli import main
 from compiler.input_schema import CONFIG_FIELDS, TOKENIZER_CONFIG_FIELDS
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -37,7 +37,7 @@ class Reached(Exception):
 
 def _load_then_stop(request, progress, stage, out, output, model_path, recipe, *rest):
     """The load stage as the build runs it (one-line errors pass through), then the sentinel."""
-    from compiler.load import load_model
+    from compiler.frontend.load import load_model
 
     driver.check_validation_fits(load_model(model_path), request)
     raise Reached
@@ -48,8 +48,8 @@ def _passes_then_stop(export: Path):
         """The passes stage on the tiny Llama's export, with the recipe as parsed, then the sentinel."""
         import onnx_ir as ir
 
-        from compiler.runtime import io_from_model
-        from compiler.types import ExportedGraph
+        from compiler.runtime.executor import io_from_model
+        from compiler.graph_io import ExportedGraph
         from passes import PassContext
 
         model = ir.load(export)

@@ -13,7 +13,7 @@ from passes import PassContext, make_pass
 from passes.quantize_int4_rtn import int4_block
 from passes.weight_quant import QuantizedWeight, matching_matmuls, module_name
 from compiler.recipe import RECIPES_DIR
-from compiler.runtime_onnx import OnnxRuntimeExecutor
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from helpers import build_with_backend, op_counts, run_onnx, save
 
 INT4_PASSES = ("quantize-int4-rtn", "quantize-int4-awq")
@@ -25,8 +25,8 @@ HIDDEN, INTER = 576, 1536
 
 
 def _tiny(root, name, **shape):
-    from compiler.default_model import make_tiny_model
-    from compiler.load import load_model
+    from compiler.frontend.default_model import make_tiny_model
+    from compiler.frontend.load import load_model
 
     return load_model(make_tiny_model(root / name, "llama", num_layers=LAYERS, vocab_size=512, seed=5, **shape))
 
@@ -42,8 +42,8 @@ def _fp16_graph(loaded, exported, path):
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, exported):
     """(loaded model, its fp16-recipe graph, calibration) for hidden 576 / intermediate 1536."""
-    from compiler.calibrate import calibrate
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import calibrate
+    from compiler.frontend.corpus import default_calibration_text
 
     root = tmp_path_factory.mktemp("wide")
     loaded = _tiny(root, "llama-576", hidden_size=HIDDEN, intermediate_size=INTER, num_heads=9, num_kv_heads=3)
@@ -191,8 +191,8 @@ def test_low_coverage_fails_before_any_weight_changes(narrow):
 @pytest.mark.parametrize("name", INT4_PASSES)
 def test_a_recipe_that_allows_low_coverage_quantizes_the_rest_and_says_what_it_skipped(name, narrow):
     model = ir.load(narrow[1])
-    from compiler.calibrate import calibrate
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import calibrate
+    from compiler.frontend.corpus import default_calibration_text
 
     activations = calibrate(narrow[0], default_calibration_text(), window=64, max_windows=2).activations
     pass_ = make_pass(name, PassContext(max_positions=CAPACITY, activations=activations), {"min_coverage": 0.7})
@@ -232,7 +232,7 @@ def test_build_refuses_low_coverage_then_reports_it_when_allowed(narrow, build_c
     import yaml
     from click.testing import CliRunner
 
-    from compiler.cli import main
+    from compiler.commands.cli import main
 
     model_dir, out = str(narrow[0].path), tmp_path / "out"
     args = ["build", model_dir, "--max-seq", "64", "--cache-dir", str(build_cache), "-o", str(out)]

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from compiler.errors import BadInputError, UnsupportedModelError
-from compiler.load import SUPPORTED_ARCHITECTURES, load_model, read_spec
+from compiler.frontend.load import SUPPORTED_ARCHITECTURES, load_model, read_spec
 
 
 @pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
@@ -63,7 +63,7 @@ def _half_checkpoint(tmp_path, dtype: str, tie: bool = False):
     import torch
     import transformers
 
-    from compiler.default_model import make_tiny_model
+    from compiler.frontend.default_model import make_tiny_model
 
     src = make_tiny_model(tmp_path / "fp32", num_layers=2)
     config = transformers.AutoConfig.from_pretrained(src)
@@ -86,7 +86,7 @@ def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, 
     import torch
     import transformers
 
-    from compiler.load import checkpoint_dtype
+    from compiler.frontend.load import checkpoint_dtype
 
     path = _half_checkpoint(tmp_path, dtype, tie)
     assert checkpoint_dtype(sorted(path.glob("*.safetensors"))) == dtype
@@ -103,17 +103,17 @@ def test_a_half_checkpoint_loads_to_the_fp32_model_bit_for_bit(tmp_path, dtype, 
 
 
 def test_fp32_checkpoints_and_pickles_load_in_fp32(model_dirs, tmp_path):
-    from compiler.load import checkpoint_dtype
+    from compiler.frontend.load import checkpoint_dtype
 
     assert checkpoint_dtype(sorted(model_dirs["llama"].glob("*.safetensors"))) == "float32"
     assert checkpoint_dtype([tmp_path / "pytorch_model.bin"]) == "float32"  # pickles: no header to read
 
 
 def test_half_storage_is_the_default_for_big_half_checkpoints_only(tmp_path, model_dirs, monkeypatch):
-    from compiler.half_storage import is_half_stored
+    from compiler.frontend.half_storage import is_half_stored
 
     half = _half_checkpoint(tmp_path, "bfloat16")
     assert not is_half_stored(load_model(half).model)  # small: FP32
-    monkeypatch.setattr("compiler.load.HALF_STORAGE_ABOVE", 1)  # as if it were big
+    monkeypatch.setattr("compiler.frontend.load.HALF_STORAGE_ABOVE", 1)  # as if it were big
     assert is_half_stored(load_model(half).model)
     assert not is_half_stored(load_model(model_dirs["llama"]).model)  # an FP32 checkpoint: FP32 modules

@@ -1,18 +1,18 @@
-"""release_freed_memory: freed heap pages go back to the OS (compiler/memory.py)."""
+"""release_freed_memory: freed heap pages go back to the OS (compiler/runtime/memory.py)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from compiler.memory import _libc_trim
+from compiler.runtime.memory import _libc_trim
 
 # Runs in a fresh interpreter so the heap's state is known. A freed 16 MB buffer raises glibc's
 # mmap threshold, so the 4 MB buffers after it come from the heap; a small allocation on top
 # keeps the automatic top-of-heap trim from returning them. Freed, they stay resident until trimmed.
 SCRIPT = """
 import numpy as np
-from compiler.memory import release_freed_memory
+from compiler.runtime.memory import release_freed_memory
 
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
@@ -38,17 +38,17 @@ def test_freed_heap_pages_are_returned():
 # and the FP32 bytes of the model. DROP=0 turns the page dropping off (what the test compares with).
 LOAD_SCRIPT = """
 import os, sys
-import compiler.load, compiler.memory
+import compiler.frontend.load, compiler.runtime.memory
 if os.environ["DROP"] == "0":
-    compiler.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
-compiler.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
+    compiler.runtime.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
+compiler.frontend.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
 
 def hwm():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 base = hwm()
-model = compiler.load.load_model(sys.argv[1], half_storage=False).model
+model = compiler.frontend.load.load_model(sys.argv[1], half_storage=False).model
 print(hwm() - base, sum(p.numel() * 4 for p in model.parameters()))
 """
 
@@ -62,7 +62,7 @@ def test_a_half_checkpoint_loads_without_its_mapped_shard_beside_the_fp32_model(
     import torch
     import transformers
 
-    from compiler.default_model import make_tiny_model
+    from compiler.frontend.default_model import make_tiny_model
 
     src = make_tiny_model(tmp_path / "tok", num_layers=1)
     config = transformers.AutoConfig.from_pretrained(src)

@@ -1,4 +1,4 @@
-"""The CPU executor's FP16-MatMul widening (compiler/ort_widen.py): graph shape, numerics, the file untouched."""
+"""The CPU executor's FP16-MatMul widening (compiler/runtime/ort_widen.py): graph shape, numerics, the file untouched."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.ort_widen import F16, F32, widen_fp16_matmuls
-from compiler.runner import Runner
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.validate import reference_decode
+from compiler.runtime.ort_widen import F16, F32, widen_fp16_matmuls
+from compiler.runtime.runner import Runner
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.measure.validate import reference_decode
 from helpers import op_counts
 
 # One FP16 ulp at the trained model's logit magnitudes (|logit| < 16) is 2**-7 = 0.0078: the
@@ -113,7 +113,7 @@ def test_weights_through_a_scratch_file_match_in_memory(graph, external, trained
     the graph's own external data copied in beside them (no link out of the folder, no 2 GB proto)."""
     import onnxruntime as ort
 
-    from compiler.ort_widen import ALIGN, WeightFile, widened
+    from compiler.runtime.ort_widen import ALIGN, WeightFile, widened
 
     path = trained_fp16 if graph == "fp16" else trained_quantized("quantize-int4-rtn")
     if external:  # the layout of a graph over EXTERNAL_DATA_THRESHOLD: weights in model.onnx.data
@@ -141,7 +141,7 @@ def test_weights_through_a_scratch_file_match_in_memory(graph, external, trained
     (tmp_path / "env").mkdir()
     from_file = Runner(OnnxRuntimeExecutor(path)).teacher_forced(feeds_prompt, [1, 2, 3])
     assert list((tmp_path / "env").iterdir()) == []  # the scratch folder is gone once the session holds the weights
-    monkeypatch.setattr("compiler.runtime_onnx.widened", lambda p, scratch=None, int4=True: widened(p))  # in memory
+    monkeypatch.setattr("compiler.runtime.onnx_executor.widened", lambda p, scratch=None, int4=True: widened(p))  # in memory
     in_memory = Runner(OnnxRuntimeExecutor(path)).teacher_forced(feeds_prompt, [1, 2, 3])
     assert all(np.array_equal(a, b) for a, b in zip(from_file, in_memory))
     del ort

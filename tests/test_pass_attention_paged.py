@@ -14,13 +14,13 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from compiler.backend import get_backend
+from compiler.engine.backend import get_backend
 from compiler.errors import BackendBuildError, BadInputError
-from compiler.pass_check import prefill_logits
-from compiler.runner import Runner
-from compiler.runtime import block_tables_for, identity_block_tables, io_from_onnx, shuffled_block_tables
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.types import GraphIO
+from compiler.measure.pass_check import prefill_logits
+from compiler.runtime.runner import Runner
+from compiler.runtime.executor import block_tables_for, identity_block_tables, io_from_onnx, shuffled_block_tables
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.graph_io import GraphIO
 from passes import PassContext, make_pass, needs_plugins
 from passes.attention_plugin import BLOCK_TABLES, DOMAIN, NUM_BLOCKS, OP, PAGED_OP, AttentionPluginPass
 from plugins import attention_reference as ref
@@ -265,10 +265,10 @@ def test_paged_options_are_checked(final_fp16_llama, tmp_path):
 # --- TensorRT -------------------------------------------------------------------------------------------------
 
 def test_paged_recipes_are_refused_before_parsing_without_plugins(paged16, tmp_path, monkeypatch):
-    from compiler import driver
-    from compiler.build import build_engine
+    from compiler.driver import run as driver
+    from compiler.engine.engine_build import build_engine
     from compiler.recipe import load_recipe
-    from compiler.types import BuildOptions
+    from compiler.engine.engine_build import BuildOptions
 
     for name in ("fp16-paged", "fp8kv-paged"):
         recipe = load_recipe(name)
@@ -306,9 +306,9 @@ def _full_tensorrt_reason() -> str | None:
 def test_paged_engine_builds_with_full_tensorrt(paged16, native_run, tmp_path):
     """Full TensorRT: the parser maps the node to llmc::PagedAttentionBlockTable; the engine's I/O is the paged
     contract and its generation (pools on the GPU, shuffled tables) follows the unpaged onnxruntime graph."""
-    from compiler.build import build_engine
-    from compiler.runtime_trt import TensorRTExecutor
-    from compiler.types import BuildOptions
+    from compiler.engine.engine_build import build_engine
+    from compiler.runtime.trt_executor import TensorRTExecutor
+    from compiler.engine.engine_build import BuildOptions
 
     engine = build_engine(paged16[1], tmp_path / "paged.plan", BuildOptions(max_batch=2, max_seq=128), get_backend())
     tensors = {t.name: t for t in engine.tensors}

@@ -9,10 +9,10 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from compiler.backend import get_backend
+from compiler.engine.backend import get_backend
 from compiler.errors import BackendBuildError
-from compiler.runner import Runner
-from compiler.runtime_onnx import OnnxRuntimeExecutor
+from compiler.runtime.runner import Runner
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from passes import PassContext, make_pass, needs_plugins
 from passes.attention_plugin import DOMAIN, OP, AttentionPluginPass
 from plugins import attention_reference as ref
@@ -163,10 +163,10 @@ def test_window_changes_only_positions_past_it(final_fp16_llama, tmp_path):
 
 
 def test_plugin_recipes_are_marked_and_refused_before_parsing_without_plugins(fp8_graph, tmp_path, monkeypatch):
-    from compiler import driver
-    from compiler.build import build_engine
+    from compiler.driver import run as driver
+    from compiler.engine.engine_build import build_engine
     from compiler.recipe import load_recipe
-    from compiler.types import BuildOptions
+    from compiler.engine.engine_build import BuildOptions
 
     assert needs_plugins(load_recipe("fp8kv").passes) and needs_plugins(load_recipe("fp16-plugin").passes)
     assert not needs_plugins(load_recipe("fp16").passes)

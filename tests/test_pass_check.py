@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 import passes
-from compiler.cli import main
-from compiler.pass_check import PASS_TOLERANCES, PassChecker, first_divergent, prefill_logits, tolerance_for
-from compiler.report_card import SIZE_LINE
-from compiler.sizes import weight_footprint
-from compiler.types import PassRecord
+from compiler.commands.cli import main
+from compiler.measure.pass_check import PASS_TOLERANCES, PassChecker, first_divergent, prefill_logits, tolerance_for
+from compiler.report.card import SIZE_LINE
+from compiler.measure.sizes import weight_footprint
+from compiler.frontend.run_passes import PassRecord
 
 BROKEN = "test-scale-weight"
 FP16_PASSES = ["cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-cache-scatter", "cast-fp16", "residual-fp32",
@@ -144,7 +144,7 @@ def test_llmc_report_prints_the_card(builds, tmp_path):
 
 def test_card_precision_table_and_quality(builds):
     """Rendering a quantized build's fields: one row per layer, unlisted projections at the graph's default."""
-    from compiler.report_card import render_card
+    from compiler.report.card import render_card
 
     report = json.loads((builds["root"] / "healthy" / "report.json").read_text())
     report["precision"] = {"model.layers.0.self_attn.q_proj": "int4-awq", "model.layers.1.mlp.down_proj": "int8"}
@@ -158,7 +158,7 @@ def test_card_precision_table_and_quality(builds):
 
 def test_large_graphs_are_checked_through_external_data(builds, monkeypatch):
     """Above protobuf's cap the graph goes through a temp file with external weights: same logits, model intact."""
-    import compiler.pass_check as pass_check
+    import compiler.measure.pass_check as pass_check
 
     model = ir.load(builds["root"] / "healthy" / "model.onnx")
     ids = PassChecker(model).input_ids

@@ -85,8 +85,8 @@ def test_exported_weights_are_freed_once_cast_fp16_replaced_them(model_dirs):
     import torch
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from compiler.export import export_onnx
-    from compiler.load import load_model
+    from compiler.frontend.export import export_onnx
+    from compiler.frontend.load import load_model
     from passes import PassContext, make_pass
 
     loaded = load_model(model_dirs["llama"])

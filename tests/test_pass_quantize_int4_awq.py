@@ -21,7 +21,7 @@ def _feeds(model: ir.Model, ids: np.ndarray) -> dict:
 
 
 def _text_ids(trained, n=2, seq=48):
-    from compiler.corpus import default_eval_text
+    from compiler.frontend.corpus import default_eval_text
 
     ids = trained.tokenizer(default_eval_text()).input_ids
     return np.array([ids[i * seq:(i + 1) * seq] for i in range(n)], np.int64)
@@ -92,8 +92,8 @@ def test_calibration_samples_rows_as_they_pass(trained, trained_calibration, nam
     module with its own input and for modules sharing one (k_proj with q_proj, up_proj with gate_proj)."""
     import torch
 
-    from compiler.calibrate import tokenize_windows
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import tokenize_windows
+    from compiler.frontend.corpus import default_calibration_text
 
     module = dict(trained.model.named_modules())[name]
     chunks = tokenize_windows(trained.tokenizer, default_calibration_text(), 128, 16)
@@ -129,8 +129,8 @@ def test_modules_fed_one_tensor_share_one_sample_on_disk(trained_calibration):
 
 
 def test_activation_store_falls_back_to_memory_without_a_scratch_folder(tmp_path, monkeypatch):
-    from compiler.calibrate import ActivationStore
-    from compiler.runtime_onnx import SCRATCH_ENV
+    from compiler.frontend.calibrate import ActivationStore
+    from compiler.runtime.onnx_executor import SCRATCH_ENV
 
     rows = np.arange(24, dtype=np.float32).reshape(4, 6)
     for folder, warns in ((tmp_path, False), (tmp_path / "missing", True)):
@@ -150,8 +150,8 @@ def test_activation_store_falls_back_to_memory_without_a_scratch_folder(tmp_path
 def test_calibration_batch_sets_memory_not_the_sample(trained):
     """Windows per forward are chosen so that a forward's logits stay within LOGITS_BUDGET; the rows
     sampled are global row indices, so the sample is the same whatever the batch (GEMM rounding aside)."""
-    from compiler.calibrate import LOGITS_BUDGET, calibrate, logits_batch
-    from compiler.corpus import default_calibration_text
+    from compiler.frontend.calibrate import LOGITS_BUDGET, calibrate, logits_batch
+    from compiler.frontend.corpus import default_calibration_text
 
     assert logits_batch(128, 128256) == 2  # Llama-3.2: 2 x 65.7 MB of logits per forward, not 8
     assert logits_batch(128, 49152) == 5 and logits_batch(128, 1000) == 8 and logits_batch(4096, 128256) == 1
@@ -164,7 +164,7 @@ def test_calibration_batch_sets_memory_not_the_sample(trained):
 
 
 def test_calibration_windows_shrink_with_model_size():
-    from compiler.calibrate import default_windows
+    from compiler.frontend.calibrate import default_windows
 
     assert default_windows(2_000_000) == 32  # tiny and sub-400M models: the full sample
     assert default_windows(360_000_000) == 32

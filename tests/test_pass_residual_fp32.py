@@ -26,8 +26,8 @@ def gemma(tmp_path_factory):
     """(model dir, loaded model, PyTorch max |residual|, max |branch output|) of the scaled tiny Gemma 3."""
     import torch
 
-    from compiler.default_model import make_tiny_model
-    from compiler.load import load_model
+    from compiler.frontend.default_model import make_tiny_model
+    from compiler.frontend.load import load_model
 
     root = tmp_path_factory.mktemp("residual")
     loaded = load_model(make_tiny_model(root / "base", "gemma3", num_layers=LAYERS, seed=11))
@@ -74,7 +74,7 @@ def _copy(model: ir.Model) -> ir.Model:
 
 
 def _prefill(path, loaded, ids) -> np.ndarray:
-    from compiler.runtime_onnx import OnnxRuntimeExecutor
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
     feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1], dtype=np.int64), (ids.shape[0], 1))}
     spec = loaded.spec

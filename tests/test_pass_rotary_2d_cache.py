@@ -65,9 +65,10 @@ def test_refuses_cos_that_depends_on_other_inputs():
 
 
 def test_driver_reports_inapplicable_recipe_as_unsupported_model():
-    from compiler.driver import _passes
+    from compiler.driver.run import _passes
     from compiler.errors import UnsupportedModelError
-    from compiler.types import ExportedGraph, GraphIO, Recipe, Tolerance
+    from compiler.graph_io import ExportedGraph, GraphIO
+    from compiler.recipe import Recipe, Tolerance
     from passes import PassContext
 
     recipe = Recipe("r", "", ("rotary-2d-cache",), Tolerance(1, 1, 0))

@@ -15,14 +15,14 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import main
-from compiler.corpus import default_eval_text
-from compiler.precision_search import Evaluator, Format, Probe, Unit, assignment_after, search_budget
-from compiler.quality import held_out, score_windows
+from compiler.commands.cli import main
+from compiler.frontend.corpus import default_eval_text
+from compiler.measure.precision_search import Evaluator, Format, Probe, Unit, assignment_after, search_budget
+from compiler.measure.quality import held_out, score_windows
 from compiler.recipe import load_recipe
-from compiler.runner import Runner
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.sizes import weight_footprint
+from compiler.runtime.runner import Runner
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.measure.sizes import weight_footprint
 
 UNIFORM = ("int4-rtn", "int4-awq", "int8-wo", "fp8-wo", "fp16")
 
@@ -149,7 +149,7 @@ def test_a_budget_not_even_fp16_meets_fails_with_the_figures(tmp_path):
     found = search_budget(ev, 0.0005)
     assert not found.fits and found.promotions == len(found.promotion_order)
     assert set(found.final.assignment.values()) == {"fp16"} and found.final.ppl_delta == pytest.approx(0.001)
-    from compiler.driver import _budget_miss
+    from compiler.driver.run import _budget_miss
 
     message = _budget_miss(found, "int4-rtn")
     assert "even all-FP16 weights measure +0.100%" in message and "raise the budget" in message
@@ -168,7 +168,7 @@ def test_bad_budget_requests_fail_before_any_work(tmp_path, args, expected):
 
 
 def test_analyze_measures_each_layer_and_writes_table_and_chart(tmp_path, build_cache, exported):
-    from compiler.default_model import default_model_dir
+    from compiler.frontend.default_model import default_model_dir
 
     exported(default_model_dir())  # the run's export of the bundled model, in the build's stage cache
     out = tmp_path / "sens"

@@ -1,4 +1,4 @@
-"""What each weight format costs on the trained model, measured on held-out text (compiler/quality.py).
+"""What each weight format costs on the trained model, measured on held-out text (compiler/measure/quality.py).
 
 Orderings that must hold on a real model, and stated bounds. Measured 2026-11-27 (benchmarks/NOTES.md):
 reference perplexity 20.90; deltas int8 -0.04%, fp8 +0.17%, int4-awq(128) +0.46%, int4-rtn(128) +1.05%,
@@ -10,9 +10,9 @@ import functools
 import numpy as np
 import pytest
 
-from compiler.corpus import default_eval_text, split_corpus, default_calibration_text
-from compiler.quality import measure_quality
-from compiler.spill import SpilledArray
+from compiler.frontend.corpus import default_eval_text, split_corpus, default_calibration_text
+from compiler.measure.quality import measure_quality
+from compiler.runtime.spill import SpilledArray
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_stated_bounds(quality):
 def test_size_against_the_floor(trained_fp16, trained_quantized):
     import onnx_ir as ir
 
-    from compiler.sizes import weight_footprint
+    from compiler.measure.sizes import weight_footprint
 
     fp16 = weight_footprint(ir.load(trained_fp16))
     graph_bytes = trained_fp16.stat().st_size - fp16["floor_bytes"]  # protobuf + node metadata, not weights
@@ -90,7 +90,7 @@ def test_window_scores_stream_batches_and_match_float64():
     GB-sized float64 arrays); its perplexities and KL match a whole-array float64 computation."""
     from types import SimpleNamespace
 
-    from compiler.quality import HeldOut, score_windows
+    from compiler.measure.quality import HeldOut, score_windows
 
     rng = np.random.default_rng(0)
     n, w, v = 5, 7, 50  # 5 windows in batches of 2: the last batch is short
@@ -140,7 +140,7 @@ class _Tokenizer:
 
 
 def test_windows_start_with_bos_when_the_tokenizer_adds_one():
-    from compiler.calibrate import tokenize_windows
+    from compiler.frontend.calibrate import tokenize_windows
 
     text = "abcdefghijklmnopqrstuvwxyz"
     with_bos = tokenize_windows(_Tokenizer(bos=1), text, 8, 10)
@@ -162,8 +162,8 @@ def test_agreement_teacher_forces_every_prompt_in_one_batch():
     """Each step feeds the reference's token (not the graph's own pick): one miss stays one miss."""
     from test_runner_loop import ScriptedExecutor, next_token
 
-    from compiler.quality import _agreement
-    from compiler.runner import Runner
+    from compiler.measure.quality import _agreement
+    from compiler.runtime.runner import Runner
 
     prompts = [[3, 1, 4, 1], [9, 2]]
     forced = []
@@ -180,7 +180,7 @@ def test_agreement_teacher_forces_every_prompt_in_one_batch():
 
 
 def test_default_prompts_take_first_lines_spread_through_the_text():
-    from compiler.quality import default_prompts
+    from compiler.measure.quality import default_prompts
 
     text = "\n\n".join(f"P{i} one\nP{i} two\nP{i} three" for i in range(6)) + "\n\nlast"
     assert default_prompts(text) == ["P0 one\nP0 two", "P1 one\nP1 two", "P2 one\nP2 two", "P3 one\nP3 two"]
@@ -192,8 +192,8 @@ def test_default_prompts_take_first_lines_spread_through_the_text():
 def test_score_assembles_windows_and_agreement():
     from test_runner_loop import ScriptedExecutor, reference as scripted
 
-    from compiler.quality import HeldOut, QualityReference, score, score_windows
-    from compiler.runner import Runner
+    from compiler.measure.quality import HeldOut, QualityReference, score, score_windows
+    from compiler.runtime.runner import Runner
 
     rng = np.random.default_rng(1)
     windows = rng.integers(0, 13, (3, 6))
@@ -207,7 +207,7 @@ def test_score_assembles_windows_and_agreement():
     assert (got.reference_perplexity, got.compiled_perplexity, got.ppl_delta, got.kl_mean) == (
         windows_only.reference_perplexity, windows_only.compiled_perplexity, windows_only.ppl_delta,
         windows_only.kl_mean)
-    from compiler.quality import _agreement
+    from compiler.measure.quality import _agreement
 
     agree, total = _agreement(runner, reference.prompt_ids, reference.forced)
     assert total == 6 and got.agreement_tokens == 6 and got.greedy_agreement == agree / 6 and 3 <= agree < 6

@@ -31,8 +31,8 @@ def test_gemma3_270m_fp16_builds_and_generates_pytorchs_greedy_text(tmp_path):
     import transformers
     from click.testing import CliRunner
 
-    from compiler.cli import main
-    from compiler.generate import run_generate
+    from compiler.commands.cli import main
+    from compiler.commands.generate import run_generate
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from greedy_vs_pytorch import corpus_prompt, pytorch_greedy

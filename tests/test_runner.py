@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.runner import Runner, Sampling
-from compiler.runtime_onnx import OnnxRuntimeExecutor
+from compiler.runtime.runner import Runner, Sampling
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
 PROMPTS = ["The compiler reads", "Once upon a time there was a small model that wanted", "one, two"]
 NEW_TOKENS = 64

@@ -4,7 +4,7 @@ Why a scripted executor beside tests/test_runner.py's real graphs: its next toke
 function of every token a sequence holds at slots <= the query's position (the graph's mask), so a
 plain Python loop is an independent reference for each step, and a wrong position, a pad token
 read as a real one or a missed stop changes the tokens. It runs in milliseconds, which is what lets
-mutation testing (benchmarks/mutation_summary.md) run this file for every mutant of compiler/runner.py.
+mutation testing (benchmarks/mutation_summary.md) run this file for every mutant of compiler/runtime/runner.py.
 """
 
 import time
@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from compiler.runner import Generation, Runner, Sampling, pick
-from compiler.types import GraphIO
+from compiler.runtime.runner import Generation, Runner, Sampling, pick
+from compiler.graph_io import GraphIO
 
 VOCAB = 13
 PAD = 0

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from compiler.backend import get_backend
-from compiler.runtime_trt import (ExecutionUnavailable, TensorRTExecutor, host_dtype, to_device, to_host,
-                                  torch_dtypes)
+from compiler.engine.backend import get_backend
+from compiler.runtime.trt_executor import ExecutionUnavailable, TensorRTExecutor, host_dtype, to_device, to_host, torch_dtypes
 
 REASON = get_backend().execution_unavailable_reason()
 
@@ -20,9 +19,9 @@ def test_unavailable_is_reported_not_faked(tmp_path):
 
 @pytest.mark.skipif(REASON is not None, reason=f"no runnable TensorRT here: {REASON}")
 def test_engine_generation_matches_onnxruntime(llama, tmp_path):  # pragma: no cover - needs a GPU TensorRT runs on
-    from compiler.driver import BuildRequest, run_build
-    from compiler.runner import Runner
-    from compiler.runtime_onnx import OnnxRuntimeExecutor
+    from compiler.driver.run import BuildRequest, run_build
+    from compiler.runtime.runner import Runner
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
     report = run_build(BuildRequest(model=llama.path, output=tmp_path / "out"))
     out = tmp_path / "out"

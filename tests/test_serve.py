@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import main
+from compiler.commands.cli import main
 from compiler.errors import EXIT_CODES, ServerStartError
 
 
 def _server_unusable() -> str | None:
     try:
-        from compiler.serve import server_binary, server_env
+        from compiler.serving.serve import server_binary, server_env
 
         server_binary()
         server_env()
@@ -97,7 +97,7 @@ def test_unknown_host_is_bad_input(cached_build):
 @needs_server
 def test_server_start_failure_quotes_the_servers_error(cached_build, listening, tmp_path):
     """The real server, its HTTP port taken after llmc's check (a race): it exits, and llmc says why."""
-    from compiler.serve import TritonServer, free_port
+    from compiler.serving.serve import TritonServer, free_port
 
     server = TritonServer(cached_build[0] / "triton", http_port=listening, grpc_port=free_port(),
                           log_path=tmp_path / "server.log")
@@ -113,13 +113,13 @@ def test_server_start_failure_quotes_the_servers_error(cached_build, listening, 
 @needs_server
 def test_serving_leaves_the_artifact_as_built(cached_build, tmp_path):
     """`llmc serve` until ready, then Ctrl-C: no file is added to the artifact, and `llmc inspect` passes."""
-    from compiler.serve import free_port
+    from compiler.serving.serve import free_port
 
     artifact = Path(shutil.copytree(cached_build[0], tmp_path / "artifact"))
     before = sorted(p.relative_to(artifact) for p in artifact.rglob("*"))
     port = free_port()
     env_path = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "serve", str(artifact), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
                                  "PYTHONPATH": env_path})  # a user's shell: Python writes bytecode by default

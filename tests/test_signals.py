@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from compiler.driver import STAGES
+from compiler.driver.run import STAGES
 
 _DRIVER = r"""
 import contextlib, io, json, shutil, signal, sys
 from pathlib import Path
-import compiler.cli as cli
-import compiler.driver as driver
+import compiler.commands.cli as cli
+import compiler.driver.run as driver
 
 signum, model, work, cache, flags = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 points = [tuple(p) for p in json.loads(sys.argv[6])]

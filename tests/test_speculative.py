@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from compiler import speculative
-from compiler.cli import main
-from compiler.default_model import default_model_dir
-from compiler.proposers import DraftProposer, NgramProposer, Proposal
-from compiler.runner import Runner, Sampling, distribution
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.speculative import SpeculativeRunner, verify_greedy, verify_sampled
-from compiler.types import GraphIO
+from compiler.runtime import speculative
+from compiler.commands.cli import main
+from compiler.frontend.default_model import default_model_dir
+from compiler.runtime.proposers import DraftProposer, NgramProposer, Proposal
+from compiler.runtime.runner import Runner, Sampling, distribution
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.runtime.speculative import SpeculativeRunner, verify_greedy, verify_sampled
+from compiler.graph_io import GraphIO
 
 
 # --- a stand-in executor with exact, enumerable distributions -------------------------------------

@@ -9,9 +9,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from compiler.triton_models import engine_version
-from compiler.triton_repo import check_config, make_config, triton_model_name, write_repository
-from compiler.types import EngineArtifact, GraphIO, ServingSpec, TensorInfo
+from compiler.serving.triton_models import engine_version
+from compiler.serving.triton_repo import check_config, make_config, triton_model_name, write_repository
+from compiler.engine.engine_build import EngineArtifact
+from compiler.graph_io import GraphIO, TensorInfo
+from compiler.serving.triton_repo import ServingSpec
 
 
 def _engine(tmp_path: Path, tensors=None) -> EngineArtifact:
@@ -64,7 +66,7 @@ def test_llm_config_keeps_kv_cache_as_implicit_sequence_state(tmp_path):
     assert gen.parameters["llmc_targets"].string_value == "llm"
     assert gen.parameters["llmc_engine_version"].string_value == "1.7.1"
     assert (models["preprocessing"] / "1" / "tokenizer" / "tokenizer.json").is_file()
-    assert "compiler.triton_models.preprocessing" in (models["preprocessing"] / "1" / "model.py").read_text()
+    assert "compiler.serving.triton_models.preprocessing" in (models["preprocessing"] / "1" / "model.py").read_text()
 
 
 def test_cpu_fallback_adds_llm_onnx(tmp_path):
@@ -135,7 +137,7 @@ def test_fp8_cache_engine_is_refused_with_the_reason_before_anything_is_written(
     """Triton's ModelConfig DataType has no FP8 (and the TensorRT backend refuses kFP8 bindings whatever the
     config declares): an fp8kv engine gets a one-line refusal, not a KeyError, and no half-written repository."""
     from compiler.errors import BadInputError
-    from compiler.triton_repo import unservable_reason
+    from compiler.serving.triton_repo import unservable_reason
 
     assert not [name for name in mc.DataType.keys() if "FP8" in name or "FLOAT8" in name]
     engine = _fp8_engine(tmp_path)
@@ -153,9 +155,9 @@ def test_fp8_cache_engine_is_refused_with_the_reason_before_anything_is_written(
 def test_every_engine_dtype_is_a_triton_type_or_refused(tmp_path):
     """Each DataType of the installed TensorRT(-RTX), named as build.py names engine tensors, either maps to a
     member of Triton's ModelConfig DataType or makes the engine unservable (never a KeyError at packaging)."""
-    from compiler.backend import get_backend
-    from compiler.build import _np_dtype
-    from compiler.triton_repo import _TRITON_TYPES, unservable_reason
+    from compiler.engine.backend import get_backend
+    from compiler.engine.engine_build import _np_dtype
+    from compiler.serving.triton_repo import _TRITON_TYPES, unservable_reason
 
     trt = get_backend().trt
     names = {_np_dtype(trt, d) for d in trt.DataType.__members__.values()}
@@ -242,15 +244,15 @@ def test_bls_engine_steps_ask_for_host_logits(monkeypatch):
 
     import numpy as np
 
-    from compiler.types import GraphIO
+    from compiler.graph_io import GraphIO
 
     pb = _stand_in_pb_utils(device_of_outputs="GPU")
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    stand_in_built = ("compiler.triton_models.common", "compiler.triton_models.generate")
+    stand_in_built = ("compiler.serving.triton_models.common", "compiler.serving.triton_models.generate")
     for name in stand_in_built:
         monkeypatch.delitem(sys.modules, name, raising=False)
     try:
-        from compiler.triton_models.generate import TritonEngineExecutor
+        from compiler.serving.triton_models.generate import TritonEngineExecutor
 
         pb.arm()  # the stub's setup, after model.py is imported
         executor = TritonEngineExecutor(GraphIO(1, 2, 32, 8, 64))

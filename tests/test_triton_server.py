@@ -30,9 +30,9 @@ MISSING_BACKEND = ("Invalid argument: unable to find backend library for backend
 def missing_capability() -> str | None:
     """Why the bundled server cannot run on this machine, or None.
 
-    Checked from the installed packages, not through compiler.serve: a regression there (an
+    Checked from the installed packages, not through compiler.serving.serve: a regression there (an
     exception in server_binary / server_env, a server that does not start) must fail these tests,
-    not skip them. The capabilities are those compiler.serve's docstring names."""
+    not skip them. The capabilities are those compiler.serving.serve's docstring names."""
     if not sys.platform.startswith("linux"):
         return f"the tritonserver bundled in nvidia-pytriton is a Linux binary (this is {sys.platform})"
     spec = importlib.util.find_spec("pytriton")
@@ -55,8 +55,8 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
 def test_serve_finds_the_bundled_server_where_the_capability_is():
-    """Where the server can run, compiler.serve's own checks pass: they fail these tests, never skip them."""
-    from compiler.serve import server_binary, server_env
+    """Where the server can run, compiler.serving.serve's own checks pass: they fail these tests, never skip them."""
+    from compiler.serving.serve import server_binary, server_env
 
     assert server_binary().is_file() and os.access(server_binary(), os.X_OK)
     env = server_env()
@@ -105,8 +105,8 @@ def grpc_stream_error(address: str, datatype: str) -> str:
 
 @pytest.fixture(scope="module")
 def artifact(model_dirs, build_cache, tmp_path_factory) -> Path:
-    from compiler.driver import BuildRequest, run_build
-    from compiler.types import BuildOptions
+    from compiler.driver.run import BuildRequest, run_build
+    from compiler.engine.engine_build import BuildOptions
 
     out = tmp_path_factory.mktemp("served") / "tiny-llama"
     run_build(BuildRequest(model=model_dirs["llama"], output=out, options=BuildOptions(max_batch=1, max_seq=MAX_SEQ),
@@ -117,12 +117,12 @@ def artifact(model_dirs, build_cache, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
     """`llmc serve ARTIFACT --port N`, as a user runs it; SIGTERM at the end must stop it."""
-    from compiler.serve import free_port
+    from compiler.serving.serve import free_port
 
     port = free_port()
     log = tmp_path_factory.mktemp("triton-log") / "serve.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "compiler.cli", "serve", str(artifact), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port)],
                                 stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -150,7 +150,7 @@ def server(artifact, tmp_path_factory):
 
 def expected_text(artifact: Path, prompt: str, max_tokens: int) -> str:
     """What `llmc generate` prints for the same artifact (greedy)."""
-    from compiler.generate import run_generate
+    from compiler.commands.generate import run_generate
 
     return run_generate(artifact, [prompt], max_tokens, 0.0, 0, 0, "onnxruntime")["texts"][0]
 
@@ -230,8 +230,8 @@ def test_engine_version_mismatch_fails_generate_at_load(artifact, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from compiler.backend import get_backend
-    from compiler.serve import TritonServer
+    from compiler.engine.backend import get_backend
+    from compiler.serving.serve import TritonServer
 
     repo = tmp_path / "repo"
     shutil.copytree(artifact / "triton" / "generate", repo / "generate")

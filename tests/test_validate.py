@@ -4,8 +4,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.types import Tolerance
-from compiler.validate import validate
+from compiler.recipe import Tolerance
+from compiler.measure.validate import validate
 
 STRICT = Tolerance(max_abs_logit_error=1e-3, mean_abs_logit_error=1e-4, min_greedy_agreement=1.0)
 
@@ -45,7 +45,7 @@ def test_prompt_longer_than_graph_positions_is_bad_input(llama, final_fp32):
 
 def test_batched_greedy_reference_equals_one_prompt_at_a_time(loaded_models, trained):
     """Left padding, the mask and explicit positions make each row decode exactly its own prompt."""
-    from compiler.validate import reference_decode, reference_greedy
+    from compiler.measure.validate import reference_decode, reference_greedy
 
     for loaded in (trained, loaded_models["qwen2"]):
         vocab = loaded.model.config.vocab_size
@@ -63,8 +63,8 @@ def _scripted_reference(perturb: dict[int, np.ndarray], wrong_token_at: int | No
     tokens are the scripted model's (one replaced by another token at `wrong_token_at`)."""
     from test_runner_loop import VOCAB, ScriptedExecutor, next_token
 
-    from compiler.runner import Runner
-    from compiler.validate import DecodeReference
+    from compiler.runtime.runner import Runner
+    from compiler.measure.validate import DecodeReference
 
     prompt, steps = [2, 7, 1], 3
     tokens = [next_token(prompt)]
@@ -78,7 +78,7 @@ def _scripted_reference(perturb: dict[int, np.ndarray], wrong_token_at: int | No
 
 
 def test_compare_reports_the_errors_and_agreement_it_measured():
-    from compiler.validate import compare
+    from compiler.measure.validate import compare
 
     bumps = {0: np.zeros((3, 13)), 2: np.zeros((1, 13))}
     bumps[0][1, 4], bumps[2][0, 9] = -0.25, 0.75  # errors in a prompt row and in a decode step
@@ -99,7 +99,7 @@ def test_compare_reports_the_errors_and_agreement_it_measured():
 
 
 def test_compare_turns_non_finite_logits_into_a_failure():
-    from compiler.validate import compare
+    from compiler.measure.validate import compare
 
     reference, executor = _scripted_reference({1: np.full((1, 13), np.nan)})
     result = compare(reference, executor(), Tolerance(1e9, 1e9, 0.0))
@@ -109,7 +109,7 @@ def test_compare_turns_non_finite_logits_into_a_failure():
 
 def test_compare_names_a_graph_it_cannot_run():
     from compiler.errors import BadInputError
-    from compiler.validate import compare
+    from compiler.measure.validate import compare
 
     reference, executor = _scripted_reference({})
     with pytest.raises(BadInputError, match=r"^cannot validate the compiled graph: 6 positions needed but the cache holds 5"):
@@ -117,7 +117,7 @@ def test_compare_names_a_graph_it_cannot_run():
 
 
 def test_judge_fails_only_beyond_each_bound():
-    from compiler.validate import judge, rejudge
+    from compiler.measure.validate import judge, rejudge
 
     tol = Tolerance(max_abs_logit_error=0.5, mean_abs_logit_error=0.05, max_rel_logit_error=0.8,
                     min_greedy_agreement=0.9)
@@ -132,7 +132,7 @@ def test_judge_fails_only_beyond_each_bound():
     unset = Tolerance(min_greedy_agreement=0.9)  # bounds the recipe leaves out are not checked
     assert judge(1e9, 1e9, 1e9, 0.9, unset) == []
     reference, executor = _scripted_reference({})
-    from compiler.validate import compare
+    from compiler.measure.validate import compare
 
     passed = compare(reference, executor(), tol)
     failed = rejudge(passed, Tolerance(max_abs_logit_error=-1.0, mean_abs_logit_error=0.05, min_greedy_agreement=0.9))

@@ -1,4 +1,4 @@
-"""The accuracy verdict (compiler/verdict.py): a quantizing build is decided on held-out quality; the
+"""The accuracy verdict (compiler/measure/verdict.py): a quantizing build is decided on held-out quality; the
 validation prompt is a wiring check relative to the logits' spread, which a broken graph cannot pass.
 
 Measured on the shipped trained model with INT4-RTN (block 128), the recipe int4-rtn's quantizer.
@@ -14,14 +14,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.corpus import default_eval_text
+from compiler.frontend.corpus import default_eval_text
 from compiler.errors import BadInputError
-from compiler.quality import measure_quality
+from compiler.measure.quality import measure_quality
 from compiler.recipe import load_recipe, parse_recipe
-from compiler.runtime_onnx import OnnxRuntimeExecutor
-from compiler.types import Tolerance
-from compiler.validate import compare, decode_reference, judge, relative_errors
-from compiler.verdict import decide
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.recipe import Tolerance
+from compiler.measure.validate import compare, decode_reference, judge, relative_errors
+from compiler.measure.verdict import decide
 
 OLD_INT4_TOLERANCE = Tolerance(max_abs_logit_error=3.0, mean_abs_logit_error=0.5, min_greedy_agreement=0.5)
 LOGIT_SCALE = 3.0  # lm_head x3: the same trained model with three times its logit spread
@@ -143,7 +143,7 @@ def test_quantizing_build_without_quality_is_judged_on_wiring_alone_and_says_so(
 def test_held_out_limits_of_a_recipe_that_does_not_quantize_are_measured_or_warned(scaled, tmp_path):
     """A recipe that sets max_kl (or another held-out limit) gets the quality stage even if it does not
     quantize; without it (--no-measure-quality) the verdict says the limit went unchecked."""
-    from compiler.driver import BuildRequest, _texts
+    from compiler.driver.run import BuildRequest, _texts
 
     recipe = _recipe("tolerance: {max_abs_logit_error: 0.1, min_greedy_agreement: 0.9}\nmax_kl: 0.01\n")
     assert not recipe.quantizes and recipe.quality_limits

@@ -27,7 +27,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from compiler.corpus import CORPUS_SHA256, split_corpus
+from compiler.frontend.corpus import CORPUS_SHA256, split_corpus
 
 ARCH = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024, rope_theta=10000.0,

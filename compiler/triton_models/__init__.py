@@ -1,7 +1,5 @@
-"""The Python-backend models of llmc's Triton repository (preprocessing, llm_onnx, postprocessing, generate).
+"""Re-exports for Triton repositories written before the models moved to compiler/serving/triton_models/.
 
-Each repository `model.py` is a three-line shim that puts `LLMC_PYTHONPATH` on `sys.path` and
-imports its `TritonPythonModel` from here, so the code Triton runs is this tested package (see
-`compiler/serve.py` for why the stub needs that path). These modules import
-`triton_python_backend_utils`, which exists only inside Triton's Python-backend stub.
+Each repository's model.py imports `compiler.triton_models.<module>`; these one-line modules keep
+those repositories loading (rebuilding writes the new path).
 """

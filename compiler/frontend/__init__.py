@@ -1,0 +1,3 @@
+"""From a Hugging Face directory to an ONNX graph: load, export (+ stamping), calibration, the
+recipe's passes over the graph.
+"""
