@@ -56,7 +56,9 @@ class Recipe:
 
     @property
     def quantizes(self) -> bool:
-        return any(p.startswith("quantize-") for p in self.passes)
+        from passes import quantizes
+
+        return quantizes(self.passes)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # max_ppl_delta, max_kl, min_heldout_agreement: the held-out quality a build must meet (compiler/measure/verdict.py).

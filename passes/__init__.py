@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import onnx_ir as ir
 
-from .attention_plugin import AttentionPluginPass
+from .attention_plugin import AttentionPluginFp8KvPass, AttentionPluginPass
+from .base import LlmcPass
 from .cast_fp16 import CastFp16Pass
 from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
@@ -35,42 +36,49 @@ class PassContext:
     sliding_window: int = 0  # the model's attention window (0 = none); only plugin passes can honour it
 
 
-# name -> factory(ctx, **options from the recipe). Options are the pass's own keyword arguments
-# (e.g. `{pass: quantize-int4-rtn, block_size: 32, targets: ["model.layers.*.mlp.*"]}`).
-REGISTRY: dict[str, Callable[..., ir.passes.PassBase]] = {
-    "cleanup": lambda ctx: CleanupPass(),
-    "rotary-2d-cache": lambda ctx: Rotary2DCachePass(max_positions=ctx.max_positions),
-    "gqa-native-attention": lambda ctx: GqaNativeAttentionPass(),
-    "kv-cache-scatter": lambda ctx: KvCacheScatterPass(capacity=ctx.max_positions),
-    "cast-fp16": lambda ctx: CastFp16Pass(),
-    "residual-fp32": lambda ctx: ResidualFp32Pass(),
-    "quantize-int4-rtn": lambda ctx, **o: QuantizeInt4RtnPass(**o),
-    "quantize-int4-awq": lambda ctx, **o: QuantizeInt4AwqPass(ctx.activations, **o),
-    "quantize-int8-wo": lambda ctx, **o: QuantizeInt8WoPass(**o),
-    "quantize-fp8-wo": lambda ctx, **o: QuantizeFp8WoPass(**o),
-    "attention-plugin": lambda ctx, **o: AttentionPluginPass(window=ctx.sliding_window, **o),
-    "attention-plugin-fp8kv": lambda ctx, **o: AttentionPluginPass(kv_dtype="float8e4m3fn",
-                                                                   window=ctx.sliding_window, **o),
+# name -> pass class. A recipe's options are the class's keyword arguments
+# (e.g. `{pass: quantize-int4-rtn, block_size: 32, targets: ["model.layers.*.mlp.*"]}`); build facts
+# (positions, activations, the attention window) come through the class's `from_context`.
+REGISTRY: dict[str, type[LlmcPass]] = {
+    "cleanup": CleanupPass,
+    "rotary-2d-cache": Rotary2DCachePass,
+    "gqa-native-attention": GqaNativeAttentionPass,
+    "kv-cache-scatter": KvCacheScatterPass,
+    "cast-fp16": CastFp16Pass,
+    "residual-fp32": ResidualFp32Pass,
+    "quantize-int4-rtn": QuantizeInt4RtnPass,
+    "quantize-int4-awq": QuantizeInt4AwqPass,
+    "quantize-int8-wo": QuantizeInt8WoPass,
+    "quantize-fp8-wo": QuantizeFp8WoPass,
+    "attention-plugin": AttentionPluginPass,
+    "attention-plugin-fp8kv": AttentionPluginFp8KvPass,
 }
 
-# Passes that need calibration activations (the driver runs the calibrate stage for them).
-NEEDS_CALIBRATION = frozenset({"quantize-int4-awq"})
 
-# Passes whose output has custom-domain nodes: only a TensorRT with plugin layers can build it.
-NEEDS_PLUGINS = frozenset({"attention-plugin", "attention-plugin-fp8kv"})
+def pass_class(name: str) -> type[LlmcPass]:
+    """The class a recipe's pass name stands for; an unknown name (a test's own pass) gets the defaults."""
+    return REGISTRY.get(name, LlmcPass)
 
 
-def needs_plugins(passes) -> bool:
-    return any(name in NEEDS_PLUGINS for name in passes)
+def needs_calibration(names) -> bool:
+    return any(pass_class(n).needs_calibration for n in names)
+
+
+def needs_plugins(names) -> bool:
+    return any(pass_class(n).needs_plugins for n in names)
+
+
+def quantizes(names) -> bool:
+    return any(pass_class(n).weight_format is not None for n in names)
 
 
 def make_pass(name: str, ctx: PassContext, options: Mapping[str, Any] | None = None) -> ir.passes.PassBase:
     """Instantiate a registered pass; a bad option raises TypeError/ValueError naming the pass."""
     try:
-        factory = REGISTRY[name]
+        cls = REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(REGISTRY)}") from None
     try:
-        return factory(ctx, **dict(options or {}))
+        return cls.from_context(ctx, **dict(options or {}))
     except TypeError as exc:
         raise TypeError(f"pass {name!r}: bad option ({exc})") from None

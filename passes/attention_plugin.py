@@ -48,6 +48,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .kv_cache_scatter import layer_windows
+from .base import LlmcPass
 
 DOMAIN = "llmc"
 OP = "PagedAttention"
@@ -64,8 +65,15 @@ def _const_node(name: str, array: np.ndarray) -> ir.Node:
     return ir.node("Constant", [], attributes={"value": ir.tensor(array, name=name)}, name=name)
 
 
-class AttentionPluginPass(ir.passes.InPlacePass):
+class AttentionPluginPass(LlmcPass):
     """Replace every layer's Attention + TensorScatter pair with the llmc::PagedAttention node."""
+
+    needs_plugins = True
+    check_tolerance = (0.1, 0.9)
+
+    @classmethod
+    def from_context(cls, ctx, **options):
+        return cls(window=ctx.sliding_window, **options)
 
     def __init__(self, kv_dtype: str = "float16", window: int = 0, scales: dict[str, np.ndarray] | None = None,
                  calibration_tokens: int = 48, margin: float = 1.25, seed: int = 0, paged: bool = False,
@@ -387,3 +395,13 @@ class AttentionPluginPass(ir.passes.InPlacePass):
         left = [n.name for n in model.graph if n.op_type in ("Attention", "TensorScatter") and n.domain in ("", "ai.onnx")]
         if left:
             raise ir.passes.PostconditionError(f"native attention / cache update left after attention-plugin: {left[:4]}")
+
+
+class AttentionPluginFp8KvPass(AttentionPluginPass):
+    """The plugin with an FP8 (E4M3) KV cache: half the cache bytes, per-head scales calibrated in the pass."""
+
+    check_tolerance = (0.5, 0.75)
+
+    @classmethod
+    def from_context(cls, ctx, **options):
+        return cls(kv_dtype="float8e4m3fn", window=ctx.sliding_window, **options)

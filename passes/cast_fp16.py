@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import onnx_ir as ir
+from .base import LlmcPass
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -62,8 +63,10 @@ def _f16_in_place(half):
     return out.view(half.shape)
 
 
-class CastFp16Pass(ir.passes.InPlacePass):
+class CastFp16Pass(LlmcPass):
     """FP32 -> FP16 for initializers, graph I/O, Cast/Constant/ConstantOfShape and every value."""
+
+    check_tolerance = (0.1, 0.9)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 from onnxscript.rewriter import _fusion_utils, pattern
+from .base import LlmcPass
 
 REPEAT_AXIS = 2  # repeat_kv: [B, Hkv, T, D] -> Unsqueeze(2) -> [B, Hkv, n_rep, T, D] -> [B, Hkv*n_rep, T, D]
 
@@ -66,7 +67,7 @@ def rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([UnrepeatedKVAttention.rule()])
 
 
-class GqaNativeAttentionPass(ir.passes.InPlacePass):
+class GqaNativeAttentionPass(LlmcPass):
     """Apply the rule everywhere, then drop the dead repeat chains."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

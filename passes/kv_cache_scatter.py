@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 import onnx_ir as ir
+from .base import LlmcPass
 
 POSITION_IDS = "position_ids"
 OPSET = 24  # TensorScatter
@@ -66,12 +67,17 @@ def _cache_concats(model: ir.Model) -> list[tuple[ir.Node, ir.Value, ir.Value]]:
     return found
 
 
-class KvCacheScatterPass(ir.passes.InPlacePass):
+class KvCacheScatterPass(LlmcPass):
     """Concat-grown cache -> fixed-capacity buffers updated by TensorScatter at position_ids[:, 0].
 
     The capacity is a static dim (TensorRT: "the KV cache tensor must have a static sequence
     length dimension"), equal to the engine's --max-seq.
     """
+
+
+    @classmethod
+    def from_context(cls, ctx, **options):
+        return cls(capacity=ctx.max_positions, **options)
 
     def __init__(self, capacity: int, windows: tuple[int, ...] | None = None):
         """windows: the attention window of each layer (0 = full); None reads the export's LAYER_WINDOWS."""

@@ -26,6 +26,8 @@ def quantize_per_channel_fp8(weight_KN: np.ndarray) -> QuantizedWeight:
 
 
 class QuantizeFp8WoPass(WeightQuantPass):
+    weight_format = "fp8"
+    check_tolerance = (2.0, 0.6)
     q_dtype = ir.DataType.FLOAT8E4M3FN
     recipe_name = "quantize-fp8-wo"
 

@@ -171,6 +171,13 @@ def _f32(array: np.ndarray) -> torch.Tensor:
 
 
 class QuantizeInt4AwqPass(WeightQuantPass):
+    weight_format = "int4-awq"
+    check_tolerance = (3.0, 0.5)
+    needs_calibration = True
+
+    @classmethod
+    def from_context(cls, ctx, **options):
+        return cls(ctx.activations, **options)
     q_dtype = ir.DataType.INT4
     recipe_name = "quantize-int4-awq"
 

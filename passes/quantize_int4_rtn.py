@@ -110,6 +110,8 @@ def int4_block(k: int, block_size: int) -> tuple[int | None, str | None]:
 
 
 class QuantizeInt4RtnPass(WeightQuantPass):
+    weight_format = "int4-rtn"
+    check_tolerance = (3.0, 0.5)
     q_dtype = ir.DataType.INT4
     recipe_name = "quantize-int4-rtn"
 

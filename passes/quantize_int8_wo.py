@@ -24,6 +24,8 @@ def quantize_per_channel_int8(weight_KN: np.ndarray) -> QuantizedWeight:
 
 
 class QuantizeInt8WoPass(WeightQuantPass):
+    weight_format = "int8"
+    check_tolerance = (1.0, 0.75)
     q_dtype = ir.DataType.INT8
     recipe_name = "quantize-int8-wo"
 

@@ -20,6 +20,7 @@ import hashlib
 
 import numpy as np
 import onnx_ir as ir
+from .base import LlmcPass
 
 POSITION_IDS = "position_ids"
 
@@ -65,8 +66,13 @@ def _evaluate(model: ir.Model, values: list[ir.Value], max_positions: int) -> di
     return {v.name: out.reshape(max_positions, -1) for v, out in zip(values, outs)}
 
 
-class Rotary2DCachePass(ir.passes.InPlacePass):
+class Rotary2DCachePass(LlmcPass):
     """RotaryEmbedding(x, cos3d, sin3d) -> RotaryEmbedding(x, cos_cache, sin_cache, position_ids)."""
+
+
+    @classmethod
+    def from_context(cls, ctx, **options):
+        return cls(max_positions=ctx.max_positions, **options)
 
     def __init__(self, max_positions: int):
         super().__init__()

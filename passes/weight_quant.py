@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .quant_coverage import DEFAULT_MIN_COVERAGE, Coverage, MatmulPlan, check_min_coverage
+from .base import LlmcPass
 
 DEFAULT_TARGETS = ("model.layers.*",)
 
@@ -119,7 +120,7 @@ def replace_weight(graph: ir.Graph, target: Target, qw: QuantizedWeight, dtype: 
     graph.initializers.pop(weight.name)
 
 
-class WeightQuantPass(ir.passes.InPlacePass):
+class WeightQuantPass(LlmcPass):
     """Base: select targets, quantize each weight with `quantize`, rewrite to DQ + MatMul."""
 
     q_dtype: ir.DataType

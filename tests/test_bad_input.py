@@ -420,11 +420,13 @@ def test_trust_remote_code_runs_the_models_code_only_when_allowed(model_dirs, tm
     assert marker.read_text() == "ran" and type(loaded.model).__name__ == "CustomLlama"
 
 
-@pytest.mark.parametrize("where", ["_restore", "write_manifest"])
+@pytest.mark.parametrize("where", ["compiler.stages.engine:restore_files", "compiler.driver.build:write_manifest"])
 def test_disk_full_mid_write_exit_6_and_previous_artifact_kept(cached_build, model_dirs, tmp_path, monkeypatch, where):
     """ENOSPC while copying the engine into staging, or while writing the manifest at package time."""
-    import compiler.driver.run as driver
+    import importlib
 
+    module_name, where = where.split(":")
+    driver = importlib.import_module(module_name)
     first, cache, _, _ = cached_build
     out = tmp_path / "outs" / "artifact"
     shutil.copytree(first, out)
@@ -485,21 +487,21 @@ def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_o
 
 _SIGNAL_MID_BUILD = """
 import signal, sys, time
-import compiler.driver.run as driver
+import compiler.stages.engine as engine_stage
 from compiler.commands.cli import main
 
 signum, model, out, cache = int(sys.argv[1]), *sys.argv[2:5]
 # As in a terminal: a process started from a background job or an xdist worker inherits SIGINT
 # *ignored*, and Python then installs no KeyboardInterrupt handler at all.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-real = driver._restore
+real = engine_stage.restore_files
 
 def restore_then_signal(*args, **kwargs):
     real(*args, **kwargs)
     signal.raise_signal(signum)  # delivered at the next bytecode, as from a terminal or CI runner
     time.sleep(5)  # never reached in full: the handler raises first
 
-driver._restore = restore_then_signal
+engine_stage.restore_files = restore_then_signal
 handler = signal.getsignal(signal.SIGTERM)
 try:
     main(["build", model, "--max-seq", "128", "-o", out, "--cache-dir", cache])

@@ -7,13 +7,17 @@ session for the quality stage repeated the widening's transient peak (21 GB on a
 
 import weakref
 
-import compiler.driver.run as driver
-from compiler.driver.run import BuildRequest, run_build
+import compiler.frontend.onnx_files as onnx_files
+import compiler.stages.base as base_stage
+import compiler.stages.engine as engine_stage
+import compiler.stages.export as export_stage
+import compiler.stages.load as load_stage
+from compiler.driver.build import BuildRequest, run_build
 
 
 def test_model_is_dropped_before_the_one_session_validate_and_quality_share(model_dirs, tmp_path, monkeypatch):
     models, sessions = [], []
-    real_load, real_executor = driver.load_model, driver.OnnxRuntimeExecutor
+    real_load, real_executor = load_stage.load_model, base_stage.OnnxRuntimeExecutor
 
     def load(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
@@ -24,8 +28,8 @@ def test_model_is_dropped_before_the_one_session_validate_and_quality_share(mode
         sessions.append({"model_alive": models[0]() is not None, "path": path, "arena": kwargs.get("arena", True)})
         return real_executor(path, *args, **kwargs)
 
-    monkeypatch.setattr(driver, "load_model", load)
-    monkeypatch.setattr(driver, "OnnxRuntimeExecutor", executor)
+    monkeypatch.setattr(load_stage, "load_model", load)
+    monkeypatch.setattr(base_stage, "OnnxRuntimeExecutor", executor)
     report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=tmp_path / "out",
                                     measure_quality=True))
     assert report["status"] == "pass"
@@ -43,7 +47,7 @@ def test_exported_graph_is_freed_before_the_engine_build(model_dirs, tmp_path, m
     model.onnx: onnxscript's module-level rewrite rules used to (their matchers keep the last graph
     they matched), which at 1B held 3.6 GB through the build and validation."""
     graphs, at_build = [], []
-    real_export, real_build = driver.export_cached, driver.build_engine
+    real_export, real_build = export_stage.export_graph, engine_stage.build_engine
 
     def export(*args, **kwargs):
         exported = real_export(*args, **kwargs)
@@ -54,8 +58,8 @@ def test_exported_graph_is_freed_before_the_engine_build(model_dirs, tmp_path, m
         at_build.append(graphs[0]() is None)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "export_cached", export)
-    monkeypatch.setattr(driver, "build_engine", build)
+    monkeypatch.setattr(export_stage, "export_graph", export)
+    monkeypatch.setattr(engine_stage, "build_engine", build)
     report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=tmp_path / "out"))
     assert report["status"] == "pass"
     assert len(graphs) == 1 and at_build == [True]
@@ -65,14 +69,14 @@ def test_weights_over_the_threshold_go_to_external_data_and_a_child_build(model_
     """The layout of every model over EXTERNAL_DATA_THRESHOLD (256 MiB): model.onnx + model.onnx.data,
     the engine built in a spawned child, validated and packaged like any other build."""
     children = []
-    real = driver.build_engine_isolated
+    real = engine_stage.build_engine_isolated
 
     def isolated(*args, **kwargs):
         children.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(driver, "build_engine_isolated", isolated)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(engine_stage, "build_engine_isolated", isolated)
     out = tmp_path / "out"
     report = run_build(BuildRequest(model=model_dirs["llama"], recipe="fp16", output=out))
     assert report["status"] == "pass" and report["numerics"].max_abs_error < 0.1

@@ -23,7 +23,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import compiler.driver.run as driver
+import compiler.driver.build as driver
+from compiler.frontend.run_passes import run_passes
+from compiler.stages.load import check_validation_fits
 from compiler.commands.cli import main
 from compiler.input_schema import CONFIG_FIELDS, TOKENIZER_CONFIG_FIELDS
 
@@ -35,16 +37,16 @@ class Reached(Exception):
     """The build got past every check: it would run its stages."""
 
 
-def _load_then_stop(request, progress, stage, out, output, model_path, recipe, *rest):
+def _load_then_stop(stages, state, outcome):
     """The load stage as the build runs it (one-line errors pass through), then the sentinel."""
     from compiler.frontend.load import load_model
 
-    driver.check_validation_fits(load_model(model_path), request)
+    check_validation_fits(load_model(state.model_path), state.request)
     raise Reached
 
 
 def _passes_then_stop(export: Path):
-    def run(request, progress, stage, out, output, model_path, recipe, *rest):
+    def run(stages, state, outcome):
         """The passes stage on the tiny Llama's export, with the recipe as parsed, then the sentinel."""
         import onnx_ir as ir
 
@@ -53,8 +55,8 @@ def _passes_then_stop(export: Path):
         from passes import PassContext
 
         model = ir.load(export)
-        driver._passes(ExportedGraph(model, io_from_model(model)), recipe, PassContext(max_positions=128),
-                       progress.pass_done)
+        run_passes(ExportedGraph(model, io_from_model(model)), state.recipe, PassContext(max_positions=128),
+                   state.progress.pass_done)
         raise Reached
 
     return run
@@ -99,7 +101,7 @@ def _outcome(result, names_one_of: tuple[str, ...]) -> str:
 
 @pytest.fixture()
 def stub_stages():
-    with mock.patch.object(driver, "_run_stages", _load_then_stop):
+    with mock.patch.object(driver, "run_stages", _load_then_stop):
         yield
 
 
@@ -173,7 +175,7 @@ def test_recipe_values_any_value(model_dirs, tmp_path, exported):
                                            "-o", str(tmp_path / "out")])
         seen.add("built" if _outcome(result, ("recipe.yaml:",)) == "built" else "error")
 
-    with mock.patch.object(driver, "_run_stages", stages):
+    with mock.patch.object(driver, "run_stages", stages):
         check()
     assert seen == {"built", "error"}
 

@@ -43,7 +43,7 @@ def test_orphaned_staging_of_a_dead_build_is_removed(tmp_path):
 
 
 def test_output_path_guard_protects_foreign_directories(tmp_path, monkeypatch):
-    from compiler.driver.run import check_output_path
+    from compiler.driver.preflight import check_output_path
     from compiler.errors import BadInputError
 
     model = tmp_path / "model"

@@ -163,7 +163,8 @@ def test_window_changes_only_positions_past_it(final_fp16_llama, tmp_path):
 
 
 def test_plugin_recipes_are_marked_and_refused_before_parsing_without_plugins(fp8_graph, tmp_path, monkeypatch):
-    from compiler.driver import run as driver
+    from compiler.driver import build as driver
+    from compiler.stages import export as export_stage, load as load_stage
     from compiler.engine.engine_build import build_engine
     from compiler.recipe import load_recipe
     from compiler.engine.engine_build import BuildOptions
@@ -181,8 +182,8 @@ def test_plugin_recipes_are_marked_and_refused_before_parsing_without_plugins(fp
     def no_export(*_a, **_k):
         raise AssertionError("exported before refusing the plugin recipe")
 
-    monkeypatch.setattr(driver, "export_onnx", no_export)
-    monkeypatch.setattr(driver, "load_model", no_export)
+    monkeypatch.setattr(export_stage, "export_onnx", no_export)
+    monkeypatch.setattr(load_stage, "load_model", no_export)
     with pytest.raises(BackendBuildError, match="fp8kv.*TensorRT-RTX has no plugins"):
         driver.run_build(driver.BuildRequest(recipe="fp8kv", output=tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -65,7 +65,7 @@ def test_refuses_cos_that_depends_on_other_inputs():
 
 
 def test_driver_reports_inapplicable_recipe_as_unsupported_model():
-    from compiler.driver.run import _passes
+    from compiler.frontend.run_passes import run_passes as _passes
     from compiler.errors import UnsupportedModelError
     from compiler.graph_io import ExportedGraph, GraphIO
     from compiler.recipe import Recipe, Tolerance

@@ -149,7 +149,7 @@ def test_a_budget_not_even_fp16_meets_fails_with_the_figures(tmp_path):
     found = search_budget(ev, 0.0005)
     assert not found.fits and found.promotions == len(found.promotion_order)
     assert set(found.final.assignment.values()) == {"fp16"} and found.final.ppl_delta == pytest.approx(0.001)
-    from compiler.driver.run import _budget_miss
+    from compiler.stages.precision import budget_miss as _budget_miss
 
     message = _budget_miss(found, "int4-rtn")
     assert "even all-FP16 weights measure +0.100%" in message and "raise the budget" in message

@@ -19,7 +19,7 @@ def test_unavailable_is_reported_not_faked(tmp_path):
 
 @pytest.mark.skipif(REASON is not None, reason=f"no runnable TensorRT here: {REASON}")
 def test_engine_generation_matches_onnxruntime(llama, tmp_path):  # pragma: no cover - needs a GPU TensorRT runs on
-    from compiler.driver.run import BuildRequest, run_build
+    from compiler.driver.build import BuildRequest, run_build
     from compiler.runtime.runner import Runner
     from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 

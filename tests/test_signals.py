@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from compiler.driver.run import STAGES
+from compiler.driver.build import STAGES
 
 _DRIVER = r"""
 import contextlib, io, json, shutil, signal, sys
 from pathlib import Path
 import compiler.commands.cli as cli
-import compiler.driver.run as driver
+import importlib
 
 signum, model, work, cache, flags = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 points = [tuple(p) for p in json.loads(sys.argv[6])]
@@ -62,14 +62,16 @@ class Triggering(cli.RichProgress):
 
 
 def wrap(name):
-    real = getattr(driver, name)
+    module_name, function = name.split(":")
+    module = importlib.import_module(module_name)
+    real = getattr(module, function)
 
     def wrapped(*args, **kwargs):
         result = real(*args, **kwargs)
         fire("mid", name)
         return result
 
-    setattr(driver, name, wrapped)
+    setattr(module, function, wrapped)
 
 
 cli.RichProgress = Triggering
@@ -101,10 +103,13 @@ Path(sys.argv[7]).write_text(json.dumps(results))
 """
 
 # The functions that do each stage's work on a cached rebuild (restores, re-judging, packaging).
-_MID_CACHED = ("_restore", "rejudge", "copy_tokenizer", "write_repository", "write_report", "write_card",
-               "write_manifest")
+_MID_CACHED = ("compiler.stages.passes:restore_files", "compiler.stages.validate:rejudge",
+               "compiler.stages.package:copy_tokenizer", "compiler.stages.package:write_repository",
+               "compiler.driver.build:write_report", "compiler.driver.build:write_card",
+               "compiler.driver.build:write_manifest")
 # With --measure-quality the PyTorch model is loaded and the held-out text scored, uncached.
-_MID_QUALITY = ("load_model", "quality_reference", "score")
+_MID_QUALITY = ("compiler.stages.load:load_model", "compiler.stages.reference:quality_reference",
+                "compiler.stages.quality:score")
 
 
 def _run_points(signum: int, model: Path, cache: Path, tmp_path: Path, flags: list[str], points) -> list[dict]:
@@ -131,8 +136,9 @@ def _assert_stopped_everywhere(results: list[dict], signum: int) -> None:
 _CACHED_POINTS = ([("end", s) for s in STAGES] + [("finalizer", s) for s in STAGES]
                   + [("start", s) for s in ("passes", "build", "validate", "package")]
                   + [("mid", f) for f in _MID_CACHED])
-_QUICK_POINTS = [("finalizer", "export"), ("end", "export"), ("start", "passes"), ("mid", "_restore"),
-                 ("end", "validate"), ("mid", "write_repository"), ("mid", "write_manifest")]
+_QUICK_POINTS = [("finalizer", "export"), ("end", "export"), ("start", "passes"), ("mid", "compiler.stages.passes:restore_files"),
+                 ("end", "validate"), ("mid", "compiler.stages.package:write_repository"),
+                 ("mid", "compiler.driver.build:write_manifest")]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

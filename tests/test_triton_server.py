@@ -105,7 +105,7 @@ def grpc_stream_error(address: str, datatype: str) -> str:
 
 @pytest.fixture(scope="module")
 def artifact(model_dirs, build_cache, tmp_path_factory) -> Path:
-    from compiler.driver.run import BuildRequest, run_build
+    from compiler.driver.build import BuildRequest, run_build
     from compiler.engine.engine_build import BuildOptions
 
     out = tmp_path_factory.mktemp("served") / "tiny-llama"

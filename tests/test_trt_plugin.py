@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,27 @@ from plugins import trt_plugin
 
 REASON = trt_plugin.unavailable_reason()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def aot_compile(*args, **kwargs) -> dict:
+    """`compile_kernel(*args, **kwargs)` for sm_90 in a fresh interpreter: what it compiled.
+
+    Why a fresh process: Triton decorates its language helpers (tl.cdiv, ...) once per process, in the
+    mode TRITON_INTERPRET had at their first import, and its compiler then asserts they are compiled-mode
+    functions; test_attention_kernel.py runs in the interpreter and may share this worker."""
+    code = ("import json, sys\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from plugins import trt_plugin\n"
+            "args, kwargs = json.loads(sys.argv[1])\n"
+            "c = trt_plugin.compile_kernel(*args, **kwargs, target=GPUTarget('cuda', 90, 32))\n"
+            "print(json.dumps({'name': c.metadata.name, 'ptx': c.asm['ptx'], 'num_warps': c.metadata.num_warps,\n"
+            "                  'global_scratch_size': getattr(c.metadata, 'global_scratch_size', 0)}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([args, kwargs])], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_reports_why_it_cannot_register_here_or_registers():
@@ -60,24 +86,19 @@ def test_paged_kernel_arguments_follow_tensorrt_aot_order():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no AOT compile possible")
 def test_aot_compile_for_hopper_without_a_gpu():
     """Compiles the FP16-cache variant for sm_90 to PTX on the CPU (what the engine build embeds)."""
-    from triton.backends.compiler import GPUTarget
-
-    compiled = trt_plugin.compile_kernel(0.125, 4096, 32, 8, 128, fp8=False, target=GPUTarget("cuda", 90, 32))
-    ptx = compiled.asm["ptx"]
-    assert compiled.metadata.name in ptx and ".target sm_90" in ptx
-    assert compiled.metadata.num_warps == trt_plugin.NUM_WARPS
-    assert getattr(compiled.metadata, "global_scratch_size", 0) == 0  # nothing for TensorRT to allocate
+    compiled = aot_compile(0.125, 4096, 32, 8, 128, fp8=False)
+    assert compiled["name"] in compiled["ptx"] and ".target sm_90" in compiled["ptx"]
+    assert compiled["num_warps"] == trt_plugin.NUM_WARPS
+    assert compiled["global_scratch_size"] == 0  # nothing for TensorRT to allocate
 
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no AOT compile possible")
 def test_paged_aot_compile_for_hopper_without_a_gpu():
     """The paged FP8 variant (block 16) compiles for sm_90 to PTX on the CPU, with nothing for TensorRT to allocate."""
-    from triton.backends.compiler import GPUTarget
-
-    compiled = trt_plugin.compile_kernel(0.125, 0, 32, 8, 128, fp8=True, target=GPUTarget("cuda", 90, 32), page=16)
-    assert compiled.metadata.name in compiled.asm["ptx"] and ".target sm_90" in compiled.asm["ptx"]
-    assert getattr(compiled.metadata, "global_scratch_size", 0) == 0
+    compiled = aot_compile(0.125, 0, 32, 8, 128, fp8=True, page=16)
+    assert compiled["name"] in compiled["ptx"] and ".target sm_90" in compiled["ptx"]
+    assert compiled["global_scratch_size"] == 0
 
 
 class StandInShapeExpr:

@@ -143,13 +143,13 @@ def test_quantizing_build_without_quality_is_judged_on_wiring_alone_and_says_so(
 def test_held_out_limits_of_a_recipe_that_does_not_quantize_are_measured_or_warned(scaled, tmp_path):
     """A recipe that sets max_kl (or another held-out limit) gets the quality stage even if it does not
     quantize; without it (--no-measure-quality) the verdict says the limit went unchecked."""
-    from compiler.driver.run import BuildRequest, _texts
+    from compiler.driver.build import BuildRequest, read_texts
 
     recipe = _recipe("tolerance: {max_abs_logit_error: 0.1, min_greedy_agreement: 0.9}\nmax_kl: 0.01\n")
     assert not recipe.quantizes and recipe.quality_limits
     request = BuildRequest(model=tmp_path, output=tmp_path / "out")
-    assert _texts(request, recipe).evaluation is not None
-    assert _texts(request, load_recipe("fp16")).evaluation is None
+    assert read_texts(request, recipe).evaluation is not None
+    assert read_texts(request, load_recipe("fp16")).evaluation is None
     _, _, (result, _) = scaled
     warnings = decide(result, None, recipe).warnings
     assert len(warnings) == 1 and "those limits unchecked" in warnings[0]

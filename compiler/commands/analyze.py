@@ -13,29 +13,24 @@ once into the output directory (nothing is left half-written).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-from passes import NEEDS_CALIBRATION, PassContext
-
-from compiler.driver.cache import StageCache, export_key
-from compiler.frontend.calibrate import calibrate
-from compiler.frontend.corpus import default_calibration_text, default_eval_text, read_text_file
-from compiler.frontend.default_model import default_model_dir
-from compiler.driver.run import export_cached
-from compiler.frontend.load import check_model_files, load_model, read_spec
+from compiler.driver.build import plan, prepare, run_stages
 from compiler.driver.lock import OutputLock
+from compiler.driver.request import BuildRequest, Progress
 from compiler.driver.staged_output import StagedOutput
-from compiler.measure.precision_search import Evaluator, Sensitivity, measure_sensitivity, quant_entry
-from compiler.driver.preflight import check_output_path, check_output_writable
-from compiler.measure.quality import QUALITY_WINDOW, held_out
+from compiler.engine.engine_build import BuildOptions
+from compiler.frontend.default_model import default_model_dir
+from compiler.measure.precision_search import quant_entry
 from compiler.recipe import load_recipe
-from compiler.report.sensitivity_plot import plot_sensitivity
-from compiler.graph_io import ExportedGraph
+from compiler.stages.calibrate import Calibrate
+from compiler.stages.export import Export
+from compiler.stages.load import Load
+from compiler.stages.sensitivity import Sensitivity
 
 GRANULARITIES = ("layer", "matmul")
 
@@ -54,62 +49,38 @@ class AnalyzeRequest:
     cache_dir: Path | None = None  # the build's stage cache: the export is reused / stored there
 
 
+class _Notes(Progress):
+    def __init__(self, note: Callable[[str], None]):
+        self.note = note
+
+    def stage_end(self, index, name, seconds, detail=""):
+        self.note(f"{name}: {detail}" if detail else f"{name}: done in {seconds:.1f} s")
+
+    def step(self, what, done, total):
+        self.note(f"{what} {done}/{total}")
+
+
 def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda text: None) -> dict:
+    """`ANALYZE = [Load(), Calibrate(), Export(), Sensitivity(by)]`: the build's first stages (the export
+    from the same stage cache), then the sensitivity measurements, into one staged output directory."""
     recipe = load_recipe(request.recipe)
     quant_entry(recipe)  # a recipe without a (single) weight quantizer has nothing to analyze
     model_path = (Path(request.model) if request.model else default_model_dir()).expanduser().resolve()
-    read_spec(model_path, request.trust_remote_code)
-    check_model_files(model_path, request.allow_pickle)
-    eval_text = read_text_file(request.eval_data, "--eval-data") if request.eval_data else default_eval_text()
-    needs_calibration = any(p in NEEDS_CALIBRATION for p in recipe.passes)
-    calib_text = (read_text_file(request.calib_data, "--calib-data") if request.calib_data
-                  else default_calibration_text()) if needs_calibration else None
     output = (Path(request.output) if request.output
               else Path("artifacts") / f"{model_path.name}-sensitivity-{recipe.name}").resolve()
-    check_output_path(output, model_path)
-    check_output_writable(output)
+    build = BuildRequest(model=model_path, recipe=request.recipe, output=output,
+                         options=BuildOptions(max_seq=request.max_seq), calib_data=request.calib_data,
+                         eval_data=request.eval_data, measure_quality=True, allow_pickle=request.allow_pickle,
+                         trust_remote_code=request.trust_remote_code, cache_dir=request.cache_dir)
+    stages = [Load(), Calibrate(), Export(), Sensitivity(request.by, render_markdown)]
     start = time.perf_counter()
-    with OutputLock(output), StagedOutput(output) as out:
-        loaded = load_model(model_path, request.allow_pickle, request.trust_remote_code)
-        note(f"loaded {loaded.spec.architecture}, {loaded.num_parameters / 1e6:.2f}M params")
-        activations = calibrate(loaded, calib_text).activations if calib_text is not None else None
-        exported = _export(loaded, model_path, request, out.path / ".export", note)
-        held = held_out(loaded, eval_text, min(QUALITY_WINDOW, request.max_seq))
-        ctx = PassContext(max_positions=request.max_seq, activations=activations)
-        ev = Evaluator(exported, recipe, ctx, held, loaded.tokenizer.pad_token_id)
-        note(f"{len(ev.units)} matmuls in {ev.aggressive.label}; measuring each group alone, the rest FP16")
-        everything = ev.measure({u.name: ev.aggressive.label for u in ev.units})
-        results: dict[str, list[Sensitivity]] = {}
-        for by in request.by:
-            results[by] = measure_sensitivity(ev, by, lambda d, t, by=by: note(f"{by} {d}/{t}"))
-        report = {
-            "model": model_path.name, "recipe": recipe.name, "format": ev.aggressive.label,
-            "reference_perplexity": math.exp(held.reference_nll),
-            "eval_tokens": int(held.targets.size),
-            "all_quantized": everything.summary(),
-            "groups": {by: [dataclasses.asdict(s) for s in rows] for by, rows in results.items()},
-            "seconds": time.perf_counter() - start,
-        }
-        plots = {}
-        for by, rows in report["groups"].items():
-            name = f"sensitivity-{by}.png"
-            if plot_sensitivity(rows, out.path / name, f"{model_path.name}: {ev.aggressive.label} one {by} at a time"):
-                plots[by] = name
-        (out.path / "sensitivity.json").write_text(json.dumps(report, indent=1))
-        (out.path / "sensitivity.md").write_text(render_markdown(report, plots))
+    state = prepare(build, _Notes(note))
+    with OutputLock(state.output), StagedOutput(state.output) as out:
+        state.staging = out.path
+        run_stages(stages, state, plan(stages, state))
+        report = state.analysis | {"seconds": time.perf_counter() - start}
         report["output"] = str(out.commit())
     return report
-
-
-def _export(loaded, model_path: Path, request: AnalyzeRequest, scratch: Path, note) -> ExportedGraph:
-    """The build's export stage: from the stage cache when it holds this model's export, else exported
-    (and stored there when a cache is given)."""
-    cache = StageCache(request.cache_dir)
-    key = export_key(cache, model_path, request.trust_remote_code) if cache.enabled else None
-    entry = cache.get("export", key) if key else None
-    if entry is not None:
-        note(f"export: cached {key[:12]}")
-    return export_cached(lambda: loaded, cache, key, entry, scratch)
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:

@@ -31,13 +31,13 @@ class RichProgress:
         self._status = None
 
     def stage_start(self, index: int, name: str) -> None:
-        from compiler.driver.run import STAGES
+        from compiler.driver.build import STAGES
 
         self._status = self.console.status(f"[{index + 1}/{len(STAGES)}] {name} ...")
         self._status.start()
 
     def stage_end(self, index: int, name: str, seconds: float, detail: str = "") -> None:
-        from compiler.driver.run import STAGES
+        from compiler.driver.build import STAGES
 
         if self._status:
             self._status.stop()
@@ -174,10 +174,13 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
                    "your permissions; use only on models you trust.")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Check the inputs, print each stage with its cache hit or skip reason, and stop (no work).")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
-          triton_cpu_fallback, check_passes, cache_dir, max_ppl_delta, promote_to, allow_pickle, trust_remote_code):
+          triton_cpu_fallback, check_passes, cache_dir, max_ppl_delta, promote_to, allow_pickle, trust_remote_code,
+          show_plan):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
-    from compiler.driver.run import BuildRequest, run_build
+    from compiler.driver.build import STAGES, BuildRequest, plan_build, run_build
     from compiler.errors import BuildInterrupted
     from compiler.driver.interrupt import interruptible, pending
     from compiler.measure.validate import DEFAULT_PROMPT
@@ -201,6 +204,10 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             max_ppl_delta=None if max_ppl_delta is None else parse_fraction(max_ppl_delta, "--max-ppl-delta"),
             promote_to=promote_to,
         )
+        if show_plan:
+            for index, (name, what) in enumerate(plan_build(request)):
+                out_console.print(f"[{index + 1}/{len(STAGES)}] {name:<9} {what}", markup=False)
+            return
         with interruptible():  # Ctrl-C, CI timeouts: unwind at once or at the next safe point (interrupt.py)
             report = run_build(request, RichProgress(err_console))
     except LlmcError as exc:
@@ -330,6 +337,29 @@ def inspect(artifact_dir):
         _fail(str(exc), exc.exit_code)
     if not ok:
         sys.exit(2)
+
+
+@main.group()
+def cache() -> None:
+    """The stage cache (--cache-dir): bounded by LLMC_CACHE_MAX_GB (default 20), least recently used first out."""
+
+
+@cache.command()
+@click.argument("cache_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--max-gb", type=float, default=None, help="Keep at most this many GiB [default: LLMC_CACHE_MAX_GB or 20].")
+@click.option("--max-entries", type=int, default=None, help="Keep at most this many entries.")
+def prune(cache_dir, max_gb, max_entries):
+    """Remove the least recently used entries of CACHE_DIR until it is within the bounds."""
+    from compiler.driver.cache import StageCache, default_max_bytes
+
+    store = StageCache(cache_dir)
+    if max_gb is not None and max_gb < 0 or max_entries is not None and max_entries < 0:
+        _fail("--max-gb and --max-entries must be >= 0", 2)
+    max_bytes = default_max_bytes() if max_gb is None else int(max_gb * (1 << 30))
+    removed = store.prune(max_bytes, max_entries)
+    left = store.entries()
+    out_console.print(f"removed {len(removed)} entries; {len(left)} left, "
+                      f"{sum(size for _, size, _ in left) / (1 << 30):.2f} GiB", markup=False)
 
 
 @main.command("exit-codes")

@@ -40,11 +40,31 @@ def make_key(stage: str, inputs: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class StageCache:
-    """A store of stage outputs; `StageCache(None)` is the disabled cache (every lookup misses)."""
+def stage_key(stage: str, inputs: dict, chained: str | None = None) -> str:
+    """The one key formula: the stage's own inputs, llmc's version and code, and the chained stage's key."""
+    from compiler import __version__
 
-    def __init__(self, root: Path | None):
+    return make_key(stage, {"llmc": __version__, "llmc_source": source_digest(), **inputs,
+                            **({"after": chained} if chained else {})})
+
+
+DEFAULT_MAX_BYTES = 20 << 30  # LLMC_CACHE_MAX_GB overrides; a 1B model's entries are ~8 GB per recipe
+
+
+def default_max_bytes() -> int:
+    raw = os.environ.get("LLMC_CACHE_MAX_GB")
+    return int(float(raw) * (1 << 30)) if raw else DEFAULT_MAX_BYTES
+
+
+class StageCache:
+    """A store of stage outputs; `StageCache(None)` is the disabled cache (every lookup misses).
+
+    Bounded: after each store, the least recently used entries go until the total is under
+    `max_bytes` (a hit refreshes an entry). `llmc cache prune` applies a bound by hand."""
+
+    def __init__(self, root: Path | None, max_bytes: int | None = None):
         self.root = Path(root).expanduser().resolve() if root else None
+        self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +74,10 @@ class StageCache:
         if not self.enabled:
             return None
         entry = self.root / stage / key
-        return entry if (entry / "meta.json").is_file() else None
+        if not (entry / "meta.json").is_file():
+            return None
+        os.utime(entry / "meta.json")  # recently used: pruned last
+        return entry
 
     def put(self, stage: str, key: str, files: dict[str, Path], meta: dict) -> None:
         """Copy `files` (name -> source) into a new entry; meta.json is written last and marks it complete."""
@@ -73,6 +96,36 @@ class StageCache:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.prune(self.max_bytes, keep=final)
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, entry dir) of every complete entry, oldest first."""
+        out = []
+        for meta in self.root.glob("*/*/meta.json") if self.enabled else ():
+            entry = meta.parent
+            size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+            out.append((meta.stat().st_mtime, size, entry))
+        return sorted(out)
+
+    def prune(self, max_bytes: int | None = None, max_entries: int | None = None, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used entries until both bounds hold; returns what was removed."""
+        entries = [e for e in self.entries() if e[2] != keep]
+        total = sum(size for _, size, _ in entries) + (sum(p.stat().st_size for p in keep.iterdir()) if keep
+                                                       and keep.is_dir() else 0)
+        count = len(entries) + (1 if keep and keep.is_dir() else 0)
+        removed = []
+        for _, size, entry in entries:
+            if (max_bytes is None or total <= max_bytes) and (max_entries is None or count <= max_entries):
+                break
+            doomed = entry.with_name(f".{entry.name}.prune-{os.getpid()}")
+            try:
+                os.replace(entry, doomed)  # gone from lookups at once; a reader mid-copy keeps its open files
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            total, count = total - size, count - 1
+            removed.append(entry)
+        return removed
 
     def file_digest(self, path: Path) -> str:
         """sha256 of a file, remembered by (path, size, mtime) so big weights are hashed once per change."""
@@ -104,52 +157,3 @@ class StageCache:
         return digest.hexdigest()
 
 
-def export_key(cache: StageCache, model_path: Path, trust_remote_code: bool = False) -> str:
-    """The export stage's key: the model's files, llmc's code and the exporting tools' versions."""
-    from compiler import __version__
-    from compiler.report.report_json import tool_versions
-
-    versions = tool_versions()
-    return make_key("export", {"llmc": __version__, "llmc_source": source_digest(), "model": cache.dir_digest(model_path),
-                               "trust_remote_code": trust_remote_code,
-                               **{t: versions.get(t) for t in ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")}})
-
-
-def stage_keys(cache: StageCache, model_path: Path, recipe, request, backend,
-               calibration_text: str | None = None, eval_text: str | None = None) -> dict[str, str]:
-    """One key per cached stage, each covering its own inputs plus the key of the stage before it."""
-    if not cache.enabled:
-        return {}
-    import dataclasses
-
-    from passes import PassContext
-
-    from compiler import __version__
-    from compiler.report.report_json import tool_versions
-
-    versions = tool_versions()
-    common = {"llmc": __version__, "llmc_source": source_digest()}
-    model = cache.dir_digest(model_path)
-    opts = request.options
-    export = export_key(cache, model_path, request.trust_remote_code)
-    ctx = dataclasses.asdict(PassContext(max_positions=opts.max_seq))
-    calib = hashlib.sha256(calibration_text.encode()).hexdigest() if calibration_text is not None else None
-    passes = make_key("passes", {**common, "export": export, "passes": recipe.passes, "context": ctx,
-                                 "options": [dict(o) for o in recipe.pass_options], "calibration": calib,
-                                 **_budget_inputs(request, eval_text)})
-    build = make_key("build", {**common, "passes": passes, "max_batch": opts.max_batch, "max_seq": opts.max_seq,
-                               "backend": backend.name, "backend_version": backend.version})
-    validate_key = make_key("validate", {**common, "passes": passes, "model": model, "prompt": request.prompt,
-                                         "decode_steps": request.decode_steps, "max_seq": opts.max_seq,
-                                         "onnxruntime": versions.get("onnxruntime"), "torch": versions.get("torch")})
-    return {"export": export, "passes": passes, "build": build, "validate": validate_key, "model_sha256": model}
-
-
-def _budget_inputs(request, eval_text: str | None) -> dict:
-    """With --max-ppl-delta the passes' output is the precision search's answer, which also depends on
-    the budget, the promotion format and the held-out text it was measured on."""
-    budget = getattr(request, "max_ppl_delta", None)
-    if budget is None:
-        return {}
-    return {"max_ppl_delta": budget, "promote_to": request.promote_to,
-            "eval": hashlib.sha256((eval_text or "").encode()).hexdigest()}

@@ -1,4 +1,4 @@
-"""Stage 3, passes: run the recipe's passes in order over the exported graph, recording each one.
+"""Run the recipe's passes in order over the exported graph, recording each one.
 
 The result is renamed canonically at the end: onnx-ir names new values from a counter that
 carries over from whatever the graph went through before (an in-memory export, or one re-loaded
@@ -13,9 +13,12 @@ import re
 import time
 from typing import Callable
 
+import onnx_ir as ir
+
 from passes import PassContext, make_pass
 
-from compiler.measure.pass_check import PassChecker
+from compiler.errors import UnsupportedModelError
+
 from compiler.runtime.executor import io_from_model
 from compiler.graph_io import ExportedGraph
 from compiler.recipe import Recipe
@@ -39,15 +42,24 @@ def run_passes(
     recipe: Recipe,
     ctx: PassContext,
     on_pass: Callable[[PassRecord], None] | None = None,
-    check: bool = False,
+    checker: Callable | None = None,
 ) -> tuple[ExportedGraph, list[PassRecord]]:
-    """Apply `recipe.passes`; each pass checks its own pre/postconditions (onnx-ir requires/ensures).
+    """Apply `recipe.passes`; each pass checks its own pre/postconditions (onnx-ir requires/ensures),
+    and a failed one is reported as a recipe that does not fit this graph.
 
-    With `check`, every pass's effect on the logits is measured too (compiler/measure/pass_check.py).
+    `checker(model)`, when given, returns an object whose `after(name, model)` measures each pass's
+    effect on the logits (compiler/measure/pass_check.PassChecker, for --check-passes).
     """
+    try:
+        return _run(graph, recipe, ctx, on_pass, checker)
+    except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+        raise UnsupportedModelError(f"recipe '{recipe.name}' cannot be applied to this graph: {exc}") from exc
+
+
+def _run(graph, recipe, ctx, on_pass, checker):
     model = graph.model
     records = []
-    checker = PassChecker(model) if check else None
+    checker = checker(model) if checker else None
     for index, name in enumerate(recipe.passes):
         before = len(model.graph)
         start = time.perf_counter()

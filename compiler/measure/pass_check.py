@@ -19,35 +19,19 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from passes import pass_class
+from passes.base import EXACT
+
 from compiler.runtime.executor import block_tables_for, cache_shape, io_from_model
 from compiler.graph_io import BLOCK_TABLES
-
-# Per-pass tolerance: (max |logit diff| vs the graph before the pass, min greedy agreement with it).
-# Exact rewrites (FP32 re-association at most) get 1e-3; FP16 lowering and weight quantization lose
-# precision by design and get what their recipes' end-to-end tolerances allow. Unknown passes
-# (plugins of a user's own, or a test's) are held to the exact-rewrite default.
-EXACT = (1e-3, 1.0)
-PASS_TOLERANCES: dict[str, tuple[float, float]] = {
-    "cleanup": (2e-2, 1.0),  # after cast-fp16 it folds in FP16: re-rounding, not a rewrite of meaning
-    "rotary-2d-cache": EXACT,
-    "gqa-native-attention": EXACT,
-    "kv-cache-scatter": EXACT,
-    "cast-fp16": (0.1, 0.9),
-    "residual-fp32": (0.1, 0.9),  # FP16 -> FP32 sums: the graph before it rounded them (or overflowed)
-    "quantize-int8-wo": (1.0, 0.75),
-    "quantize-fp8-wo": (2.0, 0.6),
-    "quantize-int4-rtn": (3.0, 0.5),
-    "quantize-int4-awq": (3.0, 0.5),
-    "attention-plugin": (0.1, 0.9),
-    "attention-plugin-fp8kv": (0.5, 0.75),
-}
 
 BATCH, TOKENS = 2, 12
 _PROTO_LIMIT = 1 << 30  # serialize in memory below this many weight bytes
 
 
 def tolerance_for(name: str) -> tuple[float, float]:
-    return PASS_TOLERANCES.get(name, EXACT)
+    """The pass's own check_tolerance (passes/base.py); unknown passes are held to the exact-rewrite default."""
+    return pass_class(name).check_tolerance
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ import onnx
 import onnx_ir as ir
 import yaml
 
-from passes import PassContext, make_pass
+from passes import PassContext, make_pass, pass_class
 from passes.quantize_int4_rtn import int4_block
 
 from compiler.errors import BadInputError
@@ -50,8 +50,6 @@ from compiler.recipe import Recipe
 
 FP16 = "fp16"
 SAFER = {"int8": ("quantize-int8-wo", 8), "fp8": ("quantize-fp8-wo", 8)}
-LABELS = {"quantize-int4-rtn": "int4-rtn", "quantize-int4-awq": "int4-awq", "quantize-int8-wo": "int8",
-          "quantize-fp8-wo": "fp8"}
 _SELECTION_KEYS = ("targets", "include_lm_head")
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
 
@@ -145,7 +143,7 @@ class SearchResult:
 
 def quant_entry(recipe: Recipe) -> int:
     """Index of the recipe's one weight-quantization pass; the search replaces it."""
-    found = [i for i, name in enumerate(recipe.passes) if name in LABELS]
+    found = [i for i, name in enumerate(recipe.passes) if pass_class(name).weight_format]
     if not found:
         raise BadInputError(f"--max-ppl-delta / analyze need a recipe that quantizes weights; '{recipe.name}' does "
                             "not (use int4-awq, int4-rtn, int8-wo or fp8-wo)")
@@ -167,7 +165,7 @@ class Evaluator:
         self.index = quant_entry(recipe)
         opts = recipe.options_for(self.index)
         name = recipe.passes[self.index]
-        self.aggressive = Format(LABELS[name], name, {k: v for k, v in opts.items() if k not in _SELECTION_KEYS})
+        self.aggressive = Format(pass_class(name).weight_format, name, {k: v for k, v in opts.items() if k not in _SELECTION_KEYS})
         self.safer = Format(safer, SAFER[safer][0], {k: v for k, v in opts.items() if k == "exclude"})
         self.fp16 = Format(FP16, None, {})
         prefix = dataclasses.replace(recipe, passes=recipe.passes[: self.index],
