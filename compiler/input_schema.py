@@ -191,7 +191,7 @@ def check_fields(data: Any, fields: dict[str, Field], file: Path, fix: str) -> d
 
 def read_json(file: Path, fix: str) -> Any:
     """A JSON file's contents; unreadable, non-UTF-8 or malformed files fail naming the file."""
-    from compiler.frontend.safe_paths import read_bytes
+    from compiler.host.paths import read_bytes
 
     raw = read_bytes(file)
     try:

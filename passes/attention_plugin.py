@@ -42,10 +42,11 @@ body is typed by the query's dtype).
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import onnx_ir as ir
+
+from compiler.graph_io import BLOCK_TABLES, PAST_PREFIX, PRESENT_RE
 
 from .kv_cache_scatter import layer_windows
 from .base import LlmcPass
@@ -53,12 +54,10 @@ from .base import LlmcPass
 DOMAIN = "llmc"
 OP = "PagedAttention"
 PAGED_OP = "PagedAttentionBlockTable"  # a separate plugin: TensorRT plugins have a fixed input list
-BLOCK_TABLES = "block_tables"  # graph input name (the I/O contract of compiler/graph_io.py)
 NUM_BLOCKS = "num_blocks"  # the pool's dynamic dim
 OPSET = 24
 FP8_MAX = 448.0
 KV_DTYPES = {"float16": None, "float8e4m3fn": ir.DataType.FLOAT8E4M3FN}
-_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
 
 
 def _const_node(name: str, array: np.ndarray) -> ir.Node:
@@ -153,16 +152,16 @@ class AttentionPluginPass(LlmcPass):
         opts.log_severity_level = 3
         session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         vocab = int(model.graph.outputs[0].shape[-1])
-        capacity = int(next(v for v in model.graph.inputs if v.name.startswith("past_key_values.")).shape[2])
+        capacity = int(next(v for v in model.graph.inputs if v.name.startswith(PAST_PREFIX)).shape[2])
         length = min(self.calibration_tokens, capacity)
         rng = np.random.default_rng(self.seed)
         feeds = {"input_ids": rng.integers(0, vocab, (1, length), dtype=np.int64),
                  "position_ids": np.arange(length, dtype=np.int64)[None]}
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         for inp in session.get_inputs():
-            if inp.name.startswith("past_key_values."):
+            if inp.name.startswith(PAST_PREFIX):
                 feeds[inp.name] = np.zeros([1, *inp.shape[1:]], types[inp.type])
-        names = [o.name for o in session.get_outputs() if _PRESENT.fullmatch(o.name)]
+        names = [o.name for o in session.get_outputs() if PRESENT_RE.fullmatch(o.name)]
         scales = {}
         for name, value in zip(names, session.run(names, feeds)):
             amax = np.abs(value[:, :, :length].astype(np.float32)).max(axis=(0, 2, 3))

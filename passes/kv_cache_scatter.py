@@ -24,15 +24,16 @@ Requires gqa-native-attention first: Attention must read the cache values direct
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import onnx_ir as ir
+
+from compiler.graph_io import PRESENT_RE, past_name
+
 from .base import LlmcPass
 
 POSITION_IDS = "position_ids"
 OPSET = 24  # TensorScatter
-_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
 LAYER_WINDOWS = "llmc.layer_windows"  # graph metadata: comma-separated attention window per layer, 0 = full
 
 
@@ -54,11 +55,11 @@ def _cache_concats(model: ir.Model) -> list[tuple[ir.Node, ir.Value, ir.Value]]:
     inputs = {v.name: v for v in model.graph.inputs}
     found = []
     for out in model.graph.outputs:
-        match = _PRESENT.fullmatch(out.name or "")
+        match = PRESENT_RE.fullmatch(out.name or "")
         node = out.producer()
         if not match or node is None or node.op_type != "Concat":
             continue
-        past = inputs.get(f"past_key_values.{match[1]}.{match[2]}")
+        past = inputs.get(past_name(int(match[1]), match[2]))
         if past is None or node.inputs[0] is not past or len(node.inputs) != 2:
             raise ir.passes.PreconditionError(f"{out.name} is a Concat, but not of {past and past.name} and new entries")
         if node.attributes["axis"].as_int() not in (2, -2):
@@ -165,7 +166,7 @@ class KvCacheScatterPass(LlmcPass):
         """Each Attention's window, by the layer of the cache Concat its key comes from (checked before
         anything changes, so a mismatch leaves the graph as it was)."""
         windows = layer_windows(model) if self.windows is None else tuple(self.windows)
-        layers = {concat: int(_PRESENT.fullmatch(present.name)[1]) for concat, _, present in concats}
+        layers = {concat: int(PRESENT_RE.fullmatch(present.name)[1]) for concat, _, present in concats}
         if windows and len(windows) != len(concats) // 2:
             raise ir.passes.PreconditionError(f"{len(windows)} layer windows for {len(concats) // 2} cached layers")
         found = {}
@@ -181,7 +182,7 @@ class KvCacheScatterPass(LlmcPass):
         return found
 
     def ensures(self, model: ir.Model) -> None:
-        left = [o.name for o in model.graph.outputs if _PRESENT.fullmatch(o.name or "")
+        left = [o.name for o in model.graph.outputs if PRESENT_RE.fullmatch(o.name or "")
                 and (o.producer() is None or o.producer().op_type != "TensorScatter")]
         if left:
             raise ir.passes.PostconditionError(f"cache outputs not updated by TensorScatter: {left[:4]}")

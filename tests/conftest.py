@@ -108,17 +108,26 @@ def exported(build_cache):
 
     The same entry, keyed the same way, that `llmc build --cache-dir` reads and writes.
     """
-    from compiler.driver.cache import StageCache, export_key
-    from compiler.driver.run import export_to_cache
+    import tempfile
+
+    from compiler.driver.build import plan, prepare, run_stages
     from compiler.frontend.load import load_model
+    from compiler.stages.export import Export
+    from compiler.stages.request import BuildRequest, Progress
 
     def get(model_dir: Path, loaded=None) -> Path:
-        cache = StageCache(build_cache)
-        key = export_key(cache, model_dir)
-        with _exclusive(build_cache / f".export-{key[:16]}.lock"):
-            if cache.get("export", key) is None:
-                export_to_cache(loaded or load_model(model_dir), cache, key, build_cache / f".scratch-{os.getpid()}")
-        return cache.get("export", key) / "model.onnx"
+        with tempfile.TemporaryDirectory(dir=build_cache.parent) as staging:
+            state = prepare(BuildRequest(model=model_dir, cache_dir=build_cache, output=Path(staging) / "out"),
+                            Progress(), staging=Path(staging))
+            stages = [Export()]
+            plan(stages, state)
+            key = state.keys["export"]
+            with _exclusive(build_cache / f".export-{key[:16]}.lock"):
+                outcome = plan(stages, state)  # another worker may have stored it meanwhile
+                if outcome["export"] == "run":
+                    state.loaded = loaded or load_model(model_dir)
+                    run_stages(stages, state, outcome)
+        return state.cache.get("export", key) / "model.onnx"
 
     return get
 
@@ -133,7 +142,7 @@ def llama_export(llama, llmc_cache, model_dirs, exported):
     """The FP32 export of the tiny Llama (a copy of the shared cache's); tests load their own copy to mutate."""
     import onnx_ir as ir
 
-    from compiler.runtime.executor import io_from_model
+    from compiler.graph_io import io_from_model
 
     path = llmc_cache / "test-llama-fp32.onnx"
     shutil.copyfile(exported(model_dirs["llama"], llama), path)
@@ -157,7 +166,7 @@ def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CA
 
     from compiler.frontend.export import export_onnx
     from compiler.frontend.run_passes import run_passes
-    from compiler.runtime.executor import io_from_model
+    from compiler.graph_io import io_from_model
     from compiler.graph_io import ExportedGraph
     from compiler.recipe import Recipe, Tolerance
     from passes import PassContext

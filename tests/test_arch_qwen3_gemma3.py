@@ -257,7 +257,7 @@ def test_awq_folds_into_the_norms_exactly(finals, loaded, arch, tmp_path):
     from passes.quantize_int4_awq import QuantizeInt4AwqPass
 
     from helpers import feeds_with_past, run_onnx
-    from compiler.runtime.executor import io_from_model
+    from compiler.graph_io import io_from_model
 
     model = ir.from_proto(ir.to_proto(finals[arch]))
     before = save(finals[arch], tmp_path / "before.onnx")

@@ -212,7 +212,7 @@ def case_max_batch_huge(tmp_path, dirs):
     return [str(dirs["llama"]), "--max-batch", str(1 << 40)]
 
 
-# --- file-system oddities around the model directory (compiler/frontend/safe_paths.py) --------------------------------
+# --- file-system oddities around the model directory (compiler/host/paths.py) --------------------------------
 
 def case_model_dir_symlink_loop(tmp_path, dirs):  # Path.resolve raised RuntimeError
     link = tmp_path / "loop"

@@ -113,7 +113,7 @@ def test_isolated_build_reports_the_childs_peak_not_the_parents(tmp_path, traine
     """A spawned child inherits its parent's ru_maxrss on Linux (the mark survives vfork + exec): a
     parent that once held 2 GiB must not make the builder child report 2 GiB."""
     from compiler.engine.engine_build import build_engine_isolated
-    from compiler.runtime.memory import own_peak_rss_bytes
+    from compiler.host.memory import own_peak_rss_bytes
 
     if own_peak_rss_bytes() is None:
         pytest.skip("no /proc/self/status VmHWM on this platform")

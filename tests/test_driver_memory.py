@@ -1,4 +1,4 @@
-"""The build's memory plan (compiler/driver/run.py): the PyTorch model is gone before onnxruntime loads
+"""The build's memory plan (compiler/driver/build.py): the PyTorch model is gone before onnxruntime loads
 the compiled graph, and validate and quality share one session.
 
 Why it matters: at 1B the FP32 model and the widened FP32 session are 4.9 GB each, and a second

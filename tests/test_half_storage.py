@@ -43,7 +43,7 @@ def test_big_weights_stay_half_and_everything_else_is_fp32(bf16_dir):
     assert kept == sum(p.numel() * 2 for p in {id(p): p for p in half.parameters() if p.dtype == torch.bfloat16}.values())
     theirs = fp32.state_dict()
     assert all(torch.equal(v.float(), theirs[k]) for k, v in half.state_dict().items())  # the same values
-    from compiler.runtime.memory import file_mappings, is_mapped
+    from compiler.host.memory import file_mappings, is_mapped
 
     spans = file_mappings(".safetensors")  # copied out of the shard mapping: its pages can be paged out
     assert not any(is_mapped(p.data_ptr(), 0, spans) for p in half.parameters())

@@ -50,7 +50,7 @@ def _passes_then_stop(export: Path):
         """The passes stage on the tiny Llama's export, with the recipe as parsed, then the sentinel."""
         import onnx_ir as ir
 
-        from compiler.runtime.executor import io_from_model
+        from compiler.graph_io import io_from_model
         from compiler.graph_io import ExportedGraph
         from passes import PassContext
 

@@ -1,18 +1,18 @@
-"""release_freed_memory: freed heap pages go back to the OS (compiler/runtime/memory.py)."""
+"""release_freed_memory: freed heap pages go back to the OS (compiler/host/memory.py)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from compiler.runtime.memory import _libc_trim
+from compiler.host.memory import _libc_trim
 
 # Runs in a fresh interpreter so the heap's state is known. A freed 16 MB buffer raises glibc's
 # mmap threshold, so the 4 MB buffers after it come from the heap; a small allocation on top
 # keeps the automatic top-of-heap trim from returning them. Freed, they stay resident until trimmed.
 SCRIPT = """
 import numpy as np
-from compiler.runtime.memory import release_freed_memory
+from compiler.host.memory import release_freed_memory
 
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
@@ -38,9 +38,9 @@ def test_freed_heap_pages_are_returned():
 # and the FP32 bytes of the model. DROP=0 turns the page dropping off (what the test compares with).
 LOAD_SCRIPT = """
 import os, sys
-import compiler.frontend.load, compiler.runtime.memory
+import compiler.frontend.load, compiler.host.memory
 if os.environ["DROP"] == "0":
-    compiler.runtime.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
+    compiler.host.memory.drop_mapped_pages = lambda *a: 0  # (read by name at each upcast)
 compiler.frontend.load.load_model(sys.argv[2])  # a tiny model first: imports and caches are not the measure
 
 def hwm():

@@ -18,7 +18,8 @@ from compiler.engine.backend import get_backend
 from compiler.errors import BackendBuildError, BadInputError
 from compiler.measure.pass_check import prefill_logits
 from compiler.runtime.runner import Runner
-from compiler.runtime.executor import block_tables_for, identity_block_tables, io_from_onnx, shuffled_block_tables
+from compiler.graph_io import io_from_onnx
+from compiler.runtime.executor import block_tables_for, identity_block_tables, shuffled_block_tables
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.graph_io import GraphIO
 from passes import PassContext, make_pass, needs_plugins

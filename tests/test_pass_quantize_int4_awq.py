@@ -130,7 +130,7 @@ def test_modules_fed_one_tensor_share_one_sample_on_disk(trained_calibration):
 
 def test_activation_store_falls_back_to_memory_without_a_scratch_folder(tmp_path, monkeypatch):
     from compiler.frontend.calibrate import ActivationStore
-    from compiler.runtime.onnx_executor import SCRATCH_ENV
+    from compiler.host.scratch import SCRATCH_ENV
 
     rows = np.arange(24, dtype=np.float32).reshape(4, 6)
     for folder, warns in ((tmp_path, False), (tmp_path / "missing", True)):

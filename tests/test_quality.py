@@ -12,7 +12,7 @@ import pytest
 
 from compiler.frontend.corpus import default_eval_text, split_corpus, default_calibration_text
 from compiler.measure.quality import measure_quality
-from compiler.runtime.spill import SpilledArray
+from compiler.host.scratch import SpilledArray
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""SpilledArray: the held-out reference on disk, read back a batch at a time (compiler/runtime/spill.py)."""
+"""SpilledArray: the held-out reference on disk, read back a batch at a time (compiler/host/scratch.py)."""
 
 import numpy as np
 import pytest
 
-from compiler.runtime.onnx_executor import SCRATCH_ENV
-from compiler.runtime.spill import SpilledArray, spilled_or_in_memory
+from compiler.host.scratch import SCRATCH_ENV
+from compiler.host.scratch import SpilledArray, spilled_or_in_memory
 
 
 def test_blocks_written_are_the_rows_read_back(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ once into the output directory (nothing is left half-written).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Callable
 
 from compiler.driver.build import plan, prepare, run_stages
 from compiler.driver.lock import OutputLock
-from compiler.driver.request import BuildRequest, Progress
+from compiler.stages.request import BuildRequest, Progress
 from compiler.driver.staged_output import StagedOutput
 from compiler.engine.engine_build import BuildOptions
 from compiler.frontend.default_model import default_model_dir

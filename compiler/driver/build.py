@@ -5,7 +5,7 @@ the lock) is checked first, before any output exists; then every stage's cache h
 is decided (`llmc build --plan` prints them), then the stages run. Nothing is written at the output
 path until every stage has succeeded (an accuracy failure keeps the complete build at `<out>.failed`).
 
-The memory plan is data: a heavy state field (compiler/driver/state.py) is dropped right after the
+The memory plan is data: a heavy state field (compiler/stages/state.py) is dropped right after the
 last stage that reads it, and freed memory is handed back to the OS after each stage that ran.
 """
 
@@ -21,22 +21,23 @@ from compiler import __version__
 from compiler.driver.cache import StageCache, stage_key
 from compiler.driver.lock import OutputLock
 from compiler.driver.preflight import check_max_seq, check_output_path, check_output_writable
-from compiler.driver.request import BuildRequest, CheckedProgress, Progress
+from compiler.driver.interrupt import CheckedProgress
+from compiler.stages.request import BuildRequest, Progress
 from compiler.driver.staged_output import StagedOutput
-from compiler.driver.state import BuildState, Texts, heavy_fields
+from compiler.stages.state import BuildState, Texts, heavy_fields
 from compiler.engine.backend import get_backend
 from compiler.errors import AccuracyError, BadInputError, OutputWriteError
 from compiler.frontend.corpus import default_calibration_text, default_eval_text, read_text_file
 from compiler.frontend.default_model import cache_root, default_model_dir
 from compiler.frontend.load import check_model_files, read_spec
-from compiler.frontend.safe_paths import model_directory, output_path
+from compiler.host.paths import model_directory, output_path
 from compiler.measure.pass_check import describe_divergence
 from compiler.measure.precision_search import SAFER, quant_entry
 from compiler.recipe import load_recipe
 from compiler.report.card import write_card
 from compiler.report.manifest import write_manifest
 from compiler.report.report_json import tool_versions, write_report
-from compiler.runtime.memory import own_peak_rss_bytes, release_freed_memory
+from compiler.host.memory import own_peak_rss_bytes, release_freed_memory
 from compiler.stages.base import Stage
 from compiler.stages.calibrate import Calibrate
 from compiler.stages.engine import Engine

@@ -18,6 +18,7 @@ import signal
 import threading
 
 from compiler.errors import BuildInterrupted
+from compiler.stages.request import Progress
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -72,3 +73,31 @@ def interruptible():
         _armed = False
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class CheckedProgress(Progress):
+    """Every progress callback is a safe point to stop at (the checkpoint above): stage
+    boundaries, between passes, the calibration and sensitivity loops."""
+
+    def __init__(self, inner: Progress):
+        self.inner = inner
+
+    def _call(self, method, *args):
+        checkpoint()
+        method(*args)
+        checkpoint()
+
+    def stage_start(self, index, name):
+        self._call(self.inner.stage_start, index, name)
+
+    def stage_end(self, index, name, seconds, detail=""):
+        self._call(self.inner.stage_end, index, name, seconds, detail)
+
+    def pass_done(self, record):
+        self._call(self.inner.pass_done, record)
+
+    def step(self, what, done, total):
+        self._call(self.inner.step, what, done, total)
+
+    def note(self, text):
+        self._call(self.inner.note, text)

@@ -313,7 +313,7 @@ def _build_in_child(conn, onnx_path, plan_path, options, backend_name, timing_ca
     import dataclasses
 
     from compiler.engine.backend import _load
-    from compiler.runtime.memory import own_peak_rss_bytes
+    from compiler.host.memory import own_peak_rss_bytes
 
     try:
         engine = build_engine(onnx_path, plan_path, options, _load(backend_name), timing_cache_path)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from compiler.errors import BadInputError
-from compiler.runtime.spill import read_at, write_at
+from compiler.host.scratch import on_disk_or_none, read_at, scratch_file, write_at
 from compiler.frontend.model import LoadedModel
 
 
@@ -42,17 +42,7 @@ class ActivationStore(Mapping):
     """
 
     def __init__(self):
-        import warnings
-
-        from compiler.runtime.onnx_executor import SCRATCH_ENV
-        from compiler.runtime.spill import scratch_file
-
-        try:
-            self._file = scratch_file("llmc-calib-")
-        except OSError as exc:
-            warnings.warn(f"no scratch folder for the calibration sample ({exc}); it stays in memory "
-                          f"(set {SCRATCH_ENV} to a writable disk folder)")
-            self._file = None
+        self._file = on_disk_or_none(lambda: scratch_file("llmc-calib-"), "the calibration sample")
         self._regions: dict[str, list] = {}  # sample key -> [offset or ndarray, capacity, columns, rows written]
         self._names: dict[str, str] = {}  # module name -> sample key
         self._end = 0

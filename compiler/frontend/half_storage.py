@@ -89,7 +89,7 @@ def upcast_in_place(model: torch.nn.Module, keep_half=lambda module, name: False
     copied out of the mapping too: file pages can be paged out behind the build's back (this VM runs
     DAMON's proactive `pageout`), and re-read from disk at every decode step; anonymous memory (no swap)
     cannot."""
-    from compiler.runtime.memory import drop_mapped_pages, file_mappings, is_mapped
+    from compiler.host.memory import drop_mapped_pages, file_mappings, is_mapped
 
     spans = file_mappings(".safetensors")
     done: set[int] = set()

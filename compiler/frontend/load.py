@@ -14,7 +14,7 @@ from pathlib import Path
 
 from compiler.errors import BadInputError, UnsupportedModelError
 from compiler.input_schema import CONFIG_FIX, check_config, check_config_identity, check_tokenizer_json, read_json
-from compiler.frontend.safe_paths import model_directory, regular_file
+from compiler.host.paths import model_directory, regular_file
 from compiler.frontend.model import LoadedModel, ModelSpec
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",

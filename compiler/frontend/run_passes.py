@@ -19,7 +19,7 @@ from passes import PassContext, make_pass
 
 from compiler.errors import UnsupportedModelError
 
-from compiler.runtime.executor import io_from_model
+from compiler.graph_io import io_from_model
 from compiler.graph_io import ExportedGraph
 from compiler.recipe import Recipe
 

@@ -21,6 +21,8 @@ import copy
 import re
 from typing import Any
 
+from compiler.graph_io import KV, PAST_PREFIX, PRESENT_PREFIX, past_name, present_name
+
 SHALLOW_LAYERS = 2
 SCOPES = "pkg.torch.onnx.name_scopes"
 WRAPPER_PREFIX = "model."  # export.FlatKVCausalLM holds the HF model as `self.model`
@@ -156,9 +158,9 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     produced = {v for n in template for v in n.outputs}
     graph_outputs = {v.name: v for v in graph.outputs}
     graph_inputs = {v.name: v for v in graph.inputs}
-    kv = ("key", "value")
-    present = [graph_outputs.get(f"present.{src}.{t}") for t in kv]
-    past = [graph_inputs.get(f"past_key_values.{src}.{t}") for t in kv]
+    kv = KV
+    present = [graph_outputs.get(present_name(src, t)) for t in kv]
+    past = [graph_inputs.get(past_name(src, t)) for t in kv]
     if any(v is None or v not in produced for v in present) or any(v is None for v in past):
         raise StampError(f"layer {src}'s past/present are not its own graph I/O")
 
@@ -214,7 +216,7 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     for i in range(SHALLOW_LAYERS, num_layers):
         inputs_i = []
         for t, template_past in zip(kv, past):
-            value = ir.Value(name=f"past_key_values.{i}.{t}", type=ir.TensorType(template_past.dtype),
+            value = ir.Value(name=past_name(i, t), type=ir.TensorType(template_past.dtype),
                              shape=template_past.shape.copy() if template_past.shape is not None else None)
             new_inputs[value.name] = value
             inputs_i.append(value)
@@ -229,7 +231,7 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
                 clone.metadata_props[key] = relabel(text, i)
             for out, new_out in zip(node.outputs, clone.outputs):
                 if out is present[0] or out is present[1]:
-                    new_out.name = f"present.{i}.{kv[present.index(out)]}"
+                    new_out.name = present_name(i, kv[present.index(out)])
                     new_outputs[new_out.name] = new_out
                 else:
                     new_out.name = _fresh(f"{out.name}_l{i}", taken)
@@ -249,11 +251,11 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     # Shape-only consumers outside the layers keep reading past_key_values.1.*: a full export does the same.
     ins, outs = dict(graph_inputs) | new_inputs, dict(graph_outputs) | new_outputs
     graph.inputs.clear()
-    graph.inputs.extend([v for name, v in ins.items() if not name.startswith("past_key_values.")]
-                        + [ins[f"past_key_values.{i}.{t}"] for i in range(num_layers) for t in kv])
+    graph.inputs.extend([v for name, v in ins.items() if not name.startswith(PAST_PREFIX)]
+                        + [ins[past_name(i, t)] for i in range(num_layers) for t in kv])
     graph.outputs.clear()
-    graph.outputs.extend([v for name, v in outs.items() if not name.startswith("present.")]
-                         + [outs[f"present.{i}.{t}"] for i in range(num_layers) for t in kv])
+    graph.outputs.extend([v for name, v in outs.items() if not name.startswith(PRESENT_PREFIX)]
+                         + [outs[present_name(i, t)] for i in range(num_layers) for t in kv])
     _own_types(graph)
     graph.metadata_props.pop("pkg.torch.export.ExportedProgram.graph_signature", None)
     graph.metadata_props["llmc.export"] = (f"stamp: {SHALLOW_LAYERS}-layer export, layer {src} cloned for layers "

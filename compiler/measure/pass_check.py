@@ -22,7 +22,8 @@ import onnx_ir as ir
 from passes import pass_class
 from passes.base import EXACT
 
-from compiler.runtime.executor import block_tables_for, cache_shape, io_from_model
+from compiler.graph_io import io_from_model
+from compiler.runtime.executor import block_tables_for, cache_shape
 from compiler.graph_io import BLOCK_TABLES
 
 BATCH, TOKENS = 2, 12

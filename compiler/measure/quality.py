@@ -28,7 +28,7 @@ import numpy as np
 from compiler.frontend.calibrate import logits_batch, tokenize_windows, vocab_rows
 from compiler.runtime.runner import Runner
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
-from compiler.runtime.spill import SpilledArray, spilled_or_in_memory
+from compiler.host.scratch import SpilledArray, spilled_or_in_memory
 from compiler.frontend.model import LoadedModel
 
 
@@ -75,7 +75,7 @@ def _compiled_logits(runner: Runner, chunk: np.ndarray) -> np.ndarray:
 
 def _reference_logp(loaded: LoadedModel, windows: list[list[int]], batch: int):
     """[n, window - 1, vocab] float32 reference log-probabilities, written one window at a time to a
-    scratch file (compiler/runtime/spill.py: 1 GB at 1B, not held in memory until quality). The model runs a
+    scratch file (compiler/host/scratch.py: 1 GB at 1B, not held in memory until quality). The model runs a
     batch of windows (at most `batch`, fewer at a large vocabulary: calibrate.logits_batch); the
     log-softmax and the write go one window at a time (a batch's log-probabilities and their strided
     copy were 0.5 GB of transients at 1B, the reference stage's peak)."""

@@ -14,7 +14,6 @@ is exercised, never the identity layout).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -32,45 +31,6 @@ class Executor(Protocol):
     def start(self, batch: int) -> None: ...
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
-
-
-def io_from_shapes(inputs: dict[str, list], outputs: dict[str, list]) -> GraphIO:
-    """GraphIO from I/O names and shapes (ints for static dims, strings for symbolic ones)."""
-    layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    if not layers or "logits" not in outputs:
-        raise ValueError("not an llmc graph: no past_key_values.*.key inputs or no logits output")
-    past = inputs["past_key_values.0.key"]
-    common = dict(num_layers=layers, num_kv_heads=int(past[1]), head_dim=int(past[3]),
-                  vocab_size=int(outputs["logits"][2]))
-    if BLOCK_TABLES in inputs:  # paged: past is a pool [num_blocks, kv_heads, block_size, head_dim]
-        table = inputs[BLOCK_TABLES]
-        if len(table) != 2 or not isinstance(table[1], int) or not isinstance(past[2], int):
-            raise ValueError(f"paged graph: {BLOCK_TABLES} {table} needs a static width and the pool "
-                             f"{past} a static block size (rebuild with the attention-plugin pass's paged option)")
-        return GraphIO(**common, capacity=table[1] * past[2], block_size=past[2])
-    capacity = past[2] if isinstance(past[2], int) and "attention_mask" not in inputs else None
-    return GraphIO(**common, capacity=capacity)
-
-
-def io_from_onnx(path: Path) -> GraphIO:
-    """Read the I/O contract of a saved graph without loading its weights."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def dims(vi):
-        return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
-
-    return io_from_shapes({vi.name: dims(vi) for vi in graph.input}, {vi.name: dims(vi) for vi in graph.output})
-
-
-def io_from_model(model) -> GraphIO:
-    """The same, for an in-memory onnx_ir model (what passes hand on)."""
-
-    def dims(v):
-        return [d if isinstance(d, int) else str(d) for d in v.shape]
-
-    return io_from_shapes({v.name: dims(v) for v in model.graph.inputs}, {v.name: dims(v) for v in model.graph.outputs})
 
 
 BlockAllocator = Callable[[int, int], np.ndarray]  # (batch, max_blocks) -> block tables [batch, max_blocks]

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from compiler.runtime.memory import release_freed_memory
+from compiler.host.memory import release_freed_memory
+from compiler.host.scratch import on_disk_or_none, scratch_directory
 from compiler.runtime.ort_widen import widened
-from compiler.runtime.executor import BlockAllocator, HostKVCache, io_from_onnx
+from compiler.graph_io import io_from_onnx
+from compiler.runtime.executor import BlockAllocator, HostKVCache
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -36,7 +36,6 @@ _FP8_E4M3 = 17  # onnx.TensorProto.FLOAT8E4M3FN
 # onnxruntime threads when the caller names none (default: every core). Set by processes that share the
 # machine with others, e.g. parallel test workers (tests/conftest.py), where spinning threads would fight.
 THREADS_ENV = "LLMC_ORT_THREADS"
-SCRATCH_ENV = "LLMC_SCRATCH_DIR"  # where widened FP32 weights are staged for onnxruntime (compiler/runtime/ort_widen.py)
 
 
 RELEASE_ABOVE = 256 << 20  # graphs this big are collected before their session exists (a full gc: ~0.1-0.5 s)
@@ -100,13 +99,10 @@ class OnnxRuntimeExecutor:
         import onnxruntime as ort
 
         with contextlib.ExitStack() as scratch_folder:  # kept until the session holds the weights
-            try:
-                scratch = scratch_folder.enter_context(
-                    tempfile.TemporaryDirectory(prefix="llmc-widened-", dir=os.environ.get(SCRATCH_ENV) or None))
-                wide = widened(onnx_path, Path(scratch), int4)
-            except OSError as exc:
-                warnings.warn(f"no scratch folder for the widened FP32 weights ({exc}); they stay in memory, 2x "
-                              f"while the onnxruntime session is created (set {SCRATCH_ENV} to a writable disk folder)")
+            wide = on_disk_or_none(
+                lambda: widened(onnx_path, Path(scratch_folder.enter_context(scratch_directory("llmc-widened-"))), int4),
+                "the widened FP32 weights", "they stay in memory, 2x while the onnxruntime session is created")
+            if wide is None:
                 wide = widened(onnx_path, int4=int4)
             self.widened, self.int4_matmuls = wide.matmuls, wide.int4_matmuls
             if _graph_bytes(onnx_path) > RELEASE_ABOVE:  # the loaded graph is garbage now, in cycles: at

@@ -34,7 +34,6 @@ identical logits.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from compiler.engine.backend import Backend, get_backend
-from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape, io_from_shapes
+from compiler.graph_io import io_from_shapes
+from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape
 from compiler.graph_io import BLOCK_TABLES
 
 

@@ -29,7 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from compiler.errors import BadInputError
-from compiler.graph_io import BLOCK_TABLES
+from compiler.graph_io import BLOCK_TABLES, PAST_PREFIX, GraphIO, present_for
 from compiler.engine.engine_build import EngineArtifact
 
 
@@ -106,8 +106,8 @@ def _state_pairs(engine: EngineArtifact) -> dict[str, str]:
     names = {t.name for t in engine.tensors}
     pairs = {}
     for t in engine.tensors:
-        if t.is_input and t.name.startswith("past_key_values."):
-            present = "present." + t.name[len("past_key_values."):]
+        if t.is_input and t.name.startswith(PAST_PREFIX):
+            present = present_for(t.name)
             if present not in names:
                 raise ValueError(f"engine has {t.name} but no {present}: not an llmc KV-cache engine")
             pairs[t.name] = present

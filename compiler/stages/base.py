@@ -13,7 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.frontend.calibrate import calibrate
 from compiler.stages.base import Stage
 

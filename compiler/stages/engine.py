@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.engine.engine_build import EngineArtifact, build_engine, build_engine_isolated
 from compiler.graph_io import TensorInfo
 from compiler.stages.base import Stage, read_meta, restore_files

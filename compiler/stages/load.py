@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.errors import BadInputError
 from compiler.frontend.load import load_model
 from compiler.stages.base import Stage

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.frontend.onnx_files import onnx_files
 from compiler.frontend.tokenizer_files import copy_tokenizer
 from compiler.measure.sizes import weight_footprint
 from compiler.measure.verdict import decide
-from compiler.runtime.executor import io_from_onnx
+from compiler.graph_io import io_from_onnx
 from compiler.serving.triton_repo import ServingSpec, unservable_reason, write_repository
 from compiler.stages.base import Stage
 

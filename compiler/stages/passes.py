@@ -8,7 +8,7 @@ from pathlib import Path
 
 from passes import PassContext, pass_class
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.frontend.onnx_files import onnx_files, save_onnx
 from compiler.frontend.run_passes import PassRecord, run_passes
 from compiler.measure.pass_check import PassChecker, describe_divergence, first_divergent

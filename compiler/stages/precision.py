@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from passes import PassContext
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.errors import AccuracyError
 from compiler.measure.precision_search import Evaluator, SearchResult, search_budget
 from compiler.recipe import parse_recipe

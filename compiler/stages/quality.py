@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.measure.quality import score
 from compiler.runtime.runner import Runner
 from compiler.stages.base import Stage, shared_session

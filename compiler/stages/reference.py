@@ -6,7 +6,7 @@ resident beside the graph's own weights or the onnxruntime session (at 1B, 4.9 G
 
 from __future__ import annotations
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.measure.quality import QUALITY_WINDOW, quality_reference
 from compiler.measure.validate import decode_reference
 from compiler.stages.base import Stage

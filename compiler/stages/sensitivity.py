@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.measure.precision_search import Evaluator, measure_sensitivity
 from compiler.measure.quality import QUALITY_WINDOW, held_out
 from compiler.report.sensitivity_plot import plot_sensitivity

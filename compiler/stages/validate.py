@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compiler.driver.state import BuildState
+from compiler.stages.state import BuildState
 from compiler.measure.validate import ValidationResult, compare, rejudge
 from compiler.report.report_json import tool_versions
 from compiler.stages.base import Stage, read_meta, shared_session

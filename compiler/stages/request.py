@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compiler.driver.interrupt import checkpoint
 from compiler.engine.engine_build import BuildOptions
 from compiler.frontend.run_passes import PassRecord
 from compiler.measure.validate import DEFAULT_PROMPT
@@ -40,31 +39,3 @@ class Progress:
     def pass_done(self, record: PassRecord) -> None: ...
     def step(self, what: str, done: int, total: int) -> None: ...
     def note(self, text: str) -> None: ...
-
-
-class CheckedProgress(Progress):
-    """Every progress callback is a safe point to stop at (compiler/driver/interrupt.py): stage
-    boundaries, between passes, the calibration and sensitivity loops."""
-
-    def __init__(self, inner: Progress):
-        self.inner = inner
-
-    def _call(self, method, *args):
-        checkpoint()
-        method(*args)
-        checkpoint()
-
-    def stage_start(self, index, name):
-        self._call(self.inner.stage_start, index, name)
-
-    def stage_end(self, index, name, seconds, detail=""):
-        self._call(self.inner.stage_end, index, name, seconds, detail)
-
-    def pass_done(self, record):
-        self._call(self.inner.pass_done, record)
-
-    def step(self, what, done, total):
-        self._call(self.inner.step, what, done, total)
-
-    def note(self, text):
-        self._call(self.inner.note, text)

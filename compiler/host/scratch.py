@@ -1,6 +1,6 @@
-"""A float32 array that lives on disk and is read one block of rows at a time.
+"""Scratch space on disk: unnamed files, one fallback rule, and a float32 array read a block at a time.
 
-Why: the quality stage's reference is the held-out log-probabilities of every position over the
+Why the array: the quality stage's reference is the held-out log-probabilities of every position over the
 whole vocabulary, computed before the export and read back one batch of windows at a time in the
 quality stage, minutes later. At 1B that is 16 x 127 x 128256 float32 = 1.04 GB held through the
 export, the passes, the engine build and the onnxruntime session, which is the build's peak. On
@@ -20,12 +20,28 @@ import warnings
 
 import numpy as np
 
-from compiler.runtime.onnx_executor import SCRATCH_ENV
+SCRATCH_ENV = "LLMC_SCRATCH_DIR"  # where spilled samples, references and widened weights go (else the system temp dir)
 
 
 def scratch_file(prefix: str):
     """An unnamed temporary file in $LLMC_SCRATCH_DIR or the system temp dir (OSError if there is none)."""
     return tempfile.TemporaryFile(prefix=prefix, dir=os.environ.get(SCRATCH_ENV) or None)
+
+
+def scratch_directory(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary directory in $LLMC_SCRATCH_DIR or the system temp dir (OSError if there is none)."""
+    return tempfile.TemporaryDirectory(prefix=prefix, dir=os.environ.get(SCRATCH_ENV) or None)
+
+
+def on_disk_or_none(make, what: str, cost: str = "it stays in memory"):
+    """`make()`, or None with a warning naming what stays in memory when no scratch folder is usable.
+
+    The one rule for everything llmc spills: a missing or full scratch disk costs memory, never the build."""
+    try:
+        return make()
+    except OSError as exc:
+        warnings.warn(f"no scratch folder for {what} ({exc}); {cost} (set {SCRATCH_ENV} to a writable disk folder)")
+        return None
 
 
 def write_at(file, offset: int, block: np.ndarray) -> None:
@@ -76,12 +92,8 @@ class SpilledArray:
 
 def spilled_or_in_memory(rows: int, row_shape: tuple[int, ...]):
     """A SpilledArray, or (no usable scratch folder) an in-memory array with a warning that says so."""
-    try:
-        return SpilledArray(rows, row_shape)
-    except OSError as exc:
-        warnings.warn(f"no scratch folder for the held-out reference ({exc}); it stays in memory "
-                      f"(set {SCRATCH_ENV} to a writable disk folder)")
-        return _InMemory(np.empty((rows, *row_shape), np.float32))
+    spilled = on_disk_or_none(lambda: SpilledArray(rows, row_shape), "the held-out reference")
+    return spilled if spilled is not None else _InMemory(np.empty((rows, *row_shape), np.float32))
 
 
 class _InMemory:
