@@ -34,7 +34,7 @@ CONTEXTS = (256, 1024)
 def build(graph_path: Path, passes: tuple[str, ...], capacity: int, out: Path) -> Path:
     model = ir.load(graph_path)
     from compiler.graph_io import ExportedGraph
-    from compiler.runtime.executor import io_from_model
+    from compiler.graph_io import io_from_model
 
     graph, _ = run_passes(ExportedGraph(model, io_from_model(model)), Recipe("bench", "", passes, Tolerance(1, 1, 0)),
                           PassContext(max_positions=capacity))

@@ -35,7 +35,7 @@ from compiler.frontend.load import load_model  # noqa: E402
 from compiler.frontend.run_passes import run_passes  # noqa: E402
 from compiler.measure.quality import default_prompts  # noqa: E402
 from compiler.recipe import load_recipe  # noqa: E402
-from compiler.runtime.executor import io_from_model  # noqa: E402
+from compiler.graph_io import io_from_model  # noqa: E402
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor  # noqa: E402
 from compiler.graph_io import ExportedGraph
 from compiler.recipe import Recipe, Tolerance  # noqa: E402
