@@ -61,8 +61,8 @@ def column_chunks(k: int, n: int) -> list[slice]:
 
     Why: each search step makes ~10 temporaries the size of the weight. For a 1B model's 2048 x 8192
     projection those are 64 MB each: malloc maps every one fresh and the first touch of each page
-    faults, which on this VM cost more than the arithmetic (a 64 MB fill: 356 ms fresh, 8 ms reused;
-    one fake quantization of 2048 x 16384: 6.8 s). 4 MB steps reuse heap memory that stays in cache.
+    faults, which can cost more than the arithmetic (benchmarks/NOTES.md: a fresh 64 MB fill ~40x a
+    reused one). 4 MB steps reuse heap memory that stays in cache.
     Both searches are exact per column (blocks run along K), so chunking changes no result beyond
     float summation order. Weights up to CHUNK_ELEMENTS (every small model's) are one chunk.
     """

@@ -65,7 +65,7 @@ def forget_removed_io(graph) -> int:
     decrement it on removal, so a removed value (and its `const_value`) stays reachable as long as
     the graph lives. torch.onnx lifts parameters to graph inputs, then makes them initializers:
     at 1B the removed inputs held the traced FP32 embedding and shallow layers, 1.45 GB resident
-    after cast-fp16 had replaced every weight (found with gc.get_referrers, 2026-11-28)."""
+    after cast-fp16 had replaced every weight."""
     dropped = 0
     for io in (graph.inputs, graph.outputs):
         counter = getattr(io, "_ref_counter", None)  # private: if onnx-ir moves it, nothing to do

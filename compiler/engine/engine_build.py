@@ -1,4 +1,4 @@
-"""Stage 4, build: parse the final ONNX with TensorRT(-RTX) and serialize an engine.
+"""The engine build (the build stage): parse the final ONNX with TensorRT(-RTX) and serialize an engine.
 
 One optimization profile spans prefill and decode (sequence 1..max_seq, past 0..max_seq-1);
 the timing cache is reused across builds; parser errors name the ONNX node and op.
@@ -195,6 +195,34 @@ def build_engine(
     """Parse, build and write `plan_path`; raise BackendBuildError naming the node/op on failure."""
     trt = backend.trt
     start = time.perf_counter()
+    _require_features(onnx_path, backend)
+    logger = _capturing_logger(trt)
+    builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, onnx_path, backend)
+    config = builder.create_builder_config()
+    enable_aliased_plugin_io(trt, config, plugin_layer_count(trt, network))
+    config.add_optimization_profile(_profile(builder, network, _input_dims(onnx_path), options))
+    timing = _TimingCache(timing_cache_path, backend)
+    timing.load(config)
+    if not write_plan(trt, builder, network, config, plan_path):
+        raise BackendBuildError(f"{backend.name} failed to build the engine: " + " | ".join(logger.messages[-5:]))
+    timing.save(config)
+    layer_types = collections.Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
+    return EngineArtifact(
+        plan_path=plan_path,
+        onnx_path=onnx_path,
+        backend=backend.name,
+        backend_version=backend.version,
+        tensors=_network_tensors(trt, network),
+        layer_types=dict(sorted(layer_types.items())),
+        seconds=time.perf_counter() - start,
+        timing_cache=timing.note,
+    )
+
+
+def _require_features(onnx_path: Path, backend: Backend) -> None:
+    """Fail before parsing when the graph needs what the backend lacks (TensorRT-RTX's parser aborts the
+    process on a custom-domain node); register llmc's plugin when the graph has its nodes."""
     custom = custom_domain_nodes(onnx_path)
     if custom:
         backend.require_plugins(f"custom-domain nodes {', '.join(custom[:3])}")
@@ -206,8 +234,9 @@ def build_engine(
         backend.require_kv_cache_update(
             f"the native KV cache ({len(scatters)} TensorScatter nodes, e.g. {scatters[0]})")
 
-    logger = _capturing_logger(trt)
-    builder = trt.Builder(logger)
+
+def _parse(trt, builder, logger, onnx_path: Path, backend: Backend):
+    """(network, parser) for the ONNX file; strongly typed, as TensorRT 11 keeps only strongly typed networks."""
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -216,53 +245,51 @@ def build_engine(
             e = parser.get_error(i)
             errors.append(f"node {e.node_name() or e.node()!r} (op {e.node_operator() or '?'}): {e.desc()}")
         raise BackendBuildError(f"{backend.name} could not parse {onnx_path.name}: " + "; ".join(errors or logger.messages))
+    return network, parser  # the parser owns the parsed weights: it must live until the plan is written
 
-    config = builder.create_builder_config()
-    enable_aliased_plugin_io(trt, config, plugin_layer_count(trt, network))
+
+def _profile(builder, network, dims: dict, options: BuildOptions):
     profile = builder.create_optimization_profile()
-    dims = _input_dims(onnx_path)
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name not in dims:
             raise BackendBuildError(f"network input {tensor.name} not found among the ONNX graph inputs")
         profile.set_shape(tensor.name, *profile_shapes(dims[tensor.name], options))
-    config.add_optimization_profile(profile)
+    return profile
 
-    cache_note = "none"
-    use_cache = timing_cache_path is not None and backend.supports_timing_cache
-    if timing_cache_path is not None and not use_cache:
-        cache_note = f"not used: timing-cache operations are no-ops in {backend.name} {backend.version}"
-    if use_cache:
-        blob = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=True)
-        cache_note = f"reused {timing_cache_path}" if blob else f"created {timing_cache_path}"
 
-    if not write_plan(trt, builder, network, config, plan_path):
-        raise BackendBuildError(f"{backend.name} failed to build the engine: " + " | ".join(logger.messages[-5:]))
-    if use_cache:
-        timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache_path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(timing_cache_path)
+class _TimingCache:
+    """The builder's timing cache file: read before the build, written after (atomically), and a note
+    for the report (TensorRT-RTX's timing-cache operations are no-ops)."""
 
+    def __init__(self, path: Path | None, backend: Backend):
+        self.path = path
+        self.used = path is not None and backend.supports_timing_cache
+        self.note = "none" if path is None or self.used else \
+            f"not used: timing-cache operations are no-ops in {backend.name} {backend.version}"
+
+    def load(self, config) -> None:
+        if self.used:
+            blob = self.path.read_bytes() if self.path.is_file() else b""
+            config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=True)
+            self.note = f"reused {self.path}" if blob else f"created {self.path}"
+
+    def save(self, config) -> None:
+        if self.used:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+            tmp.replace(self.path)
+
+
+def _network_tensors(trt, network) -> list[TensorInfo]:
     tensors = []
     for getter, count, is_input in ((network.get_input, network.num_inputs, True),
                                     (network.get_output, network.num_outputs, False)):
         for i in range(count):
             t = getter(i)
             tensors.append(TensorInfo(t.name, _np_dtype(trt, t.dtype), tuple(int(d) for d in t.shape), is_input))
-    layer_types = collections.Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
-    return EngineArtifact(
-        plan_path=plan_path,
-        onnx_path=onnx_path,
-        backend=backend.name,
-        backend_version=backend.version,
-        tensors=tensors,
-        layer_types=dict(sorted(layer_types.items())),
-        seconds=time.perf_counter() - start,
-        timing_cache=cache_note,
-    )
+    return tensors
 
 
 def build_engine_isolated(

@@ -1,4 +1,4 @@
-"""Stage 2b, calibrate: sample the activations entering each linear layer of the PyTorch model.
+"""Calibration (the calibrate stage): sample the activations entering each linear layer of the PyTorch model.
 
 Why: AWQ (passes/quantize_int4_awq.py) picks per-channel scales and clip ranges from the inputs
 the weights really see. The reference model runs once over the calibration text (batched, on

@@ -1,4 +1,4 @@
-"""Stage 2, export: the PyTorch model -> ONNX (opset 23) with the KV cache as explicit graph I/O.
+"""Export (the export stage): the PyTorch model -> ONNX (opset 23) with the KV cache as explicit graph I/O.
 
 One graph serves prefill and decode: `past_key_values.{i}.key/value` come in (length 0 for
 prefill), `present.{i}.key/value` go out. Export runs in FP32, the reference precision;

@@ -13,10 +13,9 @@ floating tensor (norms, biases, rotary buffers: small). `restore_fp32(module)` t
 into plain FP32 modules in place: the exporter traces those (compiler/frontend/export.py). `upcast_in_place`
 is the all-FP32 alternative.
 
-Measured at 1B on this 2-core machine (2026-11-28): a decode-sized product (4 x 2048 @ 2048 x 8192)
-6.5 ms half-stored vs 9.4 ms from FP32 weights (half the bytes read); the 128256-row lm_head 0.11 s
-vs 0.19 s; a 512-row prefill 0.095 s vs 0.133 s. Widening the whole weight per call instead took
-3.5x the FP32 time.
+Why blocks of rows: a product reads half the bytes from half-stored weights, so it is faster than
+from FP32 weights (a 1B decode-sized product ~1.4x), while widening the whole weight per call costs
+several times the FP32 product (benchmarks/NOTES.md, memory at 1B).
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ BLOCK_BYTES = 2 << 20  # FP32 bytes of weight widened at a time: stays in cache 
 HALF = (torch.bfloat16, torch.float16)
 
 
-# Denormals: the blocked products run with them flushed to zero. Measured at 1B (2026-11-28): for
-# some prompts (2 of 4 seeds) a batch-4 decode step took 1.55 s instead of 0.51 s, 3x the CPU time,
-# and 0.54 s with the flush; the FP32-weight model took 0.67 s on the same prompt. Only values below
-# 1.2e-38 change, far under anything an FP16 engine represents (its subnormals end at 6e-8).
+# Denormals: the blocked products run with them flushed to zero. Without the flush some prompts made
+# a decode step ~3x slower (denormal arithmetic on x86; benchmarks/NOTES.md, memory at 1B). Only values
+# below 1.2e-38 change, far under anything an FP16 engine represents (its subnormals end at 6e-8).
 _BUFFER: list[torch.Tensor] = []  # one widening buffer for every HalfStoredLinear (a forward is serial)
 _SCRATCH: list[torch.Tensor] = []  # one product buffer likewise
 
@@ -84,10 +82,10 @@ def upcast_in_place(model: torch.nn.Module, keep_half=lambda module, name: False
 
     Loaded in a half dtype, the parameters are views of the memory-mapped shards; the mapping lives
     until the last view is gone, so each tensor's mapped pages are dropped once its copy exists
-    (compiler/memory.drop_mapped_pages). Without that, at 1B, 1.6 GB of shard pages were resident
+    (compiler/host/memory.py: drop_mapped_pages). Without that, at 1B, 1.6 GB of shard pages were resident
     beside the FP32 model at the end of the upcast (peak 6.59 GB instead of 5.22). Half weights are
-    copied out of the mapping too: file pages can be paged out behind the build's back (this VM runs
-    DAMON's proactive `pageout`), and re-read from disk at every decode step; anonymous memory (no swap)
+    copied out of the mapping too: file pages can be paged out behind the build's back (kernels that run
+    DAMON's proactive `pageout` do), and re-read from disk at every decode step; anonymous memory (no swap)
     cannot."""
     from compiler.host.memory import drop_mapped_pages, file_mappings, is_mapped
 

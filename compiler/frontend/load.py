@@ -1,4 +1,4 @@
-"""Stage 1, load: read a local Hugging Face model directory into a reference PyTorch model.
+"""Load (the load stage): read a local Hugging Face model directory into a reference PyTorch model.
 
 Only safetensors and built-in architectures by default: a pickle `.bin` can execute code on load
 and `trust_remote_code` runs the model author's Python, so each needs its own explicit flag.

@@ -18,6 +18,7 @@ with layer 1's parameters. Anything the stamper cannot account for raises `Stamp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -131,18 +132,43 @@ def _scopes(node) -> list[str]:
         return []
 
 
+@dataclasses.dataclass
+class _Template:
+    """Layer `src` of the shallow export, and the values through which it meets the rest of the graph."""
+
+    src: int
+    nodes: list  # the layer's nodes, in graph order
+    past: list  # its past_key_values.{src}.{key,value} inputs
+    present: list  # its present.{src}.{key,value} outputs
+    hidden_in: Any  # the hidden state it reads (layer src-1's output)
+    hidden_out: Any  # the hidden state it writes (the final norm's input)
+
+
 def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> None:
     """Grow the shallow export `model_ir` (in place) to `num_layers` layers by cloning its last layer.
 
     `layers_path` is the HF path of the layer list (`model.layers`); `torch_model` provides the weights.
     """
-    import onnx_ir as ir
-
     _, layers = decoder_layers(torch_model, num_layers)
     graph = model_ir.graph
     prefix = WRAPPER_PREFIX + layers_path  # 'model.model.layers' in the exported scopes
+    template = _find_template(graph, prefix, SHALLOW_LAYERS - 1)
+    uses = _parameter_uses(template, dict(layers[template.src].named_parameters()), prefix)
+    outside = [(u.node, u.idx) for u in template.hidden_out.uses() if u.node not in set(template.nodes)]  # final norm
+    new_nodes, new_inputs, new_outputs, last_hidden = _clone_layers(graph, template, uses, layers, prefix, num_layers)
+    graph.insert_after(template.nodes[-1], new_nodes)
+    for node, idx in outside:
+        node.replace_input_with(idx, last_hidden)
+    _order_cache_io(graph, num_layers, new_inputs, new_outputs)
+    _own_types(graph)
+    graph.metadata_props.pop("pkg.torch.export.ExportedProgram.graph_signature", None)
+    graph.metadata_props["llmc.export"] = (f"stamp: {SHALLOW_LAYERS}-layer export, layer {template.src} cloned for "
+                                           f"layers {SHALLOW_LAYERS}..{num_layers - 1}")
+
+
+def _find_template(graph, prefix: str, src: int) -> _Template:
+    """Layer `src`'s nodes, cache I/O and hidden-state boundary; StampError when they are not that simple."""
     layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)$")
-    src = SHALLOW_LAYERS - 1
 
     def layer_of(node) -> int | None:
         for scope in _scopes(node):
@@ -150,17 +176,15 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
                 return int(m.group(1))
         return None
 
-    nodes = list(graph)
-    template = [n for n in nodes if layer_of(n) == src]
+    template = [n for n in graph if layer_of(n) == src]
     if not template:
         raise StampError(f"no node of layer {src} in the shallow export")
     in_template = set(template)
     produced = {v for n in template for v in n.outputs}
     graph_outputs = {v.name: v for v in graph.outputs}
     graph_inputs = {v.name: v for v in graph.inputs}
-    kv = KV
-    present = [graph_outputs.get(present_name(src, t)) for t in kv]
-    past = [graph_inputs.get(past_name(src, t)) for t in kv]
+    present = [graph_outputs.get(present_name(src, t)) for t in KV]
+    past = [graph_inputs.get(past_name(src, t)) for t in KV]
     if any(v is None or v not in produced for v in present) or any(v is None for v in past):
         raise StampError(f"layer {src}'s past/present are not its own graph I/O")
 
@@ -174,15 +198,17 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
                  and v.dtype == hidden_out.dtype and v.shape == hidden_out.shape]
     if len(hidden_in) != 1:
         raise StampError(f"layer {src}'s hidden-state input is ambiguous: {[v.name for v in hidden_in]}")
-    hidden_in = hidden_in[0]
+    return _Template(src, template, past, present, hidden_in[0], hidden_out)
 
-    # Which template inputs are layer `src`'s parameters (as is, or transposed), per node input.
-    layer = layers[src]
-    params = dict(layer.named_parameters())
+
+def _parameter_uses(template: _Template, params: dict, prefix: str) -> dict[tuple[int, int], tuple[str, bool]]:
+    """(node index, input index) -> (parameter name, transposed?) for every template input that is one of
+    layer `src`'s parameters; StampError when a parameter is not found among the initializers."""
+    src = template.src
     arrays = {name: p.detach().numpy() for name, p in params.items()}
     uses: dict[tuple[int, int], tuple[str, bool]] = {}
     accounted: set[str] = set()
-    for n_index, node in enumerate(template):
+    for n_index, node in enumerate(template.nodes):
         scopes = _scopes(node)
         module = scopes[-2] if len(scopes) >= 2 else ""
         rel = module[len(f"{prefix}.{src}."):] if module.startswith(f"{prefix}.{src}.") else ""
@@ -198,7 +224,15 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     missing = sorted(set(params) - accounted)
     if missing:
         raise StampError(f"layer {src} parameters not found among its initializers: {missing}")
+    return uses
 
+
+def _clone_layers(graph, template: _Template, uses, layers, prefix: str, num_layers: int):
+    """Clones of the template for layers SHALLOW_LAYERS..num_layers-1, each on its own cache inputs and
+    weights, chained on the hidden state. Returns (nodes, new inputs, new outputs, last hidden state)."""
+    import onnx_ir as ir
+
+    src, past, present = template.src, template.past, template.present
     # Rewrite metadata strings that name layer `src` (scopes, namespace, fx node names).
     dotted = re.compile(rf"(\blayers\.){src}(?!\d)")
     flat = re.compile(rf"(\blayers_){src}(?=_)")
@@ -206,32 +240,32 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
     def relabel(text: str, i: int) -> str:
         return flat.sub(rf"\g<1>{i}", dotted.sub(rf"\g<1>{i}", text))
 
-    taken = {v.name for n in nodes for v in n.outputs} | set(graph_inputs) | set(graph.initializers)
+    nodes = list(graph)
+    taken = {v.name for n in nodes for v in n.outputs} | {v.name for v in graph.inputs} | set(graph.initializers)
     node_names = {n.name for n in nodes}
     new_nodes: list = []
     new_inputs: dict[str, Any] = {}
     new_outputs: dict[str, Any] = {}
-    outside = [(u.node, u.idx) for u in hidden_out.uses() if u.node not in in_template]  # the final norm
-    prev_hidden = hidden_out
+    prev_hidden = template.hidden_out
     for i in range(SHALLOW_LAYERS, num_layers):
         inputs_i = []
-        for t, template_past in zip(kv, past):
+        for t, template_past in zip(KV, past):
             value = ir.Value(name=past_name(i, t), type=ir.TensorType(template_past.dtype),
                              shape=template_past.shape.copy() if template_past.shape is not None else None)
             new_inputs[value.name] = value
             inputs_i.append(value)
         weights: dict[tuple[str, bool], Any] = {}
-        value_map = {hidden_in: prev_hidden, past[0]: inputs_i[0], past[1]: inputs_i[1]}
+        value_map = {template.hidden_in: prev_hidden, past[0]: inputs_i[0], past[1]: inputs_i[1]}
         cloner = ir._cloner.Cloner(attr_map={}, value_map=value_map, metadata_props={},
                                    allow_outer_scope_values=True)
-        for n_index, node in enumerate(template):
+        for n_index, node in enumerate(template.nodes):
             clone = cloner.clone_node(node)
             clone.name = _fresh(f"{node.name}_l{i}", node_names)
             for key, text in list(clone.metadata_props.items()):
                 clone.metadata_props[key] = relabel(text, i)
             for out, new_out in zip(node.outputs, clone.outputs):
                 if out is present[0] or out is present[1]:
-                    new_out.name = present_name(i, kv[present.index(out)])
+                    new_out.name = present_name(i, KV[present.index(out)])
                     new_outputs[new_out.name] = new_out
                 else:
                     new_out.name = _fresh(f"{out.name}_l{i}", taken)
@@ -243,23 +277,21 @@ def stamp_layers(model_ir, torch_model, layers_path: str, num_layers: int) -> No
                             graph, layers[i].get_parameter(param), f"{prefix}.{i}.{param}", transposed, value)
                     clone.replace_input_with(i_index, weights[(param, transposed)])
             new_nodes.append(clone)
-        prev_hidden = cloner._value_map[hidden_out]
+        prev_hidden = cloner._value_map[template.hidden_out]
+    return new_nodes, new_inputs, new_outputs, prev_hidden
 
-    graph.insert_after(template[-1], new_nodes)
-    for node, idx in outside:
-        node.replace_input_with(idx, prev_hidden)
-    # Shape-only consumers outside the layers keep reading past_key_values.1.*: a full export does the same.
-    ins, outs = dict(graph_inputs) | new_inputs, dict(graph_outputs) | new_outputs
+
+def _order_cache_io(graph, num_layers: int, new_inputs: dict, new_outputs: dict) -> None:
+    """Graph I/O in a full export's order: the other inputs / outputs, then every layer's cache in order.
+    (Shape-only consumers outside the layers keep reading past_key_values.1.*: a full export does the same.)"""
+    ins = {v.name: v for v in graph.inputs} | new_inputs
+    outs = {v.name: v for v in graph.outputs} | new_outputs
     graph.inputs.clear()
     graph.inputs.extend([v for name, v in ins.items() if not name.startswith(PAST_PREFIX)]
-                        + [ins[past_name(i, t)] for i in range(num_layers) for t in kv])
+                        + [ins[past_name(i, t)] for i in range(num_layers) for t in KV])
     graph.outputs.clear()
     graph.outputs.extend([v for name, v in outs.items() if not name.startswith(PRESENT_PREFIX)]
-                         + [outs[present_name(i, t)] for i in range(num_layers) for t in kv])
-    _own_types(graph)
-    graph.metadata_props.pop("pkg.torch.export.ExportedProgram.graph_signature", None)
-    graph.metadata_props["llmc.export"] = (f"stamp: {SHALLOW_LAYERS}-layer export, layer {src} cloned for layers "
-                                           f"{SHALLOW_LAYERS}..{num_layers - 1}")
+                         + [outs[present_name(i, t)] for i in range(num_layers) for t in KV])
 
 
 def _match(array, names: list[str], arrays: dict, unique: bool = False) -> tuple[str, bool] | None:

@@ -1,4 +1,4 @@
-"""Stage 6b, quality: what the compiled graph costs in accuracy on held-out text, in user terms.
+"""Quality (the quality stage): what the compiled graph costs in accuracy on held-out text, in user terms.
 
 Why: logit error on one prompt says a graph is *wired* right; it can't say whether INT4 made the
 model worse. This stage measures the compiled ONNX (onnxruntime, through the generation runner and

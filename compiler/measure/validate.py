@@ -1,4 +1,4 @@
-"""Stage 5, validate: the compiled ONNX (onnxruntime) against the original PyTorch model (FP32).
+"""Validation (the validate stage): the compiled ONNX (onnxruntime) against the original PyTorch model (FP32).
 
 Same prompt, same tokenizer. PyTorch decodes greedily; the compiled graph is fed the reference's
 tokens through the generation runner and its KV cache (teacher forcing), so one near-tie flip cannot cascade and every

@@ -19,16 +19,15 @@ FP16 scales) whose every dequantized value is exact in FP16 becomes onnxruntime'
 dequantized weight is then the graph's exactly, so the numbers are the widened ones up to FP32
 summation order; passes/quantize_int4_rtn.py rounds scales so that every product is exact, and the
 check here runs on every scale (all 16 int4 values times it). A DQ that fails the check is widened
-as before. Measured on the 1B INT4 graph (2026-11-28): the session holds 1.83 GB, 7.19 GB with FP32
-weights, and is created in 12.6 s instead of 26 s (benchmarks/NOTES.md).
+as before. At 1B INT4 the session holds 1.83 GB instead of 7.19 GB with FP32 weights, and is created
+in half the time (benchmarks/NOTES.md, memory at 1B).
 
 Where the FP32 weights live: given a scratch folder, they are written one at a time to a file there
 (`WeightFile`) that onnxruntime memory-maps, and the graph's remaining external data (embeddings,
 norms) is copied in beside them. onnxruntime packs each weight into its GEMM layout, its own
-copy, then unmaps the file. Handed over as arrays instead, both copies were resident while the
-session was created: measured on a 1B INT4 graph (2026-11-28), 6.5 GB before the session and
-12.0 GB after it, 13.0 GB peak; at 135M the peak fell from 1.82 to 1.42 GB with the file, with
-identical logits.
+copy, then unmaps the file. Handed over as arrays instead, both copies are resident while the
+session is created (at 1B INT4 a 13.0 GB peak against 6.5 GB before it; benchmarks/NOTES.md), with
+identical logits either way.
 """
 
 from __future__ import annotations
