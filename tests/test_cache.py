@@ -99,6 +99,20 @@ def test_same_inputs_give_byte_identical_onnx(cached_build, llama, llama_export,
     assert file_sha256(again) == file_sha256(first / "model.onnx")
 
 
+def test_model_onnx_names_no_path_of_the_checkout_or_the_environment(cached_build):
+    """The artifact's bytes do not depend on where llmc or its Python environment is installed (torch.onnx
+    writes each node's stack trace, with absolute file paths, into its metadata: the export drops it)."""
+    import sys
+    from pathlib import Path
+
+    first, cache, _, _ = cached_build
+    checkout = str(Path(__file__).resolve().parents[1]).encode()
+    for path in (first / "model.onnx", next(cache.glob("export/*/model.onnx"))):
+        data = path.read_bytes()
+        assert checkout not in data and sys.prefix.encode() not in data and b"site-packages" not in data, path
+        assert b"pkg.torch.onnx.name_scopes" in data  # the node metadata stamping reads is kept
+
+
 def test_manifest_lists_every_file_with_hash_and_versions(cached_build):
     out, _, report, _ = cached_build
     manifest = json.loads((out / "manifest.json").read_text())

@@ -113,9 +113,7 @@ def export_onnx(loaded: LoadedModel, verbose: bool = False, method: str = "auto"
 def _export_full(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
     start = time.perf_counter()
     model = _export_fp32(loaded.model, loaded, loaded.spec.num_layers, verbose)
-    _name_dims(model)
-    _record_windows(model, loaded)
-    model.producer_name = "llmc"
+    _finish(model, loaded)
     return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
 
 
@@ -128,10 +126,25 @@ def _export_stamped(loaded: LoadedModel, verbose: bool) -> ExportedGraph:
     shallow = shallow_model(loaded.model, n, SHALLOW_LAYERS)
     model = _export_fp32(shallow, loaded, SHALLOW_LAYERS, verbose)  # stamped layers widen their half weights on read
     stamp_layers(model, loaded.model, path, n)
+    _finish(model, loaded)
+    return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _finish(model, loaded: LoadedModel) -> None:
+    """Name the dims, record the layers' windows, and drop torch.onnx's per-node stack traces.
+
+    Why drop them: they hold the absolute paths of the llmc checkout and of the Python environment
+    (`File "/home/me/.venv/.../modeling_llama.py", line 212`), so the same model, recipe and versions
+    built from two checkouts would give different `model.onnx` bytes. The node's module scopes and FX
+    node (what stamping and the per-pass check read) stay."""
     _name_dims(model)
     _record_windows(model, loaded)
     model.producer_name = "llmc"
-    return ExportedGraph(model=model, io=graph_io(loaded), seconds=time.perf_counter() - start)
+    for node in model.graph:
+        node.metadata_props.pop(STACK_TRACE, None)
 
 
 def _export_fp32(module, loaded: LoadedModel, num_layers: int, verbose: bool):
