@@ -467,7 +467,7 @@ def test_sigterm_mid_export_keeps_previous_artifact_and_second_build_is_locked_o
     proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "build", str(model_dirs["llama"]), "-o", str(out)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(proc, "[1/10] load")  # the reference and export (tens of seconds) run now
+        _wait_for(proc, "[1/11] load")  # the reference and export (tens of seconds) run now
         second = CliRunner().invoke(main, ["build", str(model_dirs["llama"]), "-o", str(out)])
         assert second.exit_code == 2
         line = _one_line(second.stderr)

@@ -37,7 +37,7 @@ def test_unchanged_rebuild_hits_every_stage_and_is_much_faster(cached_build, mod
     result, seconds = _build(model_dirs["llama"], out, cache)
     assert result.exit_code == 0, result.output
     assert _hits(out) == {"export": True, "passes": True, "build": True, "validate": True}
-    assert "[1/10] load      skipped" in result.stderr and "[8/10] validate  done in" in result.stderr
+    assert "[1/11] load      skipped" in result.stderr and "[8/11] validate  done in" in result.stderr
     assert result.stderr.count("cached ") == 3  # passes, build, validate (export is not even read)
     assert "export hit, passes hit, build hit, validate hit" in result.stdout
     assert seconds < cold_seconds / 5, (seconds, cold_seconds)
@@ -58,7 +58,7 @@ def test_changing_passes_reuses_export_only(cached_build, model_dirs, tmp_path):
     result, _ = _build(model_dirs["llama"], out, cache, "--recipe", str(recipe))
     assert result.exit_code == 0, result.output
     assert _hits(out) == {"export": True, "passes": False, "build": False, "validate": False}
-    assert "[4/10] export    done" in result.stderr and "pass cast-fp16" in result.stderr
+    assert "[4/11] export    done" in result.stderr and "pass cast-fp16" in result.stderr
 
 
 def test_changing_max_batch_rebuilds_only_the_engine(cached_build, model_dirs, tmp_path):

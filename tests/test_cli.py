@@ -53,7 +53,7 @@ def test_default_build_subprocess(tmp_path, build_cache):
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "result: pass"
-    assert "[10/10] package" in proc.stderr
+    assert "[11/11] package" in proc.stderr
     report = _check_artifact(out, "LlamaForCausalLM")
     assert report["model"]["name"] == "llmc-tiny-shakespeare"
     # This process's own peak (torch, onnxruntime and TensorRT loaded: over 200 MB); a model this small is

@@ -50,7 +50,7 @@ def _budget_build(out, budget, cache, *extra):
 
 def test_budget_build_is_smaller_than_every_uniform_recipe_that_fits(tmp_path, trained_build_cache, uniform):
     result, report = _budget_build(tmp_path / "b2", "2%", trained_build_cache)
-    assert "[5/10] precision done" in result.stderr
+    assert "[5/11] precision done" in result.stderr
     search, quality = report["precision_search"], report["quality"]
     assert search["fits"] and search["budget"] == pytest.approx(0.02)
     assert quality["ppl_delta"] <= 0.02 and report["status"] == "pass"

@@ -60,7 +60,7 @@ class _Notes(Progress):
 
 
 def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda text: None) -> dict:
-    """`ANALYZE = [Load(), Calibrate(), Export(), Sensitivity(by)]`: the build's first stages (the export
+    """`[Load(validates=False), Calibrate(), Export(), Sensitivity(by)]`: the build's first stages (the export
     from the same stage cache), then the sensitivity measurements, into one staged output directory."""
     recipe = load_recipe(request.recipe)
     quant_entry(recipe)  # a recipe without a (single) weight quantizer has nothing to analyze
@@ -71,7 +71,7 @@ def run_analyze(request: AnalyzeRequest, note: Callable[[str], None] = lambda te
                          options=BuildOptions(max_seq=request.max_seq), calib_data=request.calib_data,
                          eval_data=request.eval_data, measure_quality=True, allow_pickle=request.allow_pickle,
                          trust_remote_code=request.trust_remote_code, cache_dir=request.cache_dir)
-    stages = [Load(), Calibrate(), Export(), Sensitivity(request.by, render_markdown)]
+    stages = [Load(validates=False), Calibrate(), Export(), Sensitivity(request.by, render_markdown)]
     start = time.perf_counter()
     state = prepare(build, _Notes(note))
     with OutputLock(state.output), StagedOutput(state.output) as out:

@@ -174,11 +174,14 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model directory's own Python (config auto_map) to load it. RISK: that code runs with "
                    "your permissions; use only on models you trust.")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="A smaller model with the same tokenizer, built into draft/ for speculative decoding "
+                   "(`llmc generate --speculate draft`); the build checks that decoding with it changes nothing.")
 @click.option("--plan", "show_plan", is_flag=True,
               help="Check the inputs, print each stage with its cache hit or skip reason, and stop (no work).")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,
           triton_cpu_fallback, check_passes, cache_dir, max_ppl_delta, promote_to, allow_pickle, trust_remote_code,
-          show_plan):
+          draft, show_plan):
     """Compile MODEL_DIR (a local Hugging Face directory; default: the bundled tiny Llama)."""
     from compiler.driver.build import STAGES, BuildRequest, plan_build, run_build
     from compiler.errors import BuildInterrupted
@@ -203,6 +206,7 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             trust_remote_code=trust_remote_code,
             max_ppl_delta=None if max_ppl_delta is None else parse_fraction(max_ppl_delta, "--max-ppl-delta"),
             promote_to=promote_to,
+            draft=draft,
         )
         if show_plan:
             for index, (name, what) in enumerate(plan_build(request)):
@@ -307,7 +311,17 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
             f"speculation {spec['proposer']} (k = {spec['num_draft_tokens']}, fixed): acceptance "
             f"{spec['acceptance_rate']:.1%} ({spec['accepted']}/{spec['proposed']}), "
             f"{spec['accepted_per_target_step']:.2f} accepted tokens per target step, "
-            f"{spec['target_steps']} target steps for {result['new_tokens']} new tokens", markup=False, soft_wrap=True)
+            f"{spec['target_steps']} target steps for {result['new_tokens']} new tokens "
+            f"({spec['plain_target_steps']} without)", markup=False, soft_wrap=True)
+        same = {True: "identical to", False: "DIFFERENT from", None: "sampled, so not comparable token by token with"}
+        out_console.print(f"output {same[spec['identical_to_plain']]} plain decoding; wall-clock "
+                          f"{spec['seconds']:.3f} s vs {spec['plain_seconds']:.3f} s plain: "
+                          f"{spec['speedup']:.2f}x", markup=False, soft_wrap=True)
+        if spec["unexcused_differences"]:
+            _fail("; ".join(spec["unexcused_differences"]) + " (please report it)", 5)
+        if spec["identical_to_plain"] is False:
+            out_console.print("the outputs differ only where the model's own logits tie within "
+                              "rounding (compiler/measure/speculation.py)", markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from compiler.errors import BackendBuildError, BadInputError
+from compiler.measure.speculation import divergences, unexcused
 from compiler.runtime.runner import Runner, Sampling
 
 
@@ -38,21 +40,36 @@ def run_generate(artifact: Path, prompts: list[str], max_new_tokens: int, temper
     if speculate:
         from compiler.commands.generate_speculative import speculative_runner
 
+        if speculate == "draft" and draft_artifact is None and (artifact / "draft" / "model.onnx").is_file():
+            draft_artifact = artifact / "draft"  # built in by `llmc build --draft`
         if draft_artifact is not None:
             _check_artifact(draft_artifact, executor)
         runner = speculative_runner(plain, tokenizer, speculate, num_draft_tokens, draft_artifact,
                                     lambda: _executor(draft_artifact, executor))
     ids = [tokenizer(p).input_ids for p in prompts]
     stops = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    sampling = Sampling(temperature, top_k, seed)
     try:
-        result = runner.generate(ids, max_new_tokens, Sampling(temperature, top_k, seed), stop_tokens=stops)
+        if speculate:  # the same request without speculation, after a warm-up: the proof and the speedup
+            runner.generate([ids[0][:1]], 1)
+            start = time.perf_counter()
+            baseline = plain.generate(ids, max_new_tokens, sampling, stop_tokens=stops)
+            plain_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        result = runner.generate(ids, max_new_tokens, sampling, stop_tokens=stops)
+        seconds = time.perf_counter() - start
     except ValueError as exc:
         raise BadInputError(str(exc)) from exc
     speculation = {} if not speculate else {"speculation": {
         "proposer": result.proposer, "num_draft_tokens": result.num_draft_tokens, "fixed_k": True,
         "target_steps": result.steps, "verify_steps": result.verify_steps, "proposed": result.proposed,
         "accepted": result.accepted, "acceptance_rate": result.acceptance_rate,
-        "accepted_per_target_step": result.accepted_per_step}}
+        "accepted_per_target_step": result.accepted_per_step, "plain_target_steps": baseline.steps,
+        # greedy must give the plain tokens; sampling gives the same distribution, not the same draws
+        "identical_to_plain": baseline.tokens == result.tokens if temperature == 0 else None,
+        "unexcused_differences": [] if temperature != 0 or baseline.tokens == result.tokens else unexcused(
+            divergences(plain, ids, baseline.tokens, result.tokens)),
+        "seconds": seconds, "plain_seconds": plain_seconds, "speedup": plain_seconds / seconds}}
     return {
         "executor": plain.executor.name,
         "texts": [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens],

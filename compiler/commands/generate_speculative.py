@@ -1,9 +1,5 @@
-"""`llmc generate --speculate ngram|draft`: the proposer the options name, with the draft's tokenizer checked.
-
-A draft's token ids mean something to the target only if both use the same vocabulary: a draft
-with another tokenizer would propose ids the target reads as other words, and every proposal would
-be rejected (the output stays correct, only slower), so it is refused up front instead.
-"""
+"""`llmc generate --speculate ngram|draft`: the proposer the options name, with the draft's tokenizer checked
+(compiler/frontend/tokenizer_files.py: check_same_vocabulary says why)."""
 
 from __future__ import annotations
 
@@ -11,19 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 from compiler.errors import BadInputError
+from compiler.frontend.tokenizer_files import check_same_vocabulary
 from compiler.runtime.proposers import DraftProposer, NgramProposer
 from compiler.runtime.runner import Runner
 from compiler.runtime.speculative import SpeculativeRunner
 
 PROPOSERS = ("ngram", "draft")
-
-
-def check_same_vocabulary(target_tokenizer, draft_tokenizer, draft_artifact: Path) -> None:
-    target, draft = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
-    if target != draft:
-        differ = len(set(target.items()) ^ set(draft.items()))
-        raise BadInputError(f"{draft_artifact}'s tokenizer differs from the target's ({len(draft)} vs {len(target)} "
-                            f"tokens, {differ} entries differ): build the draft from a model with the target's tokenizer")
 
 
 def speculative_runner(target: Runner, tokenizer, speculate: str, num_draft_tokens: int,
@@ -38,11 +27,12 @@ def speculative_runner(target: Runner, tokenizer, speculate: str, num_draft_toke
             raise BadInputError("--draft-artifact is used only with --speculate draft")
         return SpeculativeRunner(target, NgramProposer(), num_draft_tokens)
     if draft_artifact is None:
-        raise BadInputError("--speculate draft needs --draft-artifact DIR (a draft built by `llmc build DRAFT_MODEL`)")
+        raise BadInputError("--speculate draft needs --draft-artifact DIR, or an artifact built with "
+                            "`llmc build MODEL --draft DRAFT_MODEL` (it then holds draft/)")
     from transformers import AutoTokenizer
 
-    check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(draft_artifact / "tokenizer", local_files_only=True),
-                          draft_artifact)
+    check_same_vocabulary(tokenizer.get_vocab(), AutoTokenizer.from_pretrained(
+        draft_artifact / "tokenizer", local_files_only=True).get_vocab(), draft_artifact)
     draft = open_draft()
     if draft.io.vocab_size != target.io.vocab_size:
         raise BadInputError(f"{draft_artifact}'s logits cover {draft.io.vocab_size} ids, the target's "

@@ -30,6 +30,7 @@ from compiler.errors import AccuracyError, BadInputError, OutputWriteError
 from compiler.frontend.corpus import default_calibration_text, default_eval_text, read_text_file
 from compiler.frontend.default_model import cache_root, default_model_dir
 from compiler.frontend.load import check_model_files, read_spec
+from compiler.frontend.tokenizer_files import check_same_vocabulary, vocabulary
 from compiler.host.paths import model_directory, output_path
 from compiler.measure.pass_check import describe_divergence
 from compiler.measure.precision_search import SAFER, quant_entry
@@ -40,6 +41,7 @@ from compiler.report.report_json import tool_versions, write_report
 from compiler.host.memory import own_peak_rss_bytes, release_freed_memory
 from compiler.stages.base import Stage
 from compiler.stages.calibrate import Calibrate
+from compiler.stages.draft import Draft
 from compiler.stages.engine import Engine
 from compiler.stages.export import Export
 from compiler.stages.load import Load
@@ -51,7 +53,7 @@ from compiler.stages.reference import Reference
 from compiler.stages.validate import Validate
 
 BUILD: list[Stage] = [Load(), Calibrate(), Reference(), Export(), Precision(), Passes(), Engine(), Validate(),
-                      Quality(), Package()]
+                      Quality(), Draft(), Package()]
 STAGES = tuple(s.name for s in BUILD)
 # OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
 # (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
@@ -59,7 +61,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 # report.json's key order (keys are the stages' sections plus the driver's own)
 REPORT_ORDER = ("status", "llmc_version", "model", "recipe", "options", "versions", "backend", "timings_s", "passes",
                 "engine", "sizes_bytes", "numerics", "quality", "calibration", "eval_data", "weights", "precision",
-                "coverage", "precision_search", "failures", "verdict_basis", "triton_model", "cache", "warnings",
+                "coverage", "precision_search", "draft", "speculation", "failures", "verdict_basis", "triton_model", "cache", "warnings",
                 "triton_models")
 
 
@@ -84,8 +86,10 @@ def read_texts(request: BuildRequest, recipe) -> Texts:
     return Texts(calib, evaluation)
 
 
-def prepare(request: BuildRequest, progress: Progress, staging: Path | None = None) -> BuildState:
-    """Every check that needs no weights, and the state the stages start from."""
+def prepare(request: BuildRequest, progress: Progress, staging: Path | None = None,
+            check_output: bool = True) -> BuildState:
+    """Every check that needs no weights, and the state the stages start from. `check_output` False:
+    a part of another build (the draft), written into that build's staging directory."""
     backend = get_backend()
     recipe = load_recipe(request.recipe)
     if request.max_ppl_delta is not None:
@@ -93,18 +97,41 @@ def prepare(request: BuildRequest, progress: Progress, staging: Path | None = No
     plugins = needs_plugins(recipe.passes)
     if plugins:  # before any export: TensorRT-RTX's parser would abort the process on the plugin node
         backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
-    model_path = model_directory(Path(request.model) if request.model else default_model_dir())
-    spec = read_spec(model_path, request.trust_remote_code)
-    check_model_files(model_path, request.allow_pickle)
-    check_max_seq(spec, request.options, plugins)
+    model_path, spec = _check_model(Path(request.model) if request.model else default_model_dir(), request, plugins)
+    if request.draft:  # the draft is built last: everything about it is checked now
+        draft_path, draft_spec = _check_model(Path(request.draft), request, plugins)
+        check_same_vocabulary(vocabulary(model_path), vocabulary(draft_path), draft_path)
+        if draft_spec.vocab_size != spec.vocab_size:  # the proposer compares logits over the same ids
+            raise BadInputError(f"{draft_path}'s logits cover {draft_spec.vocab_size} ids, the target's "
+                                f"{spec.vocab_size}: use a draft with the target's vocabulary size")
     texts = read_texts(request, recipe)
-    output = output_path(Path(request.output) if request.output else Path("artifacts") / model_path.name)
-    check_output_path(output, model_path)
-    check_output_writable(output)
+    output = staging
+    if check_output:
+        output = output_path(Path(request.output) if request.output else Path("artifacts") / model_path.name)
+        check_output_path(output, model_path)
+        check_output_writable(output)
     timing_cache = request.timing_cache or cache_root() / "timing" / f"{backend.name}-{backend.version}.cache"
     return BuildState(request=request, recipe=recipe, model_path=model_path, output=output, spec=spec,
                       backend=backend, timing_cache=timing_cache, texts=texts, cache=StageCache(request.cache_dir),
-                      staging=staging, progress=progress)
+                      staging=staging, progress=progress, build_part=build_part)
+
+
+def _check_model(path: Path, request: BuildRequest, plugins: bool):
+    model_path = model_directory(path)
+    spec = read_spec(model_path, request.trust_remote_code)
+    check_model_files(model_path, request.allow_pickle)
+    check_max_seq(spec, request.options, plugins)
+    return model_path, spec
+
+
+def build_part(request: BuildRequest, staging: Path, progress: Progress) -> BuildState:
+    """Build `request`'s model with the whole stage list into `staging` (a subdirectory of another
+    build's staged output) and write its report there; returns its state (its verdict decided)."""
+    staging.mkdir()
+    state = prepare(request, progress, staging=staging, check_output=False)
+    run_stages(BUILD, state, plan(BUILD, state))
+    write_reports(BUILD, state)
+    return state
 
 
 def plan(stages: list[Stage], state: BuildState) -> dict[str, str]:
@@ -120,6 +147,8 @@ def plan(stages: list[Stage], state: BuildState) -> dict[str, str]:
                 state.keys[stage.name] = stage_key(stage.name, stage.key_inputs(state), chained)
                 entry = state.cache.get(stage.name, state.keys[stage.name])
                 state.hits[stage.name] = entry if entry is not None and stage.cache_valid(state, entry) else None
+                if state.hits[stage.name] is not None:
+                    state.cache.pinned.add(entry)
     outcome = {}
     for stage in reversed(stages):  # later stages first: Load runs only if a stage that runs reads the model
         if stage.unread_reason:  # it only feeds others: it runs if a stage that runs reads what it writes
@@ -222,15 +251,21 @@ def plan_build(request: BuildRequest) -> list[tuple[str, str]]:
     return [(s.name, outcome[s.name]) for s in BUILD]
 
 
-def _finish(stages: list[Stage], state: BuildState, out: StagedOutput) -> dict:
+def write_reports(stages: list[Stage], state: BuildState) -> dict:
+    """report.json and the accuracy card into the staging directory; returns the report."""
     report = assemble_report(stages, state)
     state.timings["total"] = sum(state.timings.values())
     # Peak resident memory of each process, for sizing a runner: this one (all stages but the engine
     # build; under `llmc build` that is the build's, in-process callers see their own) and the builder child.
     report["memory"] = {"llmc_process_peak_rss_bytes": own_peak_rss_bytes(),
                         "builder_peak_rss_bytes": state.engine.builder_peak_rss_bytes}
-    write_report(out.path / "report.json", report)
-    write_card(out.path)  # report.md (+ plots), rendered from report.json alone
+    write_report(state.staging / "report.json", report)
+    write_card(state.staging)  # report.md (+ plots), rendered from report.json alone
+    return report
+
+
+def _finish(stages: list[Stage], state: BuildState, out: StagedOutput) -> dict:
+    report = write_reports(stages, state)
     r, recipe = state.request, state.recipe
     logits = next((t.dtype for t in state.engine.tensors if t.name == "logits"), None)
     model_sha = state.cache.dir_digest(state.model_path) if state.cache.enabled else None

@@ -65,6 +65,7 @@ class StageCache:
     def __init__(self, root: Path | None, max_bytes: int | None = None):
         self.root = Path(root).expanduser().resolve() if root else None
         self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
+        self.pinned: set[Path] = set()  # entries a running build will restore: its own stores never prune them
 
     @property
     def enabled(self) -> bool:
@@ -76,7 +77,10 @@ class StageCache:
         entry = self.root / stage / key
         if not (entry / "meta.json").is_file():
             return None
-        os.utime(entry / "meta.json")  # recently used: pruned last
+        try:
+            os.utime(entry / "meta.json")  # recently used: pruned last
+        except OSError:  # a read-only or shared cache: still a hit, only its LRU order stays
+            pass
         return entry
 
     def put(self, stage: str, key: str, files: dict[str, Path], meta: dict) -> None:
@@ -103,16 +107,23 @@ class StageCache:
         out = []
         for meta in self.root.glob("*/*/meta.json") if self.enabled else ():
             entry = meta.parent
-            size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
-            out.append((meta.stat().st_mtime, size, entry))
+            if entry.name.startswith("."):  # another build's entry being written, or one being removed
+                continue
+            try:
+                size = sum(p.stat().st_size for p in entry.iterdir() if p.is_file())
+                out.append((meta.stat().st_mtime, size, entry))
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
         return sorted(out)
 
     def prune(self, max_bytes: int | None = None, max_entries: int | None = None, keep: Path | None = None) -> list[Path]:
-        """Remove least recently used entries until both bounds hold; returns what was removed."""
-        entries = [e for e in self.entries() if e[2] != keep]
-        total = sum(size for _, size, _ in entries) + (sum(p.stat().st_size for p in keep.iterdir()) if keep
-                                                       and keep.is_dir() else 0)
-        count = len(entries) + (1 if keep and keep.is_dir() else 0)
+        """Remove least recently used entries until both bounds hold; returns what was removed. Never
+        `keep` nor the entries this build planned to restore (`pinned`): they count, but stay."""
+        everything = self.entries()
+        kept = {keep, *self.pinned}
+        entries = [e for e in everything if e[2] not in kept]
+        total = sum(size for _, size, _ in everything)
+        count = len(everything)
         removed = []
         for _, size, entry in entries:
             if (max_bytes is None or total <= max_bytes) and (max_entries is None or count <= max_entries):

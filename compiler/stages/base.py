@@ -41,8 +41,9 @@ class Stage:
     def run(self, state: BuildState) -> None:
         raise NotImplementedError
 
-    def save(self, state: BuildState) -> tuple[dict[str, Path], dict]:
-        """(files to store by name, meta.json's content) after a run; only for cached stages."""
+    def save(self, state: BuildState, scratch: Path) -> tuple[dict[str, Path], dict]:
+        """(files to store by name, meta.json's content) after a run, written into `scratch` if they are
+        not files already; only for cached stages."""
         return {}, {}
 
     def restore(self, state: BuildState, entry: Path) -> None:

@@ -21,13 +21,17 @@ def check_validation_fits(loaded, request) -> None:
 class Load(Stage):
     name = "load"
     writes = ("loaded", "parameters", "pad_token_id")
-    unread_reason = "export and validation are cached"  # the model is needed only to export, calibrate,
-    # compute the references: the driver skips this stage when no stage that runs reads it
+    unread_reason = "no stage that runs reads the model (their outputs are cached)"  # the model is needed only
+    # to export, calibrate, compute the references: the driver skips this stage when no stage that runs reads it
+
+    def __init__(self, validates: bool = True):
+        self.validates = validates  # the list validates the build's prompt (`llmc analyze`'s does not)
 
     def run(self, state: BuildState) -> None:
         r = state.request
         state.loaded = load_model(state.model_path, r.allow_pickle, r.trust_remote_code)
-        check_validation_fits(state.loaded, r)
+        if self.validates:
+            check_validation_fits(state.loaded, r)
         state.parameters = state.loaded.num_parameters
         state.pad_token_id = state.loaded.tokenizer.pad_token_id
 

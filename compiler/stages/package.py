@@ -32,6 +32,7 @@ class Package(Stage):
 
     def run(self, state: BuildState) -> None:
         state.verdict = decide(state.validation, state.quality, state.recipe)  # which figures decide pass / fail
+        state.verdict.failures.extend(state.draft_failures)
         staging, r = state.staging, state.request
         state.weights = weight_footprint(ir.load(staging / "model.onnx"))
         copy_tokenizer(state.model_path, staging / "tokenizer")

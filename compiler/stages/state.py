@@ -40,6 +40,7 @@ class BuildState:
     cache: Any  # StageCache
     staging: Path  # the staged output directory everything is written into
     progress: Any  # Progress
+    build_part: Any = None  # the driver's build of another model into a subdirectory (the draft stage's)
     # --- written by the stages -------------------------------------------------------------------
     loaded: Any = heavy()  # load: LoadedModel (the PyTorch model and its tokenizer)
     parameters: int | None = None  # load, or validate's cache entry when load is skipped
@@ -55,6 +56,9 @@ class BuildState:
     session: Any = heavy()  # validate / quality: one onnxruntime session over model.onnx
     validation: Any = None  # validate: ValidationResult
     quality: Any = None  # quality: QualityResult
+    draft: dict | None = None  # draft: the draft build's summary (its own report.json is in draft/)
+    speculation: Any = None  # draft: compiler.measure.speculation.SpeculationCheck
+    draft_failures: list = dataclasses.field(default_factory=list)  # draft: what the verdict adds
     verdict: Any = None  # package: compiler.measure.verdict.Verdict
     weights: dict | None = None  # package: weight bytes against the formats' floor
     triton_models: list | None = None  # package
