@@ -63,10 +63,12 @@ class FullForward:
 
     def start(self, batch: int) -> None:
         self.slots = np.full((batch, self.io.capacity or 512), -1, np.int64)
+        self.sessions = getattr(self, "sessions", []) + [-1]  # per start: the largest position fed
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         batch, width = input_ids.shape
         self.slots[np.arange(batch)[:, None], position_ids] = input_ids
+        self.sessions[-1] = max(self.sessions[-1], int(position_ids.max()))
         out = np.zeros((batch, width, self.io.vocab_size), np.float32)
         for b in range(batch):
             seen = self.slots[b, : position_ids[b].max() + 1]
@@ -106,9 +108,13 @@ def test_reference_decode_equals_uncached_forwards_and_their_argmax(trained):
 def test_reference_greedy_decodes_each_padded_row_as_its_own_prompt(trained):
     from compiler.measure.validate import reference_greedy
 
-    prompts = [[261, 277, 82], [5, 9, 40, 77, 300, 12, 8, 19, 44], [101], [17, 18, 19, 20, 21, 22]]
-    got = reference_greedy(trained, prompts, 5)
-    assert got == [_greedy(trained.model, p, 5) for p in prompts]
+    # Short prompts too: a position off by one at a prompt's first tokens flips some of their greedy tokens
+    # (RoPE sees only differences, so a shift of a whole row changes nothing: position_ids are not optional).
+    short = np.random.default_rng(0)
+    prompts = [[261, 277, 82], [5, 9, 40, 77, 300, 12, 8, 19, 44], [101], [17, 18, 19, 20, 21, 22]] + [
+        short.integers(4, 1024, size=n).tolist() for n in (2, 3, 2, 4, 2, 5)]
+    got = reference_greedy(trained, prompts, 8)
+    assert got == [_greedy(trained.model, p, 8) for p in prompts]
 
 
 def test_decode_reference_tokenizes_the_prompt_and_checks_it_fits(trained):
@@ -181,7 +187,7 @@ def test_quality_reference_cuts_windows_and_prompts_to_the_graph(trained):
     text = default_eval_text()
     prompts = ["to be or not to be, that is the question", "", "a"]
     ref = quality_reference(trained, text, 16, window=128, max_windows=2, batch=2, new_tokens=6, prompts=prompts)
-    assert ref.window_cut is True and [len(w) for w in ref.held.windows] == [16, 16]
+    assert ref.window_cut is True and [len(w) for w in ref.held.windows] == [16, 16] and ref.held.batch == 2
     ids = [trained.tokenizer(p).input_ids[:10] for p in prompts]  # capacity 16 - 6 new tokens
     ids[1] = [trained.tokenizer.bos_token_id]  # an empty prompt becomes BOS
     assert len(trained.tokenizer(prompts[0]).input_ids) > 10 and ref.prompt_ids == ids
@@ -195,6 +201,29 @@ def test_quality_reference_cuts_windows_and_prompts_to_the_graph(trained):
     reused = quality_reference(trained, text, 64, window=8, new_tokens=2, held=held)
     assert reused.held is held
     assert reused.prompt_ids == [trained.tokenizer(p).input_ids[:62] for p in default_prompts(text)]
+    # A tokenizer without BOS: an empty prompt becomes token 0.
+    no_bos = dataclasses.replace(trained, tokenizer=_NoBos(trained.tokenizer))
+    assert quality_reference(no_bos, text, 64, window=8, new_tokens=2, prompts=[""], held=held).prompt_ids == [[0]]
+
+
+class _NoBos:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.bos_token_id, self.pad_token_id = tokenizer, None, tokenizer.pad_token_id
+
+    def __call__(self, text):
+        return self.tokenizer(text)
+
+
+def test_quality_reference_defaults_are_the_builds(trained):
+    """16 windows of 128 tokens (scored 4 at a time), 4 prompts x 64 greedy tokens: what report.json and the
+    README state the quality stage measures."""
+    from compiler.measure.quality import default_prompts, quality_reference
+
+    text = default_eval_text()
+    ref = quality_reference(trained, text, 1024)
+    assert [len(w) for w in ref.held.windows] == [128] * 16 and ref.held.batch == 4 and not ref.window_cut
+    assert ref.prompt_ids == [trained.tokenizer(p).input_ids for p in default_prompts(text)]
+    assert [len(f) for f in ref.forced] == [64] * 4
 
 
 def test_measure_quality_scores_the_graph_against_float64_figures(trained, perturbed, monkeypatch):
@@ -233,6 +262,40 @@ def test_measure_quality_scores_the_graph_against_float64_figures(trained, pertu
     assert 0 < result.seconds < 120
     # An explicit capacity wins over the graph's.
     assert quality.measure_quality(trained, "graph.onnx", text, capacity=12, max_windows=1, new_tokens=2).window == 12
+
+
+def test_measure_quality_without_a_known_capacity_keeps_to_the_window(trained, monkeypatch):
+    """A graph whose capacity is unknown (io.capacity None: a Concat-grown cache) gets the window as its
+    capacity: no position past it is fed, windows or prompts (cut to window - new tokens). Its seconds
+    count the reference side too."""
+    import time
+
+    import compiler.measure.quality as quality
+
+    graphs = []
+
+    def executor(path, **options):
+        graphs.append(FullForward(trained.model, None, 1024, **options))
+        return graphs[-1]
+
+    reference_side = quality.quality_reference
+
+    def slow_reference(*args, **kwargs):
+        time.sleep(0.5)
+        return reference_side(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "OnnxRuntimeExecutor", executor)
+    monkeypatch.setattr(quality, "quality_reference", slow_reference)
+    text = default_eval_text()
+    long_prompt = text[:2000]
+    assert len(trained.tokenizer(long_prompt).input_ids) > 128
+    result = quality.measure_quality(trained, "graph.onnx", text, max_windows=1, new_tokens=3, prompts=[long_prompt],
+                                     window=16)
+    assert result.window == 16 and not result.window_cut_to_max_seq and result.seconds >= 0.5
+    assert graphs[0].sessions == [15, 14]  # windows: positions 0..15; prompt 13 tokens + 2 forced: 0..14
+    result = quality.measure_quality(trained, "graph.onnx", text, max_windows=1, new_tokens=3, prompts=[long_prompt])
+    assert result.window == 128 and graphs[1].sessions == [127, 126]  # the default window, 128
+    assert result.greedy_agreement == 1.0 and abs(result.ppl_delta) < 1e-5  # the same model on both sides
 
 
 def test_window_sums_accumulate_in_float64():
