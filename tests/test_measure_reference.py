@@ -217,13 +217,17 @@ class _NoBos:
 def test_quality_reference_defaults_are_the_builds(trained):
     """16 windows of 128 tokens (scored 4 at a time), 4 prompts x 64 greedy tokens: what report.json and the
     README state the quality stage measures."""
-    from compiler.measure.quality import default_prompts, quality_reference
+    from compiler.measure.quality import default_prompts, held_out, quality_reference
 
     text = default_eval_text()
     ref = quality_reference(trained, text, 1024)
     assert [len(w) for w in ref.held.windows] == [128] * 16 and ref.held.batch == 4 and not ref.window_cut
     assert ref.prompt_ids == [trained.tokenizer(p).input_ids for p in default_prompts(text)]
     assert [len(f) for f in ref.forced] == [64] * 4
+    # The sensitivity stage calls held_out with the window alone: its defaults are the quality stage's.
+    held = held_out(trained, text, 128)
+    assert len(held.windows) == 16 and held.batch == 4
+    np.testing.assert_array_equal(held.windows, ref.held.windows)
 
 
 def test_measure_quality_scores_the_graph_against_float64_figures(trained, perturbed, monkeypatch):
