@@ -26,10 +26,11 @@ from compiler.frontend.corpus import default_eval_text
 from compiler.graph_io import GraphIO
 from compiler.recipe import Tolerance
 
-# Measured on the trained model (benchmarks/NOTES.md, 2026-12-04): max |cached - uncached logits| 4.8e-6
-# (the first test's prompt), max |held-out log-probability - float64| 2.1e-6. Bounds 10x those.
-CACHE_ATOL = 5e-5
-LOGP_ATOL = 2e-5
+# Measured on the trained model (benchmarks/reference_bounds.py, benchmarks/NOTES.md, 2026-12-04): max
+# |cached - uncached logits| 4.8e-6 (the first test's prompt), max |held-out log-probability - float64|
+# 2.1e-6. Bounds about 4x those (float32 summation order differs between machines' kernels).
+CACHE_ATOL = 2e-5
+LOGP_ATOL = 8e-6
 
 
 def _full_logits(model, ids: list[int]) -> np.ndarray:

@@ -136,5 +136,5 @@ def test_leaves_other_types_and_reports_no_change():
 
 def test_postcondition_names_what_stayed_fp32():
     model = _one_node_graph("input")
-    with pytest.raises(ir.passes.PostconditionError, match=r"FP32 tensors remain after cast-fp16: \['v'\]"):
+    with pytest.raises(ir.passes.PostconditionError, match=r"^FP32 tensors remain after cast-fp16: \['v'\]$"):
         CastFp16Pass().ensures(model)
