@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from passes.quantize_int4_rtn import QuantizeInt4RtnPass
 from passes.quantize_int8_wo import QuantizeInt8WoPass
 from passes.weight_quant import matching_matmuls, module_name
 
@@ -87,14 +88,16 @@ def test_matching_matmuls_takes_constant_2d_float_weights_of_targeted_modules_in
     assert ("excluded", "model.layers.0.self_attn.k_proj", None) in picked()
 
 
-def test_include_lm_head_quantizes_it_and_targets_must_be_lists():
+@pytest.mark.parametrize("make", [QuantizeInt8WoPass, lambda **kw: QuantizeInt4RtnPass(block_size=32, **kw)],
+                         ids=["int8", "int4-rtn"])
+def test_include_lm_head_quantizes_it_and_targets_must_be_lists(make):
     def model():
         return _graph([("layer", _weight("layer"), ["model.layers.0.mlp.down_proj", "linear"], None),
                        ("head", _weight("head"), ["model.lm_head", "linear"], "logits")])
 
     for include, dequantized in ((False, {"layer"}), (True, {"layer", "head"})):
         m = model()
-        qpass = QuantizeInt8WoPass(include_lm_head=include)
+        qpass = make(include_lm_head=include)
         assert qpass(m).modified
         fed = {n.name for n in m.graph if n.op_type == "MatMul" and n.inputs[1].producer() is not None
                and n.inputs[1].producer().op_type == "DequantizeLinear"}
@@ -102,3 +105,20 @@ def test_include_lm_head_quantizes_it_and_targets_must_be_lists():
                                                                          "head": "lm_head"}[d] for d in dequantized)
     with pytest.raises(TypeError, match="^targets / exclude must be lists of module-name patterns$"):
         QuantizeInt8WoPass(targets="model.layers.*")
+
+
+@pytest.mark.parametrize("make", [QuantizeInt8WoPass, lambda **kw: QuantizeInt4RtnPass(block_size=32, **kw)],
+                         ids=["int8", "int4-rtn"])
+def test_min_coverage_option_lets_a_tied_weight_stay_float(make):
+    """Of three targeted MatMuls two share a weight (tied, kept float): 1/3 quantized is below the default
+    0.95, so the pass refuses before any change; with min_coverage 0.3 it quantizes the one it can."""
+    def model():
+        tied = _weight("tied")
+        return _graph([("a", tied, ["model.layers.0.mlp.up_proj", "linear"], None),
+                       ("b", tied, ["model.layers.1.mlp.up_proj", "linear"], None),
+                       ("c", _weight("c"), ["model.layers.2.mlp.up_proj", "linear"], None)])
+
+    with pytest.raises(ir.passes.PreconditionError, match="coverage"):
+        make()(model())
+    qpass = make(min_coverage=0.3)
+    assert qpass(model()).modified and qpass.quantized == ["model.layers.2.mlp.up_proj"]
