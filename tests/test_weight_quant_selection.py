@@ -118,7 +118,17 @@ def test_min_coverage_option_lets_a_tied_weight_stay_float(make):
                        ("b", tied, ["model.layers.1.mlp.up_proj", "linear"], None),
                        ("c", _weight("c"), ["model.layers.2.mlp.up_proj", "linear"], None)])
 
-    with pytest.raises(ir.passes.PreconditionError, match="coverage"):
-        make()(model())
+    refused = make()
+    with pytest.raises(ir.passes.PreconditionError) as caught:
+        refused(model())
+    message = str(caught.value)
+    assert message.startswith(f"{refused.recipe_name}: only ") and "under min_coverage 95.0%" in message
+    assert "model.layers.0.mlp.up_proj and 1 more: weight shared by 2 nodes (tied)" in message
     qpass = make(min_coverage=0.3)
     assert qpass(model()).modified and qpass.quantized == ["model.layers.2.mlp.up_proj"]
+    tied = "weight shared by 2 nodes (tied)"
+    block = 16 if isinstance(qpass, QuantizeInt4RtnPass) else None  # K = 16: the largest INT4 block dividing it
+    assert [(p.name, p.k, p.n, p.block, p.skipped) for p in qpass.coverage.matmuls] == [
+        ("model.layers.0.mlp.up_proj", K, N, None, tied), ("model.layers.1.mlp.up_proj", K, N, None, tied),
+        ("model.layers.2.mlp.up_proj", K, N, block, None)]
+    assert qpass.coverage.min_coverage == 0.3
