@@ -115,6 +115,9 @@ def test_each_kind_of_fp32_is_lowered_and_reported(branch):
     np.testing.assert_array_equal(got, BRANCH_WANT.get(branch, [0.5, -65504, 65504]))
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         assert not {"value_float", "value_floats"} & set(node.attributes)
+        if node.op_type in ("Constant", "ConstantOfShape") and node.name != "shape":  # as later passes read it
+            attr = node.attributes["value"]
+            assert attr.name == "value" and attr.as_tensor().dtype in (ir.DataType.FLOAT16, ir.DataType.INT64)
         if node.op_type == "Cast":
             assert node.attributes["to"].as_int() == ir.DataType.FLOAT16
 
@@ -124,6 +127,8 @@ def test_leaves_other_types_and_reports_no_change():
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([2], np.int64))),
+             helper.make_node("Constant", [], ["axes"], value_ints=[0]),  # no tensor, no float: not touched
+             helper.make_node("Unsqueeze", ["c", "axes"], ["c2"]),
              helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT64),
              helper.make_node("Add", ["xi", "c"], ["y"])]
     graph = helper.make_graph(nodes, "ints", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
@@ -131,10 +136,17 @@ def test_leaves_other_types_and_reports_no_change():
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
     assert CastFp16Pass()(model).modified is False
     assert model.graph.node(0).attributes["value"].as_tensor().dtype == ir.DataType.INT64
-    assert model.graph.node(1).attributes["to"].as_int() == ir.DataType.INT64
+    assert list(model.graph.node(1).attributes["value_ints"].as_ints()) == [0]
+    assert model.graph.node(3).attributes["to"].as_int() == ir.DataType.INT64
 
 
 def test_postcondition_names_what_stayed_fp32():
     model = _one_node_graph("input")
     with pytest.raises(ir.passes.PostconditionError, match=r"^FP32 tensors remain after cast-fp16: \['v'\]$"):
         CastFp16Pass().ensures(model)
+    inputs = [ir.Value(name=f"in{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1])) for i in range(7)]
+    node = ir.node("Concat", inputs, attributes={"axis": 0})
+    many = ir.Model(ir.Graph(inputs, node.outputs, nodes=[node], opset_imports={"": 21}), ir_version=10)
+    with pytest.raises(ir.passes.PostconditionError,  # the first five named, not all seven
+                       match=r"^FP32 tensors remain after cast-fp16: \['in0', 'in1', 'in2', 'in3', 'in4'\]$"):
+        CastFp16Pass().ensures(many)
