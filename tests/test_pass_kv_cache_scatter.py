@@ -241,8 +241,8 @@ def _fixed_buffers(feeds) -> dict:
     return fixed
 
 
-@pytest.mark.parametrize("how, window", [("metadata", 2), ("option", 2), ("metadata", 0), ("option", CAP)],
-                         ids=["export-metadata", "option", "metadata-full", "window-of-the-capacity"])
+@pytest.mark.parametrize("how, window", [("metadata", 2), ("option", 2), ("option", 1), ("metadata", 0), ("option", CAP)],
+                         ids=["export-metadata", "option", "window-1", "metadata-full", "window-of-the-capacity"])
 def test_synthetic_sliding_window_masks_slots_before_the_window(how, window):
     """A sliding layer (window 2: each query sees its own and the previous slot) gets
     pos - window < slot <= pos, from the export's llmc.layer_windows or the pass's option (through
@@ -259,6 +259,7 @@ def test_synthetic_sliding_window_masks_slots_before_the_window(how, window):
     assert all(list(p.shape)[2] == CAP for p in model.graph.inputs if p.name.startswith("past_key_values."))
     got = _ort(model, _fixed_buffers(feeds), ["out"])["out"]
     slides = 0 < window < CAP
+    assert ("Greater" in {n.op_type for n in model.graph}) == slides  # a window that masks nothing adds no nodes
     for b, want in enumerate(_windowed_reference(feeds, window if slides else None)):
         np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=1e-5)
     if slides:  # and it differs from the causal-only answer: the window masked something
@@ -291,3 +292,11 @@ def test_layer_windows_read_the_exports_metadata_and_the_postcondition_names_the
     with pytest.raises(ir.passes.PostconditionError,
                        match=r"^cache outputs not updated by TensorScatter: \['present.0.key', 'present.0.value'\]$"):
         KvCacheScatterPass(CAP).ensures(concat_cache_layer())
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    nodes = [ir.node("Identity", [x]) for _ in range(6)]
+    for i, node in enumerate(nodes):
+        node.outputs[0].name = f"present.{i}.key"
+    six = ir.Model(ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, opset_imports={"": 24}), ir_version=10)
+    with pytest.raises(ir.passes.PostconditionError, match=r"^cache outputs not updated by TensorScatter: "
+                       r"\['present.0.key', 'present.1.key', 'present.2.key', 'present.3.key'\]$"):  # the first four
+        KvCacheScatterPass(CAP).ensures(six)
