@@ -24,6 +24,8 @@ def test_shortfall_names_the_reasons_and_the_min_coverage_that_would_pass():
         "matmuls with another format (int8-wo, fp8-wo)")
     few = Coverage(_plans()[:4], 0.95).shortfall("p")  # three reasons or fewer: all named, no "other reasons"
     assert "(skipped tied_a and 1 more: tied; odd: K=10 is odd); allow it with `min_coverage: 0.71`" in few
+    three = Coverage(_plans()[:5], 0.95).shortfall("p")
+    assert "(skipped tied_a and 1 more: tied; odd: K=10 is odd; wide: too wide); allow it" in three
 
 
 def test_coverage_at_min_coverage_passes_and_percentages_never_round_up():
