@@ -109,8 +109,9 @@ def test_reference_decode_equals_uncached_forwards_and_their_argmax(trained):
 def test_reference_greedy_decodes_each_padded_row_as_its_own_prompt(trained):
     from compiler.measure.validate import reference_greedy
 
-    # Short prompts too: a position off by one at a prompt's first tokens flips some of their greedy tokens
-    # (RoPE sees only differences, so a shift of a whole row changes nothing: position_ids are not optional).
+    # Short prompts too: a position off by one within a row (two tokens at position 0) flips some of their
+    # greedy tokens. A shift of a whole row changes nothing (RoPE sees only position differences):
+    # benchmarks/mutation_summary.md lists those mutants as equivalent.
     short = np.random.default_rng(0)
     prompts = [[261, 277, 82], [5, 9, 40, 77, 300, 12, 8, 19, 44], [101], [17, 18, 19, 20, 21, 22]] + [
         short.integers(4, 1024, size=n).tolist() for n in (2, 3, 2, 4, 2, 5)]
