@@ -249,3 +249,24 @@ def test_synthetic_postcondition_names_the_fp16_stream_values():
     ResidualFp32Pass().ensures(unmarked)  # an unmarked graph is left FP16 on purpose
     with pytest.raises(ir.passes.PostconditionError, match="still FP16"):
         ResidualFp32Pass(always=True).ensures(unmarked)
+
+
+def test_synthetic_graphs_it_cannot_read_are_refused_by_name():
+    no_norm = _synthetic_stream()
+    head = next(n for n in no_norm.graph if n.name == "lm_head")
+    head.replace_input_with(0, next(n for n in no_norm.graph if n.name == "add_b").outputs[0])  # no final norm
+    message = r"^no RMSNormalization found before the logits \(not a decoder graph\?\)$"
+    with pytest.raises(ir.passes.PreconditionError, match=message):
+        residual_stream(no_norm.graph)
+    no_logits = _synthetic_stream()
+    no_logits.graph.outputs[0].name = "scores"
+    with pytest.raises(ir.passes.PreconditionError, match=message):
+        residual_stream(no_logits.graph)
+    ambiguous = _synthetic_stream()
+    add_b = next(n for n in ambiguous.graph if n.name == "add_b")
+    extra = ir.node("Identity", [add_b.inputs[1]], name="also_reads_the_branch")  # a second use of the branch
+    ambiguous.graph.append(extra)
+    ambiguous.graph.outputs.append(extra.outputs[0])
+    with pytest.raises(ir.passes.PreconditionError,
+                       match=r"^add_b: cannot tell the residual operand from the branch \(2 operands have other uses\)$"):
+        residual_stream(ambiguous.graph)
