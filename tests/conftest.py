@@ -47,10 +47,18 @@ def llmc_cache(tmp_path_factory):
 
 
 def _shared_dir(tmp_path_factory, name: str) -> Path:
-    """A directory every pytest-xdist worker of this run sees (their base temp dirs share a parent)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
+    """A directory every pytest-xdist worker of this run sees (their base temp dirs share a parent).
+
+    LLMC_TEST_SHARED names one kept across runs instead: mutation testing (tools/mutation/run) runs
+    the tests once per mutant, and the tiny models and their exports (tens of seconds) are the same
+    for every mutant of a pass; the stage cache keys exports by content, so a kept one is current."""
+    if os.environ.get("LLMC_TEST_SHARED"):
+        base = Path(os.environ["LLMC_TEST_SHARED"])
+        base.mkdir(parents=True, exist_ok=True)
+    else:
+        base = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            base = base.parent
     path = base / name
     path.mkdir(exist_ok=True)
     return path

@@ -142,7 +142,10 @@ def test_cast_fp16_converts_a_half_parameter_view_without_widening_it():
 
     from passes.cast_fp16 import _to_f16
 
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(256, 256)
+    # Every 16-bit pattern, the first one 0x3F80 (BF16 1.0, whose FP16 bits differ): no element, the
+    # first included, is right by accident.
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).roll(-(0x3F80 + 32768)).reshape(256, 256)
+    assert patterns[0, 0] == 0x3F80
     for dtype in (torch.bfloat16, torch.float16):
         half = patterns.view(dtype)
         for transposed in (False, True):
@@ -197,7 +200,10 @@ def test_cast_fp16_converts_a_sole_held_parameter_in_its_own_memory(dtype, monke
     import passes.cast_fp16 as cast
 
     monkeypatch.setattr(cast, "_CHUNK", 20000)
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).reshape(256, 256)
+    # Every 16-bit pattern, the first one 0x3F80 (BF16 1.0, whose FP16 bits differ): no element, the
+    # first included, is right by accident.
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).roll(-(0x3F80 + 32768)).reshape(256, 256)
+    assert patterns[0, 0] == 0x3F80
     expected = cast._to_f16(ir.tensor(patterns.view(dtype).float().numpy())).numpy().view(np.int16)
 
     src = patterns.clone().view(dtype)

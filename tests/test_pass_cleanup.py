@@ -99,3 +99,31 @@ def test_exported_weights_are_freed_once_cast_fp16_replaced_them(model_dirs):
     alive = [o for o in gc.get_objects()
              if isinstance(o, torch.Tensor) and not isinstance(o, FakeTensor) and o.data_ptr() == address]
     assert alive == [] and len(graph.model.graph.initializers) > 0
+
+
+def test_folds_constants_but_keeps_weights_quantized(tmp_path):
+    """A weight's DequantizeLinear (int8 constant -> float) is foldable but stays: folding it would store
+    the float weight the quantizer removed. Other constant arithmetic still folds; outputs unchanged."""
+    import onnx_ir as ir
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, size=(8, 4), dtype=np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=1),
+             helper.make_node("Add", ["one", "one"], ["two"]),  # constant arithmetic: folds
+             helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Mul", ["xw", "two"], ["y"])]
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(np.full(4, 0.02, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    graph = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    before = save(model, tmp_path / "before.onnx")
+    assert CleanupPass()(model).modified is True
+    assert op_counts(model) == {"DequantizeLinear": 1, "MatMul": 1, "Mul": 1}
+    assert model.graph.initializers["w_q"].const_value.dtype == ir.DataType.INT8
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    run = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+           for p in (before, save(model, tmp_path / "after.onnx"))]
+    np.testing.assert_array_equal(run[1], run[0])

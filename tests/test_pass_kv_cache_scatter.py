@@ -213,3 +213,90 @@ def test_synthetic_layer_preconditions_name_what_is_wrong():
     newer = concat_cache_layer(opset=25)
     KvCacheScatterPass(CAP)(newer)
     assert newer.opset_imports[""] == 25  # raised to TensorScatter's 24 if below, never lowered
+
+
+def _windowed_reference(feeds, window: int | None) -> list[np.ndarray]:
+    """Per sequence, the Concat graph with exactly its own past and the mask slot <= position, and
+    slot > position - window where a window is given."""
+    reference, outs = concat_cache_layer(), []
+    for b, start in enumerate(feeds["position_ids"][:, 0]):
+        one = {k: v[b:b + 1] for k, v in feeds.items()}
+        for kv in ("key", "value"):
+            one[f"past_key_values.0.{kv}"] = one[f"past_key_values.0.{kv}"][:, :, :start]
+        slots, positions = np.arange(start + SEQ)[None, :], feeds["position_ids"][b][:, None]
+        mask = slots <= positions
+        if window:
+            mask &= slots > positions - window
+        one["attention_mask"] = mask[None, None]
+        outs.append(_ort(reference, one, ["out"])["out"][0])
+    return outs
+
+
+def _fixed_buffers(feeds) -> dict:
+    rng, fixed = np.random.default_rng(4), dict(feeds)
+    for kv in ("key", "value"):
+        buffer = (30 * rng.standard_normal((BATCH, KV, CAP, DIM))).astype(np.float32)  # must never be read
+        buffer[:, :, :PAST] = feeds[f"past_key_values.0.{kv}"]
+        fixed[f"past_key_values.0.{kv}"] = buffer
+    return fixed
+
+
+@pytest.mark.parametrize("how, window", [("metadata", 2), ("option", 2), ("option", 1), ("metadata", 0), ("option", CAP)],
+                         ids=["export-metadata", "option", "window-1", "metadata-full", "window-of-the-capacity"])
+def test_synthetic_sliding_window_masks_slots_before_the_window(how, window):
+    """A sliding layer (window 2: each query sees its own and the previous slot) gets
+    pos - window < slot <= pos, from the export's llmc.layer_windows or the pass's option (through
+    make_pass, as a recipe builds it); window 0, or a window the cache cannot exceed, masks causally only."""
+    from passes import PassContext, make_pass
+
+    feeds, model = _synthetic_feeds(), concat_cache_layer()
+    if how == "metadata":
+        model.graph.metadata_props["llmc.layer_windows"] = str(window)
+        kv_pass = make_pass("kv-cache-scatter", PassContext(max_positions=CAP))
+    else:
+        kv_pass = make_pass("kv-cache-scatter", PassContext(max_positions=CAP), {"windows": (window,)})
+    assert kv_pass(model).modified is True
+    assert all(list(p.shape)[2] == CAP for p in model.graph.inputs if p.name.startswith("past_key_values."))
+    got = _ort(model, _fixed_buffers(feeds), ["out"])["out"]
+    slides = 0 < window < CAP
+    assert ("Greater" in {n.op_type for n in model.graph}) == slides  # a window that masks nothing adds no nodes
+    for b, want in enumerate(_windowed_reference(feeds, window if slides else None)):
+        np.testing.assert_allclose(got[b], want, atol=1e-5, rtol=1e-5)
+    if slides:  # and it differs from the causal-only answer: the window masked something
+        assert not np.allclose(got[0], _windowed_reference(feeds, None)[0], atol=1e-3)
+
+
+def test_synthetic_windows_that_do_not_fit_the_layers_are_refused_before_any_change():
+    with pytest.raises(ir.passes.PreconditionError, match="^2 layer windows for 1 cached layers$"):
+        KvCacheScatterPass(CAP, windows=(2, 2))(concat_cache_layer())
+    model = concat_cache_layer()
+    attention = next(n for n in model.graph if n.op_type == "Attention")
+    not_cache = next(o for o in model.graph.outputs if o.name == "new_key_twice")
+    attention.replace_input_with(1, not_cache)  # its key is a Concat, but of no cache
+    before = [n.op_type for n in model.graph]
+    with pytest.raises(ir.passes.PreconditionError,
+                       match=r"^attention: its key is not a cache Concat, so its layer \(and window\) is unknown$"):
+        KvCacheScatterPass(CAP, windows=(2,))(model)
+    assert [n.op_type for n in model.graph] == before
+    assert KvCacheScatterPass(CAP)(concat_cache_layer()).modified is True
+    assert KvCacheScatterPass(CAP)(KvCacheScatterPass(CAP)(concat_cache_layer()).model).modified is False
+
+
+def test_layer_windows_read_the_exports_metadata_and_the_postcondition_names_the_outputs():
+    from passes.kv_cache_scatter import layer_windows
+
+    model = concat_cache_layer()
+    assert layer_windows(model) == ()
+    model.graph.metadata_props["llmc.layer_windows"] = "0,4096,0"
+    assert layer_windows(model) == (0, 4096, 0)
+    with pytest.raises(ir.passes.PostconditionError,
+                       match=r"^cache outputs not updated by TensorScatter: \['present.0.key', 'present.0.value'\]$"):
+        KvCacheScatterPass(CAP).ensures(concat_cache_layer())
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    nodes = [ir.node("Identity", [x]) for _ in range(6)]
+    for i, node in enumerate(nodes):
+        node.outputs[0].name = f"present.{i}.key"
+    six = ir.Model(ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, opset_imports={"": 24}), ir_version=10)
+    with pytest.raises(ir.passes.PostconditionError, match=r"^cache outputs not updated by TensorScatter: "
+                       r"\['present.0.key', 'present.1.key', 'present.2.key', 'present.3.key'\]$"):  # the first four
+        KvCacheScatterPass(CAP).ensures(six)

@@ -105,3 +105,19 @@ def test_targets_and_exclude_select_by_module_name(final_fp16_llama, llama):
                                              for p in ("gate_proj", "up_proj", "down_proj"))
     with pytest.raises(TypeError, match="lists"):
         QuantizeInt8WoPass(targets="model.layers.*")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("quantize", [quantize_per_channel_int8, quantize_per_channel_fp8], ids=["int8", "fp8"])
+def test_a_zero_channel_gets_a_positive_scale_in_the_weights_dtype(quantize, dtype):
+    """An all-zero output channel is quantized without computing 0 / 0 (numpy's errors raise here) to
+    zeros with a positive finite scale; every scale has the weight's dtype, which is the DequantizeLinear's
+    output type (FP16 in an FP16 graph, where the MatMul needs FP16)."""
+    w = (np.random.default_rng(2).standard_normal((32, 6)) * 0.05).astype(dtype)
+    w[:, 2] = 0
+    with np.errstate(all="raise"):
+        qw = quantize(w)
+    scale = qw.scale
+    assert scale.dtype == dtype and np.isfinite(scale).all() and (scale > 0).all()
+    assert (qw.q[:, 2].astype(np.float32) == 0).all() and (qw.dequantize()[:, 2] == 0).all()
+    assert qw.dequantize().dtype == dtype

@@ -1,8 +1,9 @@
 """What each weight format costs on the trained model, measured on held-out text (compiler/measure/quality.py).
 
-Orderings that must hold on a real model, and stated bounds. Measured 2026-11-27 (benchmarks/NOTES.md):
-reference perplexity 20.90; deltas int8 -0.04%, fp8 +0.17%, int4-awq(128) +0.46%, int4-rtn(128) +1.05%,
-int4-awq(32, no clip search) -0.10%, int4-rtn(32) +0.35%.
+Orderings that must hold on a real model, and bounds stated as multiples of measured figures:
+benchmarks/quality_bounds.json (`python benchmarks/quality_bounds.py`, the fixtures' graphs and windows;
+2026-12-04): reference perplexity 20.90; deltas int8 -0.035%, fp8 +0.169%, int4-awq(128) +0.472%,
+int4-rtn(128) +1.11%; int4-awq(128) greedy agreement 90.6% (116 of 128 tokens).
 """
 
 import functools
@@ -55,11 +56,17 @@ def test_8bit_formats_lose_less_than_int4(quality):
         assert q.ppl_delta < int4 and q.kl_mean < int4_kl, name
 
 
+# Twice each measured delta (benchmarks/quality_bounds.json): room for onnxruntime builds on other CPUs,
+# which sum in other orders (how far that moves them is not measured here), not for a format that loses
+# twice what it did. Agreement: at most 7 more of the 128 tokens than the 12 measured may differ.
+MARGIN = 2
+
+
 def test_stated_bounds(quality):
-    assert abs(quality("quantize-int8-wo").ppl_delta) < 0.005
-    assert abs(quality("quantize-fp8-wo").ppl_delta) < 0.01
-    assert 0 < quality("quantize-int4-awq", 128).ppl_delta < 0.03
-    assert 0 < quality("quantize-int4-rtn", 128).ppl_delta < 0.05
+    assert abs(quality("quantize-int8-wo").ppl_delta) < MARGIN * 0.00035
+    assert abs(quality("quantize-fp8-wo").ppl_delta) < MARGIN * 0.0017
+    assert 0 < quality("quantize-int4-awq", 128).ppl_delta < MARGIN * 0.0047
+    assert 0 < quality("quantize-int4-rtn", 128).ppl_delta < MARGIN * 0.0111
     assert quality("quantize-int4-awq", 128).greedy_agreement > 0.85
 
 

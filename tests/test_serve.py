@@ -22,20 +22,10 @@ from click.testing import CliRunner
 
 from compiler.commands.cli import main
 from compiler.errors import EXIT_CODES, ServerStartError
+from tests.server_capability import tritonserver_missing
 
 
-def _server_unusable() -> str | None:
-    try:
-        from compiler.serving.serve import server_binary, server_env
-
-        server_binary()
-        server_env()
-    except Exception as exc:  # noqa: BLE001 - any reason the bundled server can't run here
-        return f"bundled tritonserver unusable here: {exc}"
-    return None
-
-
-needs_server = pytest.mark.skipif(_server_unusable() is not None, reason=str(_server_unusable()))
+needs_server = pytest.mark.skipif(tritonserver_missing() is not None, reason=str(tritonserver_missing()))
 
 
 def _one_line(stderr: str) -> str:

@@ -124,7 +124,9 @@ def test_judge_fails_only_beyond_each_bound():
     assert judge(0.5, 0.05, 0.8, 0.9, tol) == []  # at the bound passes
     assert judge(0.5001, 0.05, 0.8, 0.9, tol) == ["max |logit error| 0.5001 > 0.5"]
     assert judge(0.5, 0.0501, 0.8, 0.9, tol) == ["mean |logit error| 0.0501 > 0.05"]
-    assert judge(0.5, 0.05, 0.8001, 0.9, tol)[0].startswith("wiring check: relative logit error 0.8 > 0.8")
+    assert judge(0.5, 0.05, 0.8001, 0.9, tol) == [
+        "wiring check: relative logit error 0.8 > 0.8 (rms error / std of PyTorch's logits at the worst position; "
+        "a graph unrelated to the model measures >= 1)"]
     assert judge(0.5, 0.05, 0.8, 0.899, tol) == ["greedy agreement 89.9% < 90.0%"]
     assert judge(float("inf"), 0.0, 0.0, 1.0, tol)[0] == "non-finite logits in the compiled graph"
     assert judge(0.0, float("nan"), 0.0, 1.0, tol) == ["non-finite logits in the compiled graph"]
@@ -138,3 +140,15 @@ def test_judge_fails_only_beyond_each_bound():
     failed = rejudge(passed, Tolerance(max_abs_logit_error=-1.0, mean_abs_logit_error=0.05, min_greedy_agreement=0.9))
     assert passed.passed is True and failed.passed is False and failed.tolerance.max_abs_logit_error == -1.0
     assert failed.failures == ["max |logit error| 0 > -1"] and failed.max_abs_error == passed.max_abs_error
+
+
+def test_relative_errors_equal_a_hand_computed_case_and_floor_a_flat_reference():
+    """rms(compiled - reference) / std(reference) per position; a reference with no spread (std 0) divides by
+    1e-12, so any error there reads as enormous rather than as a division by zero."""
+    from compiler.measure.validate import relative_errors
+
+    reference = np.array([[1.0, -1.0, 1.0, -1.0], [0.02, 0.0, 0.02, 0.0], [3.0, 3.0, 3.0, 3.0]])
+    compiled = reference + np.array([[0.5, -0.5, 0.5, -0.5], [0.003, 0.004, 0.003, 0.004], [0.0, 0.0, 0.0, 2.0**-20]])
+    # std: 1, 0.01, 0; rms error: 0.5, sqrt((0.003^2 + 0.004^2) / 2) = 0.0035355, 2^-20 / 2 (exact in float32)
+    np.testing.assert_allclose(relative_errors(compiled.astype(np.float32), reference),
+                               [0.5, 0.35355339, 2.0**-21 / 1e-12], rtol=1e-5)
