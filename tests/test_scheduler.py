@@ -31,9 +31,8 @@ def linear(trained_fp16):
 def paged(trained, exported, tmp_path_factory):
     from compiler.frontend.default_model import default_model_dir
     from compiler.frontend.run_passes import run_passes
-    from compiler.graph_io import ExportedGraph
+    from compiler.graph_io import ExportedGraph, io_from_model
     from compiler.recipe import load_recipe
-    from compiler.runtime.executor import io_from_model
     from passes import PassContext
 
     model = ir.load(exported(default_model_dir(), trained))
