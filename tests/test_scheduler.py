@@ -257,3 +257,58 @@ def test_kv_bytes_in_use_per_token(linear, paged):
     assert len(blocks.blocks["b"]) == 8 and blocks.in_use_bytes() == 10 * 16 * floor
     blocks.close("a")
     assert blocks.reserve("b", 16 * 8 + 1) and len(blocks.blocks["b"]) == 9
+
+
+def test_a_client_gone_is_polled_and_its_slot_freed(linear):
+    """A frontend's own cancellation check (Triton's is_cancelled) is polled; on_finish says how it ended."""
+    gone = threading.Event()
+    ended: list[tuple[int, str]] = []
+    first, second = (Request(p, 40) for p in prompts([5, 7], seed=11))
+    first.client_gone = gone.is_set
+    for r in (first, second):
+        r.on_finish = lambda h: ended.append((h.id, h.finish_reason))
+    scheduler = Scheduler(linear, max_batch=1, max_tokens_per_step=16, pad_token_id=PAD, cancel_poll_s=0.0)
+    a, b = scheduler.submit(first), scheduler.submit(second)
+    while len(a.tokens) < 4:
+        scheduler.step()
+    gone.set()
+    scheduler.step()
+    assert a.finish_reason == "cancelled" and len(a.tokens) == 4
+    assert scheduler.running[0].handle is b  # the one row went to the waiting request
+    scheduler.run_until_idle()
+    assert b.tokens == solo(linear, second) and ended == [(a.id, "cancelled"), (b.id, "length")]
+
+
+class _FailOnce:
+    """The bundled graph's executor, raising on its `fail_at`-th call (a device error mid-serving)."""
+
+    def __init__(self, executor, fail_at: int):
+        self.inner, self.io, self.calls, self.fail_at = executor, executor.io, 0, fail_at
+
+    def input_dtype(self, name):
+        return self.inner.input_dtype(name)
+
+    def run(self, feeds):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("device lost")
+        return self.inner.run(feeds)
+
+
+def test_a_failing_step_ends_every_request_with_its_error_and_serving_goes_on(linear):
+    scheduler = Scheduler(_FailOnce(linear, 3), max_batch=4, max_tokens_per_step=32, pad_token_id=PAD)
+    stop = threading.Event()
+    server = threading.Thread(target=scheduler.serve_forever, args=(stop,))
+    server.start()
+    try:
+        hit = [scheduler.submit(Request(p, 20)) for p in prompts([3, 6], seed=12)]
+        for h in hit:
+            h.result(timeout=60)
+        after = Request(prompts([4], seed=13)[0], 10)
+        assert scheduler.submit(after).result(timeout=60) == solo(linear, after)
+    finally:
+        stop.set()
+        server.join(10)
+    assert [(h.finish_reason, h.error) for h in hit] == [("error", "RuntimeError: device lost")] * 2
+    assert len(hit[0].tokens) == 2  # the two steps before the failure
+    assert scheduler.cache.row == {}  # every row free again

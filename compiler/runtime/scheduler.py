@@ -39,7 +39,7 @@ import numpy as np
 from compiler.runtime.kv_slots import cache_for
 from compiler.runtime.runner import Sampling, pick
 
-FINISHED = ("stop", "length", "cancelled")
+FINISHED = ("stop", "length", "cancelled", "error")
 
 
 @dataclasses.dataclass
@@ -49,6 +49,10 @@ class Request:
     sampling: Sampling = Sampling()
     stop_tokens: tuple[int, ...] = ()
     on_token: Callable[[int], None] | None = None  # called from the scheduler's thread, per new token
+    on_finish: Callable[["Handle"], None] | None = None  # called from the scheduler's thread, once, at the end
+    # Polled by the scheduler (at most every `cancel_poll_s`): True when the client went away. A serving
+    # frontend's own check (Triton's `response_sender.is_cancelled()`) is a round trip, so it is not asked per token.
+    client_gone: Callable[[], bool] | None = None
 
 
 class Handle:
@@ -61,6 +65,7 @@ class Handle:
         self.request = request
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why, when finish_reason is "error"
         self.submitted = time.perf_counter()
         self.token_times: list[float] = []  # perf_counter when each token was sampled
         self.preemptions = 0
@@ -100,10 +105,12 @@ class Handle:
         if self.request.on_token is not None:
             self.request.on_token(token)
 
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
         self._stream.put(None)
         self.done.set()
+        if self.request.on_finish is not None:
+            self.request.on_finish(self)
 
 
 class _Sequence:
@@ -134,7 +141,7 @@ class Scheduler:
     """
 
     def __init__(self, executor, max_batch: int = 8, max_tokens_per_step: int = 256, num_blocks: int | None = None,
-                 pad_token_id: int | None = 0):
+                 pad_token_id: int | None = 0, cancel_poll_s: float = 0.05):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         if max_tokens_per_step < max_batch:
@@ -153,6 +160,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._order = itertools.count()
         self.preemptions = 0
+        self.cancel_poll_s, self._polled = cancel_poll_s, 0.0
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -201,7 +209,18 @@ class Scheduler:
         self.steps.append(StepStats(len(rows), width, sum(n for _, n in rows), time.perf_counter() - start))
         return True
 
+    def _poll_clients(self) -> None:
+        now = time.perf_counter()
+        if now - self._polled < self.cancel_poll_s:
+            return
+        self._polled = now
+        for item in [*self.running, *self.waiting]:
+            handle = item.handle if isinstance(item, _Sequence) else item
+            if handle.request.client_gone is not None and not handle.cancelled and handle.request.client_gone():
+                handle.cancel()
+
     def _drop_cancelled(self) -> None:
+        self._poll_clients()
         for seq in [s for s in self.running if s.handle.cancelled]:
             self._retire(seq, "cancelled")
         for item in [w for w in self.waiting if (w.handle if isinstance(w, _Sequence) else w).cancelled]:
@@ -274,11 +293,40 @@ class Scheduler:
             pass
 
     def serve_forever(self, stop: threading.Event, poll_s: float = 0.05) -> None:
-        """The serving thread: step while there is work, sleep until a submit (or `stop`) otherwise."""
+        """The serving thread: step while there is work, sleep until a submit (or `stop`) otherwise.
+
+        A step that raises (an executor error, a client callback's bug) ends every request in flight
+        with finish_reason "error" and the exception as `error`, and the loop goes on with a clean cache:
+        a dead serving thread would leave every client waiting forever."""
         while not stop.is_set():
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as exc:  # noqa: BLE001 - reported to each request's client, see above
+                self.abort(f"{type(exc).__name__}: {exc}")
+                continue
+            if not busy:
                 self._wake.wait(poll_s)
                 self._wake.clear()
+
+    def abort(self, error: str) -> None:
+        """End every running and waiting request with finish_reason "error"; their cache is freed."""
+        while not self._arrived.empty():
+            self.waiting.append(self._arrived.get())
+        for seq in list(self.running):
+            self.cache.close(seq)
+            self.running.remove(seq)
+            self._finish_quietly(seq.handle, error)
+        while self.waiting:
+            item = self.waiting.popleft()
+            self._finish_quietly(item.handle if isinstance(item, _Sequence) else item, error)
+
+    @staticmethod
+    def _finish_quietly(handle: Handle, error: str) -> None:
+        if handle.finish_reason is None:
+            try:
+                handle._finish("error", error)
+            except Exception:  # noqa: BLE001 - its on_finish failed too: the others must still be told
+                pass
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         """Submit all, run until every one finishes; their tokens, in order."""
