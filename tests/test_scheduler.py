@@ -238,6 +238,7 @@ def test_tokens_stream_to_clients_of_the_serving_thread(linear):
         server.join(10)
     assert results == [solo(linear, r) for r in requests]
     assert seen == results[0]
+    assert max(s.rows for s in scheduler.steps) > 1  # the clients shared graph calls
 
 
 def test_kv_bytes_in_use_per_token(linear, paged):
@@ -277,6 +278,7 @@ def test_a_client_gone_is_polled_and_its_slot_freed(linear):
     assert scheduler.running[0].handle is b  # the one row went to the waiting request
     scheduler.run_until_idle()
     assert b.tokens == solo(linear, second) and ended == [(a.id, "cancelled"), (b.id, "length")]
+    assert a.peak_rows == b.peak_rows == 1  # one row: they never shared a graph call
 
 
 class _FailOnce:

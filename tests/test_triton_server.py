@@ -119,10 +119,11 @@ def server(artifact, tmp_path_factory):
     """`llmc serve ARTIFACT --port N`, as a user runs it; SIGTERM at the end must stop it."""
     from compiler.serving.serve import free_port
 
-    port = free_port()
+    port, openai_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("triton-log") / "serve.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port),
+                                 "--openai-port", str(openai_port)],
                                 stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -137,7 +138,8 @@ def server(artifact, tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.5)
-        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "proc": proc, "log": log}
+        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "openai": f"http://127.0.0.1:{openai_port}", "proc": proc,
+               "log": log}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -205,6 +207,100 @@ def test_concurrent_clients(server, artifact):
     for i, (status, body) in results.items():
         assert status == 200, body
         assert body["text_output"] == expected[prompts[i]], i
+
+
+def grpc_generate_stream(address: str, prompt: str, max_tokens: int, cancel_after: int | None = None) -> list[str]:
+    """Text pieces of one streamed `generate` request over a gRPC stream; with `cancel_after`, the client
+    cancels the stream (as a client that goes away) once that many pieces have arrived."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    pieces: queue.SimpleQueue = queue.SimpleQueue()
+    client = grpcclient.InferenceServerClient(address)
+    client.start_stream(callback=lambda result, error: pieces.put(error or result))
+    inputs = []
+    for name, value, datatype, dtype in (("text_input", prompt.encode(), "BYTES", object),
+                                         ("max_tokens", max_tokens, "INT32", np.int32), ("stream", True, "BOOL", bool)):
+        inputs.append(grpcclient.InferInput(name, [1], datatype))
+        inputs[-1].set_data_from_numpy(np.array([value], dtype=dtype))
+    client.async_stream_infer("generate", inputs, enable_empty_final_response=True)
+    out: list[str] = []
+    try:
+        while True:
+            item = pieces.get(timeout=120)
+            assert not isinstance(item, Exception), item
+            text = item.as_numpy("text_output")
+            if text is not None:
+                out.append(text.reshape(-1)[0].decode())
+            if item.get_response().parameters["triton_final_response"].bool_param:
+                return out
+            if cancel_after is not None and len(out) >= cancel_after:
+                return out
+    finally:
+        client.stop_stream(cancel_requests=cancel_after is not None)
+        client.close()
+
+
+def scheduler_lines(log: Path) -> list[str]:
+    return [line for line in log.read_text(errors="replace").splitlines() if "llm_onnx: request " in line]
+
+
+def test_concurrent_streaming_clients_share_graph_calls_and_each_gets_its_solo_output(server, artifact):
+    """Nine streaming clients at once (mixed prompts and lengths), one of which goes away after its first
+    piece: each of the others gets exactly the text `llmc generate` gives it alone, their tokens came from
+    graph calls shared with others (the scheduler's log), and the one that left was stopped early."""
+    jobs = [(PROMPTS[i % len(PROMPTS)], 20 + 4 * (i % 5)) for i in range(8)]
+    expected = {job: expected_text(artifact, *job) for job in set(jobs)}
+    before = len(scheduler_lines(server["log"]))
+    results: dict[int, list[str]] = {}
+
+    def client(i):
+        results[i] = grpc_generate_stream(server["grpc"], *jobs[i]) if i < len(jobs) else \
+            grpc_generate_stream(server["grpc"], "Once upon a time there was", 56, cancel_after=1)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs) + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(len(jobs) + 1))
+    for i, job in enumerate(jobs):
+        assert "".join(results[i]) == expected[job], i
+    deadline = time.monotonic() + 30
+    while len(scheduler_lines(server["log"])) < before + len(jobs) + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = scheduler_lines(server["log"])[before:]
+    assert len(lines) == len(jobs) + 1, lines
+    peaks = [int(line.split("of up to ")[1].split()[0]) for line in lines]
+    assert max(peaks) > 1, lines  # concurrent clients shared graph calls
+    (cancelled,) = [line for line in lines if " cancelled after " in line]
+    assert int(cancelled.split(" cancelled after ")[1].split()[0]) < 56, cancelled
+
+
+def test_openai_completions_endpoint(server, artifact):
+    """`llmc serve --openai-port`: /v1/completions, streamed (SSE chunks) and not, gives `llmc generate`'s text."""
+    url = f"{server['openai']}/v1/completions"
+    want = expected_text(artifact, PROMPTS[1], 12)
+    status, body = post(url, {"model": "x", "prompt": PROMPTS[1], "max_tokens": 12})
+    assert status == 200 and body["object"] == "text_completion", body
+    assert body["choices"][0]["text"] == want
+    req = urllib.request.Request(url, data=json.dumps({"prompt": PROMPTS[1], "max_tokens": 12, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        events = [line[len(b"data: "):].strip() for line in r if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and len(events) > 3
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+    status, body = post(url, {"prompt": PROMPTS[0], "max_tokens": 0})
+    assert status == 400 and "'max_tokens' must be an integer >= 1" in body["error"]["message"], body
+    status, body = post(url, {"prompt": ["a", "b"]})
+    assert status == 400 and "one non-empty string" in body["error"]["message"], body
+    status, body = post(url, {"prompt": "word " * (2 * MAX_SEQ), "max_tokens": 4})  # generate's own check
+    assert status == 400 and f"holds {MAX_SEQ}" in body["error"]["message"], body
+    with urllib.request.urlopen(f"{server['openai']}/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == artifact.name
 
 
 def test_malformed_requests_get_clear_errors_and_server_stays_up(server):

@@ -69,6 +69,7 @@ class Handle:
         self.submitted = time.perf_counter()
         self.token_times: list[float] = []  # perf_counter when each token was sampled
         self.preemptions = 0
+        self.peak_rows = 0  # the most sequences a graph call of this request carried (1: it never shared one)
         self.done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = False
@@ -203,6 +204,7 @@ class Scheduler:
             positions[r] = np.arange(seq.cached, seq.cached + width)  # pads: the positions after the row's own
         logits = self.cache.run(seqs, ids, positions)
         for r, (seq, n) in enumerate(rows):
+            seq.handle.peak_rows = max(seq.handle.peak_rows, len(rows))
             seq.cached += n
             if seq.cached == len(seq.tokens):  # caught up: this row's last real position predicts the next token
                 self._sample(seq, np.asarray(logits[r, n - 1], np.float32))

@@ -2,7 +2,7 @@
 
     preprocessing   (Python)  text -> token ids, with the model's tokenizer; refuses prompts over --max-seq
     llm             (tensorrt_plan) the engine; its KV cache is the Triton sequence's implicit state
-    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) llmc's runner over model.onnx (onnxruntime)
+    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) llmc's in-flight scheduler over model.onnx (onnxruntime)
     postprocessing  (Python)  token ids -> text
     generate        (Python BLS, decoupled) text in, streamed text out: /generate and /generate_stream
 
@@ -46,6 +46,8 @@ class ServingSpec:
     stop_token_ids: tuple[int, ...] = ()
     cpu_fallback: bool = False
     default_max_tokens: int = 64
+    scheduler_max_batch: int = 16  # llm_onnx's in-flight sequences (0: one request at a time)
+    scheduler_tokens_per_step: int = 256  # real tokens per graph call (prompts are chunked to fit)
 
 _TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -248,8 +250,12 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
 
     targets = ["llm"]
     if serving.cpu_fallback:
-        onnx = _python_config("llm_onnx", [ids_out, _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS],
-                              [_tensor("output_ids", "TYPE_INT64", [-1])], common, decoupled=True)
+        onnx = _python_config("llm_onnx", [ids_out, _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS,
+                                           _tensor("cancel", "TYPE_BOOL", [1], True)],
+                              [_tensor("output_ids", "TYPE_INT64", [-1])],
+                              {**common, "llmc_scheduler_max_batch": str(serving.scheduler_max_batch),
+                               "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step)},
+                              decoupled=True)
         written["llm_onnx"] = _write_model(root, onnx, "llm_onnx")
         for f in serving.onnx_files:
             _link(f, written["llm_onnx"] / "1" / f.name)

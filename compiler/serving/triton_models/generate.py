@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -32,6 +33,11 @@ from compiler.graph_io import GraphIO
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _IDS = itertools.count(1)
+CANCEL_POLL_S = 0.05  # is_cancelled() is a round trip to the server: asked at most this often per request
+
+
+class ClientGone(Exception):
+    """The client cancelled or disconnected: generation stops and its cache row is freed."""
 
 
 def host_memory():
@@ -146,13 +152,32 @@ class TritonPythonModel:
                   pb_utils.Tensor("temperature", np.array([sampling.temperature], np.float32)),
                   pb_utils.Tensor("top_k", np.array([sampling.top_k], np.int32)),
                   pb_utils.Tensor("seed", np.array([sampling.seed], np.int64))]
-        request = pb_utils.InferenceRequest(model_name=target, requested_output_names=["output_ids"], inputs=inputs)
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise RequestError(f"{target}: {response.error().message()}")
-            out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            if out is not None:
-                yield from out.as_numpy().reshape(-1).tolist()
+        request_id = f"generate-{os.getpid()}-{next(_IDS)}"
+        request = pb_utils.InferenceRequest(model_name=target, requested_output_names=["output_ids"], inputs=inputs,
+                                            request_id=request_id)
+        finished = False
+        try:
+            for response in request.exec(decoupled=True):
+                if response.has_error():
+                    finished = True
+                    raise RequestError(f"{target}: {response.error().message()}")
+                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
+                if out is not None:
+                    yield from out.as_numpy().reshape(-1).tolist()
+            finished = True
+        finally:
+            if not finished:  # our client went away: free the sequence's row in llm_onnx's scheduler
+                self._cancel(target, request_id)
+
+    @staticmethod
+    def _cancel(target: str, request_id: str) -> None:
+        """The 2.51 Python backend cannot cancel a BLS request, so llm_onnx takes a cancel request for its id."""
+        cancel = pb_utils.InferenceRequest(model_name=target, requested_output_names=["output_ids"], request_id=request_id,
+                                           inputs=[pb_utils.Tensor("input_ids", np.zeros(1, np.int64)),
+                                                   pb_utils.Tensor("max_tokens", np.ones(1, np.int32)),
+                                                   pb_utils.Tensor("cancel", np.ones(1, bool))])
+        for _ in cancel.exec(decoupled=True):
+            pass
 
     def _detokenize(self, ids: list[int]) -> str:
         (out,) = call("postprocessing", [pb_utils.Tensor("output_ids", np.array(ids, np.int64))], ["text_output"])
@@ -171,7 +196,14 @@ class TritonPythonModel:
         ], ["input_ids", "max_tokens"])
         generated: list[int] = []
         sent = ""
-        for token in self._tokens(ids.reshape(-1), int(max_tokens.reshape(-1)[0]), sampling):
+        polled = time.monotonic()
+        tokens = self._tokens(ids.reshape(-1), int(max_tokens.reshape(-1)[0]), sampling)
+        for token in tokens:
+            if time.monotonic() - polled > CANCEL_POLL_S:
+                polled = time.monotonic()
+                if sender.is_cancelled():
+                    tokens.close()  # its `finally` cancels the generation
+                    raise ClientGone
             generated.append(token)
             if stream:
                 decoded = self.tokenizer.decode(generated)
@@ -193,6 +225,11 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             self._serve(request, sender)
+        except ClientGone:  # nobody listens, but the final flag releases the request in the backend
+            try:
+                sender.send(flags=FINAL)
+            except Exception:  # noqa: BLE001 - a sender the server already closed
+                pass
         except RequestError as exc:
             sender.send(error_response(str(exc)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
