@@ -50,8 +50,9 @@ class Request:
     stop_tokens: tuple[int, ...] = ()
     on_token: Callable[[int], None] | None = None  # called from the scheduler's thread, per new token
     on_finish: Callable[["Handle"], None] | None = None  # called from the scheduler's thread, once, at the end
-    # Polled by the scheduler (at most every `cancel_poll_s`): True when the client went away. A serving
-    # frontend's own check (Triton's `response_sender.is_cancelled()`) is a round trip, so it is not asked per token.
+    # Polled on the scheduler's thread (at most every `cancel_poll_s`): True when the client went away. On that
+    # thread because it is the one that calls on_token: Triton 2.51's Python stub corrupts its heap or crashes the
+    # server when `is_cancelled()` runs on one thread while another sends (benchmarks/NOTES.md, issue 24).
     client_gone: Callable[[], bool] | None = None
 
 

@@ -5,9 +5,9 @@ the Triton 2.51 server bundled in nvidia-pytriton has no OpenAI frontend (Triton
 separate package built against a newer server), so `llmc serve --openai-port N` runs this one beside
 it. Each HTTP request becomes one gRPC stream to `generate` (stream true: one response per text
 increment), relayed as server-sent events in the OpenAI chunk format; non-streaming requests get
-the concatenated text. When the HTTP client goes away mid-stream, the write fails and the gRPC
-stream is cancelled (`stop_stream(cancel_requests=True)`), which `generate` sees as its request's
-`is_cancelled()` and passes on to the scheduler, freeing the sequence's cache row.
+the concatenated text. When the HTTP client goes away mid-stream, the write fails and the gRPC stream
+is cancelled (`stop_stream(cancel_requests=True)`); the scheduler serving `generate` sees its request
+cancelled and frees the sequence's cache row.
 
 The standard library's threading HTTP server is enough here: a thread per connection waits on its
 gRPC stream, the model's work happens in the Triton server. Limits: one prompt per request (string
@@ -78,10 +78,11 @@ class GenerateStream:
     def __init__(self, grpc_url: str, args: dict, model: str = "generate"):
         import tritonclient.grpc as grpcclient
 
+        self.grpc_url, self.request_id = grpc_url, f"openai-{uuid.uuid4().hex}"
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()
         self.client = grpcclient.InferenceServerClient(grpc_url)
         self.client.start_stream(callback=self._on_response)
-        self.client.async_stream_infer(model, _inputs(args), request_id=uuid.uuid4().hex,
+        self.client.async_stream_infer(model, _inputs(args), request_id=self.request_id,
                                        enable_empty_final_response=True)
         self.closed = False
 

@@ -46,7 +46,7 @@ class ServingSpec:
     stop_token_ids: tuple[int, ...] = ()
     cpu_fallback: bool = False
     default_max_tokens: int = 64
-    scheduler_max_batch: int = 16  # llm_onnx's in-flight sequences (0: one request at a time)
+    scheduler_max_batch: int = 16  # the CPU route's in-flight sequences (0: one request at a time)
     scheduler_tokens_per_step: int = 256  # real tokens per graph call (prompts are chunked to fit)
 
 _TRITON_TYPES = {
@@ -229,7 +229,9 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
     """Every model of the repository under root; returns name -> model directory."""
     common = {"llmc_max_seq": str(serving.max_seq), "llmc_default_max_tokens": str(serving.default_max_tokens),
               "llmc_pad_token_id": str(serving.pad_token_id),
-              "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids)}
+              "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids),
+              "llmc_scheduler_max_batch": str(serving.scheduler_max_batch),
+              "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step)}
     written = {}
     refuse_unservable(engine)  # before anything is written
 
@@ -250,12 +252,8 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
 
     targets = ["llm"]
     if serving.cpu_fallback:
-        onnx = _python_config("llm_onnx", [ids_out, _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS,
-                                           _tensor("cancel", "TYPE_BOOL", [1], True)],
-                              [_tensor("output_ids", "TYPE_INT64", [-1])],
-                              {**common, "llmc_scheduler_max_batch": str(serving.scheduler_max_batch),
-                               "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step)},
-                              decoupled=True)
+        onnx = _python_config("llm_onnx", [ids_out, _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS],
+                              [_tensor("output_ids", "TYPE_INT64", [-1])], common, decoupled=True)
         written["llm_onnx"] = _write_model(root, onnx, "llm_onnx")
         for f in serving.onnx_files:
             _link(f, written["llm_onnx"] / "1" / f.name)
