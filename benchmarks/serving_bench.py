@@ -1,8 +1,8 @@
 """In-flight batching against one-at-a-time serving, through the real server, measured by aiperf.
 
 One artifact built with `llmc build --triton-cpu-fallback`; for each serving mode its Triton repository
-is copied (hard links for the weights) with llm_onnx's `llmc_scheduler_max_batch` set (0: today's
-one-request-at-a-time runner; N: the in-flight scheduler with N rows), served by the bundled
+is copied (hard links for the weights) with `llmc_scheduler_max_batch` set (0: today's one request
+at a time, generate -> llm_onnx's runner; N: generate's in-flight scheduler with N rows), served by the bundled
 tritonserver with llmc's OpenAI-compatible /v1/completions in front (compiler/serving/openai_api.py),
 and driven by aiperf (a standard LLM load generator from PyPI, run as its own CLI from the venv given
 by --aiperf) at each concurrency: streamed completions, synthetic prompts of a fixed token count,
@@ -34,16 +34,18 @@ METRICS = {"time_to_first_token": "TTFT ms", "inter_token_latency": "ITL ms",
 
 
 def repository_for(artifact: Path, max_batch: int, root: Path) -> Path:
-    """A copy of the artifact's repository with llm_onnx's scheduler size set (the artifact is untouched)."""
+    """A copy of the artifact's repository with the scheduler size set in generate's and llm_onnx's configs
+    (the artifact is untouched)."""
     repo = root / f"triton-b{max_batch}"
     shutil.copytree(artifact / "triton", repo, copy_function=os.link)
-    config = repo / "llm_onnx" / "config.pbtxt"
-    text = config.read_text()
     pattern = r'(key: "llmc_scheduler_max_batch"\s*value \{\s*string_value: ")\d+(")'
-    if not re.search(pattern, text):
-        raise SystemExit(f"{config} has no llmc_scheduler_max_batch: rebuild the artifact with this llmc")
-    config.unlink()  # a hard link to the artifact's file: write a new one
-    config.write_text(re.sub(pattern, rf"\g<1>{max_batch}\g<2>", text))
+    for model in ("generate", "llm_onnx"):
+        config = repo / model / "config.pbtxt"
+        text = config.read_text()
+        if not re.search(pattern, text):
+            raise SystemExit(f"{config} has no llmc_scheduler_max_batch: rebuild the artifact with this llmc")
+        config.unlink()  # a hard link to the artifact's file: write a new one
+        config.write_text(re.sub(pattern, rf"\g<1>{max_batch}\g<2>", text))
     return repo
 
 

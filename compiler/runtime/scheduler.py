@@ -1,8 +1,8 @@
 """In-flight batching: iteration-level scheduling of many generation requests over one compiled graph.
 
 Orca (Yu et al., OSDI 2022) re-forms the batch at every step instead of per request: each step admits
-waiting requests while the cache has room, runs ONE graph call for every active sequence (a decode
-row of one token, or the next chunk of a prompt), samples each request with its own parameters,
+waiting requests while the cache has room, runs one graph call for every decoding sequence (a row of
+one token) and one for the prompt chunks (the next chunk of each prompt being read), samples each request with its own parameters,
 streams the new tokens and retires the finished, so a short request never waits for a long one and
 a finished one's slot is reused at once (TensorRT-LLM's in-flight batching, vLLM's continuous batching).
 
@@ -127,6 +127,8 @@ class _Sequence:
 
 @dataclasses.dataclass
 class StepStats:
+    """One graph call (a step makes one for its decode rows and one for its prompt chunks)."""
+
     rows: int
     width: int
     real_tokens: int
@@ -187,7 +189,8 @@ class Scheduler:
 
     # --- one iteration -------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, run one graph call over every scheduled sequence, sample, stream, retire. False: nothing to do."""
+        """Admit, run the graph over every scheduled sequence (decodes, then prompt chunks), sample, stream, retire.
+        False: nothing to do."""
         while not self._arrived.empty():
             self.waiting.append(self._arrived.get())
         self._drop_cancelled()
@@ -195,6 +198,15 @@ class Scheduler:
         rows = self._plan()
         if not rows:
             return False
+        # Decode rows and prompt chunks go in separate calls: padded together, every one-token decode row
+        # would carry the widest chunk's width (16 decodes beside a 32-token chunk: 544 positions, not 48).
+        for group in ([r for r in rows if r[1] == 1], [r for r in rows if r[1] > 1]):
+            if group:
+                self._run(group)
+        return True
+
+    def _run(self, rows: list[tuple[_Sequence, int]]) -> None:
+        """One graph call: each row's next tokens, right-padded to the widest; sample the caught-up rows."""
         start = time.perf_counter()
         seqs = [seq for seq, _ in rows]
         width = max(n for _, n in rows)
@@ -210,7 +222,6 @@ class Scheduler:
             if seq.cached == len(seq.tokens):  # caught up: this row's last real position predicts the next token
                 self._sample(seq, np.asarray(logits[r, n - 1], np.float32))
         self.steps.append(StepStats(len(rows), width, sum(n for _, n in rows), time.perf_counter() - start))
-        return True
 
     def _poll_clients(self) -> None:
         now = time.perf_counter()
