@@ -57,7 +57,8 @@ def run_aiperf(aiperf: str, url: str, tokenizer: Path, concurrency: int, request
                "--prompt-input-tokens-mean", str(isl), "--prompt-input-tokens-stddev", "0",
                "--prompt-output-tokens-mean", str(osl), "--prompt-output-tokens-stddev", "0",
                "--extra-inputs", "temperature:0", "--random-seed", "0", "--ui-type", "none",
-               "--output-artifact-dir", str(out_dir), "--no-gpu-telemetry", "--no-server-metrics"]
+               "--output-artifact-dir", str(out_dir), "--no-gpu-telemetry", "--no-server-metrics",
+               "--request-timeout-seconds", "180"]  # a server that died fails the row instead of hanging it
     # aiperf's offline mode looks a local tokenizer path up as a hub cache entry and fails (HFValidationError):
     # a local directory loads without it, and nothing here reaches a hub.
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--aiperf", required=True, help="the aiperf executable (its own venv: it pins its deps)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--only-inflight", type=int, nargs="*", default=[],
+                        help="concurrencies run for the in-flight modes only (one at a time crashes at 64: NOTES)")
     parser.add_argument("--modes", type=int, nargs="+", default=[0, 16],
                         help="llmc_scheduler_max_batch values to compare (0: one request at a time)")
     parser.add_argument("--requests-per-client", type=int, default=4)
@@ -95,7 +98,7 @@ def main() -> None:
             with TritonServer(repo, log_path=Path(tmp) / f"server-b{mode}.log") as server:
                 grpc = f"127.0.0.1:{server.grpc_port}"
                 with OpenAIServer(grpc, model_name=args.artifact.name) as api:
-                    for concurrency in args.concurrency:
+                    for concurrency in [*args.concurrency, *(args.only_inflight if mode else [])]:
                         row = run_aiperf(args.aiperf, f"http://127.0.0.1:{api.port}", args.artifact / "tokenizer",
                                          concurrency, concurrency * args.requests_per_client, args.isl, args.osl,
                                          Path(tmp) / f"aiperf-b{mode}-c{concurrency}", args.artifact.name)
