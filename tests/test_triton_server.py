@@ -258,11 +258,11 @@ def scheduler_lines(log: Path) -> list[str]:
 
 
 def test_concurrent_streaming_clients_share_graph_calls_and_each_gets_its_solo_output(server, artifact):
-    """Nine streaming clients at once (mixed prompts and lengths; eight over gRPC, one over /v1/completions
-    that goes away after its first piece): each of the eight gets exactly the text `llmc generate` gives it
-    alone, their tokens came from graph calls shared with others (the scheduler's log), and the one that
-    left was stopped early."""
-    jobs = [(PROMPTS[i % len(PROMPTS)], 20 + 4 * (i % 5)) for i in range(8)]
+    """65 streaming clients at once (mixed prompts and lengths; 64 over gRPC, more than the scheduler's 16
+    rows, and one over /v1/completions that goes away after its first piece): each of the 64 gets exactly
+    the text `llmc generate` gives it alone, their tokens came from graph calls shared with others (the
+    scheduler's log), and the one that left was stopped early."""
+    jobs = [(PROMPTS[i % len(PROMPTS)], 12 + 8 * ((i // len(PROMPTS)) % 2)) for i in range(64)]
     expected = {job: expected_text(artifact, *job) for job in set(jobs)}
     before = len(scheduler_lines(server["log"]))
     results: dict[int, list[str]] = {}
