@@ -37,14 +37,16 @@ def repository_for(artifact: Path, max_batch: int, root: Path) -> Path:
     """A copy of the artifact's repository with the scheduler size set in generate's and llm_onnx's configs
     (the artifact is untouched)."""
     repo = root / f"triton-b{max_batch}"
-    shutil.copytree(artifact / "triton", repo, copy_function=os.link)
+    # model.plan hard-linked; the ONNX files copied (onnx-ir refuses external data with more than one link)
+    shutil.copytree(artifact / "triton", repo,
+                    copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".plan") else shutil.copy2(src, dst))
     pattern = r'(key: "llmc_scheduler_max_batch"\s*value \{\s*string_value: ")\d+(")'
     for model in ("generate", "llm_onnx"):
         config = repo / model / "config.pbtxt"
         text = config.read_text()
         if not re.search(pattern, text):
             raise SystemExit(f"{config} has no llmc_scheduler_max_batch: rebuild the artifact with this llmc")
-        config.unlink()  # a hard link to the artifact's file: write a new one
+        config.unlink()  # a copy, but write a new file all the same
         config.write_text(re.sub(pattern, rf"\g<1>{max_batch}\g<2>", text))
     return repo
 

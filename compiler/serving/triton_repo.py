@@ -256,7 +256,9 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
                               [_tensor("output_ids", "TYPE_INT64", [-1])], common, decoupled=True)
         written["llm_onnx"] = _write_model(root, onnx, "llm_onnx")
         for f in serving.onnx_files:
-            _link(f, written["llm_onnx"] / "1" / f.name)
+            # Copied, not hard-linked: onnx-ir refuses external data with more than one link ("may indicate a
+            # hard link attack"), so the served model.onnx.data must be the only name of its bytes.
+            shutil.copyfile(f, written["llm_onnx"] / "1" / f.name)
         targets.append("llm_onnx")
 
     gen = _python_config(
