@@ -133,8 +133,8 @@ class TritonPythonModel:
         if self._target() == "llm_onnx" and self.limits[0] > 0 and self.onnx.is_file():
             try:
                 self.inflight = InflightModel(self.onnx, "generate", *self.limits, self.pad, self.threads_per_op)
-            except ValueError as exc:  # a Concat-grown cache: no fixed rows to schedule
-                pb_utils.Logger.log_warn(f"generate: {exc}; generating through llm_onnx")
+            except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
+                pb_utils.Logger.log_warn(f"generate: no in-flight scheduler ({exc}); generating through llm_onnx")
 
     def _target(self) -> str:
         if self.target is None:

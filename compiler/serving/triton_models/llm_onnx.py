@@ -44,8 +44,8 @@ class TritonPythonModel:
                     self.inflight = InflightModel(self.path, "llm_onnx", self.max_batch, self.per_step, self.pad,
                                                   self.threads)
                     return
-                except ValueError as exc:  # a Concat-grown cache: no fixed rows to schedule
-                    pb_utils.Logger.log_warn(f"llm_onnx: {exc}; serving one request at a time")
+                except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
+                    pb_utils.Logger.log_warn(f"llm_onnx: no in-flight scheduler ({exc}); one request at a time")
             executor = OnnxRuntimeExecutor(self.path, threads=self.threads, spin=False)
             self.runner = Runner(executor, pad_token_id=self.pad)
 
