@@ -290,6 +290,57 @@ def test_concurrent_streaming_clients_share_graph_calls_and_each_gets_its_solo_o
     assert int(cancelled.split(" cancelled after ")[1].split()[0]) < LEAVER_TOKENS, cancelled
 
 
+def test_llm_onnx_serves_concurrent_token_id_clients_through_its_scheduler(server, artifact):
+    """Clients that tokenize themselves: llm_onnx's own scheduler, each stream equal to its solo Runner run."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+    from compiler.runtime.runner import Runner
+
+    config = text_format.Parse((artifact / "triton" / "llm_onnx" / "config.pbtxt").read_text(), mc.ModelConfig())
+    pad = int(config.parameters["llmc_pad_token_id"].string_value)
+    stops = tuple(int(t) for t in config.parameters["llmc_stop_token_ids"].string_value.split(",") if t)
+    runner = Runner(OnnxRuntimeExecutor(artifact / "model.onnx"), pad_token_id=pad)
+    prompts = [[5, 17, 300, 41], [9], [250, 251, 252, 253, 254, 255, 256], [77, 78]]
+    results: dict[int, list[int]] = {}
+
+    def client(i):
+        got: list = []
+        done = threading.Event()
+
+        def on_response(result, error):
+            assert error is None, error
+            out = result.as_numpy("output_ids")
+            if out is not None:
+                got.extend(out.reshape(-1).tolist())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                done.set()
+
+        c = grpcclient.InferenceServerClient(server["grpc"])
+        c.start_stream(callback=on_response)
+        ids = grpcclient.InferInput("input_ids", [len(prompts[i])], "INT64")
+        ids.set_data_from_numpy(np.array(prompts[i], np.int64))
+        n = grpcclient.InferInput("max_tokens", [1], "INT32")
+        n.set_data_from_numpy(np.array([10], np.int32))
+        c.async_stream_infer("llm_onnx", [ids, n], enable_empty_final_response=True)
+        done.wait(120)
+        c.stop_stream()
+        c.close()
+        results[i] = got
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    for i, prompt in enumerate(prompts):
+        assert results[i] == runner.generate([prompt], 10, stop_tokens=stops).tokens[0], i
+    assert "llm_onnx: in-flight batching" in server["log"].read_text()
+
+
 def test_openai_completions_endpoint(server, artifact):
     """`llmc serve --openai-port`: /v1/completions, streamed (SSE chunks) and not, gives `llmc generate`'s text."""
     url = f"{server['openai']}/v1/completions"

@@ -20,7 +20,6 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
@@ -103,6 +102,3 @@ class InflightModel:
         self.thread.join(timeout=10)
         self.scheduler.abort("the server is shutting down")
 
-
-def ids_response(name: str, ids) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.asarray(ids, dtype=np.int64).reshape(-1))])

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models.common import RequestError, error_response, ids_tensor, model_config, parameter, scalar, version_dir
-from compiler.serving.triton_models.inflight import FINAL, InflightModel, ids_response, quiet, scheduler_limits
+from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits
 
 
 def token_list(text: str) -> tuple[int, ...]:
@@ -52,7 +52,8 @@ class TritonPythonModel:
     def _submit(self, request, sender) -> None:
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
         self.inflight.submit(sender, ids, int(scalar(request, "max_tokens", 16)), _sampling(request), self.stop_tokens,
-                             on_token=lambda token: quiet(lambda: sender.send(ids_response("output_ids", [token]))),
+                             on_token=lambda token: quiet(lambda: sender.send(
+                                 pb_utils.InferenceResponse([ids_tensor("output_ids", [token])]))),
                              on_done=lambda handle: quiet(lambda: sender.send(flags=FINAL)),
                              name=request.request_id())
 
