@@ -78,6 +78,24 @@ def test_port_out_of_range(cached_build, port):
     assert f"--port {port} is out of range" in line and "[1, 65534]" in line
 
 
+def test_openai_port_taken_or_colliding_is_refused_before_starting(cached_build, listening):
+    artifact = str(cached_build[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(main, ["serve", artifact, "--port", str(port), "--openai-port", str(port + 1)])
+    assert result.exit_code == 2, result.output
+    assert f"--openai-port {port + 1} collides with Triton's HTTP ({port}) or gRPC ({port + 1}) port" in \
+        _one_line(result.stderr)
+    result = CliRunner().invoke(main, ["serve", artifact, "--port", str(port), "--openai-port", str(listening)])
+    if result.exit_code == 7 and "(HTTP)" in result.stderr or "(gRPC)" in result.stderr:
+        pytest.skip("the free port found for Triton was taken meanwhile")
+    assert result.exit_code == 7, result.output
+    line = _one_line(result.stderr)
+    assert f"port {listening} (OpenAI HTTP) on 127.0.0.1 is already in use" in line and "--openai-port" in line
+    assert "starting tritonserver" not in result.output
+
+
 def test_unknown_host_is_bad_input(cached_build):
     result = CliRunner().invoke(main, ["serve", str(cached_build[0]), "--host", "no-such-host.invalid"])
     assert result.exit_code == 2, result.output

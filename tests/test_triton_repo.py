@@ -74,6 +74,7 @@ def test_cpu_fallback_adds_llm_onnx(tmp_path):
     cfg = _parse(models["llm_onnx"])
     assert cfg.backend == "python" and cfg.model_transaction_policy.decoupled
     assert (models["llm_onnx"] / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert (models["llm_onnx"] / "1" / "model.onnx").stat().st_nlink == 1  # onnx-ir refuses hard-linked data
     assert _parse(models["generate"]).parameters["llmc_targets"].string_value == "llm,llm_onnx"
 
 

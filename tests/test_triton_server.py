@@ -22,7 +22,8 @@ import pytest
 
 from tests.server_capability import tritonserver_missing
 
-MAX_SEQ = 64
+MAX_SEQ = 256  # room for a long generation that a leaving client cuts short
+LEAVER_TOKENS = 240
 PROMPTS = ["The compiler", "Once upon a time", "A tensor is", "Hello"]
 MISSING_BACKEND = ("Invalid argument: unable to find backend library for backend 'tensorrt', try specifying runtime on the model configuration.")
 
@@ -96,10 +97,11 @@ def server(artifact, tmp_path_factory):
     """`llmc serve ARTIFACT --port N`, as a user runs it; SIGTERM at the end must stop it."""
     from compiler.serving.serve import free_port
 
-    port = free_port()
+    port, openai_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("triton-log") / "serve.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "compiler.commands.cli", "serve", str(artifact), "--port", str(port),
+                                 "--openai-port", str(openai_port)],
                                 stdout=sink, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,7 +116,8 @@ def server(artifact, tmp_path_factory):
             except OSError:
                 pass
             time.sleep(0.5)
-        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "proc": proc, "log": log}
+        yield {"url": url, "grpc": f"127.0.0.1:{port + 1}", "openai": f"http://127.0.0.1:{openai_port}", "proc": proc,
+               "log": log}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -182,6 +185,161 @@ def test_concurrent_clients(server, artifact):
     for i, (status, body) in results.items():
         assert status == 200, body
         assert body["text_output"] == expected[prompts[i]], i
+
+
+def grpc_generate_stream(address: str, prompt: str, max_tokens: int) -> list[str]:
+    """Text pieces of one streamed `generate` request over a gRPC stream."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    pieces: queue.SimpleQueue = queue.SimpleQueue()
+    client = grpcclient.InferenceServerClient(address)
+    client.start_stream(callback=lambda result, error: pieces.put(error or result))
+    inputs = []
+    for name, value, datatype, dtype in (("text_input", prompt.encode(), "BYTES", object),
+                                         ("max_tokens", max_tokens, "INT32", np.int32), ("stream", True, "BOOL", bool)):
+        inputs.append(grpcclient.InferInput(name, [1], datatype))
+        inputs[-1].set_data_from_numpy(np.array([value], dtype=dtype))
+    client.async_stream_infer("generate", inputs, enable_empty_final_response=True)
+    out: list[str] = []
+    try:
+        while True:
+            item = pieces.get(timeout=120)
+            assert not isinstance(item, Exception), item
+            text = item.as_numpy("text_output")
+            if text is not None:
+                out.append(text.reshape(-1)[0].decode())
+            if item.get_response().parameters["triton_final_response"].bool_param:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def openai_stream_then_leave(url: str, prompt: str, max_tokens: int) -> list[str]:
+    """A streaming /v1/completions client that reads the first event and closes the connection."""
+    req = urllib.request.Request(f"{url}/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                return [json.loads(line[6:])["choices"][0]["text"]]
+    return []
+
+
+def scheduler_lines(log: Path) -> list[str]:
+    """The in-flight scheduler's line per finished request (generate's own on this CPU server)."""
+    return [line for line in log.read_text(errors="replace").splitlines() if "generate: request " in line]
+
+
+def test_concurrent_streaming_clients_share_graph_calls_and_each_gets_its_solo_output(server, artifact):
+    """65 streaming clients at once (mixed prompts and lengths; 64 over gRPC, more than the scheduler's 16
+    rows, and one over /v1/completions that goes away after its first piece): each of the 64 gets exactly
+    the text `llmc generate` gives it alone, their tokens came from graph calls shared with others (the
+    scheduler's log), and the one that left was stopped early."""
+    jobs = [(PROMPTS[i % len(PROMPTS)], 12 + 8 * ((i // len(PROMPTS)) % 2)) for i in range(64)]
+    expected = {job: expected_text(artifact, *job) for job in set(jobs)}
+    before = len(scheduler_lines(server["log"]))
+    results: dict[int, list[str]] = {}
+
+    def client(i):
+        results[i] = grpc_generate_stream(server["grpc"], *jobs[i]) if i < len(jobs) else \
+            openai_stream_then_leave(server["openai"], "Once upon a time there was", LEAVER_TOKENS)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs) + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(len(jobs) + 1))
+    for i, job in enumerate(jobs):
+        assert "".join(results[i]) == expected[job], i
+    deadline = time.monotonic() + 30
+    while len(scheduler_lines(server["log"])) < before + len(jobs) + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = scheduler_lines(server["log"])[before:]
+    assert len(lines) == len(jobs) + 1, lines
+    peaks = [int(line.split("of up to ")[1].split()[0]) for line in lines]
+    assert max(peaks) > 1, lines  # concurrent clients shared graph calls
+    (cancelled,) = [line for line in lines if " cancelled after " in line]
+    assert int(cancelled.split(" cancelled after ")[1].split()[0]) < LEAVER_TOKENS, cancelled
+
+
+def test_llm_onnx_serves_concurrent_token_id_clients_through_its_scheduler(server, artifact):
+    """Clients that tokenize themselves: llm_onnx's own scheduler, each stream equal to its solo Runner run."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+    from compiler.runtime.runner import Runner
+
+    config = text_format.Parse((artifact / "triton" / "llm_onnx" / "config.pbtxt").read_text(), mc.ModelConfig())
+    pad = int(config.parameters["llmc_pad_token_id"].string_value)
+    stops = tuple(int(t) for t in config.parameters["llmc_stop_token_ids"].string_value.split(",") if t)
+    runner = Runner(OnnxRuntimeExecutor(artifact / "model.onnx"), pad_token_id=pad)
+    prompts = [[5, 17, 300, 41], [9], [250, 251, 252, 253, 254, 255, 256], [77, 78]]
+    results: dict[int, list[int]] = {}
+
+    def client(i):
+        got: list = []
+        done = threading.Event()
+
+        def on_response(result, error):
+            assert error is None, error
+            out = result.as_numpy("output_ids")
+            if out is not None:
+                got.extend(out.reshape(-1).tolist())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                done.set()
+
+        c = grpcclient.InferenceServerClient(server["grpc"])
+        c.start_stream(callback=on_response)
+        ids = grpcclient.InferInput("input_ids", [len(prompts[i])], "INT64")
+        ids.set_data_from_numpy(np.array(prompts[i], np.int64))
+        n = grpcclient.InferInput("max_tokens", [1], "INT32")
+        n.set_data_from_numpy(np.array([10], np.int32))
+        c.async_stream_infer("llm_onnx", [ids, n], enable_empty_final_response=True)
+        done.wait(120)
+        c.stop_stream()
+        c.close()
+        results[i] = got
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    for i, prompt in enumerate(prompts):
+        assert results[i] == runner.generate([prompt], 10, stop_tokens=stops).tokens[0], i
+    assert "llm_onnx: in-flight batching" in server["log"].read_text()
+
+
+def test_openai_completions_endpoint(server, artifact):
+    """`llmc serve --openai-port`: /v1/completions, streamed (SSE chunks) and not, gives `llmc generate`'s text."""
+    url = f"{server['openai']}/v1/completions"
+    want = expected_text(artifact, PROMPTS[1], 12)
+    status, body = post(url, {"model": "x", "prompt": PROMPTS[1], "max_tokens": 12})
+    assert status == 200 and body["object"] == "text_completion", body
+    assert body["choices"][0]["text"] == want
+    req = urllib.request.Request(url, data=json.dumps({"prompt": PROMPTS[1], "max_tokens": 12, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        events = [line[len(b"data: "):].strip() for line in r if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and len(events) > 3
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+    status, body = post(url, {"prompt": PROMPTS[0], "max_tokens": 0})
+    assert status == 400 and "'max_tokens' must be an integer >= 1" in body["error"]["message"], body
+    status, body = post(url, {"prompt": ["a", "b"]})
+    assert status == 400 and "one non-empty string" in body["error"]["message"], body
+    status, body = post(url, {"prompt": "word " * (2 * MAX_SEQ), "max_tokens": 4})  # generate's own check
+    assert status == 400 and f"holds {MAX_SEQ}" in body["error"]["message"], body
+    with urllib.request.urlopen(f"{server['openai']}/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == artifact.name
 
 
 def test_malformed_requests_get_clear_errors_and_server_stays_up(server):

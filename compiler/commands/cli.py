@@ -328,12 +328,15 @@ def generate(artifact_dir, prompts, max_new_tokens, temperature, top_k, seed, ex
 @click.argument("artifact_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--port", default=8000, show_default=True, type=int, help="HTTP port (gRPC: port + 1).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-def serve(artifact_dir, port, host):
+@click.option("--openai-port", default=None, type=click.IntRange(1, 65535),
+              help="Also answer OpenAI-compatible POST /v1/completions (streaming) on this port, relayed to Triton's "
+                   "generate model: what LLM load generators (aiperf) and OpenAI clients speak.")
+def serve(artifact_dir, port, host, openai_port):
     """Serve ARTIFACT_DIR's Triton repository with the bundled tritonserver (Ctrl-C stops it)."""
     from compiler.serving.serve import serve_forever
 
     try:
-        serve_forever(artifact_dir, port, host, err_console)
+        serve_forever(artifact_dir, port, host, err_console, openai_port=openai_port)
     except LlmcError as exc:
         err_console.print(f"llmc: error: {exc}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -138,19 +138,25 @@ def check_ports(host: str, http_port: int) -> None:
         raise BadInputError(f"--port {http_port} is out of range: HTTP uses it and gRPC the next port, so it must "
                             "be in [1, 65534]")
     for port, what in ((http_port, "HTTP"), (http_port + 1, "gRPC")):
-        try:
-            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
-                probe.bind((host, port))
-        except socket.gaierror as exc:
-            raise BadInputError(f"--host {host!r} is not an address this machine can listen on ({exc.strerror}); "
-                                "pass an IP address such as 127.0.0.1 or 0.0.0.0") from None
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ServerStartError(f"port {port} ({what}) on {host} is already in use; stop what listens there "
-                                       f"or pass another --port (gRPC takes --port + 1)") from None
-            raise ServerStartError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}; pass another "
-                                   "--host / --port") from None
+        _check_free(host, port, what)
+
+
+def _check_free(host: str, port: int, what: str, flag: str = "--port (gRPC takes --port + 1)") -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
+            probe.bind((host, port))
+    except socket.gaierror as exc:
+        raise BadInputError(f"--host {host!r} is not an address this machine can listen on ({exc.strerror}); "
+                            "pass an IP address such as 127.0.0.1 or 0.0.0.0") from None
+    except OverflowError:
+        raise BadInputError(f"port {port} ({what}) is out of range [1, 65535]") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerStartError(f"port {port} ({what}) on {host} is already in use; stop what listens there "
+                                   f"or pass another {flag}") from None
+        raise ServerStartError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}; pass another "
+                               "--host / --port") from None
 
 
 # glog's prefix: severity and date, time, thread, file:line] "message"
@@ -283,23 +289,42 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve_forever(artifact: Path, port: int, host: str, console) -> None:
-    """`llmc serve`: start, print where it answers, stop on Ctrl-C / SIGTERM."""
+def serve_forever(artifact: Path, port: int, host: str, console, openai_port: int | None = None) -> None:
+    """`llmc serve`: start, print where it answers, stop on Ctrl-C / SIGTERM. With `openai_port`, an
+    OpenAI-compatible /v1/completions (compiler/serving/openai_api.py) answers there too."""
     repository = Path(artifact) / "triton"
     if not (repository / "generate" / "config.pbtxt").is_file():
         raise BadInputError(f"{repository} is not an llmc Triton repository (no generate/config.pbtxt): "
                             "rebuild the artifact with llmc build")
     check_ports(host, port)
+    if openai_port is not None:
+        if openai_port in (port, port + 1):
+            raise BadInputError(f"--openai-port {openai_port} collides with Triton's HTTP ({port}) or gRPC ({port + 1}) "
+                                "port: pick another")
+        _check_free(host, openai_port, "OpenAI HTTP", "--openai-port")
     server = TritonServer(repository, http_port=port, grpc_port=port + 1, host=host)
     console.print(f"starting tritonserver on {artifact}/triton (HTTP {host}:{port}, gRPC {host}:{port + 1}) ...")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.start()
-        console.print(f"ready: curl -X POST http://{server.url}/v2/models/generate/generate "
-                      "-d '{\"text_input\": \"The compiler\", \"max_tokens\": 16}'", markup=False, soft_wrap=True)
-        server.process.wait()
+        with contextlib.ExitStack() as frontends:
+            if openai_port is not None:
+                from compiler.serving.openai_api import OpenAIServer
+
+                address = server.url.rsplit(":", 1)[0]
+                api = frontends.enter_context(OpenAIServer(f"{address}:{port + 1}", host, openai_port,
+                                                           model_name=Path(artifact).resolve().name))
+                console.print(f"OpenAI-compatible: http://{address}:{api.port}/v1/completions",
+                              markup=False, soft_wrap=True)
+            _announce(server, console)
+            server.process.wait()
         raise ServerStartError(server.exit_reason("stopped on its own"))
     except KeyboardInterrupt:
         console.print("stopping tritonserver")
     finally:
         server.stop()
+
+
+def _announce(server: TritonServer, console) -> None:
+    console.print(f"ready: curl -X POST http://{server.url}/v2/models/generate/generate "
+                  "-d '{\"text_input\": \"The compiler\", \"max_tokens\": 16}'", markup=False, soft_wrap=True)

@@ -2,7 +2,7 @@
 
     preprocessing   (Python)  text -> token ids, with the model's tokenizer; refuses prompts over --max-seq
     llm             (tensorrt_plan) the engine; its KV cache is the Triton sequence's implicit state
-    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) llmc's runner over model.onnx (onnxruntime)
+    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) llmc's in-flight scheduler over model.onnx (onnxruntime)
     postprocessing  (Python)  token ids -> text
     generate        (Python BLS, decoupled) text in, streamed text out: /generate and /generate_stream
 
@@ -46,6 +46,8 @@ class ServingSpec:
     stop_token_ids: tuple[int, ...] = ()
     cpu_fallback: bool = False
     default_max_tokens: int = 64
+    scheduler_max_batch: int = 16  # the CPU route's in-flight sequences (0: one request at a time)
+    scheduler_tokens_per_step: int = 256  # real tokens per graph call (prompts are chunked to fit)
 
 _TRITON_TYPES = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
@@ -227,7 +229,9 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
     """Every model of the repository under root; returns name -> model directory."""
     common = {"llmc_max_seq": str(serving.max_seq), "llmc_default_max_tokens": str(serving.default_max_tokens),
               "llmc_pad_token_id": str(serving.pad_token_id),
-              "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids)}
+              "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids),
+              "llmc_scheduler_max_batch": str(serving.scheduler_max_batch),
+              "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step)}
     written = {}
     refuse_unservable(engine)  # before anything is written
 
@@ -252,7 +256,9 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
                               [_tensor("output_ids", "TYPE_INT64", [-1])], common, decoupled=True)
         written["llm_onnx"] = _write_model(root, onnx, "llm_onnx")
         for f in serving.onnx_files:
-            _link(f, written["llm_onnx"] / "1" / f.name)
+            # Copied, not hard-linked: onnx-ir refuses external data with more than one link ("may indicate a
+            # hard link attack"), so the served model.onnx.data must be the only name of its bytes.
+            shutil.copyfile(f, written["llm_onnx"] / "1" / f.name)
         targets.append("llm_onnx")
 
     gen = _python_config(

@@ -7,7 +7,10 @@ Triton's endpoints: `/generate` (stream false: one response with the whole text)
 `/generate_stream` (stream true: one response per text increment).
 
 Generation goes to the first READY model of `llmc_targets` (`llm`, then `llm_onnx` where the
-repository has the CPU fallback). On `llm` the KV cache is the Triton sequence's implicit state
+repository has the CPU fallback). Where `llm` is not ready at the first request (no TensorRT backend,
+as on the bundled server) and the repository has the CPU fallback, generation runs here instead, in llmc's in-flight scheduler over llm_onnx's model.onnx
+(inflight.py): concurrent clients share every graph call, and no token crosses a process boundary
+before its response. On `llm` the KV cache is the Triton sequence's implicit state
 (see triton_repo.py), stepped by llmc's own runner through `TritonEngineExecutor`. Streamed text is
 the full decode of the tokens so far minus what was already sent, held back while it ends in an
 incomplete UTF-8 character; the end of the stream is checked against `postprocessing`'s text, so
@@ -27,6 +30,7 @@ import triton_python_backend_utils as pb_utils
 from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models import engine_version
 from compiler.serving.triton_models.common import RequestError, call, error_response, model_config, parameter, scalar, text, version_dir
+from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits
 from compiler.serving.triton_models.tokenizer import ServingTokenizer
 from compiler.graph_io import GraphIO
 
@@ -117,6 +121,20 @@ class TritonPythonModel:
         # Stream increments are detokenized here: a postprocessing call per streamed token cut decode
         # to ~50 tokens/s on 2 loaded cores (benchmarks/NOTES.md); the full text still comes from postprocessing.
         self.tokenizer = ServingTokenizer(version_dir(args) / "tokenizer")
+        self.inflight = None
+        self.limits = scheduler_limits(config)
+        self.onnx = version_dir(args).parent.parent / "llm_onnx" / "1" / "model.onnx"
+        self.threads_per_op = int(parameter(config, "llmc_intra_op_threads", "0")) or None
+
+    def _start_inflight(self) -> None:
+        """At the first request, once every model has loaded: the in-process scheduler where llm_onnx serves."""
+        if self.target is not None:
+            return
+        if self._target() == "llm_onnx" and self.limits[0] > 0 and self.onnx.is_file():
+            try:
+                self.inflight = InflightModel(self.onnx, "generate", *self.limits, self.pad, self.threads_per_op)
+            except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
+                pb_utils.Logger.log_warn(f"generate: no in-flight scheduler ({exc}); generating through llm_onnx")
 
     def _target(self) -> str:
         if self.target is None:
@@ -189,6 +207,22 @@ class TritonPythonModel:
             sender.send(_text_response(decoded[len(sent):]))
         sender.send(flags=FINAL)
 
+    def _submit(self, request, sender) -> None:
+        """Tokenize (preprocessing) and hand the request to the in-process scheduler; its thread answers."""
+        prompt = text(request, "text_input")
+        stream = bool(scalar(request, "stream", False))
+        sampling = Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
+                            int(scalar(request, "seed", 0)))
+        if sampling.temperature < 0 or sampling.top_k < 0:
+            raise RequestError("temperature and top_k must be >= 0")
+        ids, max_tokens = call("preprocessing", [
+            pb_utils.Tensor("text_input", np.array([prompt.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor("max_tokens", np.array([scalar(request, "max_tokens", self.default_max_tokens)], np.int32)),
+        ], ["input_ids", "max_tokens"])
+        text_stream = _TextStream(self.tokenizer, sender, stream)
+        self.inflight.submit(sender, ids.reshape(-1).tolist(), int(max_tokens.reshape(-1)[0]), sampling,
+                             self.stop_tokens, text_stream.token, text_stream.done, request.request_id())
+
     def _handle(self, request) -> None:
         sender = request.get_response_sender()
         try:
@@ -200,8 +234,25 @@ class TritonPythonModel:
             sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"), flags=FINAL)
 
     def execute(self, requests):
-        """One thread per request: concurrent requests reach `llm` at once, so its sequence batcher can
-        batch their decode steps (BLS calls wait outside the GIL)."""
+        """In-process scheduler: submit and return (its thread answers). Otherwise one thread per request:
+        concurrent requests reach `llm` at once, so its sequence batcher can batch their decode steps (BLS
+        calls wait outside the GIL)."""
+        try:
+            self._start_inflight()
+        except RequestError:
+            pass  # no generation model is ready: each request is told so below
+        if self.inflight is not None:
+            for request in requests:
+                sender = request.get_response_sender()
+                try:
+                    self._submit(request, sender)
+                except RequestError as exc:
+                    sender.send(error_response(str(exc)), flags=FINAL)
+                except Exception as exc:  # noqa: BLE001 - a bug must still end the stream
+                    pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
+                    sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"),
+                                flags=FINAL)
+            return None
         self.threads = [t for t in self.threads if t.is_alive()]
         for request in requests:
             thread = threading.Thread(target=self._handle, args=(request,), daemon=True)
@@ -212,6 +263,43 @@ class TritonPythonModel:
     def finalize(self):
         for thread in self.threads:
             thread.join(timeout=30)
+        if self.inflight is not None:
+            self.inflight.close()
+
+
+class _TextStream:
+    """One client's text, answered from the scheduler's thread: streamed increments as `_serve` makes them
+    (the full decode so far minus what was sent, held back while it ends in an incomplete UTF-8 character),
+    then the rest and the final flag; stream false: the whole text at the end. The end is decoded with the
+    same tokenizer as `postprocessing`."""
+
+    def __init__(self, tokenizer: ServingTokenizer, sender, stream: bool):
+        self.tokenizer, self.sender, self.stream = tokenizer, sender, stream
+        self.generated: list[int] = []
+        self.sent = ""
+
+    def token(self, token: int) -> bool:
+        self.generated.append(token)
+        if not self.stream:
+            return True
+        decoded = self.tokenizer.decode(self.generated)
+        if decoded.startswith(self.sent) and len(decoded) > len(self.sent) and not decoded.endswith("\ufffd"):
+            piece, self.sent = decoded[len(self.sent):], decoded
+            return quiet(lambda: self.sender.send(_text_response(piece)))
+        return True
+
+    def done(self, handle) -> None:
+        decoded = self.tokenizer.decode(self.generated)
+        if not self.stream:
+            quiet(lambda: self.sender.send(_text_response(decoded), flags=FINAL))
+        elif not decoded.startswith(self.sent):
+            quiet(lambda: self.sender.send(error_response(
+                "detokenized text changed after it was streamed (tokenizer clean-up); use stream false for this "
+                "model"), flags=FINAL))
+        else:
+            if len(decoded) > len(self.sent):
+                quiet(lambda: self.sender.send(_text_response(decoded[len(self.sent):])))
+            quiet(lambda: self.sender.send(flags=FINAL))
 
 
 def _text_response(piece: str):

@@ -1,19 +1,23 @@
-"""`llm_onnx` (decoupled): llmc's generation runner over the compiled model.onnx with onnxruntime.
+"""`llm_onnx` (decoupled): token ids in, token ids out, llmc's generation over model.onnx with onnxruntime.
 
-The same prefill/decode loop `llmc generate` runs, streaming one token per response, so a
-repository serves (and is tested end to end) on machines without TensorRT. Requests are served
-one after another by each instance; every response carries one new token.
+For clients that tokenize themselves, and for `generate` where this server has TensorRT but `llm`
+could not load. Requests go to llmc's in-flight scheduler (inflight.py): concurrent clients share
+every graph call and each new token goes back as one response, sent from the scheduler's thread. The
+scheduler (and its copy of the weights) starts with the first request: in a CPU-fallback repository
+`generate` usually runs its own. `llmc_scheduler_max_batch` 0 (or a graph whose cache grows by Concat)
+serves one request's whole generation after another with the plain runner, as before the scheduler.
 """
 
 from __future__ import annotations
 
+import threading
+
 import triton_python_backend_utils as pb_utils
 
-from compiler.runtime.runner import Runner, Sampling
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models.common import RequestError, error_response, ids_tensor, model_config, parameter, scalar, version_dir
-
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits
 
 
 def token_list(text: str) -> tuple[int, ...]:
@@ -23,19 +27,42 @@ def token_list(text: str) -> tuple[int, ...]:
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
-        threads = int(parameter(config, "llmc_intra_op_threads", "0")) or None
-        # No spinning: between steps the cores belong to the server and the other models' stubs.
-        executor = OnnxRuntimeExecutor(version_dir(args) / "model.onnx", threads=threads, spin=False)
-        self.runner = Runner(executor, pad_token_id=int(parameter(config, "llmc_pad_token_id", "0")))
+        self.path = version_dir(args) / "model.onnx"
+        self.threads = int(parameter(config, "llmc_intra_op_threads", "0")) or None
+        self.pad = int(parameter(config, "llmc_pad_token_id", "0"))
         self.stop_tokens = token_list(parameter(config, "llmc_stop_token_ids", ""))
+        self.max_batch, self.per_step = scheduler_limits(config)
+        self.inflight = self.runner = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.inflight is not None or self.runner is not None:
+                return
+            if self.max_batch > 0:
+                try:
+                    self.inflight = InflightModel(self.path, "llm_onnx", self.max_batch, self.per_step, self.pad,
+                                                  self.threads)
+                    return
+                except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
+                    pb_utils.Logger.log_warn(f"llm_onnx: no in-flight scheduler ({exc}); one request at a time")
+            executor = OnnxRuntimeExecutor(self.path, threads=self.threads, spin=False)
+            self.runner = Runner(executor, pad_token_id=self.pad)
+
+    def _submit(self, request, sender) -> None:
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
+        self.inflight.submit(sender, ids, int(scalar(request, "max_tokens", 16)), _sampling(request), self.stop_tokens,
+                             on_token=lambda token: quiet(lambda: sender.send(
+                                 pb_utils.InferenceResponse([ids_tensor("output_ids", [token])]))),
+                             on_done=lambda handle: quiet(lambda: sender.send(flags=FINAL)),
+                             name=request.request_id())
 
     def _generate(self, request, sender) -> None:
+        """One at a time: this request's whole generation before the next."""
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
-        sampling = Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
-                            int(scalar(request, "seed", 0)))
-        max_tokens = int(scalar(request, "max_tokens", 16))
         try:
-            stream = self.runner.stream([ids], max_tokens, sampling, self.stop_tokens)
+            stream = self.runner.stream([ids], int(scalar(request, "max_tokens", 16)), _sampling(request),
+                                        self.stop_tokens)
             for new in stream:
                 if new[0] is not None:
                     sender.send(pb_utils.InferenceResponse([ids_tensor("output_ids", [new[0]])]))
@@ -44,13 +71,26 @@ class TritonPythonModel:
         sender.send(flags=FINAL)
 
     def execute(self, requests):
+        self._start()
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._generate(request, sender)
+                if self.inflight is not None:
+                    self._submit(request, sender)
+                else:
+                    self._generate(request, sender)
             except RequestError as exc:
                 sender.send(error_response(str(exc)), flags=FINAL)
             except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
                 pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
                 sender.send(error_response(f"internal error in llm_onnx: {type(exc).__name__}: {exc}"), flags=FINAL)
         return None
+
+    def finalize(self):
+        if self.inflight is not None:
+            self.inflight.close()
+
+
+def _sampling(request) -> Sampling:
+    return Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
+                    int(scalar(request, "seed", 0)))
