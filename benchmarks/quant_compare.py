@@ -133,6 +133,8 @@ def main() -> None:
                     help="extra PYTHONPATH where onnxruntime_genai is installed (pip install --target DIR onnxruntime-genai)")
     ap.add_argument("--only", default="", help="run only variants whose name starts with one of these comma-separated prefixes "
                          "(e.g. 'genai' or 'llmc int4-rtn b128,llmc int4-gptq')")
+    ap.add_argument("--calib-rows", type=int, default=1024,
+                    help="calibration rows kept per linear layer (the build keeps 1024 of its 4096 tokens)")
     args = ap.parse_args()
     prefixes = args.only.split(",")
     wanted = lambda name: any(name.startswith(p) for p in prefixes)  # noqa: E731
@@ -189,7 +191,7 @@ def main() -> None:
 
     ir.save(fp16.model, args.out / "fp16.onnx")
     start = time.perf_counter()
-    cal = calibrate(loaded, default_calibration_text()) if any(wanted(n) for n in LLMC_VARIANTS if n != "llmc fp16") else None
+    cal = calibrate(loaded, default_calibration_text(), sample_rows=args.calib_rows) if any(wanted(n) for n in LLMC_VARIANTS if n != "llmc fp16") else None
     calib_s = time.perf_counter() - start
     for name, steps in LLMC_VARIANTS.items():
         if not wanted(name) and name != "llmc fp16":

@@ -22,6 +22,7 @@ from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
 from .quantize_int4_gptq import QuantizeInt4GptqPass
 from .quantize_int4_rtn import QuantizeInt4RtnPass
+from .quantize_int8_embedding import QuantizeInt8EmbeddingPass
 from .quantize_int8_wo import QuantizeInt8WoPass
 from .residual_fp32 import ResidualFp32Pass
 from .rotary_2d_cache import Rotary2DCachePass
@@ -51,6 +52,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "quantize-int4-awq": QuantizeInt4AwqPass,
     "quantize-int4-gptq": QuantizeInt4GptqPass,
     "quantize-int8-wo": QuantizeInt8WoPass,
+    "quantize-int8-embedding": QuantizeInt8EmbeddingPass,
     "quantize-fp8-wo": QuantizeFp8WoPass,
     "attention-plugin": AttentionPluginPass,
     "attention-plugin-fp8kv": AttentionPluginFp8KvPass,
