@@ -23,6 +23,11 @@ the permutation is undone on the stored weight (no runtime gather, which TensorR
 could not take) and the scales are fixed up front per original block from the unquantized weights:
 a row's scale no longer follows the corrections it receives, the price of keeping the layout.
 
+`clip: true` chooses each block's scale per output column over AWQ's clip grid (1.0 .. 0.65 of
+max|w| / 7), minimising that block's rounding error weighted by diag(H) (the inputs' energy per row):
+the reference GPTQ code's `mse` grid search, with H's weights. A smaller scale clips the block's
+largest weight and rounds the rest more finely; error feedback then carries the clipped part too.
+
 `awq: true` runs AWQ's scale search and folding first (passes/quantize_int4_awq.py), then GPTQ on
 the scaled weights with the Hessian of the scaled inputs X / s: AWQ's scaling, GPTQ's rounding.
 
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 
 from .quant_coverage import DEFAULT_MIN_COVERAGE
-from .quantize_int4_awq import BIG_WEIGHT, QuantizeInt4AwqPass
+from .quantize_int4_awq import BIG_WEIGHT, CLIP_GRID, QuantizeInt4AwqPass
 from .quantize_int4_rtn import INT4_MAX, quantize_blockwise
 from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target
 
@@ -87,15 +92,35 @@ def _scales(w_bN: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
     return torch.from_numpy(scale[0].astype(np.float32))
 
 
+def _clipped_scales(w_bN: torch.Tensor, d_b: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    """Per column of one block, the scale over CLIP_GRID x RTN's that minimises the block's rounding
+    error weighted by the inputs' energy, sum_k H_kk (w_k - q_k s)^2 (GPTQ's reference quantizer
+    searches its grid on the plain squared error). [rows, N], [rows] -> [N] float32."""
+    best_err, best = None, None
+    for ratio in CLIP_GRID:
+        s = _scales(w_bN * ratio, dtype)  # max|ratio w| / 7 = ratio x RTN's scale, rounded as RTN rounds
+        err = (d_b[:, None] * (w_bN - torch.clamp(torch.round(w_bN / s), -8, INT4_MAX) * s) ** 2).sum(0)
+        if best is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return best
+
+
 def gptq(w_KN: np.ndarray, h_KK: torch.Tensor, block: int, damp: float = 0.01,
-         act_order: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+         act_order: bool = False, clip: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """GPTQ of one weight [K, N] (rows = input features) against Hessian H [K, K]: returns
-    (q [K, N] int values in -8..7 as int8, scale [K/block, N] in w's dtype, the damp used)."""
+    (q [K, N] int values in -8..7 as int8, scale [K/block, N] in w's dtype, the damp used).
+    clip: each block's scale searched over CLIP_GRID (`_clipped_scales`) instead of max|w| / 7."""
     k, n = w_KN.shape
     w = torch.from_numpy(np.ascontiguousarray(w_KN, dtype=np.float32))
+    energy = torch.diagonal(h_KK).to(torch.float32)
+    block_scales = (lambda rows, at: _clipped_scales(rows, energy[at:at + len(rows)], w_KN.dtype)) if clip else (
+        lambda rows, at: _scales(rows, w_KN.dtype))
     order = torch.argsort(torch.diagonal(h_KK), descending=True, stable=True) if act_order else torch.arange(k)
     if act_order:  # static groups: each original block's scale, fixed before any row moves
-        fixed = torch.stack([_scales(w[i:i + block], w_KN.dtype) for i in range(0, k, block)])
+        fixed = torch.stack([block_scales(w[i:i + block], i) for i in range(0, k, block)])
         row_scale = fixed[torch.arange(k) // block][order]  # [K, N], in processing order
         w, h_KK = w[order], h_KK[order][:, order]
     hinv, damp = inverse_hessian_factor(h_KK, damp)
@@ -110,7 +135,7 @@ def gptq(w_KN: np.ndarray, h_KK: torch.Tensor, block: int, damp: float = 0.01,
             if act_order:
                 s = row_scale[row]
             elif row % block == 0:  # the block's scale, from its rows as the corrections left them
-                s = scale[row // block] = _scales(w1[i:i + block], w_KN.dtype)
+                s = scale[row // block] = block_scales(w1[i:i + block], row)
             code = torch.clamp(torch.round(w1[i] / s), -8, INT4_MAX)
             q[row] = code
             err = (w1[i] - code * s) / h1[i, i]
@@ -136,15 +161,16 @@ class QuantizeInt4GptqPass(QuantizeInt4AwqPass):
     recipe_name = "quantize-int4-gptq"
 
     def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, damp: float = 0.01,
-                 act_order: bool = False, awq: bool = False, targets=DEFAULT_TARGETS, exclude=(),
-                 include_lm_head: bool = False, min_coverage: float = DEFAULT_MIN_COVERAGE):
+                 act_order: bool = False, awq: bool = False, clip: bool = False, targets=DEFAULT_TARGETS,
+                 exclude=(), include_lm_head: bool = False, min_coverage: float = DEFAULT_MIN_COVERAGE):
+        # AWQ's own clip search stays off: GPTQ chooses the rounding (and, with clip, each block's scale).
         super().__init__(activations, block_size, clip=False, targets=targets, exclude=exclude,
                          include_lm_head=include_lm_head, min_coverage=min_coverage)
         self.damp = check_damp(damp)
-        for option, value in (("act_order", act_order), ("awq", awq)):
+        for option, value in (("act_order", act_order), ("awq", awq), ("clip", clip)):
             if not isinstance(value, bool):
                 raise ValueError(f"{option} must be true or false (got {value!r})")
-        self.act_order, self.awq = act_order, awq
+        self.act_order, self.awq, self.clip_scales = act_order, awq, clip
         # target name -> {"loss_rtn", "loss_gptq" (calibration output error per element), "damp"}
         self.gptq_log: dict[str, dict] = {}
         self._hessian: tuple[tuple, torch.Tensor] | None = None  # the last group's, shared by its members
@@ -155,7 +181,7 @@ class QuantizeInt4GptqPass(QuantizeInt4AwqPass):
         super().requires(model)
 
     def prepare(self, model, targets: list[Target]) -> None:
-        if self.awq:  # AWQ's search and folding; its clip search stays off (GPTQ chooses the rounding)
+        if self.awq:  # AWQ's scale search and folding
             return super().prepare(model, targets)
         for t in targets:
             source = t.name if t.name in self.activations else None
@@ -179,7 +205,7 @@ class QuantizeInt4GptqPass(QuantizeInt4AwqPass):
         h = self._group_hessian(target.name)
         torch.set_num_threads(self._threads if weight_KN.size >= BIG_WEIGHT else 1)
         try:
-            q, scale, damp = gptq(weight_KN, h, target.block, self.damp, self.act_order)
+            q, scale, damp = gptq(weight_KN, h, target.block, self.damp, self.act_order, self.clip_scales)
         finally:
             torch.set_num_threads(1)
         import ml_dtypes

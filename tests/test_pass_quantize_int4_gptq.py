@@ -184,7 +184,7 @@ def test_registered_needs_calibration_and_checks_its_options(trained_fp16, train
     assert "calibration activations" in str(info.value.__cause__)
     ctx = PassContext(max_positions=256, activations=trained_calibration.activations)
     for options, message in (({"damp": 0}, "damp must be"), ({"damp": 1.5}, "damp must be"),
-                             ({"act_order": "yes"}, "act_order must be true or false"),
+                             ({"act_order": "yes"}, "act_order must be true or false"), ({"clip": "auto"}, "clip must be true or false"),
                              ({"block_size": 48}, "block_size must be one of")):
         with pytest.raises(ValueError, match=message):
             make_pass("quantize-int4-gptq", ctx, options)
@@ -203,3 +203,27 @@ def test_falls_back_to_rtn_per_matmul_without_activations(trained_fp16, trained_
     q, scale = (v.const_value.numpy() for v in node.inputs[:2])
     rq, rs = quantize_blockwise(weights["model.layers.0.mlp.down_proj"], 128)
     assert np.array_equal(scale, rs) and np.array_equal(q.astype(np.int8), rq.astype(np.int8))
+
+
+def test_clip_chooses_each_blocks_scale_by_energy_weighted_rounding_error():
+    """_clipped_scales against a brute force over CLIP_GRID; and GPTQ with clip and act_order (scales
+    fixed from the unquantized weights): every block's scale at most RTN's, many strictly smaller
+    (without act_order error feedback moves the later blocks' weights, so their scales move too)."""
+    from passes.quantize_int4_awq import CLIP_GRID
+    from passes.quantize_int4_gptq import _clipped_scales
+
+    torch.set_num_threads(1)
+    fit, _, w = _correlated_layer(seed=3, rows=1024)
+    energy = torch.diagonal(hessian(fit)).float()
+    block = torch.from_numpy(w[:64].astype(np.float32))
+    got = _clipped_scales(block, energy[:64], np.float16)
+    for col in range(0, N, 97):
+        errors = []
+        for ratio in CLIP_GRID:
+            s = float(quantize_blockwise((block[:, col:col + 1] * ratio).numpy().astype(np.float16), 64)[1][0, 0])
+            errors.append((float((energy[:64] * (block[:, col] - torch.clamp(torch.round(block[:, col] / s), -8, 7) * s) ** 2).sum()), s))
+        assert float(got[col]) == min(errors)[1]
+    q, scale, _ = gptq(w, hessian(fit), 64, 0.01, act_order=True, clip=True)
+    rtn_scale = quantize_blockwise(w, 64)[1].astype(np.float32)
+    assert (scale.astype(np.float32) <= rtn_scale).all() and (scale.astype(np.float32) < rtn_scale).mean() > 0.1
+    assert q.min() >= -8 and q.max() <= 7
