@@ -75,3 +75,20 @@ def test_driver_reports_inapplicable_recipe_as_unsupported_model():
     graph = ExportedGraph(_rotary_with_cos_from_another_input(), GraphIO(1, 1, 4, 8))
     with pytest.raises(UnsupportedModelError, match="recipe 'r' cannot be applied"):
         _passes(graph, recipe, PassContext(8), None)
+
+
+def test_runs_on_a_model_whose_weights_are_external_files(fresh_llama_model, llama_export, tmp_path, monkeypatch):
+    """The stage cache hands passes an export loaded from model.onnx + model.onnx.data: the cos/sin cone's
+    initializers are references to that file, which a session made from bytes cannot resolve (a second
+    Gemma 3 build on one --cache-dir failed here). From another working directory, same tables as in memory."""
+    folder = tmp_path / "cached"
+    folder.mkdir()
+    ir.save(fresh_llama_model, folder / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
+    model = ir.load(folder / "model.onnx")
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    monkeypatch.chdir(tmp_path)
+    assert Rotary2DCachePass(max_positions=64)(model).modified
+    reference = ir.load(llama_export[0])
+    Rotary2DCachePass(max_positions=64)(reference)
+    tables = lambda m: {n: v.const_value.numpy() for n, v in m.graph.initializers.items() if "cache" in n}  # noqa: E731
+    assert tables(model) and all(np.array_equal(a, tables(reference)[n]) for n, a in tables(model).items())
