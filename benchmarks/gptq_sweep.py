@@ -7,7 +7,10 @@ functions (passes/quantize_int4_rtn.py `quantize_blockwise`, passes/quantize_int
 dequantized and put back into the FP32 PyTorch model. The graph's FP16 activations are not modelled:
 the figures rank variants; the build's quality stage is the measurement of record.
 
-    python benchmarks/gptq_sweep.py /work/models/gemma3-270m [--only rtn,gptq-b128]
+    python benchmarks/gptq_sweep.py /work/models/gemma3-270m [--only rtn-b128,gptq-b128]
+
+`+emb8` variants also round the (tied) embedding table per row to INT8 as quantize-int8-embedding
+does (`quantize_per_channel_int8` of E^T), so the lm_head reads it too.
 
 Calibration rows: the build keeps 1024 evenly strided rows of its 4096 calibration tokens per layer
 (`calibrate(sample_rows=1024)`); this script keeps all 4096 and takes every 4th for the 1024-row
@@ -32,6 +35,7 @@ from compiler.frontend.corpus import default_calibration_text, default_eval_text
 from compiler.frontend.load import load_model  # noqa: E402
 from passes.quantize_int4_gptq import gptq, hessian  # noqa: E402
 from passes.quantize_int4_rtn import int4_block, quantize_blockwise  # noqa: E402
+from passes.quantize_int8_wo import quantize_per_channel_int8  # noqa: E402
 from passes.weight_quant import QuantizedWeight  # noqa: E402
 
 # name -> (method, block, options): rows = calibration rows the Hessian is made of
@@ -45,6 +49,8 @@ VARIANTS = {
     "gptq-b128-rows4096-clip": ("gptq", 128, {"rows": 4096, "clip": True}),
     "gptq-b128-rows4096-clip-act_order": ("gptq", 128, {"rows": 4096, "clip": True, "act_order": True}),
     "gptq-b64-rows4096-clip": ("gptq", 64, {"rows": 4096, "clip": True}),
+    "fp16+emb8": ("none", 0, {"emb8": True}),
+    "rtn-b128+emb8": ("rtn", 128, {"emb8": True}),
 }
 
 
@@ -60,8 +66,11 @@ def main() -> None:
     loaded = load_model(args.model)
     model = loaded.model.float().eval()
     start = time.perf_counter()
-    cal = calibrate(loaded, default_calibration_text(), sample_rows=4096)
-    print(f"calibrated {cal.tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
+    if any(VARIANTS[v][0] == "gptq" for v in wanted):
+        cal = calibrate(loaded, default_calibration_text(), sample_rows=4096)
+        print(f"calibrated {cal.tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
+    embedding = model.get_input_embeddings().weight
+    original_embedding = embedding.detach().clone()
     windows = torch.tensor(tokenize_windows(loaded.tokenizer, default_eval_text(), args.window, args.windows))
     targets = windows[:, 1:]
     linears = {name: m for name, m in model.named_modules()
@@ -81,7 +90,11 @@ def main() -> None:
         opts = dict(opts)
         rows = opts.pop("rows", None)
         start = time.perf_counter()
-        for name, module in linears.items():
+        if opts.pop("emb8", False):
+            qw = quantize_per_channel_int8(original_embedding.T.contiguous().numpy().astype(np.float16))
+            with torch.no_grad():
+                embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32).T.copy()))
+        for name, module in linears.items() if method != "none" else ():
             w_KN = original[name].T.contiguous().numpy().astype(np.float16)
             block, _ = int4_block(w_KN.shape[0], largest)
             if method == "rtn":
@@ -108,6 +121,7 @@ def main() -> None:
         with torch.no_grad():
             for name, module in linears.items():
                 module.weight.copy_(original[name])
+            embedding.copy_(original_embedding)
 
 
 if __name__ == "__main__":
