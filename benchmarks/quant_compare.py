@@ -39,7 +39,7 @@ from compiler.graph_io import io_from_model  # noqa: E402
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor  # noqa: E402
 from compiler.graph_io import ExportedGraph
 from compiler.recipe import Recipe, Tolerance  # noqa: E402
-from passes import PassContext  # noqa: E402
+from passes import PassContext, needs_calibration  # noqa: E402
 
 LLMC_VARIANTS = {
     "llmc fp16": [],
@@ -49,6 +49,12 @@ LLMC_VARIANTS = {
     "llmc int4-awq b32": [("quantize-int4-awq", {"block_size": 32})],
     "llmc int4-awq b32 + int8 lm_head": [("quantize-int8-wo", {"targets": [], "include_lm_head": True}),
                                          ("quantize-int4-awq", {"block_size": 32})],
+    "llmc int4-gptq b128": [("quantize-int4-gptq", {"block_size": 128})],
+    "llmc int4-gptq b32": [("quantize-int4-gptq", {"block_size": 32})],
+    "llmc int4-gptq b128 act_order": [("quantize-int4-gptq", {"block_size": 128, "act_order": True})],
+    "llmc int4-gptq b32 act_order": [("quantize-int4-gptq", {"block_size": 32, "act_order": True})],
+    "llmc int4-awq+gptq b128": [("quantize-int4-gptq", {"block_size": 128, "awq": True})],
+    "llmc int4-awq+gptq b32": [("quantize-int4-gptq", {"block_size": 32, "awq": True})],
     "llmc int8-wo": [("quantize-int8-wo", {})],
     "llmc fp8-wo": [("quantize-fp8-wo", {})],
 }
@@ -125,8 +131,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/quant-compare"))
     ap.add_argument("--genai-path", default=os.environ.get("GENAI_PATH", ""),
                     help="extra PYTHONPATH where onnxruntime_genai is installed (pip install --target DIR onnxruntime-genai)")
-    ap.add_argument("--only", default="", help="run only variants whose name starts with this (e.g. 'genai')")
+    ap.add_argument("--only", default="", help="run only variants whose name starts with one of these comma-separated prefixes "
+                         "(e.g. 'genai' or 'llmc int4-rtn b128,llmc int4-gptq')")
+    ap.add_argument("--calib-rows", type=int, default=1024,
+                    help="calibration rows kept per linear layer (the build keeps 1024 of its 4096 tokens)")
     args = ap.parse_args()
+    prefixes = args.only.split(",")
+    wanted = lambda name: any(name.startswith(p) for p in prefixes)  # noqa: E731
     import torch
 
     model_dir = (args.model or default_model_dir()).resolve()
@@ -144,20 +155,29 @@ def main() -> None:
     agree_ids = np.array([r + [0] * (width - len(r)) for r in agree_rows], np.int64)
 
     with torch.no_grad():
-        ref = log_softmax(loaded.model(input_ids=torch.tensor(windows), use_cache=False).logits.numpy())
+        ref = loaded.model(input_ids=torch.tensor(windows), use_cache=False).logits.numpy()
     targets = windows[:, 1:]
 
+    def window_stats(got: np.ndarray) -> tuple[float, float, float]:
+        """(reference nll, nll, KL) means, one window's float64 log-softmax at a time: a 262144-wide
+        vocabulary makes all 16 windows' float64 log-probabilities 4.3 GB per side."""
+        nll_ref = nll = kl = 0.0
+        for i in range(len(windows)):
+            lr, lg = log_softmax(ref[i]), log_softmax(got[i])
+            nll_ref -= float(np.take_along_axis(lr[:-1], targets[i][:, None], -1).sum())
+            nll -= float(np.take_along_axis(lg[:-1], targets[i][:, None], -1).sum())
+            kl += float((np.exp(lr) * (lr - lg)).sum())
+        return nll_ref / targets.size, nll / targets.size, kl / windows.size
+
     def score(name: str, logits_fn, path: Path, seconds: float) -> dict:
-        got = log_softmax(logits_fn(path, windows))
-        nll = lambda lp: -np.take_along_axis(lp[:, :-1], targets[..., None], -1).mean()  # noqa: E731
+        nll_ref, nll, kl = window_stats(logits_fn(path, windows))
         agree_logits = logits_fn(path, agree_ids)
         hits = total = 0
         for row, (p, f) in enumerate(zip(prompts, forced)):
             picks = agree_logits[row, len(p) - 1: len(p) - 1 + len(f)].argmax(-1)
             hits += int((picks == np.array(f)).sum())
             total += len(f)
-        r = {"variant": name, "ppl_ref": math.exp(nll(ref)), "ppl": math.exp(nll(got)),
-             "kl": float((np.exp(ref) * (ref - got)).sum(-1).mean()), "agreement": hits / total,
+        r = {"variant": name, "ppl_ref": math.exp(nll_ref), "ppl": math.exp(nll), "kl": kl, "agreement": hits / total,
              "bytes": files_bytes(path), "quantize_s": seconds}
         r["ppl_delta"] = r["ppl"] / r["ppl_ref"] - 1
         print(json.dumps(r), flush=True)
@@ -171,10 +191,10 @@ def main() -> None:
 
     ir.save(fp16.model, args.out / "fp16.onnx")
     start = time.perf_counter()
-    cal = calibrate(loaded, default_calibration_text()) if "llmc".startswith(args.only) else None
+    cal = calibrate(loaded, default_calibration_text(), sample_rows=args.calib_rows) if any(wanted(n) for n in LLMC_VARIANTS if n != "llmc fp16") else None
     calib_s = time.perf_counter() - start
     for name, steps in LLMC_VARIANTS.items():
-        if not name.startswith(args.only) and name != "llmc fp16":
+        if not wanted(name) and name != "llmc fp16":
             continue
         model = ir.load(args.out / "fp16.onnx")
         start = time.perf_counter()
@@ -182,14 +202,14 @@ def main() -> None:
             recipe = Recipe(name, "", tuple(s[0] for s in steps), Tolerance(1, 1, 0), pass_options=tuple(s[1] for s in steps))
             model = run_passes(ExportedGraph(model, io_from_model(model)), recipe,
                                PassContext(max_positions=256, activations=cal.activations))[0].model
-        seconds = time.perf_counter() - start + (calib_s if any("awq" in s[0] for s in steps) else 0.0)
+        seconds = time.perf_counter() - start + (calib_s if needs_calibration(s[0] for s in steps) else 0.0)
         path = args.out / (name.replace(" ", "_").replace("+", "") + ".onnx")
         ir.save(model, path)
         results.append(score(name, llmc_logits, path, seconds))
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [args.genai_path, os.environ.get("PYTHONPATH")])))
     for name, (algo, block) in GENAI_VARIANTS.items():
-        if not name.startswith(args.only):
+        if not wanted(name):
             continue
         out = args.out / name.replace(" ", "_")
         start = time.perf_counter()

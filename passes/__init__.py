@@ -20,7 +20,9 @@ from .gqa_native_attention import GqaNativeAttentionPass
 from .kv_cache_scatter import KvCacheScatterPass
 from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
+from .quantize_int4_gptq import QuantizeInt4GptqPass
 from .quantize_int4_rtn import QuantizeInt4RtnPass
+from .quantize_int8_embedding import QuantizeInt8EmbeddingPass
 from .quantize_int8_wo import QuantizeInt8WoPass
 from .residual_fp32 import ResidualFp32Pass
 from .rotary_2d_cache import Rotary2DCachePass
@@ -31,7 +33,7 @@ class PassContext:
     """Build facts some passes need (e.g. how many positions the rotary table must cover)."""
 
     max_positions: int
-    # Calibration activations (HF module name -> [tokens, in_features] float32) for AWQ.
+    # Calibration activations (HF module name -> [tokens, in_features] float32) for AWQ and GPTQ.
     activations: Mapping[str, Any] | None = None
     sliding_window: int = 0  # the model's attention window (0 = none); only plugin passes can honour it
 
@@ -48,7 +50,9 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "residual-fp32": ResidualFp32Pass,
     "quantize-int4-rtn": QuantizeInt4RtnPass,
     "quantize-int4-awq": QuantizeInt4AwqPass,
+    "quantize-int4-gptq": QuantizeInt4GptqPass,
     "quantize-int8-wo": QuantizeInt8WoPass,
+    "quantize-int8-embedding": QuantizeInt8EmbeddingPass,
     "quantize-fp8-wo": QuantizeFp8WoPass,
     "attention-plugin": AttentionPluginPass,
     "attention-plugin-fp8kv": AttentionPluginFp8KvPass,

@@ -59,6 +59,12 @@ def _evaluate(model: ir.Model, values: list[ir.Value], max_positions: int) -> di
     sub = ir.convenience.extract(model.graph, inputs=[POSITION_IDS], outputs=values)
     sub_model = ir.Model(sub, ir_version=model.ir_version)
     sub_model.opset_imports.update(model.opset_imports)
+    # A model loaded from disk (the stage cache's export) keeps its weights as external references
+    # relative to its file; a session made from bytes has no directory to resolve them in, so the
+    # cone's few initializers (inv_freq, attention scaling) go in as values.
+    for v in sub.initializers.values():
+        if isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value = ir.tensor(v.const_value.numpy(), name=v.name)
     proto = ir.serde.serialize_model(sub_model)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     positions = np.arange(max_positions, dtype=np.int64)[None, :]

@@ -103,6 +103,15 @@ def matching_matmuls(model: ir.Model, targets=DEFAULT_TARGETS, exclude=(), inclu
 def replace_weight(graph: ir.Graph, target: Target, qw: QuantizedWeight, dtype: ir.DataType) -> None:
     """W -> DequantizeLinear(q, scale) feeding the same MatMul input; the float initializer is dropped."""
     node, weight = target.node, target.weight
+    dq = dequantize_linear(graph, weight, qw, dtype, f"{node.name}.dequantize")
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    graph.initializers.pop(weight.name)
+
+
+def dequantize_linear(graph: ir.Graph, weight: ir.Value, qw: QuantizedWeight, dtype: ir.DataType, name: str) -> ir.Node:
+    """A DequantizeLinear (not yet inserted) of q and scale initializers, registered in `graph` under
+    `weight`'s name, whose output has `weight`'s type and shape."""
     q_val = ir.Value(name=f"{weight.name}.q", const_value=ir.tensor(qw.q, dtype=dtype, name=f"{weight.name}.q"))
     q_val.type, q_val.shape = ir.TensorType(dtype), ir.Shape(qw.q.shape)
     s_val = ir.Value(name=f"{weight.name}.scale", const_value=ir.tensor(qw.scale, name=f"{weight.name}.scale"))
@@ -112,12 +121,10 @@ def replace_weight(graph: ir.Graph, target: Target, qw: QuantizedWeight, dtype: 
     attributes = {"axis": qw.axis}
     if qw.block_size:
         attributes["block_size"] = qw.block_size
-    dq = ir.node("DequantizeLinear", [q_val, s_val], attributes=attributes, name=f"{node.name}.dequantize")
+    dq = ir.node("DequantizeLinear", [q_val, s_val], attributes=attributes, name=name)
     dq.outputs[0].name = f"{weight.name}.dequantized"
     dq.outputs[0].type, dq.outputs[0].shape = weight.type, weight.shape
-    graph.insert_before(node, dq)
-    node.replace_input_with(1, dq.outputs[0])
-    graph.initializers.pop(weight.name)
+    return dq
 
 
 class WeightQuantPass(LlmcPass):

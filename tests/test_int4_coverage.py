@@ -16,7 +16,7 @@ from compiler.recipe import RECIPES_DIR
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from helpers import build_with_backend, op_counts, run_onnx, save
 
-INT4_PASSES = ("quantize-int4-rtn", "quantize-int4-awq")
+INT4_PASSES = ("quantize-int4-rtn", "quantize-int4-awq", "quantize-int4-gptq")
 LAYERS = 2
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -221,3 +221,20 @@ def test_preconditions_and_postcondition_name_what_is_wrong():
         Rotary2DCachePass(8).ensures(_rotary_graph())
     with pytest.raises(TypeError, match="pass 'rotary-2d-cache': bad option"):
         make_pass("rotary-2d-cache", PassContext(max_positions=8), {"block_size": 32})
+
+
+def test_runs_on_a_model_whose_weights_are_external_files(fresh_llama_model, llama_export, tmp_path, monkeypatch):
+    """The stage cache hands passes an export loaded from model.onnx + model.onnx.data: the cos/sin cone's
+    initializers are references to that file, which a session made from bytes cannot resolve (a second
+    Gemma 3 build on one --cache-dir failed here). From another working directory, same tables as in memory."""
+    folder = tmp_path / "cached"
+    folder.mkdir()
+    ir.save(fresh_llama_model, folder / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
+    model = ir.load(folder / "model.onnx")
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    monkeypatch.chdir(tmp_path)
+    assert Rotary2DCachePass(max_positions=64)(model).modified
+    reference = ir.load(llama_export[0])
+    Rotary2DCachePass(max_positions=64)(reference)
+    tables = lambda m: {n: v.const_value.numpy() for n, v in m.graph.initializers.items() if "cache" in n}  # noqa: E731
+    assert tables(model) and all(np.array_equal(a, tables(reference)[n]) for n, a in tables(model).items())

@@ -37,6 +37,7 @@ import yaml
 
 from passes import PassContext, make_pass, pass_class
 from passes.quantize_int4_rtn import int4_block
+from passes.weight_quant import WeightQuantPass
 
 from compiler.errors import BadInputError
 from compiler.frontend.run_passes import run_passes
@@ -142,8 +143,9 @@ class SearchResult:
 
 
 def quant_entry(recipe: Recipe) -> int:
-    """Index of the recipe's one weight-quantization pass; the search replaces it."""
-    found = [i for i, name in enumerate(recipe.passes) if pass_class(name).weight_format]
+    """Index of the recipe's one matmul weight-quantization pass; the search replaces it. Another
+    quantizer that chooses no matmuls (quantize-int8-embedding) stays in the recipe around it."""
+    found = [i for i, name in enumerate(recipe.passes) if issubclass(pass_class(name), WeightQuantPass)]
     if not found:
         raise BadInputError(f"--max-ppl-delta / analyze need a recipe that quantizes weights; '{recipe.name}' does "
                             "not (use int4-awq, int4-rtn, int8-wo or fp8-wo)")

@@ -160,15 +160,23 @@ def _constant_fp32(value: ir.Value) -> Rows | None:
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
-    if node.op_type == "Transpose" and node.inputs[0].const_value is not None:
-        src = node.inputs[0].const_value.numpy()
+    if node.op_type == "Transpose" and (node.inputs[0].const_value is not None or _constant_dq(node.inputs[0].producer())):
+        # A tied lm_head reads the embedding table through a Transpose, the table possibly an INT8 DQ
+        # (passes/quantize_int8_embedding.py).
+        src = node.inputs[0].const_value
+        src = src.numpy() if src is not None else _dequantize(node.inputs[0].producer())
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else list(range(src.ndim))[::-1]
         if src.ndim == 2 and list(perm) == [1, 0]:
             return _widen_transposed(src)
         return Rows.of(np.ascontiguousarray(_to_f32(src).transpose(perm)))
-    if node.op_type == "DequantizeLinear" and all(v is None or v.const_value is not None for v in node.inputs):
+    if _constant_dq(node):
         return Rows.of(_to_f32(_dequantize(node)))
     return None
+
+
+def _constant_dq(node: ir.Node | None) -> bool:
+    return (node is not None and node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+            and all(v is None or v.const_value is not None for v in node.inputs))
 
 
 class InMemory(dict):

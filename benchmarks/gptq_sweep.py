@@ -1,0 +1,128 @@
+"""GPTQ's options on a real checkpoint, in PyTorch alone: which variant to build.
+
+Why: a build re-runs calibration and measures one recipe (~10 minutes on the 2-core machine); this
+script calibrates once and scores many weight roundings on the quality stage's held-out windows.
+Each decoder Linear's weight is cast to FP16 (as cast-fp16 leaves it), rounded by llmc's own
+functions (passes/quantize_int4_rtn.py `quantize_blockwise`, passes/quantize_int4_gptq.py `gptq`),
+dequantized and put back into the FP32 PyTorch model. The graph's FP16 activations are not modelled:
+the figures rank variants; the build's quality stage is the measurement of record.
+
+    python benchmarks/gptq_sweep.py /work/models/gemma3-270m [--only rtn-b128,gptq-b128]
+
+`+emb8` variants also round the (tied) embedding table per row to INT8 as quantize-int8-embedding
+does (`quantize_per_channel_int8` of E^T), so the lm_head reads it too.
+
+Calibration rows: the build keeps 1024 evenly strided rows of its 4096 calibration tokens per layer
+(`calibrate(sample_rows=1024)`); this script keeps all 4096 and takes every 4th for the 1024-row
+variants, the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compiler.frontend.calibrate import calibrate, tokenize_windows  # noqa: E402
+from compiler.frontend.corpus import default_calibration_text, default_eval_text  # noqa: E402
+from compiler.frontend.load import load_model  # noqa: E402
+from passes.quantize_int4_gptq import gptq, hessian  # noqa: E402
+from passes.quantize_int4_rtn import int4_block, quantize_blockwise  # noqa: E402
+from passes.quantize_int8_wo import quantize_per_channel_int8  # noqa: E402
+from passes.weight_quant import QuantizedWeight  # noqa: E402
+
+# name -> (method, block, options): rows = calibration rows the Hessian is made of
+VARIANTS = {
+    "rtn-b128": ("rtn", 128, {}),
+    "gptq-b128": ("gptq", 128, {"rows": 1024}),
+    "gptq-b128-rows4096": ("gptq", 128, {"rows": 4096}),
+    "gptq-b128-damp0.1": ("gptq", 128, {"rows": 1024, "damp": 0.1}),
+    "gptq-b128-clip": ("gptq", 128, {"rows": 1024, "clip": True}),
+    "gptq-b128-act_order": ("gptq", 128, {"rows": 1024, "act_order": True}),
+    "gptq-b128-rows4096-clip": ("gptq", 128, {"rows": 4096, "clip": True}),
+    "gptq-b128-rows4096-clip-act_order": ("gptq", 128, {"rows": 4096, "clip": True, "act_order": True}),
+    "gptq-b64-rows4096-clip": ("gptq", 64, {"rows": 4096, "clip": True}),
+    "fp16+emb8": ("none", 0, {"emb8": True}),
+    "rtn-b128+emb8": ("rtn", 128, {"emb8": True}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--window", type=int, default=128)
+    args = ap.parse_args()
+    wanted = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
+    torch.set_num_threads(2)
+    loaded = load_model(args.model)
+    model = loaded.model.float().eval()
+    start = time.perf_counter()
+    if any(VARIANTS[v][0] == "gptq" for v in wanted):
+        cal = calibrate(loaded, default_calibration_text(), sample_rows=4096)
+        print(f"calibrated {cal.tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
+    embedding = model.get_input_embeddings().weight
+    original_embedding = embedding.detach().clone()
+    windows = torch.tensor(tokenize_windows(loaded.tokenizer, default_eval_text(), args.window, args.windows))
+    targets = windows[:, 1:]
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+    original = {name: m.weight.detach().clone() for name, m in linears.items()}
+
+    def logprobs() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [torch.log_softmax(model(w[None]).logits[0, :-1].float(), -1) for w in windows]
+
+    ref = logprobs()
+    ref_nll = -sum(float(lp.gather(-1, t[:, None]).sum()) for lp, t in zip(ref, targets)) / targets.numel()
+    print(f"reference perplexity {math.exp(ref_nll):.3f} ({targets.numel()} tokens)", flush=True)
+    hessians: dict[tuple, torch.Tensor] = {}
+    for label in wanted:
+        method, largest, opts = VARIANTS[label]
+        opts = dict(opts)
+        rows = opts.pop("rows", None)
+        start = time.perf_counter()
+        if opts.pop("emb8", False):
+            qw = quantize_per_channel_int8(original_embedding.T.contiguous().numpy().astype(np.float16))
+            with torch.no_grad():
+                embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32).T.copy()))
+        for name, module in linears.items() if method != "none" else ():
+            w_KN = original[name].T.contiguous().numpy().astype(np.float16)
+            block, _ = int4_block(w_KN.shape[0], largest)
+            if method == "rtn":
+                q, scale = quantize_blockwise(w_KN, block)
+            else:
+                key = (name, rows)
+                if key not in hessians:
+                    x = torch.from_numpy(np.ascontiguousarray(cal.activations[name]))
+                    hessians.clear()  # one at a time: q/k/v and gate/up are consecutive and share it
+                    hessians[key] = hessian(x[:: 4096 // rows] if rows < len(x) else x)
+                q, scale, _ = gptq(w_KN, hessians[key], block, **opts)
+                import ml_dtypes
+                q = q.astype(ml_dtypes.int4)
+            dq = QuantizedWeight(q, scale, 0, block).dequantize().astype(np.float32)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(dq.T.copy()))
+        seconds = time.perf_counter() - start
+        got = logprobs()
+        nll = -sum(float(lp.gather(-1, t[:, None]).sum()) for lp, t in zip(got, targets)) / targets.numel()
+        kl = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(ref, got)) / targets.numel()
+        agree = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(ref, got)) / targets.numel()
+        print(f"{label}: perplexity {math.exp(ref_nll):.3f} -> {math.exp(nll):.3f} ({math.exp(nll - ref_nll) - 1:+.2%}), "
+              f"KL {kl:.4f}, next-token agreement {agree:.1%}, quantize {seconds:.0f} s", flush=True)
+        with torch.no_grad():
+            for name, module in linears.items():
+                module.weight.copy_(original[name])
+            embedding.copy_(original_embedding)
+
+
+if __name__ == "__main__":
+    main()
