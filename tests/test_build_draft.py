@@ -41,7 +41,7 @@ def test_the_draft_is_a_validated_build_inside_the_artifact(with_draft, model_di
     for name in ("model.onnx", "model.plan", "tokenizer/tokenizer.json"):
         assert (out / "draft" / name).is_file(), name
     progress = " ".join(result.stderr.split())  # the terminal width wraps long lines
-    assert "draft export: done in" in progress and "speculation identical to plain greedy on 4 prompts" in progress
+    assert "draft package: done in" in progress and "speculation identical to plain greedy on 4 prompts" in progress
 
 
 def test_speculation_check_proves_greedy_output_unchanged(with_draft):

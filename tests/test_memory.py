@@ -8,8 +8,9 @@ import pytest
 from compiler.host.memory import _libc_trim
 
 # Runs in a fresh interpreter so the heap's state is known. A freed 16 MB buffer raises glibc's
-# mmap threshold, so the 4 MB buffers after it come from the heap; a small allocation on top
-# keeps the automatic top-of-heap trim from returning them. Freed, they stay resident until trimmed.
+# mmap threshold, so the 4 MB buffers after it come from the heap; an allocation on top (1 MB: no free
+# hole lower in the heap fits it) keeps the automatic top-of-heap trim from returning them. Freed,
+# they stay resident until trimmed.
 SCRIPT = """
 import numpy as np
 from compiler.host.memory import release_freed_memory
@@ -19,7 +20,7 @@ def rss_mb():
 
 big = np.ones(16 << 20, np.uint8); del big
 chunks = [np.ones(4 << 20, np.uint8) for _ in range(100)]
-pin = np.ones(1024, np.uint8)
+pin = np.ones(1 << 20, np.uint8)  # 1 MB: too big for a hole lower in the heap, so it sits on top
 del chunks
 before = rss_mb()
 assert release_freed_memory()

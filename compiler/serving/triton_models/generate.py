@@ -176,7 +176,8 @@ class TritonPythonModel:
         (out,) = call("postprocessing", [pb_utils.Tensor("output_ids", np.array(ids, np.int64))], ["text_output"])
         return out.reshape(-1)[0].decode("utf-8")
 
-    def _serve(self, request, sender) -> None:
+    def _parse(self, request):
+        """(prompt ids, max new tokens, stream?, sampling) of a request, tokenized by preprocessing."""
         prompt = text(request, "text_input")
         stream = bool(scalar(request, "stream", False))
         sampling = Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
@@ -187,9 +188,13 @@ class TritonPythonModel:
             pb_utils.Tensor("text_input", np.array([prompt.encode("utf-8")], dtype=object)),
             pb_utils.Tensor("max_tokens", np.array([scalar(request, "max_tokens", self.default_max_tokens)], np.int32)),
         ], ["input_ids", "max_tokens"])
+        return ids.reshape(-1).tolist(), int(max_tokens.reshape(-1)[0]), stream, sampling
+
+    def _serve(self, request, sender) -> None:
+        ids, max_tokens, stream, sampling = self._parse(request)
         generated: list[int] = []
         sent = ""
-        for token in self._tokens(ids.reshape(-1), int(max_tokens.reshape(-1)[0]), sampling):
+        for token in self._tokens(np.array(ids, np.int64), max_tokens, sampling):
             generated.append(token)
             if stream:
                 decoded = self.tokenizer.decode(generated)
@@ -209,18 +214,9 @@ class TritonPythonModel:
 
     def _submit(self, request, sender) -> None:
         """Tokenize (preprocessing) and hand the request to the in-process scheduler; its thread answers."""
-        prompt = text(request, "text_input")
-        stream = bool(scalar(request, "stream", False))
-        sampling = Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
-                            int(scalar(request, "seed", 0)))
-        if sampling.temperature < 0 or sampling.top_k < 0:
-            raise RequestError("temperature and top_k must be >= 0")
-        ids, max_tokens = call("preprocessing", [
-            pb_utils.Tensor("text_input", np.array([prompt.encode("utf-8")], dtype=object)),
-            pb_utils.Tensor("max_tokens", np.array([scalar(request, "max_tokens", self.default_max_tokens)], np.int32)),
-        ], ["input_ids", "max_tokens"])
+        ids, max_tokens, stream, sampling = self._parse(request)
         text_stream = _TextStream(self.tokenizer, sender, stream)
-        self.inflight.submit(sender, ids.reshape(-1).tolist(), int(max_tokens.reshape(-1)[0]), sampling,
+        self.inflight.submit(sender, ids, max_tokens, sampling,
                              self.stop_tokens, text_stream.token, text_stream.done, request.request_id())
 
     def _handle(self, request) -> None:
