@@ -304,3 +304,22 @@ def cached_build(model_dirs, tmp_path_factory):
     root = _once(tmp_path_factory, "cached-build", make)
     out = root / "out"
     return out, root / "cache", json.loads((out / "report.json").read_text()), float((root / "seconds").read_text())
+
+
+def dequantize_ahead(model) -> None:
+    """Replace every block-wise INT4 DequantizeLinear of `model` (in place) by the FP32 weight
+    `QuantizedWeight.dequantize` gives: the reference a quantized graph must compute."""
+    import onnx_ir as ir
+
+    from passes.weight_quant import QuantizedWeight
+
+    for node in list(model.graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        q, scale = (v.const_value.numpy() for v in node.inputs[:2])
+        w = QuantizedWeight(q, scale, 0, node.attributes["block_size"].as_int()).dequantize()
+        const = ir.Value(name=node.outputs[0].name + ".const", const_value=ir.tensor(w, name=node.outputs[0].name + ".const"))
+        const.type, const.shape = node.outputs[0].type, node.outputs[0].shape
+        model.graph.register_initializer(const)
+        node.outputs[0].replace_all_uses_with(const)
+        model.graph.remove(node, safe=True)

@@ -11,6 +11,7 @@ import pytest
 
 from passes import PassContext, make_pass
 from passes.quantize_int4_rtn import int4_block
+from conftest import dequantize_ahead
 from passes.weight_quant import QuantizedWeight, matching_matmuls, module_name
 from compiler.recipe import RECIPES_DIR
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
@@ -128,16 +129,7 @@ def test_onnxruntime_runs_the_blocks_as_the_pass_defines_them(name, wide, quanti
     _, path = quantized(name)
     model = ir.load(path)
     reference = ir.load(path)
-    for node in list(reference.graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        q, scale = (v.const_value.numpy() for v in node.inputs[:2])
-        w = QuantizedWeight(q, scale, 0, node.attributes["block_size"].as_int()).dequantize()
-        const = ir.Value(name=node.outputs[0].name + ".const", const_value=ir.tensor(w, name=node.outputs[0].name + ".const"))
-        const.type, const.shape = node.outputs[0].type, node.outputs[0].shape
-        reference.graph.register_initializer(const)
-        node.outputs[0].replace_all_uses_with(const)
-        reference.graph.remove(node, safe=True)
+    dequantize_ahead(reference)
     feeds = _feeds(model)
     want = run_onnx(save(reference, tmp_path / "dequantized.onnx"), feeds)["logits"]
     nbits, widened = OnnxRuntimeExecutor(path), OnnxRuntimeExecutor(path, int4_matmul=False)

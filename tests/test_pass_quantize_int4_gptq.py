@@ -12,6 +12,7 @@ import torch
 from passes import PassContext, make_pass, needs_calibration, pass_class
 from passes.quantize_int4_gptq import QuantizeInt4GptqPass, gptq, hessian, inverse_hessian_factor, output_error
 from passes.quantize_int4_rtn import quantize_blockwise
+from conftest import dequantize_ahead
 from passes.weight_quant import QuantizedWeight, matching_matmuls, module_name
 from helpers import build_with_backend, op_counts, run_onnx, save
 
@@ -129,16 +130,7 @@ def test_onnxruntime_computes_the_dequantized_weights_and_beats_rtn(gptq_pass, t
 
     _, path = gptq_pass
     reference = ir.load(path)
-    for node in list(reference.graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        q, scale = (v.const_value.numpy() for v in node.inputs[:2])
-        w = QuantizedWeight(q, scale, 0, node.attributes["block_size"].as_int()).dequantize()
-        const = ir.Value(name=node.outputs[0].name + ".const", const_value=ir.tensor(w, name=node.outputs[0].name + ".const"))
-        const.type, const.shape = node.outputs[0].type, node.outputs[0].shape
-        reference.graph.register_initializer(const)
-        node.outputs[0].replace_all_uses_with(const)
-        reference.graph.remove(node, safe=True)
+    dequantize_ahead(reference)
     ids = np.array(trained.tokenizer(default_eval_text()).input_ids[:96], np.int64).reshape(2, 48)
     feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(48), (2, 1))}
     for v in reference.graph.inputs[2:]:

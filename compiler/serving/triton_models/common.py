@@ -54,6 +54,19 @@ def error_response(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
+def answer_errors(sender, model: str, work) -> None:
+    """Run `work()`; a RequestError, or a bug, becomes the request's final error response (a bug must
+    still end the stream, or the client waits forever)."""
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    try:
+        work()
+    except RequestError as exc:
+        sender.send(error_response(str(exc)), flags=final)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
+        sender.send(error_response(f"internal error in {model}: {type(exc).__name__}: {exc}"), flags=final)
+
+
 def ids_tensor(name: str, ids) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.asarray(ids, dtype=np.int64).reshape(-1))
 

@@ -29,7 +29,7 @@ import triton_python_backend_utils as pb_utils
 
 from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models import engine_version
-from compiler.serving.triton_models.common import RequestError, call, error_response, model_config, parameter, scalar, text, version_dir
+from compiler.serving.triton_models.common import RequestError, answer_errors, call, error_response, model_config, parameter, scalar, text, version_dir
 from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits
 from compiler.serving.triton_models.tokenizer import ServingTokenizer
 from compiler.graph_io import GraphIO
@@ -221,13 +221,7 @@ class TritonPythonModel:
 
     def _handle(self, request) -> None:
         sender = request.get_response_sender()
-        try:
-            self._serve(request, sender)
-        except RequestError as exc:
-            sender.send(error_response(str(exc)), flags=FINAL)
-        except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
-            pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
-            sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"), flags=FINAL)
+        answer_errors(sender, "generate", lambda: self._serve(request, sender))
 
     def execute(self, requests):
         """In-process scheduler: submit and return (its thread answers). Otherwise one thread per request:
@@ -240,14 +234,7 @@ class TritonPythonModel:
         if self.inflight is not None:
             for request in requests:
                 sender = request.get_response_sender()
-                try:
-                    self._submit(request, sender)
-                except RequestError as exc:
-                    sender.send(error_response(str(exc)), flags=FINAL)
-                except Exception as exc:  # noqa: BLE001 - a bug must still end the stream
-                    pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
-                    sender.send(error_response(f"internal error in generate: {type(exc).__name__}: {exc}"),
-                                flags=FINAL)
+                answer_errors(sender, "generate", lambda: self._submit(request, sender))
             return None
         self.threads = [t for t in self.threads if t.is_alive()]
         for request in requests:

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.runtime.runner import Runner, Sampling
-from compiler.serving.triton_models.common import RequestError, error_response, ids_tensor, model_config, parameter, scalar, version_dir
+from compiler.serving.triton_models.common import RequestError, answer_errors, ids_tensor, model_config, parameter, scalar, version_dir
 from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits
 
 
@@ -74,16 +74,8 @@ class TritonPythonModel:
         self._start()
         for request in requests:
             sender = request.get_response_sender()
-            try:
-                if self.inflight is not None:
-                    self._submit(request, sender)
-                else:
-                    self._generate(request, sender)
-            except RequestError as exc:
-                sender.send(error_response(str(exc)), flags=FINAL)
-            except Exception as exc:  # noqa: BLE001 - a bug must still end the stream, or the client waits forever
-                pb_utils.Logger.log_error(f"{type(exc).__name__}: {exc}")
-                sender.send(error_response(f"internal error in llm_onnx: {type(exc).__name__}: {exc}"), flags=FINAL)
+            work = self._submit if self.inflight is not None else self._generate
+            answer_errors(sender, "llm_onnx", lambda: work(request, sender))
         return None
 
     def finalize(self):
