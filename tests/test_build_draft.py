@@ -38,8 +38,13 @@ def test_the_draft_is_a_validated_build_inside_the_artifact(with_draft, model_di
     assert report["draft"]["status"] == "pass" and report["draft"]["architecture"] == "MistralForCausalLM"
     assert draft_report["model"]["architecture"] == "MistralForCausalLM" and draft_report["status"] == "pass"
     assert draft_report["numerics"]["passed"]  # validated against its own PyTorch model
-    for name in ("model.onnx", "model.plan", "tokenizer/tokenizer.json"):
+    for name in ("model.onnx", "model.plan", "tokenizer/tokenizer.json", "manifest.json", "report.md"):
         assert (out / "draft" / name).is_file(), name
+    assert not (out / "draft" / "triton").exists()  # only the outer artifact is served
+    assert (out / "triton").is_dir()
+    inspected = CliRunner().invoke(main, ["inspect", str(out / "draft")])
+    assert inspected.exit_code == 0, inspected.output
+    assert "MistralForCausalLM" in inspected.stdout or "mistral" in inspected.stdout
     progress = " ".join(result.stderr.split())  # the terminal width wraps long lines
     assert "draft package: done in" in progress and "speculation identical to plain greedy on 4 prompts" in progress
 
@@ -51,6 +56,16 @@ def test_speculation_check_proves_greedy_output_unchanged(with_draft):
     assert spec["prompts"] == 4 and spec["new_tokens"] == 4 * 32
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["target_steps"] <= spec["plain_steps"]
     assert spec["num_draft_tokens"] == 4 and spec["fixed_k"] is True
+
+
+def test_the_card_shows_the_speculation_figures(with_draft):
+    out, _ = with_draft
+    spec = json.loads((out / "report.json").read_text())["speculation"]
+    card = (out / "report.md").read_text()
+    section = card.split("## Speculative decoding")[1].split("\n## ")[0]
+    assert "identical to plain greedy" in section
+    assert f"| acceptance rate | {spec['acceptance_rate']:.1%} |" in section
+    assert f"| target steps, speculative vs plain | {spec['target_steps']} vs {spec['plain_steps']} |" in section
 
 
 def test_generate_speculates_with_the_built_in_draft(with_draft):
@@ -97,6 +112,10 @@ def test_plan_lists_the_draft_stage(model_dirs, tmp_path):
     assert without.exit_code == 0 and "draft     skipped: no --draft" in without.stdout
     with_draft = runner.invoke(main, [*args, "--draft", str(model_dirs["mistral"])])
     assert with_draft.exit_code == 0 and "draft     run" in with_draft.stdout
+    lines = with_draft.stdout.splitlines()
+    draft_rows = [line.split()[0] for line in lines[[i for i, line in enumerate(lines) if "draft     run" in line][0] + 1:]]
+    assert draft_rows[:2] == ["draft/load", "draft/calibrate"] and "draft/package" in draft_rows
+    assert "draft/draft" in draft_rows  # its own draft stage, skipped: the draft has no draft
 
 
 def test_every_prompt_is_judged_and_only_a_near_tie_is_excused():

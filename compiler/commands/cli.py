@@ -209,8 +209,9 @@ def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, c
             draft=draft,
         )
         if show_plan:
-            for index, (name, what) in enumerate(plan_build(request)):
-                out_console.print(f"[{index + 1}/{len(STAGES)}] {name:<9} {what}", markup=False)
+            for name, what in plan_build(request):
+                place = f"[{STAGES.index(name) + 1}/{len(STAGES)}]" if name in STAGES else "     "  # draft/<stage>
+                out_console.print(f"{place} {name:<9} {what}", markup=False)
             return
         with interruptible():  # Ctrl-C, CI timeouts: unwind at once or at the next safe point (interrupt.py)
             report = run_build(request, RichProgress(err_console))

@@ -41,7 +41,7 @@ from compiler.report.report_json import tool_versions, write_report
 from compiler.host.memory import own_peak_rss_bytes, release_freed_memory
 from compiler.stages.base import Stage
 from compiler.stages.calibrate import Calibrate
-from compiler.stages.draft import Draft
+from compiler.stages.draft import Draft, draft_request
 from compiler.stages.engine import Engine
 from compiler.stages.export import Export
 from compiler.stages.load import Load
@@ -55,6 +55,8 @@ from compiler.stages.validate import Validate
 BUILD: list[Stage] = [Load(), Calibrate(), Reference(), Export(), Precision(), Passes(), Engine(), Validate(),
                       Quality(), Draft(), Package()]
 STAGES = tuple(s.name for s in BUILD)
+# A part of another build (the draft): every stage, but no Triton repository (only the outer artifact is served).
+PART: list[Stage] = [*BUILD[:-1], Package(repository=False)]
 # OSErrors that mean "the disk/filesystem could not take the output", not a bug in llmc.
 # (Permissions are checked before the build by a probe write; an EACCES later is not guessed at.)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
@@ -129,8 +131,8 @@ def build_part(request: BuildRequest, staging: Path, progress: Progress) -> Buil
     build's staged output) and write its report there; returns its state (its verdict decided)."""
     staging.mkdir()
     state = prepare(request, progress, staging=staging, check_output=False)
-    run_stages(BUILD, state, plan(BUILD, state))
-    write_reports(BUILD, state)
+    run_stages(PART, state, plan(PART, state))
+    write_manifest_for(state, write_reports(PART, state), staging)  # `llmc inspect ART/draft` verifies it too
     return state
 
 
@@ -245,10 +247,17 @@ def run_build(request: BuildRequest, progress: Progress | None = None, stages: l
 
 
 def plan_build(request: BuildRequest) -> list[tuple[str, str]]:
-    """`llmc build --plan`: each stage and what would happen to it, after the same checks as a build."""
+    """`llmc build --plan`: each stage and what would happen to it, after the same checks as a build;
+    with --draft, the draft's own stages follow its line as `draft/<stage>` (its cache hits included)."""
     state = prepare(request, Progress())
     outcome = plan(BUILD, state)
-    return [(s.name, outcome[s.name]) for s in BUILD]
+    rows = []
+    for stage in BUILD:
+        rows.append((stage.name, outcome[stage.name]))
+        if stage.name == "draft" and outcome["draft"] == "run":
+            part = prepare(draft_request(request), Progress(), staging=Path("draft"), check_output=False)  # nothing written
+            rows += [(f"draft/{name}", what) for name, what in plan(PART, part).items()]
+    return rows
 
 
 def write_reports(stages: list[Stage], state: BuildState) -> dict:
@@ -266,15 +275,8 @@ def write_reports(stages: list[Stage], state: BuildState) -> dict:
 
 def _finish(stages: list[Stage], state: BuildState, out: StagedOutput) -> dict:
     report = write_reports(stages, state)
-    r, recipe = state.request, state.recipe
-    logits = next((t.dtype for t in state.engine.tensors if t.name == "logits"), None)
-    model_sha = state.cache.dir_digest(state.model_path) if state.cache.enabled else None
-    write_manifest(out.path, versions={"llmc": __version__, **report["versions"]}, backend=report["backend"], build={
-        "model": state.model_path.name, "model_sha256": model_sha, "architecture": state.spec.architecture,
-        "recipe": recipe.name, "recipe_sha256": recipe.sha256, "passes": list(recipe.passes),
-        "max_batch": r.options.max_batch, "max_seq": r.options.max_seq, "dtype": logits,
-        "prompt": r.prompt, "decode_steps": r.decode_steps,
-    })
+    recipe = state.recipe
+    write_manifest_for(state, report, out.path)
     if not state.verdict.passed:
         failed = out.commit(state.output.with_name(state.output.name + ".failed"))
         divergence = describe_divergence(state.records)
@@ -286,6 +288,19 @@ def _finish(stages: list[Stage], state: BuildState, out: StagedOutput) -> dict:
         )
     report["output"] = str(out.commit())
     return report
+
+
+def write_manifest_for(state: BuildState, report: dict, directory: Path) -> None:
+    """manifest.json: every file's hash plus what was built from what (`llmc inspect` verifies it)."""
+    r, recipe = state.request, state.recipe
+    logits = next((t.dtype for t in state.engine.tensors if t.name == "logits"), None)
+    model_sha = state.cache.dir_digest(state.model_path) if state.cache.enabled else None
+    write_manifest(directory, versions={"llmc": __version__, **report["versions"]}, backend=report["backend"], build={
+        "model": state.model_path.name, "model_sha256": model_sha, "architecture": state.spec.architecture,
+        "recipe": recipe.name, "recipe_sha256": recipe.sha256, "passes": list(recipe.passes),
+        "max_batch": r.options.max_batch, "max_seq": r.options.max_seq, "dtype": logits,
+        "prompt": r.prompt, "decode_steps": r.decode_steps,
+    })
 
 
 def _safer_recipe(name: str) -> str:

@@ -47,7 +47,7 @@ def render_card(report: dict, plots: dict[str, str] | None = None) -> str:
     if report.get("verdict_basis"):
         lines += [f"Decided on {report['verdict_basis']}. {POLICY}", ""]
     lines += _model(report) + _recipe(report) + _numerics(report) + _quality(report) + _sizes(report, plots)
-    lines += _precision(report) + _search(report, plots) + _pass_checks(report, plots)
+    lines += _precision(report) + _search(report, plots) + _pass_checks(report, plots) + _speculation(report)
     if report.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in report["warnings"]], ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -109,6 +109,26 @@ def _quality(report: dict) -> list[str]:
             *([f"| perplexity windows | {q['windows']} x {q['window']} tokens"
                + (" (cut to the graph's positions, --max-seq)" if q.get("window_cut_to_max_seq") else "") + " |"]
               if q.get("window") else []), ""]
+
+
+def _speculation(report: dict) -> list[str]:
+    s, d = report.get("speculation"), report.get("draft")
+    if not s or not d:
+        return []
+    k = f"k = {s['num_draft_tokens']}, {'fixed' if s['fixed_k'] else 'adaptive'}"
+    same = ("identical to plain greedy" if s["identical"] else
+            f"**differs** from plain greedy on {len(s['divergences'])} prompt(s) (report.json speculation.divergences)")
+    return ["## Speculative decoding (draft in draft/, its own card in draft/report.md)", "",
+            "| figure | value |", "|---|---|",
+            f"| draft | `{Path(d['model']).name}` ({d['architecture']}"
+            + (f", {d['parameters'] / 1e6:.1f}M parameters" if d.get("parameters") else "") + "), "
+            f"its own verdict {d['status']} |",
+            f"| greedy output ({s['prompts']} prompts, {s['new_tokens']} tokens, {k}) | {same} |",
+            f"| acceptance rate | {s['acceptance_rate']:.1%} |",
+            f"| accepted tokens per target step | {s['accepted_per_target_step']:.2f} |",
+            f"| target steps, speculative vs plain | {s['target_steps']} vs {s['plain_steps']} |",
+            f"| wall time, speculative vs plain (onnxruntime, CPU) | {s['speculative_seconds']:.2f} s vs "
+            f"{s['plain_seconds']:.2f} s |", ""]
 
 
 def size_line(report: dict) -> str:

@@ -30,6 +30,11 @@ class Package(Stage):
     name = "package"
     writes = ("verdict", "triton_models", "sizes_bytes", "package_warnings")
 
+    def __init__(self, repository: bool = True):
+        # False for a part of another build (the draft): only the outer artifact is served, so a Triton
+        # repository inside draft/ would be files nothing reads.
+        self.repository = repository
+
     def run(self, state: BuildState) -> None:
         state.verdict = decide(state.validation, state.quality, state.recipe)  # which figures decide pass / fail
         state.verdict.failures.extend(state.draft_failures)
@@ -43,7 +48,9 @@ class Package(Stage):
                               onnx_files=tuple(files), pad_token_id=pad, stop_token_ids=stops,
                               cpu_fallback=r.triton_cpu_fallback)
         unservable = unservable_reason(state.engine)  # a paged pool or FP8 tensors: nothing Triton can declare
-        if unservable:
+        if not self.repository:
+            state.triton_models = []
+        elif unservable:
             state.triton_models = []
             state.package_warnings = [f"no Triton repository was written: {unservable}"]
         else:
