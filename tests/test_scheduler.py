@@ -314,3 +314,57 @@ def test_a_failing_step_ends_every_request_with_its_error_and_serving_goes_on(li
     assert [(h.finish_reason, h.error) for h in hit] == [("error", "RuntimeError: device lost")] * 2
     assert len(hit[0].tokens) == 2  # the two steps before the failure
     assert scheduler.cache.row == {}  # every row free again
+
+
+@pytest.mark.parametrize("graph", ["linear", "paged"])
+def test_ngram_speculation_changes_no_token_and_takes_fewer_steps(graph, request):
+    """Greedy requests with prompt-lookup speculation (k 1..6), beside plain ones, arriving while others
+    decode, one with a stop token inside its output: every request gets exactly its solo plain-greedy
+    tokens, and the proposals the target accepted saved graph calls (the bundled model's greedy output
+    repeats itself, which is what prompt lookup finds)."""
+    executor = request.getfixturevalue(graph)
+    ps = prompts([7, 30, 3, 12, 50, 20])
+    ks = [4, 0, 2, 6, 1, 4]
+    requests = [Request(p, m, speculate=k) for p, m, k in zip(ps, [60, 30, 48, 64, 20, 40], ks)]
+    refs = [solo(executor, r) for r in requests]
+    requests[3].stop_tokens = (refs[3][len(refs[3]) * 2 // 3],)
+    refs[3] = refs[3][: refs[3].index(requests[3].stop_tokens[0]) + 1]
+    scheduler = Scheduler(executor, max_batch=4, max_tokens_per_step=40, pad_token_id=PAD)
+    handles = drive(scheduler, requests, [0, 0, 1, 3, 5, 9])
+    assert [h.tokens for h in handles] == refs
+    assert handles[3].finish_reason == "stop"
+    speculating = [h for h, k in zip(handles, ks) if k]
+    assert handles[1].proposed == 0 and handles[1].verify_steps == 0
+    assert sum(h.proposed for h in speculating) > 0
+    accepted = sum(h.accepted for h in speculating)
+    assert 0 < accepted <= sum(h.proposed for h in speculating)
+    # each verify step emits its accepted proposals plus one token: tokens = prefill's 1 + steps + accepted
+    for h in speculating:
+        assert h.verify_steps + h.accepted + 1 <= len(h.tokens) <= h.verify_steps + h.accepted + 1 + 64
+
+
+def test_speculation_with_top_k_1_sampling_is_greedy(linear):
+    """temperature > 0 goes through the rejection rule; with top_k 1 the target's p is one-hot, so the
+    rule must reproduce plain greedy exactly (a wrong residual or acceptance draws other tokens)."""
+    ps = prompts([9, 14], seed=3)
+    greedy = [solo(linear, Request(p, 40)) for p in ps]
+    scheduler = Scheduler(linear, max_batch=2, pad_token_id=PAD)
+    handles = drive(scheduler, [Request(p, 40, Sampling(0.8, 1, seed=i), speculate=5) for i, p in enumerate(ps)],
+                    [0, 0])
+    assert [h.tokens for h in handles] == greedy
+    assert sum(h.accepted for h in handles) > 0
+
+
+def test_speculation_never_writes_past_the_cache_or_emits_past_max_tokens(linear):
+    """A prompt ending near the capacity: proposals are cut to the slots left and to max_tokens."""
+    p = prompts([CAPACITY - 12], seed=5)[0]
+    ref = solo(linear, Request(p, 13))
+    scheduler = Scheduler(linear, max_batch=2, pad_token_id=PAD)
+    (handle,) = drive(scheduler, [Request(p, 13, speculate=8)], [0])
+    assert handle.tokens == ref and len(handle.tokens) == 13
+
+
+def test_speculate_out_of_range_is_refused(linear):
+    scheduler = Scheduler(linear, max_batch=2, max_tokens_per_step=16, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="speculate must be 0"):
+        scheduler.submit(Request([5, 6], 4, speculate=16))

@@ -342,6 +342,28 @@ def test_openai_completions_endpoint(server, artifact):
         assert json.loads(r.read())["data"][0]["id"] == artifact.name
 
 
+def test_speculation_per_request_changes_no_text(server, artifact):
+    """`speculate` (n-gram proposals per step, the in-flight scheduler's) on /generate and /v1/completions:
+    the same text as plain greedy decoding, the proposals counted in the scheduler's log; a negative
+    value refused with its name."""
+    want = expected_text(artifact, PROMPTS[2], 24)
+    status, body = post(f"{server['url']}/v2/models/generate/generate",
+                        {"text_input": PROMPTS[2], "max_tokens": 24, "speculate": 4})
+    assert status == 200 and body["text_output"] == want, body
+    status, body = post(f"{server['openai']}/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 24, "speculate": 3})
+    assert status == 200 and body["choices"][0]["text"] == want, body
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len([l for l in scheduler_lines(server["log"]) if "n-gram proposals" in l]) < 2:
+        time.sleep(0.2)
+    lines = [line for line in scheduler_lines(server["log"]) if "n-gram proposals accepted" in line]
+    assert len(lines) >= 2, scheduler_lines(server["log"])[-4:]
+    status, body = post(f"{server['openai']}/v1/completions", {"prompt": PROMPTS[2], "speculate": -1})
+    assert status == 400 and "'speculate' must be an integer >= 0" in body["error"]["message"], body
+    status, body = post(f"{server['url']}/v2/models/generate/generate",
+                        {"text_input": PROMPTS[2], "max_tokens": 4, "speculate": -2})
+    assert status == 400 and "speculate must be >= 0" in json.dumps(body), body
+
+
 def test_malformed_requests_get_clear_errors_and_server_stays_up(server):
     url = f"{server['url']}/v2/models/generate"
     status, body = post(f"{url}/generate", {"max_tokens": 4})  # no text_input

@@ -18,6 +18,16 @@ and a token is sampled when the cache has caught up with the tokens. `max_tokens
 real tokens of a step (Sarathi, Agrawal et al. 2023: chunked prefill): decodes are scheduled first,
 prompts take the rest in chunks, so a long prompt does not stall everyone's decode.
 
+A request may ask for prompt-lookup speculation (`speculate` = k > 0; Saxena 2023, "prompt lookup
+decoding"; vLLM's and TensorRT-LLM's n-gram proposer): its decode row then feeds its last token plus up
+to k tokens that followed the latest earlier occurrence of its last n-gram, and keeps the longest
+prefix the target itself would have produced (compiler/runtime/speculative.py's rules: greedy keeps
+plain greedy's tokens, sampling keeps the target's distribution). Rejected proposals leave K/V in slots
+past the row's new length, overwritten by its next feed before any query reads them (the same slot
+rule as padding), so nothing is rolled back. Rows with proposals go in their own graph call (a one-token
+decode padded to k + 1 would waste k positions). A draft model as proposer is not served here: it needs
+a second cache per sequence (compiler/runtime/proposers.py's DraftProposer runs under `llmc generate`).
+
 When the paged pool runs out, the youngest running sequence is preempted: its blocks are freed and
 it goes back to the front of the queue with the tokens it has (already streamed, never repeated),
 to be recomputed by a prefill later (vLLM's recompute preemption). Nothing here knows Triton or the
@@ -37,7 +47,9 @@ from typing import Callable
 import numpy as np
 
 from compiler.runtime.kv_slots import cache_for
+from compiler.runtime.proposers import NgramProposer, Proposal
 from compiler.runtime.runner import Sampling, pick
+from compiler.runtime.speculative import verify_greedy, verify_sampled
 
 FINISHED = ("stop", "length", "cancelled", "error")
 
@@ -54,6 +66,7 @@ class Request:
     # thread because it is the one that calls on_token: Triton 2.51's Python stub corrupts its heap or crashes the
     # server when `is_cancelled()` runs on one thread while another sends (benchmarks/NOTES.md, issue 24).
     client_gone: Callable[[], bool] | None = None
+    speculate: int = 0  # prompt-lookup proposals per decode step (0: plain decoding)
 
 
 class Handle:
@@ -70,6 +83,9 @@ class Handle:
         self.submitted = time.perf_counter()
         self.token_times: list[float] = []  # perf_counter when each token was sampled
         self.preemptions = 0
+        self.proposed = 0  # speculation: proposal tokens the target scored
+        self.accepted = 0  # of them, kept (each verify step also emits one token of the target's own)
+        self.verify_steps = 0
         self.peak_rows = 0  # the most sequences a graph call of this request carried (1: it never shared one)
         self.done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
@@ -122,7 +138,11 @@ class _Sequence:
         self.handle, self.order = handle, order  # order: admission rank, for "youngest first" preemption
         self.tokens = list(handle.request.prompt) + handle.tokens
         self.cached = 0
+        self.proposal: list[int] = []  # this step's speculative tokens, fed after tokens[cached:]
         self.rng = np.random.default_rng(handle.request.sampling.seed)
+
+    def feed(self, n: int) -> list[int]:
+        return (self.tokens + self.proposal)[self.cached: self.cached + n]
 
 
 @dataclasses.dataclass
@@ -145,7 +165,7 @@ class Scheduler:
     """
 
     def __init__(self, executor, max_batch: int = 8, max_tokens_per_step: int = 256, num_blocks: int | None = None,
-                 pad_token_id: int | None = 0, cancel_poll_s: float = 0.05):
+                 pad_token_id: int | None = 0, cancel_poll_s: float = 0.05, proposer: NgramProposer | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         if max_tokens_per_step < max_batch:
@@ -165,6 +185,7 @@ class Scheduler:
         self._order = itertools.count()
         self.preemptions = 0
         self.cancel_poll_s, self._polled = cancel_poll_s, 0.0
+        self.proposer = proposer or NgramProposer()
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -173,6 +194,9 @@ class Scheduler:
             raise ValueError("empty prompt")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 (got {request.max_tokens})")
+        if not 0 <= request.speculate < self.max_tokens_per_step:
+            raise ValueError(f"speculate must be 0 (off) .. {self.max_tokens_per_step - 1} proposal tokens per step "
+                             f"(got {request.speculate})")
         # The last new token is returned, never fed back: it needs no cache slot (as the runner counts).
         needed = len(request.prompt) + request.max_tokens - 1
         if not self.cache.fits(needed):
@@ -200,7 +224,9 @@ class Scheduler:
             return False
         # Decode rows and prompt chunks go in separate calls: padded together, every one-token decode row
         # would carry the widest chunk's width (16 decodes beside a 32-token chunk: 544 positions, not 48).
-        for group in ([r for r in rows if r[1] == 1], [r for r in rows if r[1] > 1]):
+        # Speculating rows (last token + proposals) likewise get a call of their own.
+        for group in ([r for r in rows if r[1] == 1], [r for r in rows if r[0].proposal],
+                      [r for r in rows if r[1] > 1 and not r[0].proposal]):
             if group:
                 self._run(group)
         return True
@@ -213,11 +239,14 @@ class Scheduler:
         ids = np.full((len(rows), width), self.pad, np.int64)
         positions = np.empty((len(rows), width), np.int64)
         for r, (seq, n) in enumerate(rows):
-            ids[r, :n] = seq.tokens[seq.cached: seq.cached + n]
+            ids[r, :n] = seq.feed(n)
             positions[r] = np.arange(seq.cached, seq.cached + width)  # pads: the positions after the row's own
         logits = self.cache.run(seqs, ids, positions)
         for r, (seq, n) in enumerate(rows):
             seq.handle.peak_rows = max(seq.handle.peak_rows, len(rows))
+            if seq.proposal:
+                self._verify(seq, np.asarray(logits[r, :n], np.float32))
+                continue
             seq.cached += n
             if seq.cached == len(seq.tokens):  # caught up: this row's last real position predicts the next token
                 self._sample(seq, np.asarray(logits[r, n - 1], np.float32))
@@ -260,7 +289,11 @@ class Scheduler:
             decodes = [s for s in self.running if len(s.tokens) - s.cached == 1]
             prefills = [s for s in self.running if len(s.tokens) - s.cached > 1]
             budget = self.max_tokens_per_step - len(decodes)
-            rows = [(s, 1) for s in decodes]
+            rows = []
+            for seq in decodes:
+                seq.proposal = self._propose(seq, budget)
+                budget -= len(seq.proposal)
+                rows.append((seq, 1 + len(seq.proposal)))
             for seq in prefills:
                 if budget <= 0:
                     break
@@ -272,6 +305,8 @@ class Scheduler:
             # every row is padded to the width: its positions cached .. cached + width - 1 must exist
             cap = min(self.cache.capacity - seq.cached for seq, _ in rows)
             rows = [(seq, min(n, cap)) for seq, n in rows]
+            for seq, n in rows:
+                del seq.proposal[max(n - 1, 0):]  # a verify row cut by the cap keeps the proposals it feeds
             victim = next((seq for seq, n in rows if not self.cache.reserve(seq, seq.cached + n)), None)
             if victim is None:
                 return rows
@@ -282,19 +317,49 @@ class Scheduler:
         self.running.remove(seq)
         seq.tokens = list(seq.handle.request.prompt) + seq.handle.tokens  # recomputed from the tokens it has
         seq.cached = 0
+        seq.proposal = []
         seq.handle.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _sample(self, seq: _Sequence, logits: np.ndarray) -> None:
+    def _propose(self, seq: _Sequence, budget: int) -> list[int]:
+        """Up to `speculate` n-gram proposals: never more than the request may still emit after the
+        target's own token, nor more than the step's token budget has left."""
         request = seq.handle.request
-        token = pick(logits, request.sampling, seq.rng)
+        count = min(request.speculate, request.max_tokens - len(seq.handle.tokens) - 1, budget)
+        return self.proposer.lookup(seq.tokens, count) if count > 0 else []
+
+    def _verify(self, seq: _Sequence, logits: np.ndarray) -> None:
+        """Keep the proposals the target agrees with (its rules, compiler/runtime/speculative.py), then its own token."""
+        request, proposal = seq.handle.request, seq.proposal
+        if request.sampling.temperature > 0:
+            accepted, tokens = verify_sampled(Proposal(proposal), logits, request.sampling, seq.rng)
+        else:
+            accepted, tokens = verify_greedy(proposal, logits)
+        seq.proposal = []
+        seq.cached += 1 + accepted  # the fed token and the kept proposals; the slots after them are stale
+        seq.handle.proposed += len(proposal)
+        seq.handle.verify_steps += 1
+        for i, token in enumerate(tokens):
+            seq.handle.accepted += i < accepted
+            if not self._take(seq, token):
+                return
+
+    def _sample(self, seq: _Sequence, logits: np.ndarray) -> None:
+        self._take(seq, pick(logits, seq.handle.request.sampling, seq.rng))
+
+    def _take(self, seq: _Sequence, token: int) -> bool:
+        """Emit one token; False (the sequence retired) on a stop token or at max_tokens."""
+        request = seq.handle.request
         seq.tokens.append(token)
         seq.handle._emit(token)
         if token in request.stop_tokens:
             self._retire(seq, "stop")
         elif len(seq.handle.tokens) >= request.max_tokens:
             self._retire(seq, "length")
+        else:
+            return True
+        return False
 
     def _retire(self, seq: _Sequence, reason: str) -> None:
         self.cache.close(seq)

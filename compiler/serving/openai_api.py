@@ -52,8 +52,11 @@ def parse_completion(body: dict, default_max_tokens: int) -> dict:
     seed = body.get("seed", 0)
     if not isinstance(top_k, int) or top_k < 0 or not isinstance(seed, int):
         raise RequestInvalid("'top_k' must be an integer >= 0 and 'seed' an integer")
+    speculate = body.get("speculate", 0)  # llmc's extension: n-gram proposals per decode step
+    if not isinstance(speculate, int) or isinstance(speculate, bool) or speculate < 0:
+        raise RequestInvalid(f"'speculate' must be an integer >= 0 (got {speculate!r})")
     return {"text_input": prompt, "max_tokens": max_tokens, "temperature": float(temperature), "top_k": top_k,
-            "seed": seed, "stream": bool(body.get("stream", False))}
+            "seed": seed, "speculate": speculate, "stream": bool(body.get("stream", False))}
 
 
 def _inputs(args: dict):
@@ -65,6 +68,7 @@ def _inputs(args: dict):
                                          ("temperature", args["temperature"], "FP32", np.float32),
                                          ("top_k", args["top_k"], "INT32", np.int32),
                                          ("seed", args["seed"], "INT64", np.int64),
+                                         ("speculate", args["speculate"], "INT32", np.int32),
                                          ("stream", True, "BOOL", bool)):
         tensor = grpcclient.InferInput(name, [1], datatype)
         tensor.set_data_from_numpy(np.array([value], dtype=dtype))

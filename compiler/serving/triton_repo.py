@@ -174,7 +174,8 @@ def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> d
 
 
 SAMPLING_INPUTS = [_tensor("temperature", "TYPE_FP32", [1], True), _tensor("top_k", "TYPE_INT32", [1], True),
-                   _tensor("seed", "TYPE_INT64", [1], True)]
+                   _tensor("seed", "TYPE_INT64", [1], True),
+                   _tensor("speculate", "TYPE_INT32", [1], True)]  # n-gram proposals per step (in-flight scheduler)
 
 
 def _python_config(name: str, inputs: list[dict], outputs: list[dict], parameters: dict[str, str],

@@ -43,6 +43,21 @@ def scalar(request, name: str, default):
     return value.decode("utf-8") if isinstance(value, bytes) else value.item()
 
 
+def speculate(request) -> int:
+    """The optional `speculate` input: n-gram proposals per decode step for this request (0: off)."""
+    k = int(scalar(request, "speculate", 0))
+    if k < 0:
+        raise RequestError(f"speculate must be >= 0 proposal tokens per step (got {k})")
+    return k
+
+
+def no_scheduler_for(k: int, model: str) -> None:
+    """Speculation is a scheduler feature: a route without one refuses it rather than ignoring it."""
+    if k:
+        raise RequestError(f"speculate {k}: {model} serves one request at a time here (no in-flight scheduler: "
+                           "llmc_scheduler_max_batch 0 or a graph without a fixed-capacity cache); send speculate 0")
+
+
 def text(request, name: str) -> str:
     value = scalar(request, name, None)
     if value is None:

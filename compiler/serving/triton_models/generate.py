@@ -29,7 +29,9 @@ import triton_python_backend_utils as pb_utils
 
 from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models import engine_version
-from compiler.serving.triton_models.common import RequestError, answer_errors, call, error_response, model_config, parameter, scalar, text, version_dir
+from compiler.serving.triton_models.common import (RequestError, answer_errors, call, error_response, model_config,
+                                                   no_scheduler_for, parameter, scalar, speculate, text,
+                                                   version_dir)
 from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits
 from compiler.serving.triton_models.tokenizer import ServingTokenizer
 from compiler.graph_io import GraphIO
@@ -144,10 +146,11 @@ class TritonPythonModel:
             self.target = ready[0]
         return self.target
 
-    def _tokens(self, ids: np.ndarray, max_tokens: int, sampling: Sampling):
+    def _tokens(self, ids: np.ndarray, max_tokens: int, sampling: Sampling, k: int = 0):
         """New token ids one at a time, from whichever generation model serves."""
         target = self._target()
         if target == "llm":
+            no_scheduler_for(k, "llm")
             executor = TritonEngineExecutor(self.io)
             try:
                 for new in Runner(executor, pad_token_id=self.pad).stream(
@@ -163,7 +166,8 @@ class TritonPythonModel:
                   pb_utils.Tensor("max_tokens", np.array([max_tokens], np.int32)),
                   pb_utils.Tensor("temperature", np.array([sampling.temperature], np.float32)),
                   pb_utils.Tensor("top_k", np.array([sampling.top_k], np.int32)),
-                  pb_utils.Tensor("seed", np.array([sampling.seed], np.int64))]
+                  pb_utils.Tensor("seed", np.array([sampling.seed], np.int64)),
+                  pb_utils.Tensor("speculate", np.array([k], np.int32))]
         request = pb_utils.InferenceRequest(model_name=target, requested_output_names=["output_ids"], inputs=inputs)
         for response in request.exec(decoupled=True):
             if response.has_error():
@@ -177,7 +181,7 @@ class TritonPythonModel:
         return out.reshape(-1)[0].decode("utf-8")
 
     def _parse(self, request):
-        """(prompt ids, max new tokens, stream?, sampling) of a request, tokenized by preprocessing."""
+        """(prompt ids, max new tokens, stream?, sampling, speculate) of a request, tokenized by preprocessing."""
         prompt = text(request, "text_input")
         stream = bool(scalar(request, "stream", False))
         sampling = Sampling(float(scalar(request, "temperature", 0.0)), int(scalar(request, "top_k", 0)),
@@ -188,13 +192,13 @@ class TritonPythonModel:
             pb_utils.Tensor("text_input", np.array([prompt.encode("utf-8")], dtype=object)),
             pb_utils.Tensor("max_tokens", np.array([scalar(request, "max_tokens", self.default_max_tokens)], np.int32)),
         ], ["input_ids", "max_tokens"])
-        return ids.reshape(-1).tolist(), int(max_tokens.reshape(-1)[0]), stream, sampling
+        return ids.reshape(-1).tolist(), int(max_tokens.reshape(-1)[0]), stream, sampling, speculate(request)
 
     def _serve(self, request, sender) -> None:
-        ids, max_tokens, stream, sampling = self._parse(request)
+        ids, max_tokens, stream, sampling, k = self._parse(request)
         generated: list[int] = []
         sent = ""
-        for token in self._tokens(np.array(ids, np.int64), max_tokens, sampling):
+        for token in self._tokens(np.array(ids, np.int64), max_tokens, sampling, k):
             generated.append(token)
             if stream:
                 decoded = self.tokenizer.decode(generated)
@@ -214,10 +218,10 @@ class TritonPythonModel:
 
     def _submit(self, request, sender) -> None:
         """Tokenize (preprocessing) and hand the request to the in-process scheduler; its thread answers."""
-        ids, max_tokens, stream, sampling = self._parse(request)
+        ids, max_tokens, stream, sampling, k = self._parse(request)
         text_stream = _TextStream(self.tokenizer, sender, stream)
         self.inflight.submit(sender, ids, max_tokens, sampling,
-                             self.stop_tokens, text_stream.token, text_stream.done, request.request_id())
+                             self.stop_tokens, text_stream.token, text_stream.done, request.request_id(), speculate=k)
 
     def _handle(self, request) -> None:
         sender = request.get_response_sender()

@@ -67,7 +67,8 @@ class InflightModel:
                                  f"{self.scheduler.max_tokens_per_step} tokens per step")
 
     def submit(self, sender, ids: list[int], max_tokens: int, sampling: Sampling, stop_tokens: tuple[int, ...],
-               on_token: Callable[[int], bool], on_done: Callable[[Handle], None], name: str = "") -> Handle:
+               on_token: Callable[[int], bool], on_done: Callable[[Handle], None], name: str = "",
+               speculate: int = 0) -> Handle:
         """on_token(token) sends (False: it could not, the client is gone); on_done(handle) sends the final
         response. Both run on the scheduler's thread, as does the `is_cancelled()` poll."""
         failed = threading.Event()
@@ -79,8 +80,9 @@ class InflightModel:
         def finish(handle: Handle) -> None:
             pb_utils.Logger.log_info(
                 f"{self.model}: request {name or handle.id} {handle.finish_reason} after {len(handle.tokens)} of "
-                f"{handle.request.max_tokens} tokens, in graph calls of up to {handle.peak_rows} sequences; "
-                "its cache row is free")
+                f"{handle.request.max_tokens} tokens, in graph calls of up to {handle.peak_rows} sequences"
+                + (f", {handle.accepted} of {handle.proposed} n-gram proposals accepted in {handle.verify_steps} "
+                   "verify steps" if handle.request.speculate else "") + "; its cache row is free")
             if handle.finish_reason == "error":
                 pb_utils.Logger.log_error(f"{self.model}: {handle.error}")
                 quiet(lambda: sender.send(error_response(f"internal error in {self.model}: {handle.error}"),
@@ -92,7 +94,7 @@ class InflightModel:
 
         try:
             return self.scheduler.submit(Request(ids, max_tokens, sampling, stop_tokens, on_token=token,
-                                                 on_finish=finish,
+                                                 on_finish=finish, speculate=speculate,
                                                  client_gone=lambda: failed.is_set() or sender.is_cancelled()))
         except ValueError as exc:  # the scheduler's capacity / argument checks
             raise RequestError(str(exc)) from exc

@@ -16,7 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.runtime.runner import Runner, Sampling
-from compiler.serving.triton_models.common import RequestError, answer_errors, ids_tensor, model_config, parameter, scalar, version_dir
+from compiler.serving.triton_models.common import (RequestError, answer_errors, ids_tensor, model_config,
+                                                   no_scheduler_for, parameter, scalar, speculate, version_dir)
 from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits
 
 
@@ -55,11 +56,12 @@ class TritonPythonModel:
                              on_token=lambda token: quiet(lambda: sender.send(
                                  pb_utils.InferenceResponse([ids_tensor("output_ids", [token])]))),
                              on_done=lambda handle: quiet(lambda: sender.send(flags=FINAL)),
-                             name=request.request_id())
+                             name=request.request_id(), speculate=speculate(request))
 
     def _generate(self, request, sender) -> None:
         """One at a time: this request's whole generation before the next."""
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
+        no_scheduler_for(speculate(request), "llm_onnx")
         try:
             stream = self.runner.stream([ids], int(scalar(request, "max_tokens", 16)), _sampling(request),
                                         self.stop_tokens)
