@@ -43,20 +43,24 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ngram-min", type=int, nargs="+", default=[1],
+                    help="shortest n-gram match that proposes (one ngram row per value)")
+    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.target / "tokenizer", local_files_only=True)
     pad = tokenizer.pad_token_id or 0
     target = Runner(OnnxRuntimeExecutor(args.target / "model.onnx", threads=args.threads), pad_token_id=pad)
-    proposers = {"ngram": NgramProposer()}
+    proposers = {("ngram" if n == 1 else f"ngram n>={n}"): NgramProposer(max_n=max(3, n), min_n=n)
+                 for n in args.ngram_min}
     if args.draft_artifact:
         proposers["draft"] = DraftProposer(OnnxRuntimeExecutor(args.draft_artifact / "model.onnx", threads=args.threads), pad)
     print(f"target {args.target}, draft {args.draft_artifact}, k = {args.k} (fixed), {args.new} new tokens, "
           f"onnxruntime {args.threads} thread(s), median of {args.repeats}")
     print("| prompts | batch | decoder | generate s | speedup | target steps / token | acceptance | accepted / step | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, texts in PROMPTS.items():
+    for name, texts in ((n, PROMPTS[n]) for n in args.prompts):
         for batch in args.batch:
             ids = [tokenizer(texts[i % len(texts)]).input_ids for i in range(batch)]
             runners = {"plain": target, **{p: SpeculativeRunner(target, prop, args.k) for p, prop in proposers.items()}}

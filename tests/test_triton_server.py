@@ -25,6 +25,8 @@ from tests.server_capability import tritonserver_missing
 MAX_SEQ = 256  # room for a long generation that a leaving client cuts short
 LEAVER_TOKENS = 240
 PROMPTS = ["The compiler", "Once upon a time", "A tensor is", "Hello"]
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 MISSING_BACKEND = ("Invalid argument: unable to find backend library for backend 'tensorrt', try specifying runtime on the model configuration.")
 
 
@@ -89,6 +91,7 @@ def artifact(model_dirs, build_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("served") / "tiny-llama"
     run_build(BuildRequest(model=model_dirs["llama"], output=out, options=BuildOptions(max_batch=1, max_seq=MAX_SEQ),
                            prompt="The compiler reads a model", triton_cpu_fallback=True, cache_dir=build_cache))
+    (out / "tokenizer" / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # for /v1/chat/completions
     return out
 
 
@@ -362,6 +365,28 @@ def test_speculation_per_request_changes_no_text(server, artifact):
     status, body = post(f"{server['url']}/v2/models/generate/generate",
                         {"text_input": PROMPTS[2], "max_tokens": 4, "speculate": -2})
     assert status == 400 and "speculate must be >= 0" in json.dumps(body), body
+
+
+def test_openai_chat_completions_endpoint(server, artifact):
+    """/v1/chat/completions: the messages rendered by the artifact's chat template, then `llmc generate`'s
+    text for that prompt, whole and as chat.completion.chunk events."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a tensor."}]
+    prompt = "<system>Be brief.\n<user>Name a tensor.\n<assistant>"
+    want = expected_text(artifact, prompt, 10)
+    url = f"{server['openai']}/v1/chat/completions"
+    status, body = post(url, {"model": "x", "messages": messages, "max_tokens": 10})
+    assert status == 200 and body["object"] == "chat.completion", body
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
+    req = urllib.request.Request(url, data=json.dumps({"messages": messages, "max_tokens": 10, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [line[len(b"data: "):].strip() for line in r if line.startswith(b"data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == b"[DONE]" and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == want
+    status, body = post(url, {"messages": "hello"})
+    assert status == 400 and "'messages' must be a non-empty list" in body["error"]["message"], body
 
 
 def test_malformed_requests_get_clear_errors_and_server_stays_up(server):

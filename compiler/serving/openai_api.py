@@ -1,4 +1,4 @@
-"""An OpenAI-compatible `/v1/completions` endpoint in front of the Triton repository's `generate` model.
+"""OpenAI-compatible `/v1/completions` and `/v1/chat/completions` in front of the Triton repository's `generate` model.
 
 The LLM load generators (aiperf, genai-perf) and most client libraries speak the OpenAI HTTP API;
 the Triton 2.51 server bundled in nvidia-pytriton has no OpenAI frontend (Triton's own lives in a
@@ -12,7 +12,8 @@ cancelled and frees the sequence's cache row.
 The standard library's threading HTTP server is enough here: a thread per connection waits on its
 gRPC stream, the model's work happens in the Triton server. Limits: one prompt per request (string
 or a one-string list), `n` = 1, no logprobs, no usage figures and `finish_reason` null (the
-`generate` model reports text, not why it stopped); `/v1/chat/completions` is not provided.
+`generate` model reports text, not why it stopped). Chat requests are rendered with the model's own
+chat template (compiler/serving/chat_template.py) and then served as a completion of that text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pathlib import Path
 
 import numpy as np
 
@@ -117,13 +120,45 @@ class GenerateStream:
             self.client.close()
 
 
-def _chunk(completion_id: str, model: str, created: int, text: str, finish_reason=None) -> bytes:
-    body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def _chunk(completion_id: str, model: str, created: int, text: str, chat: bool, first: bool = False) -> bytes:
+    if chat:  # chat.completion.chunk: the first delta names the role
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    else:
+        body = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-def make_handler(grpc_url: str, model_name: str, default_max_tokens: int):
+def _whole(completion_id: str, model: str, created: int, text: str, chat: bool) -> dict:
+    if chat:
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": None}]}
+    return {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+
+
+def parse_chat(body: dict, default_max_tokens: int, template) -> dict:
+    """The `generate` inputs for a chat request: its messages rendered by the model's chat template."""
+    from compiler.serving.chat_template import ChatUnavailable, parse_messages
+
+    if template is None:
+        raise ChatUnavailable("this endpoint was started without the model's tokenizer directory (its chat template)")
+    try:
+        prompt = template.render(parse_messages(body))
+    except ChatUnavailable:
+        raise
+    except ValueError as exc:
+        raise RequestInvalid(str(exc)) from exc
+    return parse_completion({**body, "prompt": prompt}, default_max_tokens)
+
+
+ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def make_handler(grpc_url: str, model_name: str, default_max_tokens: int, template=None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -145,22 +180,27 @@ def make_handler(grpc_url: str, model_name: str, default_max_tokens: int):
             if self.path.rstrip("/") == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "llmc"}]})
             else:
-                self._error(404, f"no route {self.path}: this endpoint serves POST /v1/completions and GET /v1/models")
+                self._error(404, f"no route {self.path}: this endpoint serves POST {' and '.join(ROUTES)} "
+                                 "and GET /v1/models")
 
         def do_POST(self):  # noqa: N802
-            if self.path.rstrip("/") != "/v1/completions":
-                self._error(404, f"no route {self.path}: this endpoint serves POST /v1/completions "
-                                 "(/v1/chat/completions is not provided)")
+            from compiler.serving.chat_template import ChatUnavailable
+
+            route = self.path.rstrip("/")
+            if route not in ROUTES:
+                self._error(404, f"no route {self.path}: this endpoint serves POST {' and '.join(ROUTES)}")
                 return
+            chat = route == "/v1/chat/completions"
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 if not isinstance(body, dict):
                     raise RequestInvalid("the body must be a JSON object")
-                args = parse_completion(body, default_max_tokens)
-            except (RequestInvalid, json.JSONDecodeError) as exc:
+                args = (parse_chat(body, default_max_tokens, template) if chat
+                        else parse_completion(body, default_max_tokens))
+            except (RequestInvalid, ChatUnavailable, json.JSONDecodeError) as exc:
                 self._error(400, str(exc))
                 return
-            completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+            completion_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
             stream = GenerateStream(grpc_url, args)
             cancel = False
             try:
@@ -170,9 +210,7 @@ def make_handler(grpc_url: str, model_name: str, default_max_tokens: int):
                     except RuntimeError as exc:
                         self._error(400, str(exc))
                         return
-                    self._json(200, {"id": completion_id, "object": "text_completion", "created": created,
-                                     "model": model_name, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                                       "finish_reason": None}]})
+                    self._json(200, _whole(completion_id, model_name, created, text, chat))
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -181,8 +219,8 @@ def make_handler(grpc_url: str, model_name: str, default_max_tokens: int):
                 self.end_headers()
                 self.close_connection = True
                 try:
-                    for piece in stream:
-                        self.wfile.write(_chunk(completion_id, model_name, created, piece))
+                    for i, piece in enumerate(stream):
+                        self.wfile.write(_chunk(completion_id, model_name, created, piece, chat, first=i == 0))
                         self.wfile.flush()
                 except RuntimeError as exc:
                     self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
@@ -197,11 +235,16 @@ def make_handler(grpc_url: str, model_name: str, default_max_tokens: int):
 
 
 class OpenAIServer:
-    """`/v1/completions` on host:port, relaying to Triton's gRPC endpoint; `with` starts and stops it."""
+    """`/v1/completions` and `/v1/chat/completions` on host:port, relaying to Triton's gRPC endpoint;
+    `with` starts and stops it. `tokenizer_dir`: where the chat template is (the artifact's tokenizer/)."""
 
     def __init__(self, grpc_url: str, host: str = "127.0.0.1", port: int = 0, model_name: str = "llmc",
-                 default_max_tokens: int = 64):
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(grpc_url, model_name, default_max_tokens))
+                 default_max_tokens: int = 64, tokenizer_dir: Path | None = None):
+        from compiler.serving.chat_template import ChatTemplate
+
+        template = ChatTemplate(tokenizer_dir) if tokenizer_dir is not None else None
+        self.httpd = ThreadingHTTPServer((host, port), make_handler(grpc_url, model_name, default_max_tokens,
+                                                                    template))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="llmc-openai")

@@ -313,8 +313,9 @@ def serve_forever(artifact: Path, port: int, host: str, console, openai_port: in
 
                 address = server.url.rsplit(":", 1)[0]
                 api = frontends.enter_context(OpenAIServer(f"{address}:{port + 1}", host, openai_port,
-                                                           model_name=Path(artifact).resolve().name))
-                console.print(f"OpenAI-compatible: http://{address}:{api.port}/v1/completions",
+                                                           model_name=Path(artifact).resolve().name,
+                                                           tokenizer_dir=Path(artifact) / "tokenizer"))
+                console.print(f"OpenAI-compatible: http://{address}:{api.port}/v1/completions and /v1/chat/completions",
                               markup=False, soft_wrap=True)
             _announce(server, console)
             server.process.wait()
