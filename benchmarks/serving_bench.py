@@ -9,6 +9,9 @@ by --aiperf) at each concurrency: streamed completions, synthetic prompts of a f
 fixed requested output length. aiperf reports time to first token, inter-token latency, output
 tokens/s and requests/s from its own client-side timestamps and tokenizer (the artifact's).
 
+`llmc bench` (compiler/serving/bench.py) is the command for users; this script keeps the side-by-side
+comparison of serving modes behind the committed serving_bench_*.json.
+
 Run: python benchmarks/serving_bench.py ARTIFACT --aiperf /path/to/venv/bin/aiperf
      [--concurrency 1 4 16] [--requests-per-client 4] [--isl 32] [--osl 64] [--out results.json]
 """
@@ -19,63 +22,13 @@ import argparse
 import json
 import os
 import platform
-import re
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from compiler.serving.bench import METRICS, Limits, repository_with, run_aiperf
 from compiler.serving.openai_api import OpenAIServer
 from compiler.serving.serve import TritonServer
-
-METRICS = {"time_to_first_token": "TTFT ms", "inter_token_latency": "ITL ms",
-           "output_token_throughput": "output tok/s", "request_throughput": "req/s"}
-
-
-def repository_for(artifact: Path, max_batch: int, root: Path) -> Path:
-    """A copy of the artifact's repository with the scheduler size set in generate's and llm_onnx's configs
-    (the artifact is untouched)."""
-    repo = root / f"triton-b{max_batch}"
-    # model.plan hard-linked; the ONNX files copied (onnx-ir refuses external data with more than one link)
-    shutil.copytree(artifact / "triton", repo,
-                    copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".plan") else shutil.copy2(src, dst))
-    pattern = r'(key: "llmc_scheduler_max_batch"\s*value \{\s*string_value: ")\d+(")'
-    for model in ("generate", "llm_onnx"):
-        config = repo / model / "config.pbtxt"
-        text = config.read_text()
-        if not re.search(pattern, text):
-            raise SystemExit(f"{config} has no llmc_scheduler_max_batch: rebuild the artifact with this llmc")
-        config.unlink()  # a copy, but write a new file all the same
-        config.write_text(re.sub(pattern, rf"\g<1>{max_batch}\g<2>", text))
-    return repo
-
-
-def run_aiperf(aiperf: str, url: str, tokenizer: Path, concurrency: int, requests: int, isl: int, osl: int,
-               out_dir: Path, model: str) -> dict:
-    command = [aiperf, "profile", "--model", model, "--url", url, "--endpoint-type", "completions", "--streaming",
-               "--tokenizer", str(tokenizer), "--concurrency", str(concurrency), "--request-count", str(requests),
-               "--warmup-request-count", str(min(concurrency, 4)),
-               "--prompt-input-tokens-mean", str(isl), "--prompt-input-tokens-stddev", "0",
-               "--prompt-output-tokens-mean", str(osl), "--prompt-output-tokens-stddev", "0",
-               "--extra-inputs", "temperature:0", "--random-seed", "0", "--ui-type", "none",
-               "--output-artifact-dir", str(out_dir), "--no-gpu-telemetry", "--no-server-metrics",
-               "--request-timeout-seconds", "180"]  # a server that died fails the row instead of hanging it
-    # aiperf's offline mode looks a local tokenizer path up as a hub cache entry and fails (HFValidationError):
-    # a local directory loads without it, and nothing here reaches a hub.
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    exports = sorted(out_dir.rglob("profile_export_aiperf.json"))
-    if result.returncode != 0 or not exports:
-        raise SystemExit(f"aiperf failed (exit {result.returncode}): {' '.join(command)}\n"
-                         f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    data = json.loads(exports[-1].read_text())
-    row = {"command": " ".join(command)}
-    for key in [*METRICS, "output_sequence_length", "request_latency", "request_count"]:
-        value = data.get(key) or {}
-        row[key] = {k: value.get(k) for k in ("avg", "p50", "p99", "unit") if k in value}
-    return row
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,7 +49,7 @@ def main() -> None:
         "%Y-%m-%d %H:%M UTC", time.gmtime()), "artifact": str(args.artifact), "isl": args.isl, "osl": args.osl, "runs": []}
     with tempfile.TemporaryDirectory(prefix="llmc-serving-bench-") as tmp:
         for mode in args.modes:
-            repo = repository_for(args.artifact, mode, Path(tmp))
+            repo = repository_with(args.artifact, Limits(mode), Path(tmp))
             with TritonServer(repo, log_path=Path(tmp) / f"server-b{mode}.log") as server:
                 grpc = f"127.0.0.1:{server.grpc_port}"
                 with OpenAIServer(grpc, model_name=args.artifact.name) as api:

@@ -380,6 +380,11 @@ def prune(cache_dir, max_gb, max_entries):
                       f"{sum(size for _, size, _ in left) / (1 << 30):.2f} GiB", markup=False)
 
 
+from compiler.commands.bench import bench  # noqa: E402 - its own module; registered here
+
+main.add_command(bench)
+
+
 @main.command("exit-codes")
 def exit_codes():
     """Print the exit codes llmc uses."""

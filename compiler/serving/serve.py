@@ -40,12 +40,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from compiler.errors import BadInputError, ServerStartError
+from compiler.serving.bench import limits_file, read_limits, repository_with
 
 STUB = "triton_python_backend_stub"
 UTILS = "triton_python_backend_utils.py"
@@ -302,6 +304,7 @@ def serve_forever(artifact: Path, port: int, host: str, console, openai_port: in
             raise BadInputError(f"--openai-port {openai_port} collides with Triton's HTTP ({port}) or gRPC ({port + 1}) "
                                 "port: pick another")
         _check_free(host, openai_port, "OpenAI HTTP", "--openai-port")
+    repository, copy = served_repository(artifact, console)
     server = TritonServer(repository, http_port=port, grpc_port=port + 1, host=host)
     console.print(f"starting tritonserver on {artifact}/triton (HTTP {host}:{port}, gRPC {host}:{port + 1}) ...")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -324,6 +327,23 @@ def serve_forever(artifact: Path, port: int, host: str, console, openai_port: in
         console.print("stopping tritonserver")
     finally:
         server.stop()
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def served_repository(artifact: Path, console) -> tuple[Path, Path | None]:
+    """(repository to serve, temporary copy to delete or None): the artifact's own, or, when `llmc bench
+    --slo-ttft-ms` wrote limits beside it, a copy with them (the artifact stays as built)."""
+    limits = read_limits(artifact)
+    if limits is None:
+        return Path(artifact) / "triton", None
+    copy = Path(tempfile.mkdtemp(prefix="llmc-serve-"))
+    console.print(f"scheduler limits from {limits_file(artifact)}: {limits.label}", markup=False, soft_wrap=True)
+    try:
+        return repository_with(artifact, limits, copy), copy
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
 
 
 def _announce(server: TritonServer, console) -> None:
