@@ -47,6 +47,12 @@ def test_a_served_copy_carries_the_limits_and_the_artifact_stays_as_built(artifa
     assert scheduler_limits(repo, "generate") == (5, 48) and scheduler_limits(repo, "llm_onnx") == (5, 48)
     assert scheduler_limits(artifact / "triton", "generate") != (5, 48)
     assert digest(artifact) == before
+    static = repository_with(artifact, Limits(4, 64, static=True), tmp_path)
+    config = text_format.Parse((static / "generate" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.parameters["llmc_scheduler_policy"].string_value == "static"
+    assert scheduler_limits(static, "llm_onnx") == (4, 64)
+    config = text_format.Parse((repo / "generate" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.parameters["llmc_scheduler_policy"].string_value == "inflight"
     plan = repo / "llm" / "1" / "model.plan"
     assert os.path.samefile(plan, artifact / "triton" / "llm" / "1" / "model.plan")  # hard-linked, not copied
 

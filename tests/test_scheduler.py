@@ -368,3 +368,20 @@ def test_speculate_out_of_range_is_refused(linear):
     scheduler = Scheduler(linear, max_batch=2, max_tokens_per_step=16, pad_token_id=PAD)
     with pytest.raises(ValueError, match="speculate must be 0"):
         scheduler.submit(Request([5, 6], 4, speculate=16))
+
+
+def test_static_batching_admits_a_new_batch_only_when_the_last_has_finished(linear):
+    """The baseline llmc bench compares against: a request arriving mid-batch waits for the batch's
+    longest request (in-flight admits it at once); every output is still its solo run."""
+    ps = prompts([6, 9, 4], seed=11)
+    requests = [Request(ps[0], 4), Request(ps[1], 30), Request(ps[2], 5)]
+    refs = [solo(linear, r) for r in requests]
+    for static in (False, True):
+        scheduler = Scheduler(linear, max_batch=4, pad_token_id=PAD, static=static)
+        handles = drive(scheduler, requests, [0, 0, 2])
+        assert [h.tokens for h in handles] == refs
+        late, longest = handles[2], handles[1]
+        if static:
+            assert late.token_times[0] > longest.token_times[-1]
+        else:
+            assert late.token_times[-1] < longest.token_times[-1]

@@ -19,6 +19,8 @@ from compiler.errors import LlmcError
               help="Scheduler sequences in flight to try, comma-separated (0: one request at a time).")
 @click.option("--tokens-per-step", "tokens_per_step", default="256", show_default=True,
               help="Scheduler token budgets per graph call to try, comma-separated.")
+@click.option("--static", "static", is_flag=True,
+              help="Also serve each in-flight setting as static batching (a batch waits for its longest request).")
 @click.option("--requests-per-client", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--isl", default=32, show_default=True, type=click.IntRange(1), help="Prompt tokens per request.")
 @click.option("--osl", default=64, show_default=True, type=click.IntRange(1), help="Output tokens per request.")
@@ -29,7 +31,7 @@ from compiler.errors import LlmcError
                    "to ARTIFACT.serving.json beside the artifact, which `llmc serve` applies.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench"), show_default=True,
               help="Directory for bench.json, bench.md and bench.png.")
-def bench(artifact_dir, aiperf, concurrency, max_batch, tokens_per_step, requests_per_client, isl, osl,
+def bench(artifact_dir, aiperf, concurrency, max_batch, tokens_per_step, static, requests_per_client, isl, osl,
           price_per_hour, slo_ttft_ms, output):
     """Drive ARTIFACT_DIR's server with aiperf: TTFT, inter-token latency, tokens/s, requests/s (p50, p99)."""
     from compiler.commands.cli import err_console, out_console
@@ -40,6 +42,8 @@ def bench(artifact_dir, aiperf, concurrency, max_batch, tokens_per_step, request
                                                                                               "--tokens-per-step", 1)
                     if b == 0 or t >= b]
         settings = list(dict.fromkeys(Limits(0, 256) if s.max_batch == 0 else s for s in settings))
+        if static:
+            settings += [Limits(s.max_batch, s.tokens_per_step, static=True) for s in settings if s.max_batch]
         if not settings:
             raise click.BadParameter("every --tokens-per-step is below its --max-batch: a step must fit every decode")
         results = run_bench(artifact_dir, find_aiperf(aiperf), settings, _ints(concurrency, "--concurrency", 1),

@@ -162,10 +162,13 @@ class Scheduler:
     graph call may carry (>= max_batch, so every decode fits; prompts share the rest in chunks).
     num_blocks: the paged pool's size (default: max_batch full-length sequences; smaller makes admission
     wait and, when running sequences outgrow it, preempts the youngest).
+    static: admit a new batch only when every running sequence has finished (static batching, the
+    baseline in-flight batching is measured against: a batch waits for its longest request).
     """
 
     def __init__(self, executor, max_batch: int = 8, max_tokens_per_step: int = 256, num_blocks: int | None = None,
-                 pad_token_id: int | None = 0, cancel_poll_s: float = 0.05, proposer: NgramProposer | None = None):
+                 pad_token_id: int | None = 0, cancel_poll_s: float = 0.05, proposer: NgramProposer | None = None,
+                 static: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         if max_tokens_per_step < max_batch:
@@ -186,6 +189,7 @@ class Scheduler:
         self.preemptions = 0
         self.cancel_poll_s, self._polled = cancel_poll_s, 0.0
         self.proposer = proposer or NgramProposer()
+        self.static = static
 
     # --- requests ----------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:
@@ -273,6 +277,8 @@ class Scheduler:
     def _admit(self) -> None:
         """First come, first served: a request that does not fit yet blocks the ones behind it (no starvation).
         A preempted sequence keeps its rank, so the younger ones are preempted before it again."""
+        if self.static and self.running:
+            return  # static batching: the batch in flight finishes first
         while self.waiting and len(self.running) < self.max_batch:
             item = self.waiting[0]
             seq = item if isinstance(item, _Sequence) else _Sequence(item, next(self._order))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 METRICS = {"time_to_first_token": "TTFT ms", "inter_token_latency": "ITL ms",
            "output_token_throughput": "output tok/s", "request_throughput": "req/s"}
+# Limits field -> config parameter (llmc_scheduler_policy is set from Limits.static)
 LIMIT_KEYS = {"max_batch": "llmc_scheduler_max_batch", "tokens_per_step": "llmc_scheduler_tokens_per_step"}
 SCHEDULED_MODELS = ("generate", "llm_onnx")
 
@@ -37,11 +38,13 @@ SCHEDULED_MODELS = ("generate", "llm_onnx")
 class Limits:
     max_batch: int  # sequences in flight (0: one request at a time)
     tokens_per_step: int = 256
+    static: bool = False  # a new batch only when the last one has finished
 
     @property
     def label(self) -> str:
-        return "one at a time" if self.max_batch == 0 else \
-            f"in-flight (max_batch {self.max_batch}, {self.tokens_per_step} tokens/step)"
+        if self.max_batch == 0:
+            return "one at a time"
+        return f"{'static' if self.static else 'in-flight'} (max_batch {self.max_batch}, {self.tokens_per_step} tokens/step)"
 
 
 def limits_file(artifact: Path) -> Path:
@@ -56,7 +59,7 @@ def read_limits(artifact: Path) -> Limits | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return Limits(int(data["max_batch"]), int(data["tokens_per_step"]))
+        return Limits(int(data["max_batch"]), int(data["tokens_per_step"]), bool(data.get("static", False)))
     except (ValueError, KeyError, TypeError) as exc:
         from compiler.errors import BadInputError
 
@@ -66,7 +69,7 @@ def read_limits(artifact: Path) -> Limits | None:
 
 def repository_with(artifact: Path, limits: Limits, root: Path) -> Path:
     """A copy of the artifact's repository with `limits` in the scheduled models' configs."""
-    repo = root / f"triton-b{limits.max_batch}-t{limits.tokens_per_step}"
+    repo = root / f"triton-{'s' if limits.static else 'b'}{limits.max_batch}-t{limits.tokens_per_step}"
     # model.plan hard-linked; the ONNX files copied (onnx-ir refuses external data with more than one link)
     shutil.copytree(Path(artifact) / "triton", repo,
                     copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".plan") else shutil.copy2(src, dst))
@@ -82,6 +85,12 @@ def repository_with(artifact: Path, limits: Limits, root: Path) -> Path:
 
                 raise BadInputError(f"{config} has no {key}: rebuild the artifact with this llmc")
             text = re.sub(pattern, rf"\g<1>{getattr(limits, field)}\g<2>", text)
+        policy = r'(key: "llmc_scheduler_policy"\s*value \{\s*string_value: ")\w+(")'
+        if limits.static and not re.search(policy, text):
+            from compiler.errors import BadInputError
+
+            raise BadInputError(f"{config} has no llmc_scheduler_policy (static batching): rebuild the artifact")
+        text = re.sub(policy, rf"\g<1>{'static' if limits.static else 'inflight'}\g<2>", text)
         config.unlink()  # a copy, but write a new file all the same
         config.write_text(text)
     return repo
@@ -217,7 +226,7 @@ def run_bench(artifact: Path, aiperf: str, settings: list[Limits], concurrency: 
                                          c * requests_per_client, isl, osl, Path(tmp) / f"aiperf-{repo.name}-c{c}",
                                          artifact.name)
                         row.update(limits=limits.label, max_batch=limits.max_batch,
-                                   tokens_per_step=limits.tokens_per_step, concurrency=c)
+                                   tokens_per_step=limits.tokens_per_step, static=limits.static, concurrency=c)
                         if price_per_hour is not None:
                             row["cost_per_million_output_tokens"] = cost_per_million(
                                 p50(row, "output_token_throughput"), price_per_hour)
@@ -227,6 +236,7 @@ def run_bench(artifact: Path, aiperf: str, settings: list[Limits], concurrency: 
         best = choose(results["runs"], slo_ttft_ms)
         if best is not None:
             results["chosen"] = {"max_batch": best["max_batch"], "tokens_per_step": best["tokens_per_step"],
+                                 "static": best.get("static", False),
                                  "concurrency": best["concurrency"], "slo_ttft_ms": slo_ttft_ms,
                                  "output_tokens_per_s": p50(best, "output_token_throughput"),
                                  "ttft_p50_ms": p50(best, "time_to_first_token")}

@@ -232,7 +232,8 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
               "llmc_pad_token_id": str(serving.pad_token_id),
               "llmc_stop_token_ids": ",".join(str(t) for t in serving.stop_token_ids),
               "llmc_scheduler_max_batch": str(serving.scheduler_max_batch),
-              "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step)}
+              "llmc_scheduler_tokens_per_step": str(serving.scheduler_tokens_per_step),
+              "llmc_scheduler_policy": "inflight"}  # static: the baseline `llmc bench --static` compares against
     written = {}
     refuse_unservable(engine)  # before anything is written
 

@@ -32,7 +32,7 @@ from compiler.serving.triton_models import engine_version
 from compiler.serving.triton_models.common import (RequestError, answer_errors, call, error_response, model_config,
                                                    no_scheduler_for, parameter, scalar, speculate, text,
                                                    version_dir)
-from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits
+from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits, static_batching
 from compiler.serving.triton_models.tokenizer import ServingTokenizer
 from compiler.graph_io import GraphIO
 
@@ -125,6 +125,7 @@ class TritonPythonModel:
         self.tokenizer = ServingTokenizer(version_dir(args) / "tokenizer")
         self.inflight = None
         self.limits = scheduler_limits(config)
+        self.static = static_batching(config)
         self.onnx = version_dir(args).parent.parent / "llm_onnx" / "1" / "model.onnx"
         self.threads_per_op = int(parameter(config, "llmc_intra_op_threads", "0")) or None
 
@@ -134,7 +135,8 @@ class TritonPythonModel:
             return
         if self._target() == "llm_onnx" and self.limits[0] > 0 and self.onnx.is_file():
             try:
-                self.inflight = InflightModel(self.onnx, "generate", *self.limits, self.pad, self.threads_per_op)
+                self.inflight = InflightModel(self.onnx, "generate", *self.limits, self.pad, self.threads_per_op,
+                                              static=self.static)
             except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
                 pb_utils.Logger.log_warn(f"generate: no in-flight scheduler ({exc}); generating through llm_onnx")
 

@@ -39,6 +39,14 @@ def scheduler_limits(config: dict) -> tuple[int, int]:
     return max_batch, max(per_step, max_batch)
 
 
+def static_batching(config: dict) -> bool:
+    """`llmc_scheduler_policy` static: a new batch only when the last has finished (the comparison baseline)."""
+    policy = parameter(config, "llmc_scheduler_policy", "inflight")
+    if policy not in ("inflight", "static"):
+        raise ValueError(f"llmc_scheduler_policy must be inflight or static (got {policy!r})")
+    return policy == "static"
+
+
 def quiet(send: Callable[[], None]) -> bool:
     """Send, and say whether it went: a client that went away must not stop the scheduler's thread."""
     try:
@@ -53,17 +61,17 @@ class InflightModel:
     """A scheduler over `onnx_path` on its own thread; `submit` hands it a request and its response sender."""
 
     def __init__(self, onnx_path: Path, model: str, max_batch: int, max_tokens_per_step: int, pad_token_id: int,
-                 threads: int | None = None):
+                 threads: int | None = None, static: bool = False):
         # No spinning: between steps the cores belong to the server and the other models' stubs.
         executor = OnnxRuntimeExecutor(onnx_path, threads=threads, spin=False)
         self.model = model
         self.scheduler = Scheduler(executor, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
-                                   pad_token_id=pad_token_id)
+                                   pad_token_id=pad_token_id, static=static)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.scheduler.serve_forever, args=(self.stop,), daemon=True,
                                        name=f"llmc-scheduler-{model}")
         self.thread.start()
-        pb_utils.Logger.log_info(f"{model}: in-flight batching, up to {max_batch} sequences and "
+        pb_utils.Logger.log_info(f"{model}: {'static' if static else 'in-flight'} batching, up to {max_batch} sequences and "
                                  f"{self.scheduler.max_tokens_per_step} tokens per step")
 
     def submit(self, sender, ids: list[int], max_tokens: int, sampling: Sampling, stop_tokens: tuple[int, ...],

@@ -18,7 +18,7 @@ from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.runtime.runner import Runner, Sampling
 from compiler.serving.triton_models.common import (RequestError, answer_errors, ids_tensor, model_config,
                                                    no_scheduler_for, parameter, scalar, speculate, version_dir)
-from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits
+from compiler.serving.triton_models.inflight import FINAL, InflightModel, quiet, scheduler_limits, static_batching
 
 
 def token_list(text: str) -> tuple[int, ...]:
@@ -33,6 +33,7 @@ class TritonPythonModel:
         self.pad = int(parameter(config, "llmc_pad_token_id", "0"))
         self.stop_tokens = token_list(parameter(config, "llmc_stop_token_ids", ""))
         self.max_batch, self.per_step = scheduler_limits(config)
+        self.static = static_batching(config)
         self.inflight = self.runner = None
         self.lock = threading.Lock()
 
@@ -43,7 +44,7 @@ class TritonPythonModel:
             if self.max_batch > 0:
                 try:
                     self.inflight = InflightModel(self.path, "llm_onnx", self.max_batch, self.per_step, self.pad,
-                                                  self.threads)
+                                                  self.threads, static=self.static)
                     return
                 except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
                     pb_utils.Logger.log_warn(f"llm_onnx: no in-flight scheduler ({exc}); one request at a time")
