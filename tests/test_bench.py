@@ -90,6 +90,8 @@ def test_the_choice_is_the_fastest_setting_that_meets_the_objective():
     assert choose(rows, 500)["max_batch"] == 8 and choose(rows, 500)["concurrency"] == 64
     assert choose(rows, 3000)["output_token_throughput"]["avg"] == 420.0
     assert choose(rows, 100) is None
+    lone_fast = rows + [row(Limits(4, 64, static=True), 1, 20.0, 900.0)]  # fastest, but one client
+    assert choose(lone_fast, 500)["max_batch"] == 8
 
 
 def test_cost_per_million_tokens_is_the_hourly_price_over_the_hours_tokens():

@@ -144,9 +144,14 @@ def cost_per_million(tokens_per_s: float, price_per_hour: float) -> float:
 
 
 def choose(rows: list[dict], slo_ttft_ms: float) -> dict | None:
-    """The row with the highest output tokens/s whose p50 time to first token meets the objective."""
+    """At the busiest concurrency where some setting's p50 time to first token meets the objective, the
+    setting with the highest output tokens/s there: serve the most users within it, then the fastest.
+    (Throughput across concurrencies is not one scale: a lone client's row says nothing about load.)"""
     meeting = [r for r in rows if p50(r, "time_to_first_token") <= slo_ttft_ms]
-    return max(meeting, key=lambda r: p50(r, "output_token_throughput"), default=None)
+    if not meeting:
+        return None
+    busiest = max(r["concurrency"] for r in meeting)
+    return max((r for r in meeting if r["concurrency"] == busiest), key=lambda r: p50(r, "output_token_throughput"))
 
 
 def table(rows: list[dict], price_per_hour: float | None) -> list[str]:
