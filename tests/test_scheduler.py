@@ -385,3 +385,32 @@ def test_static_batching_admits_a_new_batch_only_when_the_last_has_finished(line
             assert late.token_times[0] > longest.token_times[-1]
         else:
             assert late.token_times[-1] < longest.token_times[-1]
+
+
+def test_a_next_turn_reuses_its_history_in_the_freed_row(linear):
+    """Prefix reuse on the linear cache: turn 2's prompt is turn 1's prompt + answer + more tokens, so the
+    row turn 1 freed holds all but its last token; turn 2 starts feeding after that prefix, its tokens
+    are still its solo run's, and its prefill computes only the new tokens. A request with another
+    prompt takes a row but reuses nothing it should not (its solo tokens again)."""
+    first = prompts([20], seed=21)[0]
+    scheduler = Scheduler(linear, max_batch=2, pad_token_id=PAD)
+    (turn1,) = drive(scheduler, [Request(first, 12)], [0])
+    second = first + turn1.tokens + prompts([7], seed=22)[0]
+    other = prompts([25], seed=23)[0]
+    refs = [solo(linear, Request(second, 10)), solo(linear, Request(other, 10))]
+    computed_before = sum(s.real_tokens for s in scheduler.steps)
+    turn2, stranger = drive(scheduler, [Request(second, 10), Request(other, 10)], [0, 0])
+    assert [turn2.tokens, stranger.tokens] == refs
+    assert turn2.prefix_reused == len(first) + len(turn1.tokens) - 1  # the last answer token was never fed
+    assert stranger.prefix_reused == 0
+    fed = sum(s.real_tokens for s in scheduler.steps) - computed_before
+    assert fed == (len(second) - turn2.prefix_reused) + len(other) + 2 * 9  # prefills + 9 decodes each
+
+
+def test_a_prompt_equal_to_a_cached_one_still_feeds_its_last_token(linear):
+    p = prompts([16], seed=31)[0]
+    scheduler = Scheduler(linear, max_batch=1, pad_token_id=PAD)
+    (a,) = drive(scheduler, [Request(p, 6)], [0])
+    (b,) = drive(scheduler, [Request(p, 6)], [0])
+    assert a.tokens == b.tokens == solo(linear, Request(p, 6))
+    assert b.prefix_reused == len(p) - 1

@@ -12,6 +12,13 @@ the same or an earlier step (TensorScatter writes before Attention reads), so wh
 left beyond the new sequence's length is never read (tests/test_scheduler.py reuses a dirty row).
 A step runs only the rows it names: a contiguous run of rows goes in as a view, others are gathered.
 
+Prefix reuse (linear): a freed row still holds its last owner's K/V, and a K/V entry depends only on the
+tokens at and before its position (causal attention), so a new sequence whose tokens start with the same
+prefix can take that row and start feeding after it: no copy, no recompute. `open` prefers the free row
+with the longest common prefix (a multi-turn chat's next turn finds its whole history there; requests
+sharing a system prompt find that), keeping one token to feed so the step still yields its logits
+(vLLM's and TensorRT-LLM's prefix caching do this per block for the paged pool; not done there here).
+
 Paged (`BlockCache`): the pool's blocks are handed out as a sequence grows (vLLM's block manager,
 Kwon et al. 2023, "PagedAttention") and returned when it ends. Every unowned table entry points at
 one extra scratch block: a step pads each row to its longest with tokens at the positions after
@@ -49,22 +56,40 @@ class SlotCache:
         self._free = list(range(slots))  # a heap: the lowest free row first keeps busy rows contiguous
         self.row: dict[object, int] = {}
         self.length: dict[object, int] = {}  # positions each sequence has reserved
+        self.history: dict[int, list[int]] = {}  # free row -> the tokens whose K/V its first slots hold
+        self.reuse: dict[object, int] = {}  # sequence -> positions it found in its row at admission
 
-    def open(self, seq, tokens: int) -> bool:
-        """Give `seq` a row if one is free (its first `tokens` positions always fit: capacity is per row)."""
+    def open(self, seq, tokens: int, prefix: list[int] | None = None) -> bool:
+        """Give `seq` a row if one is free (its first `tokens` positions always fit: capacity is per row):
+        the free row holding the longest prefix of `prefix` (its token ids), else the lowest free row."""
         if not self._free:
             return False
-        self.row[seq] = heapq.heappop(self._free)
+        shared = {r: common_prefix(self.history.get(r, ()), prefix or ()) for r in self._free}
+        best = max(self._free, key=lambda r: (shared[r], -r))
+        if shared[best] == 0:
+            best = self._free[0]  # the heap's lowest
+        self._free.remove(best)
+        heapq.heapify(self._free)
+        self.row[seq] = best
         self.length[seq] = tokens
+        self.reuse[seq] = min(shared[best], tokens - 1)  # at least one token is fed: its logits are needed
         return True
+
+    def reused(self, seq) -> int:
+        """Positions of `seq` already in its row at admission (the scheduler starts feeding after them)."""
+        return self.reuse.get(seq, 0)
 
     def reserve(self, seq, end: int) -> bool:
         self.length[seq] = max(self.length[seq], end)
         return True
 
-    def close(self, seq) -> None:
-        heapq.heappush(self._free, self.row.pop(seq))
+    def close(self, seq, valid: list[int] | None = None) -> None:
+        """Free `seq`'s row; `valid`: the tokens whose K/V it wrote at slots 0.. (kept for prefix reuse)."""
+        row = self.row.pop(seq)
+        self.history[row] = list(valid or ())
+        heapq.heappush(self._free, row)
         del self.length[seq]
+        self.reuse.pop(seq, None)
 
     def fits(self, tokens: int) -> bool:
         return tokens <= self.capacity
@@ -91,6 +116,15 @@ class SlotCache:
         return len(self.row) * self.capacity * bytes_per_token(self.io, self.dtype)
 
 
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class BlockCache:
     """Paged cache: a pool of `num_blocks` blocks (+1 scratch) handed out per block as sequences grow."""
 
@@ -111,8 +145,8 @@ class BlockCache:
     def _needed(self, seq, end: int) -> int:
         return -(-end // self.block_size) - len(self.blocks[seq])
 
-    def open(self, seq, tokens: int) -> bool:
-        """Admit `seq` only if its first `tokens` positions' blocks are free now."""
+    def open(self, seq, tokens: int, prefix: list[int] | None = None) -> bool:
+        """Admit `seq` only if its first `tokens` positions' blocks are free now (no prefix reuse here)."""
         self.blocks[seq] = []
         if self._needed(seq, tokens) > len(self._free):
             del self.blocks[seq]
@@ -128,7 +162,10 @@ class BlockCache:
             self.blocks[seq].append(heapq.heappop(self._free))
         return True
 
-    def close(self, seq) -> None:
+    def reused(self, seq) -> int:
+        return 0
+
+    def close(self, seq, valid: list[int] | None = None) -> None:
         for block in self.blocks.pop(seq):
             heapq.heappush(self._free, block)
 

@@ -86,6 +86,7 @@ class Handle:
         self.proposed = 0  # speculation: proposal tokens the target scored
         self.accepted = 0  # of them, kept (each verify step also emits one token of the target's own)
         self.verify_steps = 0
+        self.prefix_reused = 0  # prompt positions found in the cache at admission, not computed again
         self.peak_rows = 0  # the most sequences a graph call of this request carried (1: it never shared one)
         self.done = threading.Event()
         self._stream: queue.SimpleQueue = queue.SimpleQueue()
@@ -282,11 +283,13 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             item = self.waiting[0]
             seq = item if isinstance(item, _Sequence) else _Sequence(item, next(self._order))
-            if not self.cache.open(seq, len(seq.tokens)):  # the prompt (or a preempted one's tokens) fits now
+            if not self.cache.open(seq, len(seq.tokens), seq.tokens):  # the prompt (or a preempted one's tokens) fits now
                 if seq is not item:
                     self.waiting[0] = seq  # keeps its arrival rank while it waits
                 return
             self.waiting.popleft()
+            seq.cached = self.cache.reused(seq)  # a prefix its row already holds (linear cache: kv_slots.py)
+            seq.handle.prefix_reused += seq.cached
             self.running.append(seq)
 
     def _plan(self) -> list[tuple[_Sequence, int]]:
@@ -319,7 +322,7 @@ class Scheduler:
             self._preempt(max(self.running, key=lambda s: s.order))  # the youngest makes room; plan again
 
     def _preempt(self, seq: _Sequence) -> None:
-        self.cache.close(seq)
+        self.cache.close(seq, seq.tokens[:seq.cached])  # its K/V stay for prefix reuse
         self.running.remove(seq)
         seq.tokens = list(seq.handle.request.prompt) + seq.handle.tokens  # recomputed from the tokens it has
         seq.cached = 0
@@ -368,7 +371,7 @@ class Scheduler:
         return False
 
     def _retire(self, seq: _Sequence, reason: str) -> None:
-        self.cache.close(seq)
+        self.cache.close(seq, seq.tokens[:seq.cached])  # its K/V stay for prefix reuse
         self.running.remove(seq)
         seq.handle._finish(reason)
 

@@ -90,7 +90,9 @@ class InflightModel:
                 f"{self.model}: request {name or handle.id} {handle.finish_reason} after {len(handle.tokens)} of "
                 f"{handle.request.max_tokens} tokens, in graph calls of up to {handle.peak_rows} sequences"
                 + (f", {handle.accepted} of {handle.proposed} n-gram proposals accepted in {handle.verify_steps} "
-                   "verify steps" if handle.request.speculate else "") + "; its cache row is free")
+                   "verify steps" if handle.request.speculate else "")
+                + (f", {handle.prefix_reused} prompt positions found in the cache" if handle.prefix_reused else "")
+                + "; its cache row is free")
             if handle.finish_reason == "error":
                 pb_utils.Logger.log_error(f"{self.model}: {handle.error}")
                 quiet(lambda: sender.send(error_response(f"internal error in {self.model}: {handle.error}"),
