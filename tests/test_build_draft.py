@@ -131,3 +131,21 @@ def test_every_prompt_is_judged_and_only_a_near_tie_is_excused():
         "speculative greedy output differs from plain greedy at prompt 2",
         "speculative greedy output differs from plain greedy at prompt 1",
         "speculative greedy output differs from plain greedy at prompt 3"]
+
+
+def test_the_bundled_draft_works_out_of_the_box(build_cache, tmp_path):
+    """`llmc build --draft bundled` (the bundled model and the draft trained with it) then `llmc generate
+    --speculate draft`: the same text as plain decoding, and a trained draft is accepted (a random one is
+    not: the tiny-model tests above see ~0%)."""
+    from compiler.frontend.default_model import TRAINED_DRAFT_DIR, default_model_dir
+
+    assert (TRAINED_DRAFT_DIR / "tokenizer.json").read_bytes() == (default_model_dir() / "tokenizer.json").read_bytes()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", "-o", str(out), "--cache-dir", str(build_cache), "--draft", "bundled"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["draft"]["model"] == str(TRAINED_DRAFT_DIR) and report["speculation"]["identical"]
+    assert report["speculation"]["acceptance_rate"] > 0.2
+    result = CliRunner().invoke(main, ["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "32",
+                                       "--speculate", "draft"])
+    assert result.exit_code == 0 and "output identical to plain decoding" in result.stdout, result.output

@@ -176,7 +176,8 @@ def main() -> None:
                    "your permissions; use only on models you trust.")
 @click.option("--draft", type=click.Path(path_type=Path), default=None,
               help="A smaller model with the same tokenizer, built into draft/ for speculative decoding "
-                   "(`llmc generate --speculate draft`); the build checks that decoding with it changes nothing.")
+                   "(`llmc generate --speculate draft`); the build checks that decoding with it changes nothing. "
+                   "`bundled`: the bundled model's own draft.")
 @click.option("--plan", "show_plan", is_flag=True,
               help="Check the inputs, print each stage with its cache hit or skip reason, and stop (no work).")
 def build(model_dir, recipe, max_batch, max_seq, output, prompt, timing_cache, calib_data, eval_data, measure_quality,

@@ -28,7 +28,7 @@ from compiler.stages.state import BuildState, Texts, heavy_fields
 from compiler.engine.backend import get_backend
 from compiler.errors import AccuracyError, BadInputError, OutputWriteError
 from compiler.frontend.corpus import default_calibration_text, default_eval_text, read_text_file
-from compiler.frontend.default_model import cache_root, default_model_dir
+from compiler.frontend.default_model import cache_root, default_model_dir, draft_dir
 from compiler.frontend.load import check_model_files, read_spec
 from compiler.frontend.tokenizer_files import check_same_vocabulary, vocabulary
 from compiler.host.paths import model_directory, output_path
@@ -101,7 +101,7 @@ def prepare(request: BuildRequest, progress: Progress, staging: Path | None = No
         backend.require_plugins(f"recipe '{recipe.name}' (llmc::PagedAttention plugin node)")
     model_path, spec = _check_model(Path(request.model) if request.model else default_model_dir(), request, plugins)
     if request.draft:  # the draft is built last: everything about it is checked now
-        draft_path, draft_spec = _check_model(Path(request.draft), request, plugins)
+        draft_path, draft_spec = _check_model(draft_dir(request.draft), request, plugins)
         check_same_vocabulary(vocabulary(model_path), vocabulary(draft_path), draft_path)
         if draft_spec.vocab_size != spec.vocab_size:  # the proposer compares logits over the same ids
             raise BadInputError(f"{draft_path}'s logits cover {draft_spec.vocab_size} ids, the target's "

@@ -124,6 +124,8 @@ def _make_tokenizer(vocab_size: int):
 
 
 TRAINED_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "llmc-tiny-shakespeare"
+TRAINED_DRAFT_DIR = TRAINED_MODEL_DIR.with_name("llmc-tiny-shakespeare-draft")
+BUNDLED_DRAFT = "bundled"  # `llmc build --draft bundled`: the bundled model's own draft
 
 
 def default_model_dir() -> Path:
@@ -137,3 +139,15 @@ def default_model_dir() -> Path:
         from compiler.errors import LlmcError
         raise LlmcError(f"the bundled model is missing from {TRAINED_MODEL_DIR}; reinstall llmc")
     return TRAINED_MODEL_DIR
+
+
+def draft_dir(draft: str | Path) -> Path:
+    """`--draft DIR`, or `--draft bundled`: the bundled model's speculative-decoding draft, a 5x smaller
+    model trained by the same script on the same corpus and tokenizer (`--draft` in
+    tools/train_tiny_shakespeare.py), so `llmc generate --speculate draft` works out of the box."""
+    if str(draft) != BUNDLED_DRAFT:
+        return Path(draft)
+    if not (TRAINED_DRAFT_DIR / "model.safetensors").is_file():
+        from compiler.errors import LlmcError
+        raise LlmcError(f"the bundled draft is missing from {TRAINED_DRAFT_DIR}; reinstall llmc")
+    return TRAINED_DRAFT_DIR

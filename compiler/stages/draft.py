@@ -15,6 +15,7 @@ import dataclasses
 
 from compiler.errors import BadInputError
 from compiler.frontend.corpus import default_eval_text
+from compiler.frontend.default_model import draft_dir
 from compiler.measure.speculation import check_speculation
 from compiler.stages.base import Stage
 from compiler.stages.request import Progress
@@ -45,7 +46,7 @@ class _DraftProgress(Progress):
 
 def draft_request(request):
     """The draft's build: the target's recipe and options, no draft of its own, no precision search."""
-    return dataclasses.replace(request, model=request.draft, draft=None, output=None, max_ppl_delta=None,
+    return dataclasses.replace(request, model=draft_dir(request.draft), draft=None, output=None, max_ppl_delta=None,
                                check_passes=False, triton_cpu_fallback=False)
 
 
