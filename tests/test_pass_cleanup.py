@@ -1,5 +1,7 @@
 """cleanup, tested three ways: fewer nodes and no dead ones, onnxruntime unchanged, backend builds."""
 
+import sys
+
 import numpy as np
 
 from passes import CastFp16Pass, CleanupPass
@@ -127,3 +129,67 @@ def test_folds_constants_but_keeps_weights_quantized(tmp_path):
     run = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
            for p in (before, save(model, tmp_path / "after.onnx"))]
     np.testing.assert_array_equal(run[1], run[0])
+
+
+def _rule():
+    from onnxscript.rewriter._rewrite_rule import RewriteRule
+
+    return RewriteRule(lambda op, x: op.Relu(op.Relu(x)), lambda op, x: op.Relu(x))
+
+
+def test_the_walk_finds_module_level_rules_in_the_rewriter_packages_only(monkeypatch):
+    """Rules held directly, in a rule set, or in a tuple / list at module level of onnxscript.rewriter.*
+    are found; a rule two containers deep, or in a module outside those packages, is not (their
+    matchers are not onnxscript's shared state)."""
+    import types
+
+    from onnxscript.rewriter._rewrite_rule import RewriteRuleSet
+
+    from passes.rewriter_state import _module_rules
+
+    direct, in_set, in_tuple, in_list, deep, outside = (_rule() for _ in range(6))
+    inside = types.ModuleType("onnxscript.rewriter.llmc_probe")
+    inside.direct, inside.rule_set, inside.rules = direct, RewriteRuleSet([in_set]), (in_tuple,)
+    inside.more, inside.deep = [in_list], [(deep,)]
+    other = types.ModuleType("llmc_probe_elsewhere")
+    other.rule = outside
+    monkeypatch.setitem(sys.modules, inside.__name__, inside)
+    monkeypatch.setitem(sys.modules, other.__name__, other)
+    found = {id(r) for r in _module_rules()}
+    assert {id(direct), id(in_set), id(in_tuple), id(in_list)} <= found
+    assert id(deep) not in found and id(outside) not in found
+
+
+def test_forgetting_clears_each_matcher_and_counts_what_it_dropped(monkeypatch):
+    import types
+
+    from passes.rewriter_state import MATCH_STATE, forget_matched_graphs
+
+    rules = [_rule(), _rule()]
+    probe = types.ModuleType("onnxscript.rewriter.llmc_probe")
+    probe.rules = rules
+    monkeypatch.setitem(sys.modules, probe.__name__, probe)
+    forget_matched_graphs()  # whatever the real rules hold
+    held = object()
+    for rule in rules:
+        for attr in MATCH_STATE[:3]:
+            setattr(rule._matcher, attr, held)
+    assert forget_matched_graphs() == 6
+    assert all(getattr(rule._matcher, attr, None) is None for rule in rules for attr in MATCH_STATE)
+    assert forget_matched_graphs() == 0
+
+
+def test_forget_removed_io_counts_every_removed_value():
+    import numpy as np
+    import onnx_ir as ir
+
+    from passes.rewriter_state import forget_removed_io
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    lifted = [ir.Value(name=f"w{i}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]),
+                       const_value=ir.tensor(np.ones(2, np.float32))) for i in range(3)]
+    node = ir.node("Identity", [x])
+    graph = ir.Graph([x, *lifted], node.outputs, nodes=[node])
+    for value in lifted:
+        graph.inputs.remove(value)
+    assert forget_removed_io(graph) == 3 and forget_removed_io(graph) == 0
