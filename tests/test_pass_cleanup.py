@@ -193,3 +193,22 @@ def test_forget_removed_io_counts_every_removed_value():
     for value in lifted:
         graph.inputs.remove(value)
     assert forget_removed_io(graph) == 3 and forget_removed_io(graph) == 0
+
+
+def test_a_moved_private_api_loses_the_memory_fix_not_the_build(monkeypatch):
+    """The workarounds read onnxscript's and onnx-ir's private state; where it is gone they do nothing
+    (0 dropped) instead of failing the build."""
+    import types
+
+    from onnxscript.rewriter._rewrite_rule import RewriteRule
+
+    from passes.rewriter_state import forget_matched_graphs, forget_removed_io
+
+    assert forget_removed_io(types.SimpleNamespace(inputs=[], outputs=())) == 0  # lists without a counter
+    probe = types.ModuleType("onnxscript.rewriter.llmc_probe")
+    probe.bare = object.__new__(RewriteRule)  # a rule without a matcher
+    monkeypatch.setitem(sys.modules, probe.__name__, probe)
+    forget_matched_graphs()
+    assert forget_matched_graphs() == 0
+    monkeypatch.setitem(sys.modules, "onnxscript.rewriter._rewrite_rule", None)  # the import fails
+    assert forget_matched_graphs() == 0
