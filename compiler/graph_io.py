@@ -17,6 +17,8 @@ BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length
 
 
 BLOCK_TABLES = "block_tables"  # the paged graph's one block-table input, shared by every layer
+# passes/last_position_logits.py: which positions' logits a step returns ([batch, n] indices into its sequence)
+LOGITS_AT, LOGITS_AT_DIM = "logits_positions", "logits_positions_length"
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # per-layer cache input / output name prefixes
 KV = ("key", "value")
 PRESENT_RE = re.compile(rf"{re.escape(PRESENT_PREFIX)}(\d+)\.(key|value)")  # groups: layer, key|value

@@ -27,7 +27,9 @@ LEAVER_TOKENS = 240
 PROMPTS = ["The compiler", "Once upon a time", "A tensor is", "Hello"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
-LLM_UNAVAILABLE = "no CUDA GPU on this machine"  # the reason TensorRTExecutor gives (ExecutionUnavailable)
+# llm is a Python model on a GPU instance: on a machine without a GPU Triton refuses its instance group before
+# llm's own initialize (which would raise ExecutionUnavailable, tests/test_triton_repo.py) runs.
+LLM_UNAVAILABLE = "instance group llm_0 of model llm has kind KIND_GPU but no GPUs are available"
 
 
 MISSING = tritonserver_missing()
@@ -145,7 +147,7 @@ def test_repository_loads_and_only_llm_lacks_its_backend(server):
     assert set(states) == {"preprocessing", "llm", "llm_onnx", "postprocessing", "generate"}
     for name in ("preprocessing", "llm_onnx", "postprocessing", "generate"):
         assert states[name][0] == "READY", (name, states[name])
-    # llm (the scheduler over model.plan) loads only where an engine can run: here it says why not.
+    # llm (the scheduler over model.plan, on a GPU instance) loads only where a GPU is: here Triton says so.
     assert states["llm"][0] == "UNAVAILABLE" and LLM_UNAVAILABLE in states["llm"][1], states["llm"]
 
 

@@ -1,0 +1,84 @@
+"""last-position-logits, tested three ways: the gather before the lm_head MatMul, onnxruntime before vs after
+on the gathered rows, TensorRT-RTX parse + build (a native GATHER layer).
+
+The graph is the fp16 recipe's of the bundled trained model (capacity 256). Tolerance: exact. The gathered
+rows' lm_head products are the same dot products in the same order (onnxruntime's CPU GEMM computes each
+output element over K alike whatever M is), so the logits must be bit-identical; measured 0.0 here.
+"""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from compiler.graph_io import LOGITS_AT, LOGITS_AT_DIM
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from helpers import build_with_backend, op_counts, save
+from passes import REGISTRY
+from passes.last_position_logits import LastPositionLogitsPass, lm_head
+
+CAPACITY = 256
+
+
+@pytest.fixture(scope="module")
+def graphs(trained_fp16, tmp_path_factory):
+    """(before, after) paths: the fp16 graph and the same graph after the pass."""
+    folder = tmp_path_factory.mktemp("last-position")
+    model = ir.load(trained_fp16)
+    before = save(model, folder / "before.onnx")
+    model = ir.load(before)
+    assert LastPositionLogitsPass()(model).modified
+    return before, save(model, folder / "after.onnx"), model
+
+
+def _feeds(executor, ids, start=0):
+    io = executor.io
+    batch, seq = ids.shape
+    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(start, start + seq), (batch, 1))}
+    for name in io.past_names:
+        feeds[name] = np.zeros((batch, io.num_kv_heads, CAPACITY, io.head_dim), executor.input_dtype(name))
+    return feeds
+
+
+def test_graph_shape_after(graphs):
+    _, _, model = graphs
+    assert REGISTRY["last-position-logits"] is LastPositionLogitsPass
+    counts = op_counts(model)
+    assert counts["GatherND"] == 1
+    matmul = lm_head(model.graph)
+    gather = matmul.inputs[0].producer()
+    assert gather.op_type == "GatherND" and gather.attributes["batch_dims"].value == 1
+    assert gather.inputs[0].producer().op_type == "RMSNormalization"  # the final norm's output, gathered
+    assert gather.inputs[1].producer().op_type == "Unsqueeze"
+    positions = next(v for v in model.graph.inputs if v.name == LOGITS_AT)
+    assert positions.dtype == ir.DataType.INT64 and list(positions.shape)[1] == LOGITS_AT_DIM
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    assert list(logits.shape)[1] == LOGITS_AT_DIM
+    assert not LastPositionLogitsPass()(model).modified  # once is enough
+
+
+def test_onnxruntime_before_vs_after_on_the_gathered_rows(graphs):
+    before_path, after_path, _ = graphs
+    before, after = OnnxRuntimeExecutor(before_path), OnnxRuntimeExecutor(after_path)
+    ids = np.random.default_rng(0).integers(4, 1024, (3, 9)).astype(np.int64)
+    full = before.run(_feeds(before, ids))["logits"].astype(np.float32)
+    assert full.shape[:2] == (3, 9)
+    every = after.run({**_feeds(after, ids), LOGITS_AT: np.tile(np.arange(9), (3, 1))})
+    np.testing.assert_array_equal(every["logits"].astype(np.float32), full)  # validation: every position
+    last = np.array([[8], [3], [5]])  # serving: each row's last real position (rows right-padded)
+    got = after.run({**_feeds(after, ids), LOGITS_AT: last})
+    assert got["logits"].shape == (3, 1, full.shape[2])
+    np.testing.assert_array_equal(got["logits"][:, 0].astype(np.float32), full[np.arange(3), last[:, 0]])
+    two = np.array([[0, 8], [1, 2], [7, 7]])
+    got = after.run({**_feeds(after, ids), LOGITS_AT: two})["logits"].astype(np.float32)
+    np.testing.assert_array_equal(got, full[np.arange(3)[:, None], two])
+    for present in after.io.present_names:  # the cache is written as before: every position
+        np.testing.assert_array_equal(every[present], before.run(_feeds(before, ids))[present])
+
+
+def test_backend_parses_and_builds_a_native_gather(graphs, tmp_path):
+    _, after_path, _ = graphs
+    engine = build_with_backend(after_path, tmp_path, max_seq=CAPACITY)
+    assert "GATHER" in engine.layer_types and "PLUGIN_V3" not in engine.layer_types
+    io = {t.name: t for t in engine.tensors}
+    assert io[LOGITS_AT].is_input and io[LOGITS_AT].dtype == "int64" and io[LOGITS_AT].shape == (-1, -1)
+    assert io["logits"].shape[:2] == (-1, -1) and io["logits"].shape[2] > 0  # [batch, n, vocab]
