@@ -82,3 +82,35 @@ def test_backend_parses_and_builds_a_native_gather(graphs, tmp_path):
     io = {t.name: t for t in engine.tensors}
     assert io[LOGITS_AT].is_input and io[LOGITS_AT].dtype == "int64" and io[LOGITS_AT].shape == (-1, -1)
     assert io["logits"].shape[:2] == (-1, -1) and io["logits"].shape[2] > 0  # [batch, n, vocab]
+
+
+def test_the_scheduler_asks_for_the_last_positions_and_every_request_gets_its_solo_tokens(graphs):
+    """The in-flight scheduler over the graph after the pass (host slots, and the device manager through
+    test_scheduler_device's in-place stand-in executor) gives each request the tokens of its solo run on the
+    graph before it; every logits it received was [rows, 1, vocab]."""
+    from compiler.runtime.runner import Runner
+    from compiler.runtime.scheduler import Request, Scheduler
+    from tests.test_scheduler_device import InPlaceStandIn
+
+    before_path, after_path, _ = graphs
+    before, after = OnnxRuntimeExecutor(before_path), OnnxRuntimeExecutor(after_path)
+    assert after.io.logits_positions and not before.io.logits_positions
+    rng = np.random.default_rng(3)
+    requests = [Request(rng.integers(4, 1024, n).tolist(), m) for n, m in [(5, 20), (30, 9), (2, 25), (12, 14)]]
+    solo = [Runner(before, pad_token_id=3).generate([r.prompt], r.max_tokens).tokens[0] for r in requests]
+    widths = []
+    run = after.run
+
+    def counted(feeds):
+        out = run(feeds)
+        widths.append(out["logits"].shape[1])
+        return out
+
+    after.run = counted
+    for executor in (after, InPlaceStandIn(after)):
+        scheduler = Scheduler(executor, max_batch=3, max_tokens_per_step=16, pad_token_id=3)
+        handles = [scheduler.submit(r) for r in requests]
+        scheduler.run_until_idle()
+        assert [h.tokens for h in handles] == solo
+        assert max(s.width for s in scheduler.steps) > 1  # prompt chunks ran: n = 1 of a wider step
+    assert set(widths) == {1}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.graph_io import BLOCK_TABLES
-from compiler.runtime.kv_slots import BlockCache, SlotCache
+from compiler.runtime.kv_slots import BlockCache, SlotCache, at
 
 
 def _rows_bytes(tensors) -> int:
@@ -46,11 +46,13 @@ class DeviceSlotCache(SlotCache):
         self.gathered_steps = 0
         return self.executor.cache_buffers(shape)
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
         rows = np.array([self.row[s] for s in seqs])
         order = np.argsort(rows, kind="stable")  # the graph's batch rows in buffer order; logits given back in seqs'
         rows = rows[order]
-        feeds = {"input_ids": input_ids[order], "position_ids": position_ids[order]}
+        feeds = {"input_ids": input_ids[order], "position_ids": position_ids[order],
+                 **at(None if logits_at is None else logits_at[order])}
         if rows[-1] - rows[0] + 1 == len(rows):  # one run: bound at the pointer offset, in place
             start, stop = int(rows[0]), int(rows[-1]) + 1
             logits = self.executor.run_in_place(feeds, {n: b[start:stop] for n, b in self.buffers.items()})
@@ -82,8 +84,10 @@ class DeviceBlockCache(BlockCache):
     def _allocate(self, shape: tuple[int, ...]) -> dict:
         return self.executor.cache_buffers(shape)
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, BLOCK_TABLES: self.tables(seqs)}
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, BLOCK_TABLES: self.tables(seqs),
+                 **at(logits_at)}
         return self.executor.run_in_place(feeds, self.buffers)
 
     def allocated_bytes(self) -> int:

@@ -34,12 +34,17 @@ import heapq
 
 import numpy as np
 
-from compiler.graph_io import BLOCK_TABLES
+from compiler.graph_io import BLOCK_TABLES, LOGITS_AT
 
 
 def bytes_per_token(io, dtype: np.dtype) -> int:
     """The floor: one token's K and V in every layer (layers x 2 x kv_heads x head_dim x bytes)."""
     return io.num_layers * 2 * io.num_kv_heads * io.head_dim * np.dtype(dtype).itemsize
+
+
+def at(logits_at: np.ndarray | None) -> dict:
+    """The step's `logits_positions` feed (graphs after last-position-logits), or nothing."""
+    return {} if logits_at is None else {LOGITS_AT: logits_at}
 
 
 class SlotCache:
@@ -99,11 +104,12 @@ class SlotCache:
     def fits(self, tokens: int) -> bool:
         return tokens <= self.capacity
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
         rows = np.array([self.row[s] for s in seqs])
         contiguous = bool(np.all(np.diff(rows) == 1))
         pick = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
-        feeds = {"input_ids": input_ids, "position_ids": position_ids,
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, **at(logits_at),
                  **{name: buf[pick] for name, buf in self.buffers.items()}}
         out = self.executor.run(feeds)
         for past, present in zip(self.io.past_names, self.io.present_names):
@@ -188,9 +194,10 @@ class BlockCache:
             tables[row, : len(owned)] = owned
         return tables
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
         feeds = {"input_ids": input_ids, "position_ids": position_ids, BLOCK_TABLES: self.tables(seqs),
-                 **self.buffers}
+                 **at(logits_at), **self.buffers}
         out = self.executor.run(feeds)
         self.buffers = {past: out[present] for past, present in zip(self.io.past_names, self.io.present_names)}
         return out["logits"]

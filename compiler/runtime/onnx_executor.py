@@ -23,7 +23,7 @@ from compiler.host.memory import release_freed_memory
 from compiler.host.scratch import on_disk_or_none, scratch_directory
 from compiler.runtime.ort_widen import widened
 from compiler.graph_io import io_from_onnx
-from compiler.runtime.executor import BlockAllocator, HostKVCache
+from compiler.runtime.executor import BlockAllocator, HostKVCache, every_position
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -115,7 +115,8 @@ class OnnxRuntimeExecutor:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
 
-        feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in feeds.items() if k in self._types}
+        feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in every_position(self.io, feeds).items()
+                 if k in self._types}
         for name in self._fp8 & feeds.keys():  # FP8 bytes go in as FP8 tensors; FP8 outputs come back as uint8
             feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(feeds[name], _FP8_E4M3)
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))

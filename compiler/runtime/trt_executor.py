@@ -18,7 +18,7 @@ import numpy as np
 
 from compiler.engine.backend import Backend, get_backend
 from compiler.graph_io import io_from_shapes
-from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape
+from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape, every_position
 from compiler.graph_io import BLOCK_TABLES
 
 
@@ -140,7 +140,7 @@ class TensorRTExecutor:
         come back, as float32 on the host."""
         torch = self._torch
         keep = []
-        for name, arr in feeds.items():
+        for name, arr in every_position(self.io, feeds).items():
             tensor = to_device(arr, self._torch_dtype(name))
             keep.append(tensor)
             self._set_input(name, tensor)
@@ -175,6 +175,7 @@ class TensorRTExecutor:
         torch = self._torch
         self._dummy = torch.empty(16, dtype=torch.uint8, device="cuda")
         keep = []
+        feeds = every_position(self.io, feeds)
         for name in self.inputs:
             tensor = to_device(feeds[name], self._torch_dtype(name))
             keep.append(tensor)
