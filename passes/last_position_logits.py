@@ -43,7 +43,15 @@ def lm_head(graph: ir.Graph) -> ir.Node:
 
 
 class LastPositionLogitsPass(LlmcPass):
-    """Add `logits_positions` [batch, n] and gather the lm_head's input rows; logits [batch, n, vocab]."""
+    """Add `logits_positions` [batch, n] and gather the lm_head's input rows; logits [batch, n, vocab].
+
+    The gathered rows' logits are the same dot products, but a GEMM of fewer rows may run another
+    kernel: bit-identical with FP32 accumulation (llmc's onnxruntime executor), one FP16 ulp apart with
+    onnxruntime's own FP16 MatMul (measured 0.0078 at |logit| 8-16 on the bundled model, by
+    `--check-passes`), as TensorRT may pick another tactic for another M. Hence cleanup's FP16 bound.
+    """
+
+    check_tolerance = (2e-2, 1.0)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
