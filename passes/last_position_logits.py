@@ -2,8 +2,9 @@
 
 Why: a prefill of S tokens computes S x vocab logits and ships them out, while generation samples
 from one row per sequence. At Gemma 3 270M (vocab 262144, hidden 640) a 2048-token prompt's lm_head
-is 2048 x 640 x 262144 MACs (344 GMAC, more than the rest of the 270M model's prefill, ~0.55 TMAC
-counting attention) and 1 GiB of FP16 logits; gathered to the last position it is 1/2048 of both.
+is 2048 x 640 x 262144 = 344 GMAC, more than the rest of its prefill (~100M non-embedding
+parameters x 2048 tokens = 205 GMAC, plus attention), and 1 GiB of FP16 logits; gathered to the
+last position it is 1/2048 of both.
 
 What: a graph input `logits_positions` int64 [batch, n] (indices into the step's sequence dim, per
 row) and a GatherND(batch_dims=1) on the hidden state that feeds the lm_head MatMul, so the MatMul
