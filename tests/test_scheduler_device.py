@@ -134,3 +134,39 @@ def test_a_cache_bound_in_place_must_be_contiguous(linear):
     with pytest.raises(AssertionError):
         stand_in.run_in_place({"input_ids": np.zeros((2, 1), np.int64), "position_ids": np.zeros((2, 1), np.int64)},
                               strided)
+
+
+class _Recorder:
+    """A stand-in executor that only records what it was bound to (no graph runs): for the alignment rule."""
+
+    cache_on_device = True
+
+    def __init__(self, capacity):
+        from compiler.graph_io import GraphIO
+
+        self.io, self.name, self.bound = GraphIO(1, 1, 1, 4, capacity), "recorder", []
+
+    def input_dtype(self, name):
+        return np.dtype(np.float16)
+
+    def cache_buffers(self, shape):
+        return {n: torch.zeros(shape, dtype=torch.float16) for n in self.io.past_names}
+
+    def run_in_place(self, feeds, cache):
+        self.bound.append({n: t.data_ptr() for n, t in cache.items()})
+        return np.zeros((len(feeds["input_ids"]), 1, 4), np.float32)
+
+
+@pytest.mark.parametrize("capacity,in_place", [(128, True), (3, False)])
+def test_a_row_offset_is_bound_only_when_256_byte_aligned(capacity, in_place):
+    """Rows of 128 x 2 bytes sit on 256-byte boundaries: bound at their offset. Rows of 6 bytes do not: gathered
+    (TensorRT's setTensorAddress: "The pointer must have at least 256-byte alignment")."""
+    cache = DeviceSlotCache(_Recorder(capacity), 4)
+    base = cache.buffers["past_key_values.0.key"]
+    for seq in "abc":
+        cache.open(seq, 1)
+    ids = np.zeros((2, 1), np.int64)
+    cache.run(["b", "c"], ids, ids)  # rows 1 and 2: one run starting at row 1
+    bound = cache.executor.bound[-1]["past_key_values.0.key"]
+    assert (bound == base.data_ptr() + capacity * 2) is in_place
+    assert cache.gathered_steps == (0 if in_place else 1)

@@ -13,7 +13,9 @@ TensorRT operator docs, KVCacheUpdate) and only the logits come back to the host
 Linear cache (`DeviceSlotCache`): a step names a set of batch rows, put in buffer order (the
 step's ids and positions permuted to match, its logits permuted back). A contiguous run of rows
 [a, b) is the view `buffer[a:b]`, itself contiguous (rows are the outermost dim), so it is bound at
-the pointer offset a x row bytes: nothing is copied. Rows that are not one run (a sequence in the
+the pointer offset a x row bytes: nothing is copied. TensorRT wants 256-byte aligned addresses
+(setTensorAddress); llmc's rows are (kv_heads x capacity x head_dim x 2 bytes, a multiple of 256 for
+even capacities at head_dim >= 64), and a row offset that is not is gathered like the case below. Rows that are not one run (a sequence in the
 middle retired, or the decode rows of a step are interleaved with prompt rows) are gathered into a
 contiguous staging tensor (`index_select`, a device-to-device copy of those rows' whole capacity),
 run in place there and scattered back (`index_copy_`): 2 x rows x capacity x bytes_per_token of
@@ -32,6 +34,9 @@ import numpy as np
 
 from compiler.graph_io import BLOCK_TABLES
 from compiler.runtime.kv_slots import BlockCache, SlotCache, at
+
+
+ALIGN = 256  # bytes; a fresh staging tensor from torch's CUDA allocator is aligned to 512
 
 
 def _rows_bytes(tensors) -> int:
@@ -53,7 +58,7 @@ class DeviceSlotCache(SlotCache):
         rows = rows[order]
         feeds = {"input_ids": input_ids[order], "position_ids": position_ids[order],
                  **at(None if logits_at is None else logits_at[order])}
-        if rows[-1] - rows[0] + 1 == len(rows):  # one run: bound at the pointer offset, in place
+        if rows[-1] - rows[0] + 1 == len(rows) and self._aligned(int(rows[0])):  # one run: bound at its offset
             start, stop = int(rows[0]), int(rows[-1]) + 1
             logits = self.executor.run_in_place(feeds, {n: b[start:stop] for n, b in self.buffers.items()})
         else:
@@ -61,6 +66,11 @@ class DeviceSlotCache(SlotCache):
         out = np.empty_like(logits)
         out[order] = logits
         return out
+
+    def _aligned(self, row: int) -> bool:
+        """TensorRT: "The pointer must have at least 256-byte alignment" (NvInferRuntime.h, setTensorAddress). The
+        buffers' own addresses are (torch's CUDA allocator: 512 bytes), so the row's offset decides."""
+        return all(row * b[0].numel() * b.element_size() % ALIGN == 0 for b in self.buffers.values())
 
     def _gathered(self, rows: np.ndarray, feeds: dict) -> np.ndarray:
         import torch
