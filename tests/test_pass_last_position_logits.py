@@ -99,6 +99,9 @@ def test_the_scheduler_asks_for_the_last_positions_and_every_request_gets_its_so
     rng = np.random.default_rng(3)
     requests = [Request(rng.integers(4, 1024, n).tolist(), m) for n, m in [(5, 20), (30, 9), (2, 25), (12, 14)]]
     solo = [Runner(before, pad_token_id=3).generate([r.prompt], r.max_tokens).tokens[0] for r in requests]
+    runner = Runner(after, pad_token_id=3)  # its prefill asks for each prompt's last position
+    assert [runner.generate([r.prompt], r.max_tokens).tokens[0] for r in requests] == solo
+    assert runner.prefill([requests[1].prompt, requests[0].prompt]).shape == (2, after.io.vocab_size)
     widths = []
     run = after.run
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.graph_io import BLOCK_TABLES
-from compiler.runtime.kv_slots import BlockCache, SlotCache, at
+from compiler.runtime.executor import at
+from compiler.runtime.kv_slots import BlockCache, SlotCache
 
 
 ALIGN = 256  # bytes; a fresh staging tensor from torch's CUDA allocator is aligned to 512

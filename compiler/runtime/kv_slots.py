@@ -34,17 +34,13 @@ import heapq
 
 import numpy as np
 
-from compiler.graph_io import BLOCK_TABLES, LOGITS_AT
+from compiler.graph_io import BLOCK_TABLES
+from compiler.runtime.executor import at
 
 
 def bytes_per_token(io, dtype: np.dtype) -> int:
     """The floor: one token's K and V in every layer (layers x 2 x kv_heads x head_dim x bytes)."""
     return io.num_layers * 2 * io.num_kv_heads * io.head_dim * np.dtype(dtype).itemsize
-
-
-def at(logits_at: np.ndarray | None) -> dict:
-    """The step's `logits_positions` feed (graphs after last-position-logits), or nothing."""
-    return {} if logits_at is None else {LOGITS_AT: logits_at}
 
 
 class SlotCache:

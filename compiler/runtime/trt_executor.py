@@ -18,7 +18,7 @@ import numpy as np
 
 from compiler.engine.backend import Backend, get_backend
 from compiler.graph_io import io_from_shapes
-from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape, every_position
+from compiler.runtime.executor import BlockAllocator, at, block_tables_for, cache_shape, every_position
 from compiler.graph_io import BLOCK_TABLES
 
 
@@ -159,9 +159,9 @@ class TensorRTExecutor:
         self.stream.synchronize()
         return logits.float().cpu().numpy()
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_at: np.ndarray | None = None) -> np.ndarray:
         """One forward pass with the cache of `start` updated in place (outputs aliased to inputs)."""
-        feeds = {"input_ids": input_ids, "position_ids": position_ids}
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, **at(logits_at)}
         if self.block_tables is not None:
             feeds[BLOCK_TABLES] = self.block_tables
         return self.run_in_place(feeds, self.cache)
