@@ -21,11 +21,17 @@ CAPACITY = 256
 
 
 @pytest.fixture(scope="module")
-def graphs(trained_fp16, tmp_path_factory):
-    """(before, after) paths: the fp16 graph and the same graph after the pass."""
+def graphs(trained, exported, tmp_path_factory):
+    """(before, after) paths: the fp16 recipe's graph without its last pass, and with it (the recipe's own)."""
+    from compiler.frontend.default_model import default_model_dir
+    from compiler.recipe import load_recipe
+    from conftest import final_graph
+
+    recipe = load_recipe("fp16").passes
+    assert recipe[-1] == "last-position-logits"  # every recipe ends with it (recipes/*.yaml)
     folder = tmp_path_factory.mktemp("last-position")
-    model = ir.load(trained_fp16)
-    before = save(model, folder / "before.onnx")
+    before = final_graph(trained, folder / "before.onnx", passes=recipe[:-1], capacity=CAPACITY,
+                         exported=exported(default_model_dir(), trained))
     model = ir.load(before)
     assert LastPositionLogitsPass()(model).modified
     return before, save(model, folder / "after.onnx"), model

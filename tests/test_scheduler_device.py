@@ -101,10 +101,10 @@ def test_rows_that_are_not_one_run_are_gathered_and_scattered_back(linear):
 class AuditedDevice(DeviceBlockCache):
     """The device pool manager, checked at every graph call: no block owned twice, none the scratch block."""
 
-    def run(self, seqs, input_ids, position_ids):
+    def run(self, seqs, input_ids, position_ids, **step):
         owned = [b for s in self.blocks for b in self.blocks[s]]
         assert len(owned) == len(set(owned)) and self.scratch not in owned
-        return super().run(seqs, input_ids, position_ids)
+        return super().run(seqs, input_ids, position_ids, **step)
 
 
 def test_device_pool_too_small_preempts_and_gives_the_host_pools_tokens(paged):
