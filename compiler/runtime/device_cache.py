@@ -3,7 +3,7 @@
 The host managers (kv_slots.SlotCache / BlockCache) keep the cache as numpy arrays and feed it to
 `executor.run` every step: right for onnxruntime on the CPU, where the cache is host memory anyway,
 and ruinous on a GPU, where it would cross PCIe twice per step. Here the buffers are the executor's
-own device tensors (`executor.cache_buffers(rows)`), allocated once, and a step calls
+own device tensors (`executor.cache_buffers(shape)`), allocated once, and a step calls
 `executor.run_in_place(feeds, cache)`: the executor binds each `past_key_values.*` input AND its
 `present.*` output to the address of the tensor it is given, so TensorRT's KVCacheUpdate writes the
 new entries where they already are ("shares the same device memory address with the cache input",
@@ -15,14 +15,15 @@ step's ids and positions permuted to match, its logits permuted back). A contigu
 [a, b) is the view `buffer[a:b]`, itself contiguous (rows are the outermost dim), so it is bound at
 the pointer offset a x row bytes: nothing is copied. TensorRT wants 256-byte aligned addresses
 (setTensorAddress); llmc's rows are (kv_heads x capacity x head_dim x 2 bytes, a multiple of 256 for
-even capacities at head_dim >= 64), and a row offset that is not is gathered like the case below. Rows that are not one run (a sequence in the
-middle retired, or the decode rows of a step are interleaved with prompt rows) are gathered into a
-contiguous staging tensor (`index_select`, a device-to-device copy of those rows' whole capacity),
+even capacities at head_dim >= 64), and a row offset that is not is gathered like the case below.
+Rows that are not one run (a sequence in the middle retired, or the decode rows of a step are
+interleaved with prompt rows) are gathered into a contiguous staging tensor (`index_select`, a device-to-device copy of those rows' whole capacity),
 run in place there and scattered back (`index_copy_`): 2 x rows x capacity x bytes_per_token of
 device memory traffic for that step (Gemma 3 270M at max_seq 4096, 8 rows: 2 x 8 x 75.5 MB = 1.2 GB,
 ~0.25 ms at an H200's 4.8 TB/s; never PCIe). The row allocator hands out the lowest free row, so
-busy rows stay packed and the gather is the exception; `moved_bytes` counts it so a benchmark can
-say how often it happened.
+busy rows stay packed, but the scheduler runs decode rows and prompt chunks as separate calls, whose
+rows interleave: on the bundled model's mixed load (tests/test_scheduler_device.py) 25 of 63 calls
+gathered. `moved_bytes` and `gathered_steps` count them.
 
 Paged cache (`DeviceBlockCache`): the pool is bound whole every step (the block tables, uploaded per
 step, are rows x max_blocks int32: bytes), so no step ever copies cache.
