@@ -63,7 +63,8 @@ class LastPositionLogitsPass(LlmcPass):
         positions = ir.Value(name=LOGITS_AT, shape=ir.Shape([BATCH, LOGITS_AT_DIM]),
                              type=ir.TensorType(ir.DataType.INT64))
         graph.inputs.append(positions)
-        axes = ir.Value(name="llmc.logits_positions.axes", const_value=ir.tensor([2], dtype=ir.DataType.INT64))
+        axes = ir.Value(name="llmc.logits_positions.axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                        const_value=ir.tensor([2], dtype=ir.DataType.INT64))
         graph.register_initializer(axes)
         unsqueeze = ir.node("Unsqueeze", [positions, axes], name="llmc.logits_positions.unsqueeze")
         gather = ir.node("GatherND", [hidden, unsqueeze.outputs[0]], attributes={"batch_dims": 1},

@@ -60,6 +60,8 @@ def test_graph_shape_after(graphs):
     assert positions.dtype == ir.DataType.INT64 and list(positions.shape)[1] == LOGITS_AT_DIM
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     assert list(logits.shape)[1] == LOGITS_AT_DIM
+    axes = model.graph.initializers["llmc.logits_positions.axes"]
+    assert axes.dtype == ir.DataType.INT64 and list(axes.shape) == [1]  # typed, as weight_footprint reads them
     assert not LastPositionLogitsPass()(model).modified  # once is enough
 
 
