@@ -84,13 +84,13 @@ def llm_module(monkeypatch, trained_fp16):
     """compiler.serving.triton_models.llm imported over the stand-in pb_utils, its executor the stand-in."""
     pb = _pb_utils()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models.")]:
+    for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]:
         monkeypatch.delitem(sys.modules, name)
     import compiler.serving.triton_models.llm as llm
 
     monkeypatch.setattr(llm, "TensorRTExecutor", lambda path: InPlaceStandIn(OnnxRuntimeExecutor(trained_fp16)))
     yield pb, llm
-    for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models.")]:
+    for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]:
         sys.modules.pop(name, None)  # modules built on the stand-in are not for other tests
 
 

@@ -171,7 +171,7 @@ def test_llm_refuses_to_load_where_no_engine_can_run(tmp_path, monkeypatch):
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     pb.Logger = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    built = [m for m in sys.modules if m.startswith("compiler.serving.triton_models.")]
+    built = [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]
     for name in built:
         monkeypatch.delitem(sys.modules, name)
     models = write_repository(tmp_path / "triton", _engine(tmp_path), _serving(tmp_path, cpu_fallback=False))
@@ -185,5 +185,5 @@ def test_llm_refuses_to_load_where_no_engine_can_run(tmp_path, monkeypatch):
         with pytest.raises(ExecutionUnavailable, match="^" + reason.split(":")[0]):
             TritonPythonModel().initialize(args)
     finally:
-        for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models.")]:
+        for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]:
             sys.modules.pop(name, None)  # modules built on the stand-in are not for other tests
