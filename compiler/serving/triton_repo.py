@@ -23,7 +23,6 @@ as `llm_onnx`; both take token ids and stream token ids back.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -225,7 +224,7 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
     gen = _python_config(
         "generate", [text_in, max_tokens, *SAMPLING_INPUTS, _tensor("stream", "TYPE_BOOL", [1], True)],
         [_tensor("text_output", "TYPE_STRING", [1])],
-        {**common, "llmc_targets": ",".join(targets), "llmc_graph_io": json.dumps(dataclasses.asdict(serving.io)),
+        {**common, "llmc_targets": ",".join(targets),
          "llmc_engine_backend": engine.backend, "llmc_engine_version": engine.backend_version},
         decoupled=True)
     written["generate"] = _write_model(root, gen, "generate")
