@@ -56,7 +56,7 @@ def test_llm_is_the_scheduler_over_the_engine_not_a_tensorrt_plan_with_implicit_
     assert cfg.max_batch_size == 0 and not cfg.HasField("sequence_batching")
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
         ("input_ids", mc.TYPE_INT64, [-1]), ("max_tokens", mc.TYPE_INT32, [1]), ("temperature", mc.TYPE_FP32, [1]),
-        ("top_k", mc.TYPE_INT32, [1]), ("seed", mc.TYPE_INT64, [1])]
+        ("top_k", mc.TYPE_INT32, [1]), ("seed", mc.TYPE_INT64, [1]), ("speculate", mc.TYPE_INT32, [1])]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("output_ids", [-1])]
     assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert cfg.parameters["llmc_backend_version"].string_value == "1.7.1"
