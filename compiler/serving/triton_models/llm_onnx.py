@@ -68,7 +68,7 @@ class TritonPythonModel:
     def _generate(self, request, sender) -> None:
         """One at a time: this request's whole generation before the next."""
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
-        no_scheduler_for(speculate(request), "llm_onnx")
+        no_scheduler_for(speculate(request), self.name)
         try:
             stream = self.runner.stream([ids], int(scalar(request, "max_tokens", 16)), _sampling(request),
                                         self.stop_tokens)
