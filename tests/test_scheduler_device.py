@@ -170,3 +170,17 @@ def test_a_row_offset_is_bound_only_when_256_byte_aligned(capacity, in_place):
     bound = cache.executor.bound[-1]["past_key_values.0.key"]
     assert (bound == base.data_ptr() + capacity * 2) is in_place
     assert cache.gathered_steps == (0 if in_place else 1)
+
+
+def test_a_next_turn_reuses_its_history_left_in_the_device_rows(linear):
+    """test_scheduler's prefix reuse over the device manager: the freed row's K/V stay in the executor's
+    buffers, so turn 2 feeds only its new tokens and still gets its solo run's tokens."""
+    first = prompts([20], seed=21)[0]
+    scheduler = Scheduler(InPlaceStandIn(linear), max_batch=2, pad_token_id=PAD)
+    assert type(scheduler.cache) is DeviceSlotCache
+    (turn1,) = drive(scheduler, [Request(first, 12)], [0])
+    second = first + turn1.tokens + prompts([7], seed=22)[0]
+    other = prompts([25], seed=23)[0]
+    turn2, stranger = drive(scheduler, [Request(second, 10), Request(other, 10)], [0, 0])
+    assert [turn2.tokens, stranger.tokens] == [solo(linear, Request(second, 10)), solo(linear, Request(other, 10))]
+    assert turn2.prefix_reused == len(first) + len(turn1.tokens) - 1 and stranger.prefix_reused == 0
