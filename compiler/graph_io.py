@@ -17,6 +17,8 @@ BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length
 
 
 BLOCK_TABLES = "block_tables"  # the paged graph's one block-table input, shared by every layer
+# passes/last_position_logits.py: which positions' logits a step returns ([batch, n] indices into its sequence)
+LOGITS_AT, LOGITS_AT_DIM = "logits_positions", "logits_positions_length"
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # per-layer cache input / output name prefixes
 KV = ("key", "value")
 PRESENT_RE = re.compile(rf"{re.escape(PRESENT_PREFIX)}(\d+)\.(key|value)")  # groups: layer, key|value
@@ -48,6 +50,8 @@ class GraphIO:
     # [num_blocks, kv_heads, block_size, head_dim] shared by the batch, addressed through the one
     # `block_tables` input [batch, capacity // block_size]. None: linear [batch, kv_heads, capacity, head_dim].
     block_size: int | None = None
+    # passes/last_position_logits.py ran: a `logits_positions` input picks the positions whose logits come back
+    logits_positions: bool = False
 
     @property
     def paged(self) -> bool:
@@ -68,11 +72,12 @@ class GraphIO:
 
     @property
     def input_names(self) -> list[str]:
+        at = [LOGITS_AT] if self.logits_positions else []
         if self.paged:
-            return ["input_ids", "position_ids", BLOCK_TABLES, *self.past_names]
+            return ["input_ids", "position_ids", BLOCK_TABLES, *self.past_names, *at]
         if self.capacity is not None:
-            return ["input_ids", "position_ids", *self.past_names]
-        return ["input_ids", "attention_mask", "position_ids", *self.past_names]
+            return ["input_ids", "position_ids", *self.past_names, *at]
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names, *at]
 
     @property
     def output_names(self) -> list[str]:
@@ -105,7 +110,7 @@ def io_from_shapes(inputs: dict[str, list], outputs: dict[str, list]) -> GraphIO
         raise ValueError("not an llmc graph: no past_key_values.*.key inputs or no logits output")
     past = inputs[past_name(0, "key")]
     common = dict(num_layers=layers, num_kv_heads=int(past[1]), head_dim=int(past[3]),
-                  vocab_size=int(outputs["logits"][2]))
+                  vocab_size=int(outputs["logits"][2]), logits_positions=LOGITS_AT in inputs)
     if BLOCK_TABLES in inputs:  # paged: past is a pool [num_blocks, kv_heads, block_size, head_dim]
         table = inputs[BLOCK_TABLES]
         if len(table) != 2 or not isinstance(table[1], int) or not isinstance(past[2], int):

@@ -18,6 +18,7 @@ from .cast_fp16 import CastFp16Pass
 from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
 from .kv_cache_scatter import KvCacheScatterPass
+from .last_position_logits import LastPositionLogitsPass
 from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
 from .quantize_int4_gptq import QuantizeInt4GptqPass
@@ -46,6 +47,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "rotary-2d-cache": Rotary2DCachePass,
     "gqa-native-attention": GqaNativeAttentionPass,
     "kv-cache-scatter": KvCacheScatterPass,
+    "last-position-logits": LastPositionLogitsPass,
     "cast-fp16": CastFp16Pass,
     "residual-fp32": ResidualFp32Pass,
     "quantize-int4-rtn": QuantizeInt4RtnPass,

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compiler.graph_io import BLOCK_TABLES, PAST_PREFIX, PRESENT_RE
+from compiler.graph_io import BLOCK_TABLES, LOGITS_AT, PAST_PREFIX, PRESENT_RE
 
 from .kv_cache_scatter import layer_windows
 from .base import LlmcPass
@@ -161,6 +161,8 @@ class AttentionPluginPass(LlmcPass):
         for inp in session.get_inputs():
             if inp.name.startswith(PAST_PREFIX):
                 feeds[inp.name] = np.zeros([1, *inp.shape[1:]], types[inp.type])
+            elif inp.name == LOGITS_AT:  # a graph after last-position-logits: any one position will do
+                feeds[inp.name] = np.zeros((1, 1), np.int64)
         names = [o.name for o in session.get_outputs() if PRESENT_RE.fullmatch(o.name)]
         scales = {}
         for name, value in zip(names, session.run(names, feeds)):

@@ -34,10 +34,9 @@ def _check_artifact(out: Path, arch: str) -> dict:
         assert tool in report["versions"]
     model_dir = out / report["triton_model"]
     cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-    engine_io = {t["name"]: t for t in report["engine"]["io"]}
-    states = cfg.sequence_batching.state  # the KV cache: implicit state of the Triton sequence
-    declared = {i.name for i in [*cfg.input, *cfg.output]} | {s.input_name for s in states} | {s.output_name for s in states}
-    assert declared == set(engine_io) and len(states) == 2 * report["model"]["spec"]["num_layers"]
+    # llm: llmc's scheduler over the engine (ids in, ids out); the KV cache never crosses Triton
+    assert cfg.backend == "python" and cfg.model_transaction_policy.decoupled and not cfg.HasField("sequence_batching")
+    assert [i.name for i in cfg.output] == ["output_ids"]
     assert (model_dir / "1" / "model.plan").read_bytes() == (out / "model.plan").read_bytes()
     # Nothing half-written left next to the output.
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]

@@ -74,7 +74,8 @@ def test_paged_graph_has_block_pools_and_one_block_table_input(paged16, final_fp
     assert (DOMAIN, OP) not in ops and ("", "Attention") not in ops and ("", "TensorScatter") not in ops
 
     io = io_from_onnx(path)
-    assert io == GraphIO(layers, kv_heads, head_dim, 512, capacity=128, block_size=16) and io.max_blocks == 8
+    assert io == GraphIO(layers, kv_heads, head_dim, 512, capacity=128, block_size=16,
+                         logits_positions=True) and io.max_blocks == 8  # the fp16 graph ends with last-position-logits
     assert [v.name for v in model.graph.inputs] == io.input_names
     table = model.graph.inputs[2]
     assert table.name == BLOCK_TABLES and table.dtype == ir.DataType.INT32
@@ -274,7 +275,7 @@ def test_paged_recipes_are_refused_before_parsing_without_plugins(paged16, tmp_p
 
     for name in ("fp16-paged", "fp8kv-paged"):
         recipe = load_recipe(name)
-        assert needs_plugins(recipe.passes) and recipe.pass_options[-1] == {"paged": True, "block_size": 16}
+        assert needs_plugins(recipe.passes) and recipe.pass_options[-2] == {"paged": True, "block_size": 16}
     backend = get_backend()
     if backend.supports_plugins:
         pytest.skip(f"{backend.name} {backend.version} has plugin layers: the refusal path does not apply "

@@ -170,8 +170,8 @@ def test_registered_needs_calibration_and_checks_its_options(trained_fp16, train
 
     assert needs_calibration(["quantize-int4-gptq"]) and pass_class("quantize-int4-gptq").weight_format == "int4-gptq"
     recipe = load_recipe("int4-gptq")
-    assert recipe.passes[-2] == "quantize-int4-gptq" and recipe.max_ppl_delta == 0.10
-    opts = recipe.options_for(len(recipe.passes) - 2)  # the best measured on Gemma 3 270M (NOTES)
+    assert recipe.passes[-3] == "quantize-int4-gptq" and recipe.max_ppl_delta == 0.10
+    opts = recipe.options_for(len(recipe.passes) - 3)  # the best measured on Gemma 3 270M (NOTES)
     assert opts["awq"] is True and opts["clip"] is True and make_pass(
         "quantize-int4-gptq", PassContext(max_positions=256, activations={}), opts).clip_scales
     with pytest.raises(ir.passes.PreconditionError) as info:

@@ -126,12 +126,12 @@ def test_no_free_slot_makes_admission_wait(linear):
 class Audited(BlockCache):
     """The paged manager, checked at every graph call: no block owned twice, none the scratch block."""
 
-    def run(self, seqs, input_ids, position_ids):
+    def run(self, seqs, input_ids, position_ids, **step):
         owned = [b for s in self.blocks for b in self.blocks[s]]
         assert len(owned) == len(set(owned)) and self.scratch not in owned
         assert sorted(owned + self._free) == list(range(self.num_blocks))
         self.calls = getattr(self, "calls", 0) + 1
-        return super().run(seqs, input_ids, position_ids)
+        return super().run(seqs, input_ids, position_ids, **step)
 
 
 def test_a_pool_too_small_for_all_waits_preempts_and_every_request_finishes_right(paged):

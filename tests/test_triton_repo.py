@@ -45,22 +45,25 @@ def _parse(model_dir: Path) -> mc.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-def test_llm_config_keeps_kv_cache_as_implicit_sequence_state(tmp_path):
+def test_llm_is_the_scheduler_over_the_engine_not_a_tensorrt_plan_with_implicit_state(tmp_path):
+    """`llm` is a decoupled Python model (ids in, ids out, llm_onnx's I/O) on a GPU instance, with model.plan
+    beside it; no sequence batcher, no state: the cache stays in llmc's executor (triton_repo's docstring)."""
     engine = _engine(tmp_path)
     models = write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=False))
     assert sorted(models) == ["generate", "llm", "postprocessing", "preprocessing"]
     cfg = _parse(models["llm"])
-    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 4
-    assert [i.name for i in cfg.input] == ["input_ids", "position_ids"]
-    assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [-1, 512])]
-    assert cfg.input[0].data_type == mc.TYPE_INT64 and cfg.output[0].data_type == mc.TYPE_FP16
-    states = {(s.input_name, s.output_name, tuple(s.dims)) for s in cfg.sequence_batching.state}
-    assert states == {("past_key_values.0.key", "present.0.key", (2, 64, 32)),
-                      ("past_key_values.0.value", "present.0.value", (2, 64, 32))}
-    assert all(s.initial_state[0].zero_data for s in cfg.sequence_batching.state)
-    assert cfg.sequence_batching.HasField("direct")
+    assert cfg.backend == "python" and not cfg.platform and cfg.model_transaction_policy.decoupled
+    assert cfg.max_batch_size == 0 and not cfg.HasField("sequence_batching")
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        ("input_ids", mc.TYPE_INT64, [-1]), ("max_tokens", mc.TYPE_INT32, [1]), ("temperature", mc.TYPE_FP32, [1]),
+        ("top_k", mc.TYPE_INT32, [1]), ("seed", mc.TYPE_INT64, [1]), ("speculate", mc.TYPE_INT32, [1])]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("output_ids", [-1])]
+    assert [g.kind for g in cfg.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert cfg.parameters["llmc_backend_version"].string_value == "1.7.1"
+    assert cfg.parameters["llmc_scheduler_max_batch"].string_value == "4"  # the engine profile's rows
+    assert cfg.parameters["llmc_stop_token_ids"].string_value == "2"
     assert (models["llm"] / "1" / "model.plan").read_bytes() == engine.plan_path.read_bytes()
+    assert "compiler.serving.triton_models.llm import" in (models["llm"] / "1" / "model.py").read_text()
     gen = _parse(models["generate"])
     assert gen.model_transaction_policy.decoupled and gen.backend == "python"
     assert gen.parameters["llmc_targets"].string_value == "llm"
@@ -78,18 +81,24 @@ def test_cpu_fallback_adds_llm_onnx(tmp_path):
     assert _parse(models["generate"]).parameters["llmc_targets"].string_value == "llm,llm_onnx"
 
 
-def test_check_rejects_config_that_disagrees_with_engine(tmp_path):
+def test_check_rejects_a_config_llm_could_not_serve(tmp_path):
     engine = _engine(tmp_path)
-    cfg = make_config(engine)
-    cfg.output[0].dims[1] = 1000
-    with pytest.raises(ValueError, match="differs from the engine"):
-        check_config(text_format.MessageToString(cfg), engine)
-    cfg = make_config(engine)
-    cfg.sequence_batching.state[0].dims[1] = -1
-    with pytest.raises(ValueError, match="must be static"):
-        check_config(text_format.MessageToString(cfg), engine)
+    good = make_config(engine, {})
+    check_config(text_format.MessageToString(good), engine)
+    for breaks, message in [
+            (lambda c: setattr(c.model_transaction_policy, "decoupled", False), "must be decoupled"),
+            (lambda c: c.output[0].dims.__setitem__(0, 1), "is not llm_onnx's"),
+            (lambda c: c.sequence_batching.state.add(input_name="past_key_values.0.key"), "no sequence batcher"),
+            (lambda c: setattr(c.instance_group[0], "kind", mc.ModelInstanceGroup.KIND_CPU), "one GPU instance"),
+            (lambda c: c.parameters["llmc_backend_version"].__setattr__("string_value", "1.7.0"), "differs"),
+            (lambda c: c.parameters["llmc_scheduler_max_batch"].__setattr__("string_value", "0"), "must be >= 1")]:
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(good)
+        breaks(cfg)
+        with pytest.raises(ValueError, match=message):
+            check_config(text_format.MessageToString(cfg), engine)
     with pytest.raises(text_format.ParseError):
-        check_config("platform: tensorrt_plan\nbogus_field: 1\n", engine)
+        check_config("backend: 'python'\nbogus_field: 1\n", engine)
 
 
 def test_engine_version_check_names_both_versions():
@@ -104,165 +113,77 @@ def test_name_sanitizing():
     assert triton_model_name("a b:c") == "a_b_c"
 
 
-def test_paged_engine_is_refused_before_anything_is_written(tmp_path):
-    """A paged engine's cache is one block pool for the batch: not per-sequence implicit state."""
-    from compiler.errors import BadInputError
-
-    pool = (-1, 2, 16, 32)
-    engine = _engine(tmp_path, [
-        TensorInfo("input_ids", "int64", (-1, -1), True), TensorInfo("position_ids", "int64", (-1, -1), True),
-        TensorInfo("block_tables", "int32", (-1, 4), True),
-        TensorInfo("past_key_values.0.key", "float16", pool, True),
-        TensorInfo("past_key_values.0.value", "float16", pool, True),
-        TensorInfo("logits", "float16", (-1, -1, 512), False),
-        TensorInfo("present.0.key", "float16", pool, False), TensorInfo("present.0.value", "float16", pool, False)])
-    with pytest.raises(BadInputError, match="paged KV cache.*fp16 or fp16-plugin recipe"):
-        write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
-    assert not (tmp_path / "triton").exists()
-    with pytest.raises(BadInputError, match="block_tables"):
-        make_config(engine)
-
-
-def _fp8_engine(tmp_path: Path) -> EngineArtifact:
-    cache = (-1, 2, 64, 32)
+def _cache_engine(tmp_path: Path, dtype: str, paged: bool) -> EngineArtifact:
+    cache = (-1, 2, 16, 32) if paged else (-1, 2, 64, 32)
+    tables = [TensorInfo("block_tables", "int32", (-1, 4), True)] if paged else []
     return _engine(tmp_path, [
         TensorInfo("input_ids", "int64", (-1, -1), True), TensorInfo("position_ids", "int64", (-1, -1), True),
-        TensorInfo("past_key_values.0.key", "float8e4m3fn", cache, True),
-        TensorInfo("past_key_values.0.value", "float8e4m3fn", cache, True),
+        *tables,
+        TensorInfo("past_key_values.0.key", dtype, cache, True), TensorInfo("past_key_values.0.value", dtype, cache, True),
         TensorInfo("logits", "float16", (-1, -1, 512), False),
-        TensorInfo("present.0.key", "float8e4m3fn", cache, False),
-        TensorInfo("present.0.value", "float8e4m3fn", cache, False)])
+        TensorInfo("present.0.key", dtype, cache, False), TensorInfo("present.0.value", dtype, cache, False)])
 
 
-def test_fp8_cache_engine_is_refused_with_the_reason_before_anything_is_written(tmp_path):
-    """Triton's ModelConfig DataType has no FP8 (and the TensorRT backend refuses kFP8 bindings whatever the
-    config declares): an fp8kv engine gets a one-line refusal, not a KeyError, and no half-written repository."""
-    from compiler.errors import BadInputError
+@pytest.mark.parametrize("dtype,paged", [("float8e4m3fn", False), ("float16", True), ("float8e4m3fn", True)])
+def test_fp8_and_paged_caches_are_served_because_the_cache_never_crosses_triton(tmp_path, dtype, paged):
+    """With implicit state these were refused (model_config.proto has no FP8 DataType, asserted here; a pool
+    shared by the batch is no per-sequence state). In llm the cache is the executor's device tensors."""
     from compiler.serving.triton_repo import unservable_reason
 
     assert not [name for name in mc.DataType.keys() if "FP8" in name or "FLOAT8" in name]
-    engine = _fp8_engine(tmp_path)
+    engine = _cache_engine(tmp_path, dtype, paged)
+    assert unservable_reason(engine) is None
+    models = write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
+    assert (models["llm"] / "1" / "model.plan").is_file() and _parse(models["llm"]).backend == "python"
+
+
+def test_an_engine_llm_cannot_bind_in_place_is_refused_before_anything_is_written(tmp_path):
+    from compiler.errors import BadInputError
+    from compiler.serving.triton_repo import unservable_reason
+
+    engine = _engine(tmp_path)
+    del engine.tensors[5]  # present.0.key
     reason = unservable_reason(engine)
-    assert "float8e4m3fn tensors (past_key_values.0.key, past_key_values.0.value, ...)" in reason
-    assert "fp16 or fp16-plugin recipe" in reason and "\n" not in reason
-    with pytest.raises(BadInputError, match="float8e4m3fn tensors"):
+    assert "has past_key_values.0.key but no present.0.key" in reason and "\n" not in reason
+    with pytest.raises(BadInputError, match="no present.0.key"):
         write_repository(tmp_path / "triton", engine, _serving(tmp_path, cpu_fallback=True))
     assert not (tmp_path / "triton").exists()
-    with pytest.raises(BadInputError, match="float8e4m3fn tensors"):
-        make_config(engine)
-    assert unservable_reason(_engine(tmp_path)) is None
+    grown = _engine(tmp_path)
+    grown.tensors[2] = TensorInfo("past_key_values.0.key", "float16", (-1, 2, -1, 32), True)
+    assert "grows by Concat" in unservable_reason(grown)
 
 
-def test_every_engine_dtype_is_a_triton_type_or_refused(tmp_path):
-    """Each DataType of the installed TensorRT(-RTX), named as build.py names engine tensors, either maps to a
-    member of Triton's ModelConfig DataType or makes the engine unservable (never a KeyError at packaging)."""
-    from compiler.engine.backend import get_backend
-    from compiler.engine.engine_build import _np_dtype
-    from compiler.serving.triton_repo import _TRITON_TYPES, unservable_reason
-
-    trt = get_backend().trt
-    names = {_np_dtype(trt, d) for d in trt.DataType.__members__.values()}
-    assert {"float16", "bfloat16", "float8e4m3fn", "int64"} <= names
-    for name in sorted(names):
-        engine = _engine(tmp_path)
-        engine.tensors[4] = TensorInfo("logits", name, (-1, -1, 512), False)
-        if name in _TRITON_TYPES:
-            assert mc.DataType.Name(mc.DataType.Value(_TRITON_TYPES[name])) == _TRITON_TYPES[name]
-            assert unservable_reason(engine) is None
-            cfg = check_config(text_format.MessageToString(make_config(engine)), engine)
-            assert cfg.output[0].data_type == mc.DataType.Value(_TRITON_TYPES[name])
-        else:
-            assert name in unservable_reason(engine), name
-
-
-def _stand_in_pb_utils(device_of_outputs: str):
-    """A stand-in for `triton_python_backend_utils` (it exists only inside Triton's Python-backend stub), following
-    python_backend's documented behaviour: a BLS response's outputs stay on the device the called model produced
-    them on unless the request's `preferred_memory` names another (README.md, "preferred_memory"), and
-    `as_numpy()` raises on a GPU tensor (src/pb_tensor.cc, PbTensor::AsNumpy). Like the real stub, it gets
-    PreferredMemory only after the model's module is imported (seen with nvidia-pytriton's stub): `arm`."""
+def test_llm_refuses_to_load_where_no_engine_can_run(tmp_path, monkeypatch):
+    """On a machine without a GPU TensorRT runs on (this one), `llm`'s initialize raises the executor's reason, so
+    Triton marks it UNAVAILABLE with that line and `generate` falls back to llm_onnx. With a stand-in for
+    `triton_python_backend_utils` (it exists only inside Triton's Python-backend stub)."""
+    import json
+    import sys
     import types
 
-    import numpy as np
+    from compiler.engine.backend import get_backend
+    from compiler.runtime.trt_executor import ExecutionUnavailable
 
+    reason = get_backend().execution_unavailable_reason()
+    if reason is None:
+        pytest.skip("an engine can run here: llm loads (the GPU tests cover it)")
     pb = types.ModuleType("triton_python_backend_utils")
-    pb.TRITONSERVER_MEMORY_GPU, pb.TRITONSERVER_MEMORY_CPU = "GPU", "CPU"
-    pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 1, 2
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    pb.requests = []
-
-    class PreferredMemory:
-        def __init__(self, preferred_memory_type, preferred_device_id=0):
-            self.preferred_memory_type, self.preferred_device_id = preferred_memory_type, preferred_device_id
-
-    class Tensor:
-        def __init__(self, name, array, device="CPU"):
-            self.name, self._array, self._device = name, np.asarray(array), device
-
-        def is_cpu(self):
-            return self._device == "CPU"
-
-        def as_numpy(self):
-            if not self.is_cpu():
-                raise RuntimeError("Tensor is stored in GPU and cannot be converted to NumPy.")
-            return self._array
-
-    class Response:
-        def __init__(self, outputs):
-            self.outputs = outputs
-
-        def has_error(self):
-            return False
-
-    class InferenceRequest:
-        def __init__(self, model_name, inputs, requested_output_names, correlation_id=0, flags=0,
-                     preferred_memory=None, **_):
-            self.kwargs = dict(model_name=model_name, correlation_id=correlation_id, flags=flags)
-            self.inputs, self.preferred_memory = inputs, preferred_memory
-            pb.requests.append(self)
-
-        def exec(self):
-            ids = self.inputs[0].as_numpy()
-            logits = np.zeros((*ids.shape, 8), np.float16)
-            logits[..., 3] = 1.0
-            prefer = self.preferred_memory.preferred_memory_type if self.preferred_memory else None
-            return Response([Tensor("logits", logits, device=prefer or device_of_outputs)])
-
-    pb.Tensor, pb.InferenceRequest = Tensor, InferenceRequest
-
-    def arm():
-        pb.PreferredMemory = PreferredMemory
-
-    pb.arm = arm
-    pb.get_output_tensor_by_name = lambda response, name: next(t for t in response.outputs if t.name == name)
-    return pb
-
-
-def test_bls_engine_steps_ask_for_host_logits(monkeypatch):
-    """TritonEngineExecutor's requests to `llm` (the TensorRT backend answers in GPU memory) get their logits in
-    host memory, so the runner can read them; with a stand-in pb_utils (see _stand_in_pb_utils)."""
-    import sys
-
-    import numpy as np
-
-    from compiler.graph_io import GraphIO
-
-    pb = _stand_in_pb_utils(device_of_outputs="GPU")
+    pb.Logger = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    stand_in_built = ("compiler.serving.triton_models.common", "compiler.serving.triton_models.generate")
-    for name in stand_in_built:
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    built = [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]
+    for name in built:
+        monkeypatch.delitem(sys.modules, name)
+    models = write_repository(tmp_path / "triton", _engine(tmp_path), _serving(tmp_path, cpu_fallback=False))
     try:
-        from compiler.serving.triton_models.generate import TritonEngineExecutor
+        from compiler.serving.triton_models.llm import TritonPythonModel
 
-        pb.arm()  # the stub's setup, after model.py is imported
-        executor = TritonEngineExecutor(GraphIO(1, 2, 32, 8, 64))
-        executor.start(1)
-        logits = executor.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]))
-        executor.close()
+        args = {"model_config": json.dumps({"name": "llm", "parameters": {
+                    k: {"string_value": v.string_value} for k, v in _parse(models["llm"]).parameters.items()}}),
+                "model_repository": str(models["llm"]), "model_version": "1", "model_instance_kind": "GPU",
+                "model_instance_device_id": "0"}
+        with pytest.raises(ExecutionUnavailable, match="^" + reason.split(":")[0]):
+            TritonPythonModel().initialize(args)
     finally:
-        for name in stand_in_built:  # modules built on the stand-in are not for other tests
-            sys.modules.pop(name, None)
-    assert logits.dtype == np.float32 and logits.shape == (1, 3, 8) and logits[0, -1].argmax() == 3
-    assert [r.kwargs["flags"] for r in pb.requests] == [1, 2]  # SEQUENCE_START, then the closing SEQUENCE_END
-    assert all(r.preferred_memory.preferred_memory_type == "CPU" for r in pb.requests)
+        for name in [m for m in sys.modules if m.startswith("compiler.serving.triton_models")]:
+            sys.modules.pop(name, None)  # modules built on the stand-in are not for other tests

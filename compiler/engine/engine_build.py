@@ -15,7 +15,7 @@ import onnx
 
 from compiler.engine.backend import Backend
 from compiler.errors import BackendBuildError
-from compiler.graph_io import BATCH, PAST, SEQ, TOTAL, TensorInfo
+from compiler.graph_io import BATCH, LOGITS_AT_DIM, PAST, SEQ, TOTAL, TensorInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +114,7 @@ def profile_shapes(dims, options: BuildOptions) -> tuple[tuple, tuple, tuple]:
         SEQ: (1, 1, s),
         PAST: (0, s // 2, s - 1),
         TOTAL: (1, s // 2 + 1, s),
+        LOGITS_AT_DIM: (1, 1, s),  # positions whose logits a step returns: serving asks for 1, validation for all
     }
     if NUM_BLOCKS in dims and len(dims) == 4 and isinstance(dims[2], int) and dims[2] > 0:
         blocks = b * -(-s // dims[2])

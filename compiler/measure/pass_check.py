@@ -24,7 +24,7 @@ from passes.base import EXACT
 
 from compiler.graph_io import io_from_model
 from compiler.runtime.executor import block_tables_for, cache_shape
-from compiler.graph_io import BLOCK_TABLES
+from compiler.graph_io import BLOCK_TABLES, LOGITS_AT
 
 BATCH, TOKENS = 2, 12
 _PROTO_LIMIT = 1 << 30  # serialize in memory below this many weight bytes
@@ -79,6 +79,7 @@ def prefill_logits(model: ir.Model, input_ids: np.ndarray) -> np.ndarray:
     empty = cache_shape(io, batch) if io.capacity is not None else (batch, io.num_kv_heads, 0, io.head_dim)
     values = {"input_ids": input_ids, "position_ids": np.tile(np.arange(tokens, dtype=np.int64), (batch, 1)),
               "attention_mask": np.ones((batch, tokens), np.int64), **{n: np.zeros(empty) for n in io.past_names}}
+    values[LOGITS_AT] = values["position_ids"]  # after last-position-logits: every position's logits
     if io.paged:  # the pool and its block tables (the executor's default, shuffled layout)
         values[BLOCK_TABLES] = block_tables_for(io, batch)
     feeds = {}

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from compiler.graph_io import BLOCK_TABLES, GraphIO
+from compiler.graph_io import BLOCK_TABLES, LOGITS_AT, GraphIO
 
 
 class Executor(Protocol):
@@ -30,7 +30,7 @@ class Executor(Protocol):
 
     def start(self, batch: int) -> None: ...
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_at: np.ndarray | None = None) -> np.ndarray: ...
 
 
 BlockAllocator = Callable[[int, int], np.ndarray]  # (batch, max_blocks) -> block tables [batch, max_blocks]
@@ -45,6 +45,20 @@ def shuffled_block_tables(batch: int, max_blocks: int, seed: int = 0) -> np.ndar
 def identity_block_tables(batch: int, max_blocks: int) -> np.ndarray:
     """Sequence b owns blocks b*max_blocks .. (b+1)*max_blocks-1 in order: the linear cache's layout."""
     return np.arange(batch * max_blocks, dtype=np.int32).reshape(batch, max_blocks)
+
+
+def at(logits_at: np.ndarray | None) -> dict:
+    """The step's `logits_positions` feed (graphs after last-position-logits), or nothing."""
+    return {} if logits_at is None else {LOGITS_AT: logits_at}
+
+
+def every_position(io: GraphIO, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds`, with `logits_positions` asking for every position where the graph takes it and the caller
+    named none (the runner, validation, quality: they read all positions' logits, as before the pass)."""
+    if not io.logits_positions or LOGITS_AT in feeds:
+        return feeds
+    batch, seq = np.shape(feeds["input_ids"])
+    return {**feeds, LOGITS_AT: np.tile(np.arange(seq, dtype=np.int64), (batch, 1))}
 
 
 def cache_shape(io: GraphIO, batch: int) -> tuple[int, ...]:

@@ -3,7 +3,9 @@
 The compiled graph addresses the cache by position (compiler/graph_io.py): a linear graph takes
 [batch, kv_heads, capacity, head_dim] per layer and writes a row's tokens at slots = positions; a
 paged graph takes a block pool plus `block_tables` [batch, capacity // block_size]. Both managers
-keep the cache as host arrays and call `executor.run(feeds)`, so any executor with a `run` serves.
+keep the cache as host arrays and call `executor.run(feeds)`, so any executor with a `run` serves;
+an executor that keeps its cache on the device (TensorRT) gets device_cache.py's subclasses, which
+share this bookkeeping and never move the cache to the host.
 
 Linear (`SlotCache`): the buffers' batch rows are slots. A sequence owns one row from admission to
 retirement and a freed row is handed to the next sequence as it is, unzeroed: its positions restart
@@ -33,6 +35,7 @@ import heapq
 import numpy as np
 
 from compiler.graph_io import BLOCK_TABLES
+from compiler.runtime.executor import at
 
 
 def bytes_per_token(io, dtype: np.dtype) -> int:
@@ -51,13 +54,16 @@ class SlotCache:
             raise ValueError(f"slots must be >= 1 (got {slots})")
         self.io, self.executor, self.slots, self.capacity = io, executor, slots, io.capacity
         self.dtype = executor.input_dtype(io.past_names[0])
-        shape = (slots, io.num_kv_heads, io.capacity, io.head_dim)
-        self.buffers = {name: np.zeros(shape, self.dtype) for name in io.past_names}
+        self.buffers = self._allocate((slots, io.num_kv_heads, io.capacity, io.head_dim))
         self._free = list(range(slots))  # a heap: the lowest free row first keeps busy rows contiguous
         self.row: dict[object, int] = {}
         self.length: dict[object, int] = {}  # positions each sequence has reserved
         self.history: dict[int, list[int]] = {}  # free row -> the tokens whose K/V its first slots hold
         self.reuse: dict[object, int] = {}  # sequence -> positions it found in its row at admission
+
+    def _allocate(self, shape: tuple[int, ...]) -> dict:
+        """One zeroed host buffer per past input (device_cache.py's managers allocate on the device)."""
+        return {name: np.zeros(shape, self.dtype) for name in self.io.past_names}
 
     def open(self, seq, tokens: int, prefix: list[int] | None = None) -> bool:
         """Give `seq` a row if one is free (its first `tokens` positions always fit: capacity is per row):
@@ -94,11 +100,12 @@ class SlotCache:
     def fits(self, tokens: int) -> bool:
         return tokens <= self.capacity
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
         rows = np.array([self.row[s] for s in seqs])
         contiguous = bool(np.all(np.diff(rows) == 1))
         pick = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
-        feeds = {"input_ids": input_ids, "position_ids": position_ids,
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, **at(logits_at),
                  **{name: buf[pick] for name, buf in self.buffers.items()}}
         out = self.executor.run(feeds)
         for past, present in zip(self.io.past_names, self.io.present_names):
@@ -137,10 +144,13 @@ class BlockCache:
         self.io, self.executor, self.capacity = io, executor, io.capacity
         self.block_size, self.num_blocks, self.scratch = io.block_size, num_blocks, num_blocks
         self.dtype = executor.input_dtype(io.past_names[0])
-        shape = (num_blocks + 1, io.num_kv_heads, io.block_size, io.head_dim)
-        self.buffers = {name: np.zeros(shape, self.dtype) for name in io.past_names}
+        self.buffers = self._allocate((num_blocks + 1, io.num_kv_heads, io.block_size, io.head_dim))
         self._free = list(range(num_blocks))
         self.blocks: dict[object, list[int]] = {}
+
+    def _allocate(self, shape: tuple[int, ...]) -> dict:
+        """One zeroed host buffer per past input (device_cache.py's managers allocate on the device)."""
+        return {name: np.zeros(shape, self.dtype) for name in self.io.past_names}
 
     def _needed(self, seq, end: int) -> int:
         return -(-end // self.block_size) - len(self.blocks[seq])
@@ -180,9 +190,10 @@ class BlockCache:
             tables[row, : len(owned)] = owned
         return tables
 
-    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, seqs: list, input_ids: np.ndarray, position_ids: np.ndarray,
+            logits_at: np.ndarray | None = None) -> np.ndarray:
         feeds = {"input_ids": input_ids, "position_ids": position_ids, BLOCK_TABLES: self.tables(seqs),
-                 **self.buffers}
+                 **at(logits_at), **self.buffers}
         out = self.executor.run(feeds)
         self.buffers = {past: out[present] for past, present in zip(self.io.past_names, self.io.present_names)}
         return out["logits"]
@@ -197,9 +208,15 @@ class BlockCache:
 
 def cache_for(executor, max_batch: int, num_blocks: int | None = None):
     """The manager the graph needs: row slots for a linear cache, blocks (default: enough for
-    max_batch full-length sequences) for a paged one."""
+    max_batch full-length sequences) for a paged one; on the device (device_cache.py) where the
+    executor keeps its cache there (`cache_on_device`: TensorRT), as host arrays otherwise."""
+    slots, blocks = SlotCache, BlockCache
+    if getattr(executor, "cache_on_device", False):
+        from compiler.runtime.device_cache import DeviceBlockCache, DeviceSlotCache
+
+        slots, blocks = DeviceSlotCache, DeviceBlockCache
     if executor.io.paged:
-        return BlockCache(executor, num_blocks or max_batch * executor.io.max_blocks)
+        return blocks(executor, num_blocks or max_batch * executor.io.max_blocks)
     if num_blocks is not None:
         raise ValueError("num_blocks applies to paged graphs only; this graph's cache is linear (one row per sequence)")
-    return SlotCache(executor, max_batch)
+    return slots(executor, max_batch)

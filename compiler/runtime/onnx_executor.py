@@ -23,7 +23,7 @@ from compiler.host.memory import release_freed_memory
 from compiler.host.scratch import on_disk_or_none, scratch_directory
 from compiler.runtime.ort_widen import widened
 from compiler.graph_io import io_from_onnx
-from compiler.runtime.executor import BlockAllocator, HostKVCache
+from compiler.runtime.executor import BlockAllocator, HostKVCache, at, every_position
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -115,7 +115,8 @@ class OnnxRuntimeExecutor:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
 
-        feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in feeds.items() if k in self._types}
+        feeds = {k: np.ascontiguousarray(v, dtype=self._types[k]) for k, v in every_position(self.io, feeds).items()
+                 if k in self._types}
         for name in self._fp8 & feeds.keys():  # FP8 bytes go in as FP8 tensors; FP8 outputs come back as uint8
             feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(feeds[name], _FP8_E4M3)
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
@@ -123,7 +124,9 @@ class OnnxRuntimeExecutor:
     def start(self, batch: int) -> None:
         self.cache = HostKVCache(self.io, batch, self.input_dtype(self.io.past_names[0]), self.block_allocator)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        out = self.run(self.cache.feeds(input_ids, position_ids))
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_at: np.ndarray | None = None) -> np.ndarray:
+        """One step over the started cache; `logits_at` [batch, n]: the positions whose logits come back
+        (graphs after last-position-logits; default every position)."""
+        out = self.run({**self.cache.feeds(input_ids, position_ids), **at(logits_at)})
         self.cache.update(out)
         return out["logits"].astype(np.float32)

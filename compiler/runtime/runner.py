@@ -86,8 +86,10 @@ class Runner:
             ids[row, : len(prompt)] = prompt
         positions = np.tile(np.arange(width, dtype=np.int64), (len(prompts), 1))
         self.executor.start(len(prompts))
-        logits = self.executor.step(ids, positions)
-        return logits[np.arange(len(prompts)), np.array(lengths) - 1]
+        last = np.array(lengths, np.int64)[:, None] - 1
+        if self.io.logits_positions:  # the graph computes the last position's logits only (last-position-logits)
+            return self.executor.step(ids, positions, logits_at=last)[:, 0]
+        return self.executor.step(ids, positions)[np.arange(len(prompts)), last[:, 0]]
 
     def decode(self, tokens: list[int], positions: list[int]) -> np.ndarray:
         """One token per sequence at its own position; returns logits [batch, vocab]."""

@@ -246,7 +246,15 @@ class Scheduler:
         for r, (seq, n) in enumerate(rows):
             ids[r, :n] = seq.feed(n)
             positions[r] = np.arange(seq.cached, seq.cached + width)  # pads: the positions after the row's own
-        logits = self.cache.run(seqs, ids, positions)
+        # A graph after last-position-logits returns the positions asked for: each row's last real one, or
+        # every one where a speculating row verifies its proposals.
+        every = any(seq.proposal for seq in seqs) or not self.io.logits_positions
+        if self.io.logits_positions:
+            at = (np.tile(np.arange(width, dtype=np.int64), (len(rows), 1)) if every
+                  else np.array([[n - 1] for _, n in rows], np.int64))
+            logits = self.cache.run(seqs, ids, positions, logits_at=at)
+        else:
+            logits = self.cache.run(seqs, ids, positions)
         for r, (seq, n) in enumerate(rows):
             seq.handle.peak_rows = max(seq.handle.peak_rows, len(rows))
             if seq.proposal:
@@ -254,7 +262,7 @@ class Scheduler:
                 continue
             seq.cached += n
             if seq.cached == len(seq.tokens):  # caught up: this row's last real position predicts the next token
-                self._sample(seq, np.asarray(logits[r, n - 1], np.float32))
+                self._sample(seq, np.asarray(logits[r, n - 1 if every else 0], np.float32))
         self.steps.append(StepStats(len(rows), width, sum(n for _, n in rows), time.perf_counter() - start))
 
     def _poll_clients(self) -> None:

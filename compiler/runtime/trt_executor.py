@@ -4,8 +4,8 @@ Deserializes the engine, sets every input's shape per step, binds device buffers
 tensors) for inputs and outputs, and runs `execute_async_v3` on a CUDA stream. For generation the
 KV cache stays on the device: each `present.{i}.*` output is bound to the address of its
 `past_key_values.{i}.*` input, so KV_CACHE_UPDATE writes the new entries in place and only the
-logits come back to the host (a paged engine's pools likewise, with its block tables uploaded once
-per batch; not run here: paged engines need the llmc plugins of full TensorRT). Where no runnable
+logits come back to the host (a paged engine's pools likewise, with its block tables uploaded with
+each step's ids; not run here: paged engines need the llmc plugins of full TensorRT). Where no runnable
 TensorRT exists (no GPU, or TensorRT-RTX on a data-center GPU) it raises `ExecutionUnavailable`
 with the reason; it never pretends to have run.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from compiler.engine.backend import Backend, get_backend
 from compiler.graph_io import io_from_shapes
-from compiler.runtime.executor import BlockAllocator, block_tables_for, cache_shape
+from compiler.runtime.executor import BlockAllocator, at, block_tables_for, cache_shape, every_position
 from compiler.graph_io import BLOCK_TABLES
 
 
@@ -99,6 +99,7 @@ class TensorRTExecutor:
         shapes = {n: [int(d) if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(n)] for n in names}
         self.io = io_from_shapes({n: shapes[n] for n in self.inputs}, {n: shapes[n] for n in self.outputs})
         self.cache: dict | None = None
+        self.cache_on_device = True  # the scheduler's cache managers: compiler/runtime/device_cache.py
         self.block_allocator = block_allocator
         self.block_tables = None
 
@@ -113,37 +114,41 @@ class TensorRTExecutor:
             raise ValueError(f"engine tensor {name} is {dtype}, which llmc's TensorRT executor cannot bind")
         return table[dtype]
 
+    def cache_buffers(self, shape: tuple[int, ...]) -> dict:
+        """Zeroed device tensors of `shape`, one per past input, in the engine's cache dtype: the memory the
+        scheduler's device cache manager (compiler/runtime/device_cache.py) hands back to `run_in_place`."""
+        return {n: self._torch.zeros(shape, dtype=self._torch_dtype(n), device="cuda") for n in self.io.past_names}
+
     def start(self, batch: int) -> None:
         """Zeroed device cache buffers [batch, kv_heads, capacity, head_dim] (paged: pools of batch x max_blocks
         blocks and the block tables), one per past input."""
         io = self.io
-        shape = cache_shape(io, batch)
-        self.cache = {n: self._torch.zeros(shape, dtype=self._torch_dtype(n), device="cuda") for n in io.past_names}
+        self.cache = self.cache_buffers(cache_shape(io, batch))
         self.block_tables = None
         if io.paged:
-            tables = block_tables_for(io, batch, self.block_allocator)
-            self.block_tables = self._torch.from_numpy(tables).to("cuda")
+            self.block_tables = block_tables_for(io, batch, self.block_allocator)
 
     def _set_input(self, name: str, tensor) -> None:
         if not self.context.set_input_shape(name, tuple(tensor.shape)):
             raise ValueError(f"shape {tuple(tensor.shape)} for {name} is outside the engine's optimization profile")
         self.context.set_tensor_address(name, tensor.data_ptr())
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One forward pass with the cache updated in place (outputs aliased to inputs)."""
+    def run_in_place(self, feeds: dict[str, np.ndarray], cache: dict) -> np.ndarray:
+        """One forward pass over `cache` (past name -> device tensor, e.g. a run of a larger buffer's rows):
+        each `present.*` output is bound to its past tensor's address, so the engine's KVCacheUpdate writes
+        there (in place); the small host inputs (ids, positions, block tables) are uploaded; only the logits
+        come back, as float32 on the host."""
         torch = self._torch
         keep = []
-        for name, arr in (("input_ids", input_ids), ("position_ids", position_ids)):
+        for name, arr in every_position(self.io, feeds).items():
             tensor = to_device(arr, self._torch_dtype(name))
             keep.append(tensor)
             self._set_input(name, tensor)
-        if self.block_tables is not None:
-            self._set_input(BLOCK_TABLES, self.block_tables)
         for past, present in zip(self.io.past_names, self.io.present_names):
-            buf = self.cache[past]
-            if not self.context.set_input_shape(past, tuple(buf.shape)):
-                raise ValueError(f"cache shape {tuple(buf.shape)} for {past} is outside the engine's profile")
-            self.context.set_tensor_address(past, buf.data_ptr())
+            buf = cache[past]
+            if not buf.is_contiguous():  # TensorRT binds an address with the engine's packed strides
+                raise ValueError(f"{past}: the cache tensor bound in place must be contiguous")
+            self._set_input(past, buf)
             self.context.set_tensor_address(present, buf.data_ptr())  # in place
         logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._torch_dtype("logits"),
                              device="cuda")
@@ -154,6 +159,13 @@ class TensorRTExecutor:
         self.stream.synchronize()
         return logits.float().cpu().numpy()
 
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, logits_at: np.ndarray | None = None) -> np.ndarray:
+        """One forward pass with the cache of `start` updated in place (outputs aliased to inputs)."""
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, **at(logits_at)}
+        if self.block_tables is not None:
+            feeds[BLOCK_TABLES] = self.block_tables
+        return self.run_in_place(feeds, self.cache)
+
     def _bind(self, name: str, tensor) -> None:
         # A zero-size tensor (empty past at prefill) still needs a valid, non-null address.
         ptr = tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr()
@@ -163,6 +175,7 @@ class TensorRTExecutor:
         torch = self._torch
         self._dummy = torch.empty(16, dtype=torch.uint8, device="cuda")
         keep = []
+        feeds = every_position(self.io, feeds)
         for name in self.inputs:
             tensor = to_device(feeds[name], self._torch_dtype(name))
             keep.append(tensor)

@@ -1,25 +1,28 @@
 """Write the Triton Inference Server model repository, checked with Triton's own ModelConfig proto.
 
     preprocessing   (Python)  text -> token ids, with the model's tokenizer; refuses prompts over --max-seq
-    llm             (tensorrt_plan) the engine; its KV cache is the Triton sequence's implicit state
-    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) llmc's in-flight scheduler over model.onnx (onnxruntime)
+    llm             (Python, decoupled) llmc's in-flight scheduler over model.plan (TensorRT), cache on the GPU
+    llm_onnx        (Python, decoupled, `--triton-cpu-fallback`) the same scheduler over model.onnx (onnxruntime)
     postprocessing  (Python)  token ids -> text
     generate        (Python BLS, decoupled) text in, streamed text out: /generate and /generate_stream
 
-Why implicit state for the KV cache: the engine takes `past_key_values.*` and returns `present.*`
-of a fixed capacity (`--max-seq`). Declared as `sequence_batching.state`, Triton's TensorRT backend
-keeps those buffers on the GPU between the steps of one sequence (zeroed at SEQUENCE_START) and
-batches concurrent sequences' decode steps into one engine call (the direct strategy gives each
-sequence a batch slot, up to `--max-batch`). A BLS model owning the cache instead would ship the
-whole cache (layers x 2 x kv_heads x max_seq x head_dim per sequence) through Triton on every
-token. Requests then carry only token ids and positions, and batch is Triton's batch dim
-(`max_batch_size` = the engine profile's max batch).
+Why `llm` is a Python model and not `tensorrt_plan` with the cache as sequence-batcher implicit
+state: the engine's KVCacheUpdate writes the cache in place (its output "shares the same device
+memory address with the cache input", TensorRT operator docs), while Triton's TensorRT backend binds
+a state's input and output to separate buffers and copies the output state into the next request's
+input (tensorrt_backend src/instance_state.cc; implicit_state_management.md: "The output state
+provided by the model in the ith request in the sequence will be used as the input state in the
+i+1th request"). Even with an out-of-place graph that copy moves the whole per-sequence cache every
+token (Gemma 3 270M at max_seq 32768: 2 x 604 MB per sequence per token, against 1 MB of logits for
+llmc's executor; README "Serving", benchmarks/serving_bytes.py), through host memory once the
+states outgrow the 64 MB CUDA pool. So `llm` runs llmc's TensorRT executor inside the Python
+backend, its cache resident on the GPU (compiler/runtime/device_cache.py), under the same scheduler
+as `llm_onnx`; both take token ids and stream token ids back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -29,7 +32,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from compiler.errors import BadInputError
-from compiler.graph_io import BLOCK_TABLES, PAST_PREFIX, GraphIO, present_for
+from compiler.graph_io import PAST_PREFIX, GraphIO, present_for
 from compiler.engine.engine_build import EngineArtifact
 
 
@@ -49,50 +52,29 @@ class ServingSpec:
     scheduler_max_batch: int = 16  # the CPU route's in-flight sequences (0: one request at a time)
     scheduler_tokens_per_step: int = 256  # real tokens per graph call (prompts are chunked to fit)
 
-_TRITON_TYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-    "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
-}
 MODELS = ("preprocessing", "llm", "llm_onnx", "postprocessing", "generate")
-SEQUENCE_IDLE_US = 60_000_000  # a client that vanished mid-sequence frees its batch slot after a minute
 
 
 def triton_model_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "model"
 
 
-def _type(dtype: str) -> int:
-    if dtype not in _TRITON_TYPES:
-        raise BadInputError(f"engine dtype {dtype} has no Triton DataType (model_config.proto); see unservable_reason")
-    return mc.DataType.Value(_TRITON_TYPES[dtype])
-
-
 def unservable_reason(engine: EngineArtifact) -> str | None:
-    """Why no Triton repository can hold this engine, or None.
+    """Why `llm` cannot serve this engine, or None: llmc's executor binds each `present.*` output to its
+    `past_key_values.*` input (in place), so every past needs its present, with a fixed capacity.
 
-    A paged engine's cache is one block pool shared by the batch, addressed by block tables: Triton's
-    sequence-batcher state is one buffer per sequence, so there is nothing to declare it as.
-
-    An FP8 tensor (the fp8kv recipe's cache) has no type at all: model_config.proto's DataType stops at
-    TYPE_BF16 (tritonclient's model_config_pb2 has no FP8), and carrying the bytes as TYPE_UINT8 does not
-    help, because the TensorRT backend maps the engine's kFP8 to TYPE_INVALID
-    (triton-inference-server/tensorrt_backend src/tensorrt_utils.cc, ConvertTrtTypeToDataType, default case)
-    and refuses any binding whose engine type is TYPE_INVALID or differs from the config's, state tensors
-    included (src/instance_state.cc:3056 and :2574, at e2ef6d7). So it is refused here, not reinterpreted.
+    The cache never crosses Triton, so its dtype (FP8 included, which model_config.proto's DataType
+    lacks) and layout (a paged pool shared by the batch) are the executor's business, not the config's.
     """
-    name = engine.plan_path.name
-    if any(t.name == BLOCK_TABLES for t in engine.tensors):
-        return (f"{name} has a paged KV cache ('{BLOCK_TABLES}' input, block-pool past/present): the Triton "
-                "repository keeps each sequence's cache as sequence-batcher implicit state, which a pool shared "
-                "by the batch is not. Build the fp16 or fp16-plugin recipe (a linear FP16 cache) for a Triton "
-                "repository; the paged model.onnx runs with `llmc generate` (onnxruntime)")
-    untyped = [t for t in engine.tensors if t.dtype not in _TRITON_TYPES]
-    if untyped:
-        dtypes = sorted({t.dtype for t in untyped})
-        return (f"{name} has {'/'.join(dtypes)} tensors ({', '.join(t.name for t in untyped[:2])}"
-                f"{', ...' if len(untyped) > 2 else ''}), a type Triton's model config has no DataType for and its "
-                "TensorRT backend refuses even declared as UINT8: build the fp16 or fp16-plugin recipe for a Triton "
-                "repository; this engine runs with `llmc generate` (llmc's TensorRT executor)")
+    names = {t.name for t in engine.tensors}
+    for t in engine.tensors:
+        if t.is_input and t.name.startswith(PAST_PREFIX):
+            if present_for(t.name) not in names:
+                return (f"{engine.plan_path.name} has {t.name} but no {present_for(t.name)}: not an llmc KV-cache "
+                        "engine, so llmc's executor has nothing to bind in place; rebuild it with llmc build")
+            if any(d < 1 for d in t.shape[1:]):
+                return (f"{engine.plan_path.name}: {t.name} has dims {list(t.shape)}, a cache that grows by Concat; "
+                        "build with a recipe that runs kv-cache-scatter (e.g. fp16) for a fixed-capacity cache")
     return None
 
 
@@ -100,73 +82,6 @@ def refuse_unservable(engine: EngineArtifact) -> None:
     reason = unservable_reason(engine)
     if reason:
         raise BadInputError(reason)
-
-
-def _state_pairs(engine: EngineArtifact) -> dict[str, str]:
-    """past_key_values.{i}.{k,v} input -> present.{i}.{k,v} output."""
-    refuse_unservable(engine)
-    names = {t.name for t in engine.tensors}
-    pairs = {}
-    for t in engine.tensors:
-        if t.is_input and t.name.startswith(PAST_PREFIX):
-            present = present_for(t.name)
-            if present not in names:
-                raise ValueError(f"engine has {t.name} but no {present}: not an llmc KV-cache engine")
-            pairs[t.name] = present
-    return pairs
-
-
-def make_config(engine: EngineArtifact, max_batch: int = 1, name: str = "llm") -> mc.ModelConfig:
-    """The engine's config: token I/O declared, the KV cache as sequence-batcher implicit state."""
-    config = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=max_batch)
-    pairs = _state_pairs(engine)
-    stateful = set(pairs) | set(pairs.values())
-    for t in engine.tensors:
-        if t.name in stateful:
-            continue
-        entry = (config.input if t.is_input else config.output).add()
-        entry.name, entry.data_type = t.name, _type(t.dtype)
-        entry.dims.extend(t.shape[1:])  # Triton's batch dim is the engine's dim 0
-    batching = config.sequence_batching
-    batching.max_sequence_idle_microseconds = SEQUENCE_IDLE_US
-    batching.direct.SetInParent()
-    by_name = {t.name: t for t in engine.tensors}
-    for past, present in pairs.items():
-        t = by_name[past]
-        state = batching.state.add(input_name=past, output_name=present, data_type=_type(t.dtype))
-        state.dims.extend(t.shape[1:])
-        state.initial_state.add(name="zeros", data_type=_type(t.dtype), zero_data=True).dims.extend(t.shape[1:])
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
-    config.parameters["llmc_backend"].string_value = engine.backend
-    config.parameters["llmc_backend_version"].string_value = engine.backend_version
-    return config
-
-
-def check_config(text: str, engine: EngineArtifact) -> mc.ModelConfig:
-    """Parse the written text with the real ModelConfig proto and check it against the engine's I/O."""
-    parsed = text_format.Parse(text, mc.ModelConfig())
-    problems = []
-    if parsed.platform != "tensorrt_plan":
-        problems.append(f"platform {parsed.platform!r}")
-    if parsed.max_batch_size < 1:
-        problems.append("max_batch_size must be >= 1: the sequence batcher batches on the engine's dim 0")
-    if any(not t.shape or t.shape[0] != -1 for t in engine.tensors):
-        problems.append("some engine tensor has no dynamic batch dim 0")
-    declared = {(e.name, tuple(e.dims), e.data_type) for e in [*parsed.input, *parsed.output]}
-    declared |= {(s.input_name, tuple(s.dims), s.data_type) for s in parsed.sequence_batching.state}
-    declared |= {(s.output_name, tuple(s.dims), s.data_type) for s in parsed.sequence_batching.state}
-    expected = {(t.name, tuple(t.shape[1:]), _type(t.dtype)) for t in engine.tensors}
-    if declared != expected:
-        problems.append(f"I/O differs from the engine: {sorted(declared ^ expected)[:4]}")
-    for s in parsed.sequence_batching.state:
-        if any(d < 1 for d in s.dims):
-            problems.append(f"state {s.input_name}: dims {list(s.dims)} must be static (the cache capacity)")
-    for e in [*parsed.input, *parsed.output]:
-        if any(d < -1 or d == 0 for d in e.dims):
-            problems.append(f"{e.name}: invalid dims {list(e.dims)}")
-    if problems:
-        raise ValueError("invalid Triton config: " + "; ".join(problems))
-    return parsed
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> dict:
@@ -193,6 +108,50 @@ def _python_config(name: str, inputs: list[dict], outputs: list[dict], parameter
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+IDS_IN = [_tensor("input_ids", "TYPE_INT64", [-1]), _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS]
+IDS_OUT = [_tensor("output_ids", "TYPE_INT64", [-1])]
+
+
+def make_config(engine: EngineArtifact, parameters: dict[str, str], max_batch: int = 1,
+                name: str = "llm") -> mc.ModelConfig:
+    """`llm`: token ids in, token ids out (decoupled), on a GPU instance; the engine's rows are the scheduler's."""
+    refuse_unservable(engine)
+    params = {**parameters, "llmc_scheduler_max_batch": str(max_batch), "llmc_backend": engine.backend,
+              "llmc_backend_version": engine.backend_version}
+    config = _python_config(name, IDS_IN, IDS_OUT, params, decoupled=True)
+    config.instance_group[0].kind = mc.ModelInstanceGroup.KIND_GPU
+    return config
+
+
+def check_config(text: str, engine: EngineArtifact) -> mc.ModelConfig:
+    """Parse the written text with the real ModelConfig proto and check what `llm` relies on."""
+    parsed = text_format.Parse(text, mc.ModelConfig())
+    problems = []
+    if parsed.backend != "python" or parsed.platform:
+        problems.append(f"backend {parsed.backend!r} / platform {parsed.platform!r}: llm is a Python model")
+    if not parsed.model_transaction_policy.decoupled:
+        problems.append("llm must be decoupled (one response per generated token)")
+    if parsed.HasField("sequence_batching") or parsed.max_batch_size:
+        problems.append("llm batches in its own scheduler: no sequence batcher, max_batch_size 0")
+    declared = [(e.name, e.data_type, tuple(e.dims)) for e in [*parsed.input, *parsed.output]]
+    expected = [(t["name"], mc.DataType.Value(t["data_type"]), tuple(t["dims"])) for t in [*IDS_IN, *IDS_OUT]]
+    if declared != expected:
+        problems.append(f"I/O {declared} is not llm_onnx's ({expected})")
+    if [g.kind for g in parsed.instance_group] != [mc.ModelInstanceGroup.KIND_GPU]:
+        problems.append("llm needs one GPU instance group (the executor's device)")
+    if parsed.parameters["llmc_backend_version"].string_value != engine.backend_version:
+        problems.append("llmc_backend_version differs from the engine's")
+    rows = parsed.parameters["llmc_scheduler_max_batch"].string_value
+    if not rows.isdigit() or int(rows) < 1:
+        problems.append(f"llmc_scheduler_max_batch {rows!r}: the engine's rows must be >= 1")
+    reason = unservable_reason(engine)
+    if reason:
+        problems.append(reason)
+    if problems:
+        raise ValueError("invalid Triton config: " + "; ".join(problems))
+    return parsed
 
 
 SHIM = '''"""Triton Python model `{name}`, written by llmc: the code is compiler/serving/triton_models/{module}.py.
@@ -237,9 +196,9 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
     written = {}
     refuse_unservable(engine)  # before anything is written
 
-    llm = make_config(engine, serving.max_batch)
+    llm = make_config(engine, common, serving.max_batch)
     check_config(text_format.MessageToString(llm), engine)
-    written["llm"] = _write_model(root, llm)
+    written["llm"] = _write_model(root, llm, "llm")
     _link(engine.plan_path, written["llm"] / "1" / "model.plan")
 
     text_in = _tensor("text_input", "TYPE_STRING", [1])
@@ -254,8 +213,7 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
 
     targets = ["llm"]
     if serving.cpu_fallback:
-        onnx = _python_config("llm_onnx", [ids_out, _tensor("max_tokens", "TYPE_INT32", [1]), *SAMPLING_INPUTS],
-                              [_tensor("output_ids", "TYPE_INT64", [-1])], common, decoupled=True)
+        onnx = _python_config("llm_onnx", IDS_IN, IDS_OUT, common, decoupled=True)
         written["llm_onnx"] = _write_model(root, onnx, "llm_onnx")
         for f in serving.onnx_files:
             # Copied, not hard-linked: onnx-ir refuses external data with more than one link ("may indicate a
@@ -266,7 +224,7 @@ def write_repository(root: Path, engine: EngineArtifact, serving: ServingSpec) -
     gen = _python_config(
         "generate", [text_in, max_tokens, *SAMPLING_INPUTS, _tensor("stream", "TYPE_BOOL", [1], True)],
         [_tensor("text_output", "TYPE_STRING", [1])],
-        {**common, "llmc_targets": ",".join(targets), "llmc_graph_io": json.dumps(dataclasses.asdict(serving.io)),
+        {**common, "llmc_targets": ",".join(targets),
          "llmc_engine_backend": engine.backend, "llmc_engine_version": engine.backend_version},
         decoupled=True)
     written["generate"] = _write_model(root, gen, "generate")

@@ -1,17 +1,18 @@
 """`generate` (BLS, decoupled): text in, text out, streamed token by token.
 
 preprocessing -> generation -> postprocessing, in Python rather than as an ensemble because the
-engine route is a loop (prefill, then one `llm` call per token, each sampling from the last
-logits), which an ensemble DAG can't express, and because one model then serves both of
+generation streams (a decoupled model answers one request with many responses), which an ensemble
+of stateless steps doesn't express, and because one model then serves both of
 Triton's endpoints: `/generate` (stream false: one response with the whole text) and
 `/generate_stream` (stream true: one response per text increment).
 
 Generation goes to the first READY model of `llmc_targets` (`llm`, then `llm_onnx` where the
-repository has the CPU fallback). Where `llm` is not ready at the first request (no TensorRT backend,
-as on the bundled server) and the repository has the CPU fallback, generation runs here instead, in llmc's in-flight scheduler over llm_onnx's model.onnx
+repository has the CPU fallback). Where `llm` is not ready at the first request (no GPU that
+TensorRT can run on: `llm` refuses to load, with the reason) and the repository has the CPU fallback, generation runs here instead, in llmc's in-flight scheduler over llm_onnx's model.onnx
 (inflight.py): concurrent clients share every graph call, and no token crosses a process boundary
-before its response. On `llm` the KV cache is the Triton sequence's implicit state
-(see triton_repo.py), stepped by llmc's own runner through `TritonEngineExecutor`. Streamed text is
+before its response. `llm` and `llm_onnx` take token ids and stream token ids back (both run llmc's
+scheduler, see inflight.py), so this model calls either the same way (a decoupled BLS request; the
+ids come back in host memory: a Python model's outputs are numpy arrays). Streamed text is
 the full decode of the tokens so far minus what was already sent, held back while it ends in an
 incomplete UTF-8 character; the end of the stream is checked against `postprocessing`'s text, so
 the increments concatenate to exactly the non-streamed text.
@@ -19,98 +20,31 @@ the increments concatenate to exactly the non-streamed text.
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from compiler.runtime.runner import Runner, Sampling
+from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
+from compiler.runtime.runner import Sampling
 from compiler.serving.triton_models import engine_version
 from compiler.serving.triton_models.common import (RequestError, answer_errors, call, error_response, model_config,
-                                                   no_scheduler_for, parameter, scalar, speculate, text,
+                                                   parameter, scalar, speculate, text,
                                                    version_dir)
 from compiler.serving.triton_models.inflight import InflightModel, quiet, scheduler_limits, static_batching
 from compiler.serving.triton_models.tokenizer import ServingTokenizer
-from compiler.graph_io import GraphIO
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_IDS = itertools.count(1)
-
-
-def host_memory():
-    """`PreferredMemory(TRITONSERVER_MEMORY_CPU, 0)`, for BLS requests whose outputs are read with `as_numpy()`.
-
-    Without `preferred_memory` "the output tensors will be allocated on the same device where the output
-    tensors were received from the model" (python_backend README.md:1356 at f9088ff), which for the TensorRT
-    backend is the GPU, and `as_numpy()` raises on a GPU tensor ("Tensor is stored in GPU and cannot be
-    converted to NumPy.", src/pb_tensor.cc:585). The runner samples on the host, so one copy of the logits per
-    step is what it needs anyway. Built when used, not at import: the stub sets `PreferredMemory` on
-    pb_utils (src/pb_stub.cc:471) only after importing the model's module (nvidia-pytriton 0.7.0's stub: absent
-    while model.py imports, present in `initialize`).
-    """
-    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-
-
-class TritonEngineExecutor:
-    """The runner's executor interface over the `llm` model: one Triton sequence per generation.
-
-    Triton keeps the KV cache between steps as the sequence's implicit state (zeroed at
-    SEQUENCE_START), so only token ids, positions and logits cross the model boundary.
-    """
-
-    name = "tensorrt (Triton model llm)"
-
-    def __init__(self, io: GraphIO, model: str = "llm"):
-        self.io = io
-        self.host_memory = host_memory()
-        self.model = model
-        self.correlation_id = 0
-        self.steps = 0
-
-    def start(self, batch: int) -> None:
-        if batch != 1:
-            raise ValueError("the Triton llm route generates one sequence per request")
-        self.close()
-        self.correlation_id = (os.getpid() << 32) + next(_IDS)
-        self.steps = 0
-
-    def _infer(self, input_ids: np.ndarray, position_ids: np.ndarray, flags: int) -> np.ndarray:
-        request = pb_utils.InferenceRequest(
-            model_name=self.model, requested_output_names=["logits"], correlation_id=self.correlation_id, flags=flags,
-            preferred_memory=self.host_memory,
-            inputs=[pb_utils.Tensor("input_ids", np.ascontiguousarray(input_ids, np.int64)),
-                    pb_utils.Tensor("position_ids", np.ascontiguousarray(position_ids, np.int64))])
-        response = request.exec()
-        if response.has_error():
-            raise RequestError(f"{self.model}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, "logits").as_numpy().astype(np.float32)
-
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        flags = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START if self.steps == 0 else 0
-        self.steps += 1
-        return self._infer(input_ids, position_ids, flags)
-
-    def close(self) -> None:
-        """End the sequence (frees its slot and state) with a throwaway one-token step."""
-        if self.steps:
-            self._infer(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64),
-                        pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END)
-            self.steps = 0
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = model_config(args)
         self.targets = [t for t in parameter(config, "llmc_targets").split(",") if t]
-        self.io = GraphIO(**json.loads(parameter(config, "llmc_graph_io")))
         self.pad = int(parameter(config, "llmc_pad_token_id", "0"))
         self.stop_tokens = tuple(int(t) for t in parameter(config, "llmc_stop_token_ids", "").split(",") if t)
         self.default_max_tokens = int(parameter(config, "llmc_default_max_tokens", "64"))
         if "llm" in self.targets:  # refuse to serve an engine this server's TensorRT can't run
-            host_memory()  # a stub without it (python_backend < 23.04) fails here, at load, not per request
             backend = parameter(config, "llmc_engine_backend")
             built = parameter(config, "llmc_engine_version")
             running = engine_version.runtime_version(backend)
@@ -135,8 +69,8 @@ class TritonPythonModel:
             return
         if self._target() == "llm_onnx" and self.limits[0] > 0 and self.onnx.is_file():
             try:
-                self.inflight = InflightModel(self.onnx, "generate", *self.limits, self.pad, self.threads_per_op,
-                                              static=self.static)
+                executor = OnnxRuntimeExecutor(self.onnx, threads=self.threads_per_op, spin=False)
+                self.inflight = InflightModel(executor, "generate", *self.limits, self.pad, static=self.static)
             except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
                 pb_utils.Logger.log_warn(f"generate: no in-flight scheduler ({exc}); generating through llm_onnx")
 
@@ -151,19 +85,6 @@ class TritonPythonModel:
     def _tokens(self, ids: np.ndarray, max_tokens: int, sampling: Sampling, k: int = 0):
         """New token ids one at a time, from whichever generation model serves."""
         target = self._target()
-        if target == "llm":
-            no_scheduler_for(k, "llm")
-            executor = TritonEngineExecutor(self.io)
-            try:
-                for new in Runner(executor, pad_token_id=self.pad).stream(
-                        [ids.tolist()], max_tokens, sampling, self.stop_tokens):
-                    if new[0] is not None:
-                        yield new[0]
-            except ValueError as exc:
-                raise RequestError(str(exc)) from exc
-            finally:
-                executor.close()
-            return
         inputs = [pb_utils.Tensor("input_ids", ids.astype(np.int64)),
                   pb_utils.Tensor("max_tokens", np.array([max_tokens], np.int32)),
                   pb_utils.Tensor("temperature", np.array([sampling.temperature], np.float32)),
@@ -231,8 +152,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """In-process scheduler: submit and return (its thread answers). Otherwise one thread per request:
-        concurrent requests reach `llm` at once, so its sequence batcher can batch their decode steps (BLS
-        calls wait outside the GIL)."""
+        concurrent requests reach `llm` at once, so its scheduler steps them together (BLS calls wait
+        outside the GIL)."""
         try:
             self._start_inflight()
         except RequestError:

@@ -1,8 +1,11 @@
 """The in-flight scheduler inside a Triton Python model, with every call into the server on one thread.
 
-`generate` (text in, text out) and `llm_onnx` (ids in, ids out) run llmc's scheduler
-(compiler/runtime/scheduler.py) over model.onnx in their own stub: requests are submitted from
-`execute`, which returns at once (decoupled), and the scheduler's thread steps all of them together.
+`llm` (model.plan, llmc's TensorRT executor, the cache on the GPU), `llm_onnx` (model.onnx,
+onnxruntime, the cache in host memory) and `generate` (text in, text out, the onnxruntime route
+in-process) run llmc's scheduler (compiler/runtime/scheduler.py) over the executor they are given:
+one code path, the cache manager chosen by where the executor keeps its cache (kv_slots.cache_for).
+Requests are submitted from `execute`, which returns at once (decoupled), and the scheduler's thread
+steps all of them together.
 
 Every response and every `is_cancelled()` of a streaming request is made from the scheduler's thread
 (in `on_token` / `on_finish` and the scheduler's `client_gone` poll). Triton 2.51's Python stub is not
@@ -17,12 +20,10 @@ asked again: it has left the scheduler first.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Callable
 
 import triton_python_backend_utils as pb_utils
 
-from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
 from compiler.runtime.runner import Sampling
 from compiler.runtime.scheduler import Handle, Request, Scheduler
 from compiler.serving.triton_models.common import RequestError, error_response, parameter
@@ -58,12 +59,10 @@ def quiet(send: Callable[[], None]) -> bool:
 
 
 class InflightModel:
-    """A scheduler over `onnx_path` on its own thread; `submit` hands it a request and its response sender."""
+    """A scheduler over `executor` on its own thread; `submit` hands it a request and its response sender."""
 
-    def __init__(self, onnx_path: Path, model: str, max_batch: int, max_tokens_per_step: int, pad_token_id: int,
-                 threads: int | None = None, static: bool = False):
-        # No spinning: between steps the cores belong to the server and the other models' stubs.
-        executor = OnnxRuntimeExecutor(onnx_path, threads=threads, spin=False)
+    def __init__(self, executor, model: str, max_batch: int, max_tokens_per_step: int, pad_token_id: int,
+                 static: bool = False):
         self.model = model
         self.scheduler = Scheduler(executor, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
                                    pad_token_id=pad_token_id, static=static)
@@ -71,7 +70,8 @@ class InflightModel:
         self.thread = threading.Thread(target=self.scheduler.serve_forever, args=(self.stop,), daemon=True,
                                        name=f"llmc-scheduler-{model}")
         self.thread.start()
-        pb_utils.Logger.log_info(f"{model}: {'static' if static else 'in-flight'} batching, up to {max_batch} sequences and "
+        pb_utils.Logger.log_info(f"{model}: {'static' if static else 'in-flight'} batching over {executor.name} "
+                                 f"({type(self.scheduler.cache).__name__}), up to {max_batch} sequences and "
                                  f"{self.scheduler.max_tokens_per_step} tokens per step")
 
     def submit(self, sender, ids: list[int], max_tokens: int, sampling: Sampling, stop_tokens: tuple[int, ...],

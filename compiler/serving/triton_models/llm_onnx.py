@@ -1,7 +1,7 @@
 """`llm_onnx` (decoupled): token ids in, token ids out, llmc's generation over model.onnx with onnxruntime.
 
-For clients that tokenize themselves, and for `generate` where this server has TensorRT but `llm`
-could not load. Requests go to llmc's in-flight scheduler (inflight.py): concurrent clients share
+For clients that tokenize themselves, and for `generate` where `llm` (the same model over model.plan,
+llm.py) could not load. Requests go to llmc's in-flight scheduler (inflight.py): concurrent clients share
 every graph call and each new token goes back as one response, sent from the scheduler's thread. The
 scheduler (and its copy of the weights) starts with the first request: in a CPU-fallback repository
 `generate` usually runs its own. `llmc_scheduler_max_batch` 0 (or a graph whose cache grows by Concat)
@@ -26,6 +26,8 @@ def token_list(text: str) -> tuple[int, ...]:
 
 
 class TritonPythonModel:
+    name = "llm_onnx"
+
     def initialize(self, args):
         config = model_config(args)
         self.path = version_dir(args) / "model.onnx"
@@ -37,18 +39,22 @@ class TritonPythonModel:
         self.inflight = self.runner = None
         self.lock = threading.Lock()
 
+    def _executor(self):
+        # No spinning: between steps the cores belong to the server and the other models' stubs.
+        return OnnxRuntimeExecutor(self.path, threads=self.threads, spin=False)
+
     def _start(self) -> None:
         with self.lock:
             if self.inflight is not None or self.runner is not None:
                 return
+            executor = self._executor()
             if self.max_batch > 0:
                 try:
-                    self.inflight = InflightModel(self.path, "llm_onnx", self.max_batch, self.per_step, self.pad,
-                                                  self.threads, static=self.static)
+                    self.inflight = InflightModel(executor, self.name, self.max_batch, self.per_step, self.pad,
+                                                  static=self.static)
                     return
-                except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule), an unreadable model
-                    pb_utils.Logger.log_warn(f"llm_onnx: no in-flight scheduler ({exc}); one request at a time")
-            executor = OnnxRuntimeExecutor(self.path, threads=self.threads, spin=False)
+                except ValueError as exc:  # a Concat-grown cache (no fixed rows to schedule)
+                    pb_utils.Logger.log_warn(f"{self.name}: no in-flight scheduler ({exc}); one request at a time")
             self.runner = Runner(executor, pad_token_id=self.pad)
 
     def _submit(self, request, sender) -> None:
@@ -62,7 +68,7 @@ class TritonPythonModel:
     def _generate(self, request, sender) -> None:
         """One at a time: this request's whole generation before the next."""
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1).tolist()
-        no_scheduler_for(speculate(request), "llm_onnx")
+        no_scheduler_for(speculate(request), self.name)
         try:
             stream = self.runner.stream([ids], int(scalar(request, "max_tokens", 16)), _sampling(request),
                                         self.stop_tokens)
@@ -78,7 +84,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             work = self._submit if self.inflight is not None else self._generate
-            answer_errors(sender, "llm_onnx", lambda: work(request, sender))
+            answer_errors(sender, self.name, lambda: work(request, sender))
         return None
 
     def finalize(self):
