@@ -15,6 +15,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from compiler.engine.trt_logger import process_logger
+
 CASES = ((576, 64), (576, 128), (576, 32), (80, 16), (48, 16), (100, 32), (576, 192))  # (K, block)
 N = 64
 
@@ -49,7 +51,7 @@ def onnxruntime_result(model: onnx.ModelProto, k: int, weight: np.ndarray) -> st
 def tensorrt_result(model: onnx.ModelProto, k: int) -> str:
     import tensorrt_rtx as trt
 
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = process_logger(trt)  # one per process: TensorRT keeps the first (compiler/engine/trt_logger.py)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)

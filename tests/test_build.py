@@ -188,10 +188,11 @@ def test_aliased_plugin_io_is_set_on_the_builder_config_only_with_plugin_layers(
     from types import SimpleNamespace
 
     from compiler.engine.engine_build import enable_aliased_plugin_io, plugin_layer_count
+    from compiler.engine.trt_logger import process_logger
 
     trt = get_backend().trt
     feature = trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03
-    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    builder = trt.Builder(process_logger(trt))  # a temporary logger would dangle in TensorRT (trt_logger.py)
     config = builder.create_builder_config()
     assert not enable_aliased_plugin_io(trt, config, 0) and not config.get_preview_feature(feature)
     assert enable_aliased_plugin_io(trt, config, 2) and config.get_preview_feature(feature)
@@ -223,3 +224,22 @@ def test_native_cache_graph_needs_tensorrt_with_kv_cache_update(tmp_path):
         build_engine(path, tmp_path / "m.plan", BuildOptions(), old)
     assert not (tmp_path / "m.plan").exists()
     assert dataclasses.replace(backend, name="tensorrt", version="10.15.0.1").supports_kv_cache_update
+
+
+def test_every_builder_gets_the_one_process_logger():
+    """TensorRT keeps the first logger it is given for the process (compiler/engine/trt_logger.py): a
+    per-build logger, freed after its build, hung the next Builder of the process for good."""
+    import gc
+
+    from compiler.engine.trt_logger import process_logger
+
+    trt = get_backend().trt
+    first = process_logger(trt)
+    del first
+    gc.collect()
+    assert process_logger(trt) is process_logger(trt)
+    for _ in range(3):  # Builders made and dropped one after another in one process
+        builder = trt.Builder(process_logger(trt))
+        assert builder.create_builder_config() is not None
+        del builder
+        gc.collect()

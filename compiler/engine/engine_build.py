@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from compiler.engine.backend import Backend
+from compiler.engine.trt_logger import process_logger
 from compiler.errors import BackendBuildError
 from compiler.graph_io import BATCH, LOGITS_AT_DIM, PAST, SEQ, TOTAL, TensorInfo
 
@@ -51,19 +52,6 @@ class EngineArtifact:
     builder_peak_rss_bytes: int | None = None
 
 STANDARD_DOMAINS = ("", "ai.onnx")
-
-
-def _capturing_logger(trt):
-    class CapturingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.messages.append(str(msg))
-
-    return CapturingLogger()
 
 
 def custom_domain_nodes(onnx_path: Path) -> list[str]:
@@ -197,7 +185,8 @@ def build_engine(
     trt = backend.trt
     start = time.perf_counter()
     _require_features(onnx_path, backend)
-    logger = _capturing_logger(trt)
+    logger = process_logger(trt)  # one per process (trt_logger.py); its messages are this build's
+    logger.messages.clear()
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path, backend)
     config = builder.create_builder_config()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.engine.backend import Backend, get_backend
+from compiler.engine.trt_logger import process_logger
 from compiler.graph_io import io_from_shapes
 from compiler.runtime.executor import BlockAllocator, at, block_tables_for, cache_shape, every_position
 from compiler.graph_io import BLOCK_TABLES
@@ -82,7 +83,7 @@ class TensorRTExecutor:
         trt = backend.trt
         self._torch = torch
         self._trt = trt
-        self.logger = trt.Logger(trt.Logger.ERROR)
+        self.logger = process_logger(trt)  # TensorRT keeps the first logger for the process (trt_logger.py)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
         if self.engine is None:
