@@ -31,6 +31,10 @@ largest weight and rounds the rest more finely; error feedback then carries the 
 `awq: true` runs AWQ's scale search and folding first (passes/quantize_int4_awq.py), then GPTQ on
 the scaled weights with the Hessian of the scaled inputs X / s: AWQ's scaling, GPTQ's rounding.
 
+Results are remembered by content (weight, calibration input, options; `_MEMO`): the precision search
+(compiler/measure/precision_search.py) runs this pass on many assignments of one model whose INT4
+matmuls mostly repeat, and without it every probe of a real model re-ran minutes of GPTQ.
+
 Calibration activations come from the PyTorch model (compiler/frontend/calibrate.py); a target without them
 is quantized by RTN (reported in `self.fallbacks`). Inputs come from the FP model, not from the
 already-quantized layers below (the paper's sequential variant), as AWQ's do.
@@ -38,16 +42,19 @@ already-quantized layers below (the paper's sequential variant), as AWQ's do.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from .quant_coverage import DEFAULT_MIN_COVERAGE
-from .quantize_int4_awq import BIG_WEIGHT, CLIP_GRID, QuantizeInt4AwqPass
+from .quantize_int4_awq import BIG_WEIGHT, CLIP_GRID, QuantizeInt4AwqPass, _digest
 from .quantize_int4_rtn import INT4_MAX, quantize_blockwise
 from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target
 
+MEMO_BYTES = 512 << 20  # codes + scales remembered across runs of the pass (least recently used dropped)
+_MEMO: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 LAZY_BLOCK = 128  # rows per lazy update (the paper's B); a multiple of every INT4 block, so no block straddles two
 DAMP_RETRIES = 4  # a Cholesky that fails is retried with 10x the damping, this many times
 
@@ -174,6 +181,7 @@ class QuantizeInt4GptqPass(QuantizeInt4AwqPass):
         # target name -> {"loss_rtn", "loss_gptq" (calibration output error per element), "damp"}
         self.gptq_log: dict[str, dict] = {}
         self._hessian: tuple[tuple, torch.Tensor] | None = None  # the last group's, shared by its members
+        self._input_digests: dict[tuple, bytes] = {}
 
     def requires(self, model) -> None:
         if self.activations is None:
@@ -198,10 +206,33 @@ class QuantizeInt4GptqPass(QuantizeInt4AwqPass):
             self._hessian = (key, hessian(x if s is None else x / s))
         return self._hessian[1]
 
+    def _input_digest(self, name: str) -> bytes:
+        source, s = self._inputs[name]
+        key = (source, None if s is None else id(s))
+        if key not in self._input_digests:
+            x = self._activation(source)
+            self._input_digests[key] = _digest(x) + (b"" if s is None else _digest(s))
+        return self._input_digests[key]
+
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
-        rtn_q, rtn_scale = quantize_blockwise(weight_KN, target.block)
         if target.name not in self._inputs:
+            rtn_q, rtn_scale = quantize_blockwise(weight_KN, target.block)
             return QuantizedWeight(rtn_q, rtn_scale, axis=0, block_size=target.block)
+        key = (_digest(torch.from_numpy(np.ascontiguousarray(weight_KN))), self._input_digest(target.name),
+               weight_KN.shape, str(weight_KN.dtype), target.block, self.damp, self.act_order, self.clip_scales)
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            qw, log = _MEMO[key]
+            self.gptq_log[target.name] = dict(log)
+            return QuantizedWeight(qw.q.copy(), qw.scale.copy(), qw.axis, qw.block_size)
+        qw = self._gptq(weight_KN, target)
+        _MEMO[key] = (QuantizedWeight(qw.q.copy(), qw.scale.copy(), qw.axis, qw.block_size), dict(self.gptq_log[target.name]))
+        while sum(v[0].q.nbytes + v[0].scale.nbytes for v in _MEMO.values()) > MEMO_BYTES and len(_MEMO) > 1:
+            _MEMO.popitem(last=False)
+        return qw
+
+    def _gptq(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
+        rtn_q, rtn_scale = quantize_blockwise(weight_KN, target.block)
         h = self._group_hessian(target.name)
         torch.set_num_threads(self._threads if weight_KN.size >= BIG_WEIGHT else 1)
         try:

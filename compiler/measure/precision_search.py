@@ -6,16 +6,22 @@ give the smallest model whose *measured* held-out perplexity stays in budget, an
 `llmc analyze` should show where the loss comes from.
 
 - Units: every MatMul the recipe's quantizer may take (its `targets` / `exclude`), plus lm_head.
-- Sensitivity: one unit in the recipe's format, everything else FP16; KL and perplexity delta on
-  the held-out windows of the quality stage (compiler/measure/quality.py), against the same PyTorch
-  reference, computed once.
+- Sensitivity, for the budget search: estimated in one forward + backward per calibration window
+  (compiler/measure/taylor_sensitivity.py: the Fisher/Taylor score of ModelOpt's auto_quantize) for
+  every unit and format at once, from the weights each format's own pass produces. Units whose
+  matmuls share an input are promoted together when the recipe's quantizer folds AWQ scales into
+  that input's producer (a group split between two formats loses its fold). For `llmc analyze`
+  (and budget searches without the PyTorch model): measured, one unit in the recipe's format,
+  everything else FP16, KL and perplexity delta on the quality stage's held-out windows.
+- Order: the exact Lagrangian path over (estimated damage, bytes) (compiler/measure/lagrangian.py):
+  each prefix is an assignment with the least estimated damage of all assignments of its bytes.
+  Measured sensitivity instead gives the old order: recipe format -> INT8 (or FP8) -> FP16, most
+  KL per byte added first.
 - Budget: start from the most aggressive assignment (every unit, lm_head included, in the
-  recipe's format). Promotions go one step at a time: recipe format -> INT8 (or FP8) weight-only
-  -> FP16, most damaging per byte first (sensitivity KL / bytes the promotion adds). The shortest
-  prefix of that promotion list whose measured delta fits is found by bisection: each probe is a
-  real graph measured with onnxruntime, the answer is a measured point, and it assumes only that
-  promoting more rarely hurts (a probe that contradicts this is still measured, never guessed).
-  If even all-FP16 misses the budget, the search fails with the figures.
+  recipe's format). The shortest prefix of the path whose measured delta fits is found by
+  bisection: each probe is a real graph measured with onnxruntime, the answer is a measured point,
+  and it assumes only that promoting more rarely hurts (a probe that contradicts this is still
+  measured, never guessed). If even all-FP16 misses the budget, the search fails with the figures.
 
 The answer is a recipe (YAML text): one weight-quantization pass per format with an explicit list
 of module names, the rest of the base recipe unchanged. The build runs it like any recipe, and the
@@ -25,23 +31,29 @@ artifact keeps it, so `llmc build --recipe recipe.yaml` reproduces the same grap
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import yaml
 
 from passes import PassContext, make_pass, pass_class
+from passes.quantize_int4_awq import QuantizeInt4AwqPass
+from passes.quantize_int4_gptq import QuantizeInt4GptqPass
 from passes.quantize_int4_rtn import int4_block
 from passes.weight_quant import WeightQuantPass
 
 from compiler.errors import BadInputError
 from compiler.frontend.run_passes import run_passes
+from compiler.measure.lagrangian import Choices, Option, upgrade_path
 from compiler.measure.quality import HeldOut, score_windows
+from compiler.measure.taylor_sensitivity import estimate_damage, format_deltas
 from compiler.recipe import parse_recipe
 from compiler.runtime.runner import Runner
 from compiler.runtime.onnx_executor import OnnxRuntimeExecutor
@@ -127,8 +139,8 @@ class SearchResult:
     recipe_text: str
     final: Probe
     probes: list[Probe]  # every assignment measured, in order
-    sensitivity: list[Sensitivity]
-    promotion_order: list[tuple[str, str]]  # (unit, format it is promoted to), most damaging per byte first
+    sensitivity: list  # Sensitivity (measured) or estimate rows (dicts)
+    promotion_order: list  # (unit or units, format they are promoted to), in the order they are applied
     promotions: int  # how many of them the answer applies
     bisection: dict[int, Probe]  # promotions applied -> its measured probe
 
@@ -138,7 +150,7 @@ class SearchResult:
                 "start": self.probes[0].summary(), "final": self.final.summary(),
                 "evaluations": len(self.probes), "assignment": self.assignment,
                 "promotion_order": [list(p) for p in self.promotion_order],
-                "sensitivity": [dataclasses.asdict(s) for s in self.sensitivity],
+                "sensitivity": [s if isinstance(s, dict) else dataclasses.asdict(s) for s in self.sensitivity],
                 "probes": [p.summary() for p in self.probes]}
 
 
@@ -179,14 +191,33 @@ class Evaluator:
         # The matmuls the aggressive format can take (lm_head included): its own plan, so a width it
         # skips (an INT4 K no block divides) is never assigned to it.
         planner = make_pass(name, ctx, {**opts, "include_lm_head": True})
-        self.units = [Unit(t.name, int(t.weight.shape[0]), int(t.weight.shape[1]))
-                      for t in planner.plan(prepared.model)[0]]
+        planned = planner.plan(prepared.model)[0]
+        self.units = [Unit(t.name, int(t.weight.shape[0]), int(t.weight.shape[1])) for t in planned]
         if not self.units:
             raise BadInputError(f"recipe '{recipe.name}' selects no MatMul of this model to quantize")
+        # AWQ folds one scale per shared input into its producer, and only when the whole group is in
+        # the pass (passes/quantize_int4_awq.py): such a group changes format as one unit.
+        cls = pass_class(name)
+        folds = issubclass(cls, QuantizeInt4AwqPass) and (not issubclass(cls, QuantizeInt4GptqPass) or bool(opts.get("awq")))
+        shared: dict[int, list[str]] = {}
+        for t in planned:
+            shared.setdefault(id(t.node.inputs[0]) if folds else id(t.node), []).append(t.name)
+        self.groups: list[list[str]] = list(shared.values())
         self.probes: list[Probe] = []
 
     def format(self, label: str) -> Format:
         return {f.label: f for f in (self.aggressive, self.safer, self.fp16)}[label]
+
+    def deltas(self, fmt: Format) -> dict[str, np.ndarray]:
+        """Each unit's weight change in `fmt` (FP16 [K, N]), from that format's pass run on every unit."""
+        if fmt.pass_name is None:
+            return {u.name: np.zeros((u.k, u.n), np.float16) for u in self.units}
+        names = [u.name for u in self.units if u.name != "lm_head"]
+        options = {**fmt.options, "targets": names, "include_lm_head": any(u.name == "lm_head" for u in self.units)}
+        if not names:
+            options["targets"] = []
+        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(self._snapshot))
+        return format_deltas(model, make_pass(fmt.pass_name, self.ctx, options))
 
     def recipe_text(self, assignment: dict[str, str], name: str, description: str, budget: float | None = None) -> str:
         """A recipe file for `assignment`: the base recipe with its quantizer split per format."""
@@ -272,21 +303,67 @@ def promotion_order(ev: Evaluator, sensitivity: list[Sensitivity]) -> list[tuple
     return [(n, ev.safer.label) for n in first] + [(n, FP16) for n in second]
 
 
-def assignment_after(ev: Evaluator, order: list[tuple[str, str]], count: int) -> dict[str, str]:
+def assignment_after(ev: Evaluator, order: list, count: int) -> dict[str, str]:
+    """The assignment after the first `count` promotions; a promotion names a unit or a list of units."""
     assignment = {u.name: ev.aggressive.label for u in ev.units}
-    for name, label in order[:count]:
-        assignment[name] = label
+    for names, label in order[:count]:
+        for name in [names] if isinstance(names, str) else names:
+            assignment[name] = label
     return assignment
+
+
+@dataclasses.dataclass
+class Estimate:
+    """The Fisher/Taylor damage of every unit in each format, and the exact path it gives."""
+
+    damage: dict[str, dict[str, float]]  # unit -> format label -> estimated nats/token
+    order: list[tuple[list[str], str]]  # (units promoted together, format), Lagrangian order
+    rows: list[dict]  # per group, for the report: estimated KL of the aggressive format, bytes saved
+    seconds: float
+
+
+def estimate_order(ev: Evaluator, model, windows: list[list[int]],
+                   on_progress: Callable[[int, int], None] | None = None) -> Estimate:
+    """One forward + backward per window (taylor_sensitivity.py), then the exact Lagrangian path
+    (lagrangian.py) over groups' (bytes, damage) in the aggressive, safer and FP16 formats."""
+    start = time.perf_counter()
+    formats = (ev.aggressive, ev.safer)
+    deltas = {f.label: ev.deltas(f) for f in formats}
+    per_unit = {u.name: {f.label: deltas[f.label][u.name] for f in formats if u.name in deltas[f.label]}
+                for u in ev.units}
+    del deltas
+    damage = estimate_damage(model, windows, per_unit, on_progress)
+    del per_unit
+    shapes = {u.name: u for u in ev.units}
+    choices, rows = [], []
+    for members in ev.groups:
+        options = []
+        for fmt in (ev.aggressive, ev.safer, ev.fp16):
+            if fmt.pass_name is not None and any(fmt.label not in damage[n] for n in members):
+                continue  # the format's pass skipped a member (an INT4 K no block divides)
+            size = sum(fmt.weight_bytes(shapes[n].k, shapes[n].n) for n in members)
+            options.append(Option(fmt.label, size, sum(damage[n].get(fmt.label, 0.0) for n in members)))
+        choices.append(Choices(",".join(members), tuple(options)))
+        kl = sum(damage[n].get(ev.aggressive.label, 0.0) for n in members)
+        saved = sum(ev.fp16.weight_bytes(shapes[n].k, shapes[n].n) - ev.aggressive.weight_bytes(shapes[n].k, shapes[n].n)
+                    for n in members)
+        rows.append({"group": members[0] if len(members) == 1 else ",".join(members), "units": members,
+                     "kl_mean": kl, "ppl_delta": math.expm1(kl), "bytes_saved": saved, "estimated": True})
+    _, steps = upgrade_path(choices)
+    order = [(step.unit.split(","), step.label) for step in steps]
+    return Estimate(damage, order, rows, time.perf_counter() - start)
 
 
 def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe], None] | None = None,
                   on_progress: Callable[[int, int], None] | None = None,
-                  sensitivity: list[Sensitivity] | None = None) -> SearchResult:
-    """The fewest promotions (most damaging per byte first) whose measured perplexity delta fits `budget`
-    and whose KL fits the recipe's `max_kl`, when it sets one: the written recipe carries that limit, so
+                  sensitivity: list[Sensitivity] | None = None,
+                  estimate: Callable[[], Estimate] | None = None) -> SearchResult:
+    """The shortest prefix of the promotion path whose measured perplexity delta fits `budget` and
+    whose KL fits the recipe's `max_kl`, when it sets one: the written recipe carries that limit, so
     an answer over it would pass the search and fail the build.
 
-    `sensitivity` (per matmul, from measure_sensitivity) may be passed in to search several budgets."""
+    The path: `estimate()` (estimate_order: Fisher/Taylor damage, exact Lagrangian order) when given;
+    else measured per-matmul sensitivity (`sensitivity`, or measure_sensitivity now)."""
     note = on_probe or (lambda what, probe: None)
     max_kl = getattr(ev.recipe, "max_kl", None)
 
@@ -298,8 +375,12 @@ def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe],
     if within(start):  # nothing to promote: no need to know which units hurt most
         sensitivity, order, measured, best = [], [], {0: start}, 0
     else:
-        sensitivity = sensitivity or measure_sensitivity(ev, "matmul", on_progress)
-        order = promotion_order(ev, sensitivity)
+        if estimate is not None and sensitivity is None:
+            found = estimate()
+            order, sensitivity = found.order, found.rows
+        else:
+            sensitivity = sensitivity or measure_sensitivity(ev, "matmul", on_progress)
+            order = promotion_order(ev, sensitivity)
         measured = {0: start}
 
         def fits(count: int) -> bool:

@@ -7,9 +7,16 @@ from passes import PassContext
 
 from compiler.stages.state import BuildState
 from compiler.errors import AccuracyError
-from compiler.measure.precision_search import Evaluator, SearchResult, search_budget
+from compiler.frontend.calibrate import tokenize_windows
+from compiler.frontend.corpus import default_calibration_text
+from compiler.measure.precision_search import Evaluator, SearchResult, estimate_order, search_budget
 from compiler.recipe import parse_recipe
 from compiler.stages.base import Stage
+
+
+# Calibration windows the Fisher/Taylor estimate runs forward + backward on (taylor_sensitivity.py):
+# 16 x 128 tokens. Its order only has to be good; the bisection measures the answer.
+ESTIMATE_WINDOWS, ESTIMATE_WINDOW = 16, 128
 
 
 def pass_context(state: BuildState) -> PassContext:
@@ -36,7 +43,7 @@ def adopt_searched_recipe(state: BuildState, text: str, search: dict) -> None:
 
 class Precision(Stage):
     name = "precision"
-    reads = ("exported", "activations", "quality_reference", "pad_token_id")
+    reads = ("loaded", "exported", "activations", "quality_reference", "pad_token_id")
     writes = ("search", "recipe")
 
     def skip_reason(self, state: BuildState) -> str | None:
@@ -52,11 +59,21 @@ class Precision(Stage):
                               state.pad_token_id, r.promote_to)
         progress.note(f"searching {len(evaluator.units)} matmuls: {evaluator.aggressive.label} -> "
                       f"{evaluator.safer.label} -> fp16 for held-out perplexity delta <= {r.max_ppl_delta:.2%}")
+        windows = tokenize_windows(state.loaded.tokenizer, state.texts.calibration or default_calibration_text(),
+                                   ESTIMATE_WINDOW, ESTIMATE_WINDOWS)
+
+        def estimate():
+            found = estimate_order(evaluator, state.loaded.model, windows,
+                                   lambda d, t: progress.step("sensitivity estimate", d, t))
+            progress.note(f"estimated {len(evaluator.units)} matmuls x 2 formats in {found.seconds:.1f} s "
+                          f"({len(windows)} windows, one forward + backward each)")
+            return found
+
         found = search_budget(
             evaluator, r.max_ppl_delta,
             on_probe=lambda what, p: progress.note(f"probe {what}: perplexity {p.ppl_delta:+.3%}, "
                                                    f"{p.weight_bytes / 1e6:.3f} MB weights"),
-            on_progress=lambda d, t: progress.step("sensitivity", d, t))
+            estimate=estimate)
         if not found.fits:
             raise AccuracyError(budget_miss(found, state.recipe.name))
         adopt_searched_recipe(state, found.recipe_text, found.report())
