@@ -222,3 +222,28 @@ def test_clip_chooses_each_blocks_scale_by_energy_weighted_rounding_error():
     rtn_scale = quantize_blockwise(w, 64)[1].astype(np.float32)
     assert (scale.astype(np.float32) <= rtn_scale).all() and (scale.astype(np.float32) < rtn_scale).mean() > 0.1
     assert q.min() >= -8 and q.max() <= 7
+
+
+def test_a_repeated_run_reuses_its_results_and_gives_the_same_graph(trained_fp16, trained_calibration, monkeypatch):
+    """The precision search runs the pass on many assignments of one model: GPTQ of a weight already
+    rounded with the same calibration input and options is remembered, not redone, and the graph is
+    byte for byte the one a fresh run makes."""
+    import collections
+
+    import passes.quantize_int4_gptq as module
+
+    monkeypatch.setattr(module, "_MEMO", collections.OrderedDict())
+    calls = []
+    real = module.gptq
+    monkeypatch.setattr(module, "gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ctx = PassContext(max_positions=256, activations=trained_calibration.activations)
+    first, second = ir.load(trained_fp16), ir.load(trained_fp16)
+    make_pass("quantize-int4-gptq", ctx, {"awq": True, "clip": True})(first)
+    fresh = len(calls)
+    assert fresh == len(module._MEMO) > 0
+    make_pass("quantize-int4-gptq", ctx, {"awq": True, "clip": True})(second)
+    assert len(calls) == fresh  # every matmul a memo hit
+    weights = lambda m: {n: v.const_value.numpy().tobytes() for n, v in m.graph.initializers.items()}  # noqa: E731
+    assert weights(first) == weights(second)
+    make_pass("quantize-int4-gptq", ctx, {"awq": True, "clip": True, "damp": 0.05})(ir.load(trained_fp16))
+    assert len(calls) == 2 * fresh  # other options: computed again
