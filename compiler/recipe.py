@@ -45,6 +45,10 @@ class Recipe:
     max_ppl_delta: float | None = None  # relative held-out perplexity increase allowed (0.05 = 5%)
     max_kl: float | None = None  # held-out mean KL(reference || compiled) allowed, nats per token
     min_heldout_agreement: float | None = None  # held-out greedy agreement required (quality stage)
+    # int8 / fp8: where the recipe's format misses max_ppl_delta, the build promotes the matmuls the
+    # sensitivity estimate ranks worst to this format (then FP16) until the measured delta fits, as
+    # `--max-ppl-delta` does (compiler/measure/precision_search.py). None: the recipe's format everywhere.
+    promote: str | None = None
 
     def options_for(self, index: int) -> dict:
         return dict(self.pass_options[index]) if index < len(self.pass_options) else {}
@@ -63,7 +67,8 @@ class Recipe:
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 # max_ppl_delta, max_kl, min_heldout_agreement: the held-out quality a build must meet (compiler/measure/verdict.py).
 QUALITY_KEYS = ("max_ppl_delta", "max_kl", "min_heldout_agreement")
-TOP_KEYS = ("name", "description", "passes", "tolerance", *QUALITY_KEYS)
+PROMOTE_FORMATS = ("int8", "fp8")  # precision_search.SAFER's keys (that module sits above this one)
+TOP_KEYS = ("name", "description", "passes", "tolerance", *QUALITY_KEYS, "promote")
 TOLERANCE_KEYS = ("max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error", "min_greedy_agreement")
 LOGIT_BOUNDS = ("max_abs_logit_error", "mean_abs_logit_error", "max_rel_logit_error")
 
@@ -149,6 +154,15 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         raise BadInputError(f"{_where(path, top['tolerance'])}: tolerance needs min_greedy_agreement and at least one "
                             f"of {', '.join(LOGIT_BOUNDS)}")
     tolerance = Tolerance(**{k: _number(path, tol[k], k) for k in TOLERANCE_KEYS if k in tol})
+    promote = None
+    if "promote" in top:
+        promote = _scalar(path, top["promote"], "promote")
+        if promote not in PROMOTE_FORMATS:
+            raise BadInputError(f"{_where(path, top['promote'])}: promote must be one of {', '.join(PROMOTE_FORMATS)}, "
+                                f"got {promote!r}")
+        if "max_ppl_delta" not in quality:
+            raise BadInputError(f"{_where(path, top['promote'])}: promote needs max_ppl_delta, the budget it "
+                                "promotes matmuls to meet; add it or drop promote")
     return Recipe(
         name=_scalar(path, top["name"], "name") if "name" in top else path.stem,
         description=_scalar(path, top["description"], "description") if "description" in top else "",
@@ -157,6 +171,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         source=path,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         pass_options=tuple(options),
+        promote=promote,
         **quality,
     )
 

@@ -11,6 +11,7 @@ last stage that reads it, and freed memory is handed back to the OS after each s
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def prepare(request: BuildRequest, progress: Progress, staging: Path | None = No
     a part of another build (the draft), written into that build's staging directory."""
     backend = get_backend()
     recipe = load_recipe(request.recipe)
+    if request.max_ppl_delta is None and recipe.promote is not None:  # the recipe searches its own budget
+        request = dataclasses.replace(request, max_ppl_delta=recipe.max_ppl_delta, promote_to=recipe.promote,
+                                      budget_from_recipe=True)
     if request.max_ppl_delta is not None:
         check_budget_request(request, recipe)
     plugins = needs_plugins(recipe.passes)

@@ -29,6 +29,7 @@ class BuildRequest:
     check_passes: bool = False  # run the graph before/after every pass (compiler/measure/pass_check.py)
     max_ppl_delta: float | None = None  # search the per-matmul precision for this budget (precision_search.py)
     promote_to: str = "int8"  # the format the search promotes sensitive matmuls to before FP16
+    budget_from_recipe: bool = False  # max_ppl_delta / promote_to are the recipe's own (its `promote` key)
     draft: Path | None = None  # a second model built into draft/ for speculative decoding (compiler/stages/draft.py)
     num_draft_tokens: int = 4  # tokens the draft proposes per target step in the build's speculation check
 
