@@ -203,7 +203,9 @@ def _search(report: dict, plots: dict[str, str]) -> list[str]:
     start, final = search["start"], search["final"]
     out = [f"## Precision search (budget {search['budget']:.2%} held-out perplexity)", "",
            f"From recipe `{search.get('base_recipe', '?')}`: {search['evaluations']} graphs measured; "
-           f"{search['promotions']} promotions applied, most damaging per byte first. The chosen assignment is "
+           f"{search['promotions']} promotions applied, most damaging per byte first (damage "
+           f"{'estimated by the Fisher/Taylor score' if (search.get('sensitivity') or [{}])[0].get('estimated') else 'measured'}"
+           "). The chosen assignment is "
            "`recipe.yaml` in this directory (`llmc build MODEL --recipe recipe.yaml` rebuilds it).", "",
            "| assignment | formats | perplexity delta | KL | weight bytes |", "|---|---|---|---|---|"]
     for label, probe in (("every matmul in the recipe's format", start), ("chosen", final)):
@@ -288,7 +290,9 @@ def _plots(report: dict, artifact_dir: Path) -> dict[str, str]:
         plt.close(fig)
         plots["search"] = SEARCH_PLOT
     rows = search.get("sensitivity")
-    if rows and plot_sensitivity(rows, artifact_dir / SENSITIVITY_PLOT, "KL of each matmul alone in the recipe's format"):
+    title = ("estimated KL of each unit in the recipe's format (Fisher/Taylor, one forward + backward)"
+             if rows and rows[0].get("estimated") else "KL of each matmul alone in the recipe's format")
+    if rows and plot_sensitivity(rows, artifact_dir / SENSITIVITY_PLOT, title):
         plots["sensitivity"] = SENSITIVITY_PLOT
     w = report.get("weights")
     if w and w.get("by_dtype") and onnx_bytes(report):
