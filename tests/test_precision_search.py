@@ -229,3 +229,31 @@ def test_a_bad_promote_key_fails_with_its_line(tmp_path, change, expected):
     result = CliRunner().invoke(main, ["build", "--recipe", str(path), "-o", str(tmp_path / "never")])
     assert result.exit_code == 2 and expected in result.stderr and f"{path}:" in result.stderr, result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_the_search_reads_an_export_whose_weights_are_external_data(tmp_path, trained, exported, monkeypatch):
+    """A real model's export comes back from the stage cache with its weights in model.onnx.data beside
+    the entry (Gemma 3 270M: 1 GB). The search copies the graph; each copy must still find that file
+    wherever the process runs (it failed with 'No such file: model.onnx.data' on the first cached
+    Gemma export). Here: the trained export saved with external data, measured from another folder."""
+    from compiler.frontend.default_model import default_model_dir
+    from compiler.graph_io import ExportedGraph, io_from_model
+    from compiler.stages.precision import pass_context
+
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    model = ir.load(exported(default_model_dir(), trained))
+    ir.save(model, folder / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
+    restored = ir.load(folder / "model.onnx")
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in restored.graph.initializers.values())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    state = SimpleNamespace(request=SimpleNamespace(options=SimpleNamespace(max_seq=256)), activations=None,
+                            spec=SimpleNamespace(sliding_window=None))
+    held = held_out(trained, default_eval_text(), 128, max_windows=2)
+    ev = Evaluator(ExportedGraph(model=restored, io=io_from_model(restored)), load_recipe("int4-rtn"),
+                   pass_context(state), held, trained.tokenizer.pad_token_id)
+    probe = ev.measure({u.name: ev.aggressive.label for u in ev.units})
+    assert probe.ppl_delta > 0 and probe.weight_bytes > 0
+    assert set(ev.deltas(ev.safer)) == {u.name for u in ev.units}

@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.external_data
 import yaml
 
 from passes import PassContext, make_pass, pass_class
@@ -50,6 +51,7 @@ from passes.quantize_int4_rtn import int4_block
 from passes.weight_quant import WeightQuantPass
 
 from compiler.errors import BadInputError
+from compiler.frontend.onnx_files import save_onnx
 from compiler.frontend.run_passes import run_passes
 from compiler.measure.lagrangian import Choices, Option, upgrade_path
 from compiler.measure.quality import HeldOut, score_windows
@@ -184,7 +186,11 @@ class Evaluator:
         self.fp16 = Format(FP16, None, {})
         prefix = dataclasses.replace(recipe, passes=recipe.passes[: self.index],
                                      pass_options=tuple(recipe.options_for(i) for i in range(self.index)))
-        graph = ExportedGraph(model=ir.serde.deserialize_model(ir.serde.serialize_model(exported.model)),
+        # A restored export (the stage cache) keeps its weights in model.onnx.data beside the cache
+        # entry; a serialized copy names that file relative to nothing, so every copy gets the folder back.
+        self._base_dir = next((v.const_value.base_dir for v in exported.model.graph.initializers.values()
+                               if isinstance(v.const_value, ir.ExternalTensor)), None)
+        graph = ExportedGraph(model=self._copy(ir.serde.serialize_model(exported.model)),
                               io=exported.io, seconds=exported.seconds)
         prepared, _ = run_passes(graph, prefix, ctx)
         self._snapshot = ir.serde.serialize_model(prepared.model).SerializeToString()  # bytes: never shared
@@ -205,6 +211,12 @@ class Evaluator:
         self.groups: list[list[str]] = list(shared.values())
         self.probes: list[Probe] = []
 
+    def _copy(self, proto: onnx.ModelProto) -> ir.Model:
+        model = ir.serde.deserialize_model(proto)
+        if self._base_dir:
+            ir.external_data.set_base_dir(model.graph, self._base_dir)
+        return model
+
     def format(self, label: str) -> Format:
         return {f.label: f for f in (self.aggressive, self.safer, self.fp16)}[label]
 
@@ -216,7 +228,7 @@ class Evaluator:
         options = {**fmt.options, "targets": names, "include_lm_head": any(u.name == "lm_head" for u in self.units)}
         if not names:
             options["targets"] = []
-        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(self._snapshot))
+        model = self._copy(onnx.ModelProto.FromString(self._snapshot))
         return format_deltas(model, make_pass(fmt.pass_name, self.ctx, options))
 
     def recipe_text(self, assignment: dict[str, str], name: str, description: str, budget: float | None = None) -> str:
@@ -252,11 +264,11 @@ class Evaluator:
         keep = [i for i in range(self.index, len(recipe.passes)) if exact or recipe.passes[i] != "cleanup"]
         suffix = dataclasses.replace(recipe, passes=tuple(recipe.passes[i] for i in keep),
                                      pass_options=tuple(recipe.options_for(i) for i in keep))
-        model = ir.serde.deserialize_model(onnx.ModelProto.FromString(self._snapshot))
+        model = self._copy(onnx.ModelProto.FromString(self._snapshot))
         final, _ = run_passes(ExportedGraph(model=model, io=None), suffix, self.ctx)
         with tempfile.TemporaryDirectory(prefix="llmc-probe-") as tmp:
             path = Path(tmp) / "model.onnx"
-            ir.save(final.model, path)
+            save_onnx(final.model, path, threshold=0)  # every weight into this folder, a restored export's too
             scores = score_windows(self.held, Runner(OnnxRuntimeExecutor(path, arena=False), self.pad))
         probe = Probe(dict(assignment), scores.ppl_delta, scores.kl_mean, scores.compiled_perplexity,
                       weight_footprint(final.model)["floor_bytes"], time.perf_counter() - start)
