@@ -65,6 +65,7 @@ def test_the_norm_weight_absorbs_1_over_s():
     fold = fold_target(out, ir.Model(graph, ir_version=10))
     fold(S)
     np.testing.assert_array_equal(gamma.const_value.numpy(), before / S)
+    assert gamma.const_value.numpy().dtype == before.dtype  # the weight keeps its dtype
 
 
 def test_through_a_cast_the_norm_still_absorbs_it():
@@ -92,7 +93,7 @@ def test_a_value_without_producer_or_readers_has_no_fold_target():
     assert fold_target(unread.outputs[0], model) is None
 
 
-def mul_graph(w_shared=False, product_shared=False, other_op=False):
+def mul_graph(w_shared=False, product_shared=False, other_op=False, joined_by="Mul"):
     """up_proj(x) * act(gate(x)) -> down_proj: 1/s folds into up_proj's output columns."""
     x = value("x")
     graph = ir.Graph([x], [], nodes=[], name="g")
@@ -106,7 +107,7 @@ def mul_graph(w_shared=False, product_shared=False, other_op=False):
         graph.append(ir.node("Identity", [w], name="other_w_reader"))
     if product_shared:
         consumer(graph, up.outputs[0], "other_up_reader")
-    mul = ir.node("Mul", [gate.outputs[0], up.outputs[0]], name="mul")
+    mul = ir.node(joined_by, [gate.outputs[0], up.outputs[0]], name="mul")
     graph.append(mul)
     consumer(graph, mul.outputs[0])
     return graph, w, w_array, mul.outputs[0]
@@ -116,10 +117,13 @@ def test_the_up_projection_columns_absorb_1_over_s():
     graph, w, before, out = mul_graph()
     fold_target(out, ir.Model(graph, ir_version=10))(S)
     np.testing.assert_array_equal(w.const_value.numpy(), before / S[None, :])
+    assert w.const_value.numpy().dtype == before.dtype
 
 
-@pytest.mark.parametrize("case", ["weight read elsewhere", "product read elsewhere", "not a MatMul"])
+@pytest.mark.parametrize("case", ["weight read elsewhere", "product read elsewhere", "not a MatMul", "joined by Add"])
 def test_no_fold_into_a_shared_or_non_matmul_producer(case):
+    """Only a Mul passes the scale through to one operand: an Add of the up projection does not."""
     graph, _, _, out = mul_graph(w_shared=case == "weight read elsewhere",
-                                 product_shared=case == "product read elsewhere", other_op=case == "not a MatMul")
+                                 product_shared=case == "product read elsewhere", other_op=case == "not a MatMul",
+                                 joined_by="Add" if case == "joined by Add" else "Mul")
     assert fold_target(out, ir.Model(graph, ir_version=10)) is None
