@@ -13,6 +13,18 @@ from passes.weight_quant import matching_matmuls
 from helpers import build_with_backend, op_counts, run_onnx, save
 
 
+@pytest.fixture(autouse=True)
+def fresh_search_memo():
+    """Each test computes its own searches: the module-level memo (kept for the precision search's
+    repeated groups) would otherwise hand a test the results an earlier test computed, so a broken search
+    could pass here on another test's numbers (mutation testing found 50 such survivors)."""
+    import passes.quantize_int4_awq as awq
+
+    awq._MEMO.clear()
+    yield
+    awq._MEMO.clear()
+
+
 def _feeds(model: ir.Model, ids: np.ndarray) -> dict:
     feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))}
     for v in model.graph.inputs[2:]:
