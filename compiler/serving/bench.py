@@ -22,15 +22,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 METRICS = {"time_to_first_token": "TTFT ms", "inter_token_latency": "ITL ms",
            "output_token_throughput": "output tok/s", "request_throughput": "req/s"}
 # Limits field -> config parameter (llmc_scheduler_policy is set from Limits.static)
 LIMIT_KEYS = {"max_batch": "llmc_scheduler_max_batch", "tokens_per_step": "llmc_scheduler_tokens_per_step"}
+POLICY_KEY = "llmc_scheduler_policy"
 SCHEDULED_MODELS = ("generate", "llm_onnx")
 
 
@@ -74,25 +77,22 @@ def repository_with(artifact: Path, limits: Limits, root: Path) -> Path:
     shutil.copytree(Path(artifact) / "triton", repo,
                     copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".plan") else shutil.copy2(src, dst))
     for model in SCHEDULED_MODELS:
-        config = repo / model / "config.pbtxt"
-        if not config.is_file():
+        path = repo / model / "config.pbtxt"
+        if not path.is_file():
             continue  # llm_onnx exists only with --triton-cpu-fallback
-        text = config.read_text()
-        for field, key in LIMIT_KEYS.items():
-            pattern = rf'(key: "{key}"\s*value \{{\s*string_value: ")\d+(")'
-            if not re.search(pattern, text):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        values = {key: str(getattr(limits, field)) for field, key in LIMIT_KEYS.items()}
+        if limits.static or POLICY_KEY in config.parameters:
+            values[POLICY_KEY] = "static" if limits.static else "inflight"
+        for key, value in values.items():
+            if key not in config.parameters:
                 from compiler.errors import BadInputError
 
-                raise BadInputError(f"{config} has no {key}: rebuild the artifact with this llmc")
-            text = re.sub(pattern, rf"\g<1>{getattr(limits, field)}\g<2>", text)
-        policy = r'(key: "llmc_scheduler_policy"\s*value \{\s*string_value: ")\w+(")'
-        if limits.static and not re.search(policy, text):
-            from compiler.errors import BadInputError
-
-            raise BadInputError(f"{config} has no llmc_scheduler_policy (static batching): rebuild the artifact")
-        text = re.sub(policy, rf"\g<1>{'static' if limits.static else 'inflight'}\g<2>", text)
-        config.unlink()  # a copy, but write a new file all the same
-        config.write_text(text)
+                what = f"{key} (static batching)" if key == POLICY_KEY else key
+                raise BadInputError(f"{path} has no {what}: rebuild the artifact with this llmc")
+            config.parameters[key].string_value = value
+        path.unlink()  # a copy, but write a new file all the same
+        path.write_text(text_format.MessageToString(config))
     return repo
 
 
