@@ -1,0 +1,97 @@
+"""AWQ's two searches against a float64 numpy brute force written from the paper's definitions
+(Lin et al. 2023, section 3.2): the alpha whose scales minimise ||X W - (X / s) Q(diag(s) W)||^2, and
+per (block, output channel) the clip ratio minimising that block's output error. The pass's tests
+check that AWQ beats RTN end to end; these check that the searches choose what they say they choose,
+so a search that picks the wrong grid point (or scores the wrong thing) fails here, not only as a
+worse perplexity somewhere else."""
+
+import numpy as np
+import pytest
+import torch
+
+from passes import quantize_int4_awq as awq
+
+
+@pytest.fixture(autouse=True)
+def fresh_search_memo():
+    awq._MEMO.clear()
+    yield
+    awq._MEMO.clear()
+
+
+def _fake_quant64(w, block, clip=None):
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / 7
+    if clip is not None:
+        scale = scale * clip[:, None, :]
+    scale = np.where(scale == 0, 1.0, scale)
+    return (np.clip(np.round(blocks / scale), -8, 7) * scale).reshape(k, n)
+
+
+def _problem(seed, t=96, k=128, n=48):
+    """Activations with a few outlier channels (what AWQ is for) and a weight with one all-zero block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:6]] *= 25
+    w = torch.randn(k, n, generator=g) * 0.02
+    w[32:64, 5] = 0
+    return x, w
+
+
+def test_fake_quant_is_symmetric_int4_rtn():
+    x, w = _problem(0)
+    clip = torch.rand(w.shape[0] // 32, w.shape[1], generator=torch.Generator().manual_seed(1)) * 0.35 + 0.65
+    for c in (None, clip):
+        got = awq._fake_quant(w, 32, c).numpy()
+        want = _fake_quant64(w.numpy().astype(np.float64), 32, None if c is None else c.numpy().astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    levels = np.unique(np.round(awq._fake_quant(w, 32).numpy()[:32, 0] / (np.abs(w.numpy()[:32, 0]).max() / 7)))
+    assert levels.min() >= -8 and levels.max() <= 7 and len(levels) > 8  # a real 4-bit grid, not a copy of w
+    assert not awq._fake_quant(w, 32)[32:64, 5].any()  # an all-zero block stays zero (scale 1, not 0/0)
+
+
+def test_search_clip_picks_each_blocks_best_ratio():
+    x, w = _problem(2)
+    got = awq.search_clip(x, w, 32).numpy()
+    x64, w64 = x.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    nb, n = w.shape[0] // 32, w.shape[1]
+    want = np.ones((nb, n))
+    for b in range(nb):
+        rows = slice(b * 32, (b + 1) * 32)
+        errors = []
+        for ratio in awq.CLIP_GRID:
+            dq = _fake_quant64(w64[rows], 32, np.full((1, n), ratio))
+            errors.append(((x64[:, rows] @ (dq - w64[rows])) ** 2).sum(axis=0))
+        errors = np.array(errors)  # [ratios, n]
+        best = errors.min(axis=0)
+        # float32 vs float64 may swap near-ties: accept any ratio within 1e-4 of the best error
+        chosen = np.abs(np.array(awq.CLIP_GRID)[:, None] - got[b][None, :]).argmin(axis=0)
+        np.testing.assert_allclose(np.array(awq.CLIP_GRID)[chosen], got[b], atol=1e-6)  # a grid point
+        assert (errors[chosen, np.arange(n)] <= best * (1 + 1e-4) + 1e-12).all(), b
+        want[b] = np.array(awq.CLIP_GRID)[errors.argmin(axis=0)]
+    assert (got < 1).any() and (got == 1).any()  # the brute force clips some blocks and not others
+    assert np.mean(np.isclose(got, want, atol=1e-6)) > 0.95
+
+
+def test_search_scales_picks_the_alpha_with_the_least_output_error():
+    x, w = _problem(3)
+    s, alpha, loss0, loss = awq.search_scales(x, w, 32)
+    x64, w64 = x.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    mean_abs = np.maximum(np.abs(x64).mean(axis=0), 1e-8)
+    ref = x64 @ w64
+
+    def scales(a):
+        v = mean_abs ** a
+        return np.maximum(v / np.sqrt(v.max() * v.min()), 1e-4)
+
+    def error(a):
+        v = scales(a)
+        return (((x64 / v) @ _fake_quant64(w64 * v[:, None], 32) - ref) ** 2).sum() / ref.size
+
+    errors = {a: error(a) for a in awq.ALPHA_GRID}
+    assert 0.0 < alpha < 1.0  # an interior optimum: the grid's ends would not test the comparison
+    assert errors[alpha] <= min(errors.values()) * (1 + 1e-4)
+    assert loss == pytest.approx(errors[alpha], rel=1e-3) and loss0 == pytest.approx(errors[0.0], rel=1e-3)
+    assert loss < loss0 * 0.9  # outlier channels: scaling helps, as the paper says it should
+    np.testing.assert_allclose(s.numpy(), scales(alpha), rtol=1e-5)
