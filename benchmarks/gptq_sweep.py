@@ -41,6 +41,15 @@ from passes.weight_quant import QuantizedWeight  # noqa: E402
 # name -> (method, block, options): rows = calibration rows the Hessian is made of
 VARIANTS = {
     "rtn-b128": ("rtn", 128, {}),
+    "rtn-b64": ("rtn", 64, {}),
+    "rtn-b32": ("rtn", 32, {}),
+    "asym-b128": ("asym", 128, {}),
+    "asym-b64": ("asym", 64, {}),
+    "asym-b32": ("asym", 32, {}),
+    "awq-b128": ("awq", 128, {"clip": True}),
+    "awq-b64": ("awq", 64, {"clip": True}),
+    "awq-b32": ("awq", 32, {"clip": False}),
+    "awq-b32-clip": ("awq", 32, {"clip": True}),
     "gptq-b128": ("gptq", 128, {"rows": 1024}),
     "gptq-b128-rows4096": ("gptq", 128, {"rows": 4096}),
     "gptq-b128-damp0.1": ("gptq", 128, {"rows": 1024, "damp": 0.1}),
@@ -52,6 +61,55 @@ VARIANTS = {
     "fp16+emb8": ("none", 0, {"emb8": True}),
     "rtn-b128+emb8": ("rtn", 128, {"emb8": True}),
 }
+
+
+# AWQ as the pass folds it (passes/quantize_int4_awq.py): the groups whose producer absorbs 1/s
+# (q/k/v after the input norm, gate/up after the pre-MLP norm, down_proj into up_proj); o_proj keeps s = 1.
+# In float arithmetic the fold is W_eff = diag(1/s) DQ(Q(diag(s) W)).
+_AWQ_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _awq_scales(linears, original, cal, largest):
+    from passes.quantize_int4_awq import group_search_weight, search_rows, search_scales
+
+    torch.set_num_threads(2)
+    scales = {}
+    layers = sorted({n.rsplit(".", 2)[0] for n in linears})
+    for layer in layers:
+        for group in _AWQ_GROUPS:
+            names = [n for n in linears if n.startswith(layer + ".") and n.rsplit(".", 1)[1] in group]
+            if not names:
+                continue
+            ws = [original[n].T.contiguous().numpy().astype(np.float16) for n in names]
+            block, _ = int4_block(ws[0].shape[0], largest)
+            x = torch.from_numpy(np.ascontiguousarray(cal.activations[names[0]], dtype=np.float32))
+            w = group_search_weight(ws)
+            s, *_ = search_scales(search_rows(x, w), w, block)
+            scales.update({n: s for n in names})
+    return scales
+
+
+def _awq_weight(w_KN, block, activations, s, clip):
+    from passes.quantize_int4_awq import search_clip, search_rows
+
+    x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+    w = w_KN.astype(np.float32)
+    if s is not None:
+        w = (torch.from_numpy(w) * s[:, None]).numpy().astype(np.float16).astype(np.float32)
+        x = x / s
+    ratios = search_clip(search_rows(x, torch.from_numpy(w)), torch.from_numpy(w), block).numpy() if clip else None
+    q, scale = quantize_blockwise(w.astype(np.float16), block, ratios)
+    dq = QuantizedWeight(q, scale, 0, block).dequantize().astype(np.float32)
+    return dq if s is None else dq / s.numpy()[:, None]
+
+
+def _asym_screen(w_KN, block):
+    k, n = w_KN.shape
+    b = w_KN.astype(np.float32).reshape(k // block, block, n)
+    lo, hi = b.min(1), b.max(1)
+    s = np.maximum(hi - lo, 1e-8) / 15
+    q = np.clip(np.rint((b - lo[:, None]) / s[:, None]), 0, 15)
+    return (q * s[:, None] + lo[:, None]).reshape(k, n)
 
 
 def main() -> None:
@@ -66,7 +124,7 @@ def main() -> None:
     loaded = load_model(args.model)
     model = loaded.model.float().eval()
     start = time.perf_counter()
-    if any(VARIANTS[v][0] == "gptq" for v in wanted):
+    if any(VARIANTS[v][0] in ("gptq", "awq") for v in wanted):
         cal = calibrate(loaded, default_calibration_text(), sample_rows=4096)
         print(f"calibrated {cal.tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
     embedding = model.get_input_embeddings().weight
@@ -94,11 +152,22 @@ def main() -> None:
             qw = quantize_per_channel_int8(original_embedding.T.contiguous().numpy().astype(np.float16))
             with torch.no_grad():
                 embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32).T.copy()))
+        awq_scales = _awq_scales(linears, original, cal, largest) if method == "awq" else {}
         for name, module in linears.items() if method != "none" else ():
             w_KN = original[name].T.contiguous().numpy().astype(np.float16)
             block, _ = int4_block(w_KN.shape[0], largest)
             if method == "rtn":
                 q, scale = quantize_blockwise(w_KN, block)
+            elif method == "awq":
+                dq = _awq_weight(w_KN, block, cal.activations[name], awq_scales.get(name), opts["clip"])
+                with torch.no_grad():
+                    module.weight.copy_(torch.from_numpy(dq.T.copy()))
+                continue
+            elif method == "asym":
+                dq = _asym_screen(w_KN, block)
+                with torch.no_grad():
+                    module.weight.copy_(torch.from_numpy(dq.T.copy()))
+                continue
             else:
                 key = (name, rows)
                 if key not in hessians:

@@ -133,6 +133,8 @@ def test_bisection_finds_the_fewest_promotions_brute_force_would():
                      if ev.measure(assignment_after(ev, found.promotion_order, c)).ppl_delta <= budget)
         assert found.fits and found.promotions == brute, budget
         assert found.final.ppl_delta <= budget
+        # the searched recipe is named for the budget only where promotions made it differ from the recipe
+        assert found.recipe_text == ("synthetic" if brute == 0 else f"synthetic-within-{budget:.2%}".replace("%", "pct"))
     # The promotion order is most damage per byte first: the 0.004 unit goes to INT8 first.
     assert found.promotion_order[0] == ("model.layers.0.mlp.down_proj", "int8")
 

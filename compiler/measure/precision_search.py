@@ -414,7 +414,8 @@ def search_budget(ev: Evaluator, budget: float, on_probe: Callable[[str, Probe],
             best = high
     final = measured[best]
     ok = within(final)
-    label = f"{ev.recipe.name}-within-{budget:.2%}".replace("%", "pct")
+    # Named for the search only when it changed something: an answer of no promotions is the recipe itself.
+    label = f"{ev.recipe.name}-within-{budget:.2%}".replace("%", "pct") if best else ev.recipe.name
     description = (f"{ev.recipe.name} with {best} promotions chosen for a held-out perplexity budget "
                    f"of {budget:.2%}: measured {final.ppl_delta:+.3%} at {final.weight_bytes} weight bytes")
     return SearchResult(budget, ok, final.assignment, ev.recipe_text(final.assignment, label, description, budget), final,
