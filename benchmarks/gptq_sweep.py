@@ -9,6 +9,12 @@ the figures rank variants; the build's quality stage is the measurement of recor
 
     python benchmarks/gptq_sweep.py /work/models/gemma3-270m [--only rtn-b128,gptq-b128]
 
+`awq-*` variants run the pass's own searches (`search_scales` per group sharing an input, `search_clip`
+per matmul) and fold as the pass does, in float: W_eff = diag(1/s) DQ(Q(diag(s) W)); o_proj keeps s = 1.
+`asym-*` / `awq-asym-*` round to a min/scale grid (16 levels from each block's min to its max): a screen
+of asymmetric INT4, which TensorRT's weight DequantizeLinear cannot express (zero point must be 0), so
+no recipe emits it.
+
 `+emb8` variants also round the (tied) embedding table per row to INT8 as quantize-int8-embedding
 does (`quantize_per_channel_int8` of E^T), so the lm_head reads it too.
 
@@ -50,6 +56,8 @@ VARIANTS = {
     "awq-b64": ("awq", 64, {"clip": True}),
     "awq-b32": ("awq", 32, {"clip": False}),
     "awq-b32-clip": ("awq", 32, {"clip": True}),
+    "awq-asym-b128": ("awq", 128, {"clip": False, "asym": True}),
+    "awq-asym-b64": ("awq", 64, {"clip": False, "asym": True}),
     "gptq-b128": ("gptq", 128, {"rows": 1024}),
     "gptq-b128-rows4096": ("gptq", 128, {"rows": 4096}),
     "gptq-b128-damp0.1": ("gptq", 128, {"rows": 1024, "damp": 0.1}),
@@ -89,7 +97,7 @@ def _awq_scales(linears, original, cal, largest):
     return scales
 
 
-def _awq_weight(w_KN, block, activations, s, clip):
+def _awq_weight(w_KN, block, activations, s, clip, asym=False):
     from passes.quantize_int4_awq import search_clip, search_rows
 
     x = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
@@ -97,9 +105,12 @@ def _awq_weight(w_KN, block, activations, s, clip):
     if s is not None:
         w = (torch.from_numpy(w) * s[:, None]).numpy().astype(np.float16).astype(np.float32)
         x = x / s
-    ratios = search_clip(search_rows(x, torch.from_numpy(w)), torch.from_numpy(w), block).numpy() if clip else None
-    q, scale = quantize_blockwise(w.astype(np.float16), block, ratios)
-    dq = QuantizedWeight(q, scale, 0, block).dequantize().astype(np.float32)
+    if asym:  # the scales AWQ's (symmetric) search chose, then the min/scale grid
+        dq = _asym_screen(w.astype(np.float16), block).astype(np.float32)
+    else:
+        ratios = search_clip(search_rows(x, torch.from_numpy(w)), torch.from_numpy(w), block).numpy() if clip else None
+        q, scale = quantize_blockwise(w.astype(np.float16), block, ratios)
+        dq = QuantizedWeight(q, scale, 0, block).dequantize().astype(np.float32)
     return dq if s is None else dq / s.numpy()[:, None]
 
 
@@ -159,7 +170,8 @@ def main() -> None:
             if method == "rtn":
                 q, scale = quantize_blockwise(w_KN, block)
             elif method == "awq":
-                dq = _awq_weight(w_KN, block, cal.activations[name], awq_scales.get(name), opts["clip"])
+                dq = _awq_weight(w_KN, block, cal.activations[name], awq_scales.get(name), opts["clip"],
+                                 opts.get("asym", False))
                 with torch.no_grad():
                     module.weight.copy_(torch.from_numpy(dq.T.copy()))
                 continue

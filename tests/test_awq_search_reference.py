@@ -95,3 +95,44 @@ def test_search_scales_picks_the_alpha_with_the_least_output_error():
     assert loss == pytest.approx(errors[alpha], rel=1e-3) and loss0 == pytest.approx(errors[0.0], rel=1e-3)
     assert loss < loss0 * 0.9  # outlier channels: scaling helps, as the paper says it should
     np.testing.assert_allclose(s.numpy(), scales(alpha), rtol=1e-5)
+
+
+def test_search_clip_scales_a_block_whose_range_is_exactly_seven():
+    """A block whose max |w| is 7 has base scale exactly 1: it is clipped like any other block, and a
+    block of zeros keeps ratio 1 (ties keep the larger ratio: the range is only shrunk when that helps)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=g)
+    w = torch.randn(32, 8, generator=g) * 1.5
+    w[:, 0] = w[:, 0] / w[:, 0].abs().max() * 7  # base scale max|w| / 7 == 1 exactly
+    w[:, 1] = 0
+    got = awq.search_clip(x, w, 32).numpy()[0]
+    x64, w64 = x.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    errors = [((x64 @ (_fake_quant64(w64, 32, np.full((1, 8), r)) - w64)) ** 2).sum(axis=0) for r in awq.CLIP_GRID]
+    best = np.array(awq.CLIP_GRID)[np.argmin(errors, axis=0)]
+    assert best[0] < 1 and got[0] == pytest.approx(best[0])
+    assert got[1] == 1.0
+
+
+def test_memo_returns_a_stored_result_and_evicts_the_least_recently_used(monkeypatch):
+    """Equal (function, block, activations, weight) contents return the stored result without a call;
+    the memo holds _MEMO_ENTRIES results and drops the least recently used one first."""
+    monkeypatch.setattr(awq, "_MEMO_ENTRIES", 2)
+    calls = []
+
+    def fn(x, w, block):
+        calls.append(block)
+        return (float(x.sum()), float(w.sum()), block)
+
+    x, w = torch.ones(4, 8), torch.ones(8, 2)
+    first = awq._memoized(fn, x, w, 32)
+    assert awq._memoized(fn, x.clone(), w.clone(), 32) is first and calls == [32]  # by content
+    awq._memoized(fn, x, w * 2, 32)  # a different weight: a new call
+    awq._memoized(fn, x, w, 64)  # a different block: a new call; 3 entries > 2, the oldest (x, w, 32) goes ...
+    assert calls == [32, 32, 64]
+    awq._memoized(fn, x, w * 2, 32)  # ... while the later two stay; this one is now the most recently used
+    assert calls == [32, 32, 64]
+    assert awq._memoized(fn, x, w, 32) == first and calls == [32, 32, 64, 32]  # evicted: recomputed
+    awq._memoized(fn, x, w * 2, 32)  # held: the least recently used, (x, w, 64), went for (x, w, 32)
+    assert calls == [32, 32, 64, 32]
+    awq._memoized(fn, x, w, 64)
+    assert calls == [32, 32, 64, 32, 64]

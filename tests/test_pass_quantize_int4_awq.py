@@ -265,8 +265,24 @@ def test_coarse_to_fine_alpha_matches_full_grid(monkeypatch):
     assert len(calls) == len(awq.ALPHA_GRID) and 0.0 < full[1] < 1.0  # an interior optimum
     calls.clear()
     monkeypatch.setattr(awq, "BIG_WEIGHT", w.numel())  # treat this group as a 1B model's
+    alphas = []
+    m = x.abs().mean(dim=0)
+    hi, lo = int(m.argmax()), int(m.argmin())
+
+    def spy(ws, *a, **k):  # recover alpha from the scaled weight: s_hi / s_lo = (m_hi / m_lo) ** alpha
+        r = (ws[hi] / w[hi]).mean() / (ws[lo] / w[lo]).mean()
+        alphas.append(round(float(torch.log(r) / torch.log(m[hi] / m[lo])) * 20))
+        return real(ws, *a, **k)
+
+    monkeypatch.setattr(awq, "_fake_quant", spy)
     coarse = awq.search_scales(x, w, 32)
-    assert len(calls) <= 12
+    assert len(alphas) <= 12
+    # every 4th grid point, then each point within 3 of the best of those (and no other)
+    coarse_points = set(range(0, 21, 4))
+    assert set(alphas[:6]) == coarse_points and len(alphas) == len(set(alphas))
+    fine = set(alphas) - coarse_points
+    i = next(c for c in coarse_points if fine == set(range(max(0, c - 3), min(21, c + 4))) - coarse_points)
+    assert i >= 4  # the window is not clipped at 0: each of its points was needed
     assert coarse[1] == full[1] and torch.equal(coarse[0], full[0]) and coarse[2:] == full[2:]
 
 
