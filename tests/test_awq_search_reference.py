@@ -136,3 +136,52 @@ def test_memo_returns_a_stored_result_and_evicts_the_least_recently_used(monkeyp
     assert calls == [32, 32, 64, 32]
     awq._memoized(fn, x, w, 64)
     assert calls == [32, 32, 64, 32, 64]
+
+
+def test_options_are_checked_and_kept():
+    from passes.quant_coverage import DEFAULT_MIN_COVERAGE
+    from passes.weight_quant import DEFAULT_TARGETS
+
+    p = awq.QuantizeInt4AwqPass({})
+    assert (p.block, p.clip, p.targets, p.exclude, p.include_lm_head) == (128, "auto", DEFAULT_TARGETS, (), False)
+    assert p.min_coverage == DEFAULT_MIN_COVERAGE and p.fallbacks == [] and p.search_log == {}
+    p = awq.QuantizeInt4AwqPass({"a": 1}, block_size=64, clip=False)
+    assert p.block == 64 and p.clip is False and p.activations == {"a": 1}
+    with pytest.raises(ValueError, match=r"clip must be true, false or auto \(got 'yes'\)"):
+        awq.QuantizeInt4AwqPass({}, clip="yes")
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        awq.QuantizeInt4AwqPass({}, block_size=48)
+
+
+@pytest.mark.parametrize("clip, expected", [("auto", [False, False, True, True]), (True, [True] * 4), (False, [False] * 4)])
+def test_clip_search_runs_where_the_option_says(clip, expected):
+    """auto: at blocks of 64 and 128 only (a matmul's own block, which K may have made smaller)."""
+    p = awq.QuantizeInt4AwqPass({}, clip=clip)
+    assert [p.clips(b) for b in (16, 32, 64, 128)] == expected
+
+
+def test_quantize_clips_the_scaled_input_of_a_searched_target():
+    """A target with calibration input x and folded scales s: the clip search sees x / s (the input the
+    quantized weight will meet); without s it sees x; without clipping (or without an input) it is RTN."""
+    from types import SimpleNamespace
+
+    from passes.quantize_int4_rtn import quantize_blockwise
+
+    x, w32 = _problem(5, t=64, k=128, n=32)
+    w = w32.numpy().astype(np.float16)
+    s = torch.linspace(0.5, 2.0, 128)
+    p = awq.QuantizeInt4AwqPass({"src": x.numpy()}, block_size=64, clip=True)
+    p._inputs = {"scaled": ("src", s), "plain": ("src", None)}
+    scales = []
+    for name, x_seen in (("scaled", x / s), ("plain", x)):
+        qw = p.quantize(w, SimpleNamespace(name=name, block=64))
+        q, scale = quantize_blockwise(w, 64, awq.search_clip(x_seen, torch.from_numpy(w.astype(np.float32)), 64).numpy())
+        assert (qw.block_size, qw.axis) == (64, 0) and np.array_equal(qw.q, q) and np.array_equal(qw.scale, scale), name
+        scales.append(scale)
+    assert not np.array_equal(*scales)  # x / s and x lead to different clips, so the two cases say something
+    rtn_q, rtn_scale = quantize_blockwise(w, 64)
+    for name, pass_ in (("unseen", p), ("scaled", awq.QuantizeInt4AwqPass({"src": x.numpy()}, block_size=64, clip=False))):
+        pass_._inputs = p._inputs
+        qw = pass_.quantize(w, SimpleNamespace(name=name, block=64))
+        assert np.array_equal(qw.q, rtn_q) and np.array_equal(qw.scale, rtn_scale), name
+    assert not np.array_equal(p.quantize(w, SimpleNamespace(name="scaled", block=64)).scale, rtn_scale)  # it did clip
