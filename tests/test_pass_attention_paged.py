@@ -319,3 +319,126 @@ def test_paged_engine_builds_with_full_tensorrt(paged16, native_run, tmp_path):
     assert tuple(tensors["past_key_values.0.key"].shape)[1:] == (2, 16, 32)
     tokens, logits = _run(TensorRTExecutor(engine.plan_path), native_run[0])
     assert np.abs(logits - native_run[1]).max() < 0.1  # the fp16-plugin recipe's tolerance
+
+
+# --- the paged rewrite on hand-built decoders (seconds, no model; tests/test_pass_attention_plugin.py's) ----
+
+def _paged_feeds(feeds, tables, block_size):
+    """The linear feeds with each past cache moved into a pool at the blocks `tables` names."""
+    out = dict(feeds)
+    batch, blocks = tables.shape
+    for name in [n for n in feeds if n.startswith("past_")]:
+        linear = feeds[name]
+        pool = np.full((batch * blocks, linear.shape[1], block_size, linear.shape[3]), 9, linear.dtype)  # unused: 9s
+        for b in range(batch):
+            for j in range(blocks):
+                pool[tables[b, j]] = linear[b, :, j * block_size:(j + 1) * block_size]
+        out[name] = pool
+    out[BLOCK_TABLES] = tables
+    return out
+
+
+def _linear(pool, tables, block_size):
+    return np.stack([np.concatenate([pool[t] for t in row], axis=1) for row in tables])
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+def test_synthetic_paged_graph_computes_the_linear_graph_on_shuffled_blocks(tmp_path, fp8):
+    import ml_dtypes
+
+    from test_pass_attention_plugin import SB, SC, SD, SKV, _decode_feeds, _decoder, _run_model
+
+    block = 4
+    feeds = _decode_feeds(start=5)
+    scales = {f"present.{i}.{kv}": np.array([0.01, 0.02], np.float32) for i in range(2) for kv in ("key", "value")}
+    options = {"kv_dtype": "float8e4m3fn", "scales": scales} if fp8 else {}
+    linear = _decoder()
+    AttentionPluginPass(**options)(linear)
+    model = _decoder()
+    pass_ = AttentionPluginPass(paged=True, block_size=block, **options)
+    assert pass_(model).modified
+    graph = model.graph
+    assert [v.name for v in graph.inputs][:3] == ["input_ids", "position_ids", BLOCK_TABLES]
+    tables_value = graph.inputs[2]
+    assert tables_value.dtype == ir.DataType.INT32 and list(tables_value.shape) == ["batch", SC // block]
+    nodes = [n for n in graph if n.domain == DOMAIN]
+    assert [n.op_type for n in nodes] == [PAGED_OP, PAGED_OP] and all(n.inputs[8] is tables_value for n in nodes)
+    assert (DOMAIN, PAGED_OP, "") in model.functions and (DOMAIN, OP, "") not in model.functions
+    for v in (*graph.inputs[3:], *graph.outputs[1:]):
+        assert list(v.shape) == [NUM_BLOCKS, SKV, block, SD], v
+        assert v.dtype == (ir.DataType.FLOAT8E4M3FN if fp8 else ir.DataType.FLOAT16)
+    if fp8:
+        for name in [n for n in feeds if n.startswith("past_")]:
+            s = scales[name.replace("past_key_values", "present")][None, :, None, None]
+            feeds[name] = (feeds[name].astype(np.float32) / s).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    want = _run_model(linear, feeds, tmp_path, "linear.onnx")
+    tables = shuffled_block_tables(SB, SC // block, seed=2)
+    got = _run_model(model, _paged_feeds(feeds, tables, block), tmp_path, "paged.onnx")
+    np.testing.assert_array_equal(got["logits"], want["logits"])  # paging moves rows, it does not round them
+    for name in [n for n in want if n.startswith("present.")]:
+        np.testing.assert_array_equal(_linear(got[name], tables, block), want[name])
+
+
+@pytest.mark.parametrize("start,end,expected", [(0, 1, "input_ids"), (None, None, [2, 2, 16, 8]), (1, None, [2, 16, 8]),
+                                                (-2, None, [16, 8]), (0, 2, [2, 2])])
+def test_synthetic_shape_reads_of_a_cache_are_rewired_off_the_pool(tmp_path, start, end, expected):
+    """The exporter reads the batch size off a cache input; a pool's dim 0 counts blocks: the reads must give
+    the linear cache's dims still (batch from input_ids, the rest as constants)."""
+    from test_pass_attention_plugin import SB, SC, _decode_feeds, _decoder, _run_model
+
+    model = _decoder(shape_reads=[(start, end)])
+    AttentionPluginPass(paged=True, block_size=4)(model)
+    name = f"shape_read_{start}_{end}"
+    out = next(v for v in model.graph.outputs if v.name == name).producer().inputs[0]
+    if expected == "input_ids":
+        assert out.producer().op_type == "Shape" and out.producer().inputs[0].name == "input_ids"
+        expected = [SB]
+    else:
+        assert out.producer().op_type == "Concat"
+        assert [n.name for n in model.graph if n.name and n.name.startswith(name)] == [
+            *(f"{name}.batch" if d == 0 else f"{name}.dim{d}" for d in list(range(4))[slice(start, end or 4)]),
+            f"{name}.static"]
+    assert not [n for n in model.graph if n.op_type == "Shape" and n.inputs[0].name.startswith("past_")]
+    tables = shuffled_block_tables(SB, SC // 4)
+    got = _run_model(model, _paged_feeds(_decode_feeds(), tables, 4), tmp_path)
+    assert got[name].tolist() == expected
+
+
+@pytest.mark.parametrize("case,message", [
+    ("identity reader", r"^cache_reader \(Identity\) reads cache input past_key_values\.0\.key: only Shape reads can be "
+                        r"rewired when the cache becomes a block pool$"),
+    ("no input_ids", r"^shape_read_0_1 \(Shape\) reads cache input past_key_values\.0\.key: only Shape reads"),
+    ("dynamic dim", r"^shape_read_1_None: dim 3 of past_key_values\.0\.key is dynamic$"),
+    ("not an input", r"^scatter\.0\.key: its cache .* is not a graph input \(nothing to page\)$"),
+    ("twice", r"^graph already has a 'block_tables' input \(paged twice\?\)$"),
+    ("capacity", r"^paged cache: capacity 16 \(--max-seq\) is not a multiple of block_size 32; pick a --max-seq that "
+                 r"is, or a block_size that divides it$"),
+    ("dynamic capacity", r"^paged cache: capacity cap \(--max-seq\) is not a multiple of block_size 4"),
+])
+def test_synthetic_paged_refusals_name_the_cause(case, message):
+    from test_pass_attention_plugin import _decoder
+
+    block = 32 if case == "capacity" else 4
+    model = {"identity reader": lambda: _decoder(reader="Identity"),
+             "no input_ids": lambda: _decoder(shape_reads=[(0, 1)], drop_input="input_ids"),
+             "dynamic dim": lambda: _decoder(shape_reads=[(1, None)]),
+             "not an input": lambda: _decoder(past_as_input=False),
+             "twice": lambda: _decoder(), "capacity": lambda: _decoder(), "dynamic capacity": lambda: _decoder()}[case]()
+    graph = model.graph
+    if case == "dynamic dim":
+        past = graph.inputs[2]
+        past.shape = ir.Shape([past.shape[0], past.shape[1], past.shape[2], "head_dim"])
+    if case == "twice":
+        graph.inputs.append(ir.Value(name=BLOCK_TABLES, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([2, 4])))
+    if case == "dynamic capacity":
+        for node in graph:
+            if node.op_type == "TensorScatter":
+                past = node.inputs[0]
+                past.shape = ir.Shape([past.shape[0], past.shape[1], "cap", past.shape[3]])
+    pass_ = AttentionPluginPass(paged=True, block_size=block)
+    with pytest.raises(ir.passes.PreconditionError, match=message):
+        if case in ("twice", "capacity", "dynamic capacity"):
+            pass_.requires(model)
+        else:
+            pass_(model)
+    AttentionPluginPass(paged=False).requires(_decoder()) if case in ("twice", "capacity") else None
