@@ -247,3 +247,228 @@ def test_a_repeated_run_reuses_its_results_and_gives_the_same_graph(trained_fp16
     assert weights(first) == weights(second)
     make_pass("quantize-int4-gptq", ctx, {"awq": True, "clip": True, "damp": 0.05})(ir.load(trained_fp16))
     assert len(calls) == 2 * fresh  # other options: computed again
+
+
+# --- the pass on hand-built graphs (seconds, no model) ---------------------------------------------------
+# q_proj and k_proj read one RMSNorm's output (AWQ's group, with a weight to fold into), o_proj its own
+# input. Each weight's codes must be GPTQ's of that weight against the Hessian of *its own* calibration
+# input (or RTN's where it has none); the logged losses the output errors of both on that input.
+SK, SN, ST = 256, 32, 96  # K spans two lazy blocks; block 64
+PROJ = {"q": "model.layers.0.self_attn.q_proj", "k": "model.layers.0.self_attn.k_proj",
+        "o": "model.layers.0.self_attn.o_proj"}
+
+
+def _synthetic(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f16 = ir.TensorType(ir.DataType.FLOAT16)
+    x = ir.Value(name="x", type=f16, shape=ir.Shape([1, SK]))
+    y = ir.Value(name="y", type=f16, shape=ir.Shape([1, SK]))
+    graph = ir.Graph([x, y], [], nodes=[], name="g", opset_imports={"": 23})
+    gamma = ir.Value(name="gamma", type=f16, shape=ir.Shape([SK]),
+                     const_value=ir.tensor((1 + 0.1 * torch.rand(SK, generator=g)).numpy().astype(np.float16), name="gamma"))
+    graph.register_initializer(gamma)
+    norm = ir.node("RMSNormalization", [x, gamma], name="norm")
+    graph.append(norm)
+    weights = {}
+    for key, source in (("q", norm.outputs[0]), ("k", norm.outputs[0]), ("o", y)):
+        w = (torch.randn(SK, SN, generator=g) * 0.02).numpy().astype(np.float16)
+        weights[PROJ[key]] = w
+        init = ir.Value(name=f"w{key}", type=f16, shape=ir.Shape([SK, SN]), const_value=ir.tensor(w, name=f"w{key}"))
+        graph.register_initializer(init)
+        node = ir.node("MatMul", [source, init], name=key,
+                       metadata_props={"pkg.torch.onnx.name_scopes": repr(["", PROJ[key], "linear"])})
+        graph.append(node)
+        node.outputs[0].name = f"{key}.out"
+        graph.outputs.append(node.outputs[0])
+    mix = torch.randn(SK, SK, generator=g) / SK ** 0.5 + torch.eye(SK)
+    acts = {name: ((torch.randn(ST, SK, generator=g) @ mix) * (1 + 5 * (torch.rand(SK, generator=g) > 0.9))).numpy()
+            for name in PROJ.values()}
+    return ir.Model(graph, ir_version=10), weights, acts
+
+
+def _stored(model, key):
+    """(q as int8, scale) of the DequantizeLinear feeding that projection's MatMul."""
+    node = next(n for n in model.graph if n.name == key)
+    dq = node.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.attributes["block_size"].as_int() == 64
+    return dq.inputs[0].const_value.numpy().astype(np.int8), dq.inputs[1].const_value.numpy()
+
+
+@pytest.fixture
+def fresh_memo(monkeypatch):
+    import collections
+
+    import passes.quantize_int4_gptq as module
+
+    monkeypatch.setattr(module, "_MEMO", collections.OrderedDict())
+    return module
+
+
+@pytest.mark.parametrize("act_order,clip,damp", [(False, False, 0.01), (True, True, 0.1)])
+def test_synthetic_each_weight_is_gptq_against_its_own_inputs_hessian(fresh_memo, act_order, clip, damp):
+    model, weights, acts = _synthetic()
+    acts[PROJ["k"]] = acts[PROJ["k"]][:, ::-1].copy()  # another input than q_proj's: its own Hessian
+    pass_ = QuantizeInt4GptqPass(acts, block_size=64, damp=damp, act_order=act_order, clip=clip)
+    assert pass_(model).modified and not pass_.fallbacks
+    assert sorted(pass_.quantized) == sorted(PROJ.values()) and sorted(pass_.gptq_log) == sorted(PROJ.values())
+    for key, name in PROJ.items():
+        h = hessian(torch.from_numpy(acts[name]))
+        want_q, want_scale, want_damp = gptq(weights[name], h, 64, damp, act_order, clip)
+        q, scale = _stored(model, key)
+        np.testing.assert_array_equal(q, want_q)
+        np.testing.assert_array_equal(scale, want_scale)
+        assert scale.dtype == np.float16
+        rtn = QuantizedWeight(*quantize_blockwise(weights[name], 64), 0, 64).dequantize()
+        log = pass_.gptq_log[name]
+        assert log["damp"] == want_damp == damp
+        assert log["loss_rtn"] == pytest.approx(output_error(weights[name], rtn, h), rel=1e-12)
+        assert log["loss_gptq"] == pytest.approx(output_error(weights[name], _dequantized(q, scale, 64), h), rel=1e-12)
+        assert log["loss_gptq"] < log["loss_rtn"]
+    gamma = model.graph.initializers["gamma"].const_value.numpy()
+    assert np.array_equal(gamma, _synthetic()[0].graph.initializers["gamma"].const_value.numpy())  # no AWQ fold
+
+
+def test_synthetic_a_weight_without_calibration_input_is_rounded_by_rtn(fresh_memo):
+    model, weights, acts = _synthetic()
+    del acts[PROJ["k"]]
+    pass_ = QuantizeInt4GptqPass(acts, block_size=64)
+    assert pass_(model).modified
+    assert pass_.fallbacks == [PROJ["k"]] and sorted(pass_.gptq_log) == sorted([PROJ["q"], PROJ["o"]])
+    rq, rs = quantize_blockwise(weights[PROJ["k"]], 64)
+    q, scale = _stored(model, "k")
+    np.testing.assert_array_equal(q, rq.astype(np.int8))
+    np.testing.assert_array_equal(scale, rs)
+    q, _ = _stored(model, "q")
+    assert not np.array_equal(q, quantize_blockwise(weights[PROJ["q"]], 64)[0].astype(np.int8))  # GPTQ's, not RTN's
+
+
+def test_synthetic_awq_folds_then_rounds_with_the_scaled_inputs_hessian(fresh_memo, monkeypatch):
+    model, weights, acts = _synthetic()
+    gamma_before = model.graph.initializers["gamma"].const_value.numpy().astype(np.float32).copy()
+    seen = []
+    real = fresh_memo.gptq
+    monkeypatch.setattr(fresh_memo, "gptq", lambda w, h, *a: seen.append((w.copy(), h.clone())) or real(w, h, *a))
+    pass_ = QuantizeInt4GptqPass(acts, block_size=64, awq=True)
+    assert pass_(model).modified and pass_.awq and not pass_.fallbacks
+    assert sorted(pass_.search_log) == [PROJ["k"], PROJ["q"]]  # the norm's group: searched and folded
+    s = pass_._inputs[PROJ["q"]][1]
+    assert s is not None and pass_._inputs[PROJ["k"]][1] is s and pass_._inputs[PROJ["o"]][1] is None
+    gamma = model.graph.initializers["gamma"].const_value.numpy().astype(np.float32)
+    np.testing.assert_allclose(gamma, gamma_before / s.numpy(), rtol=2e-3)
+    by_name = dict(zip([PROJ["q"], PROJ["k"], PROJ["o"]], seen))
+    for name in (PROJ["q"], PROJ["k"]):
+        w, h = by_name[name]
+        torch.testing.assert_close(h, hessian(torch.from_numpy(acts[PROJ["q"]]) / s), rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(w, (weights[name].astype(np.float32) * s.numpy()[:, None]).astype(np.float16))
+    torch.testing.assert_close(by_name[PROJ["o"]][1], hessian(torch.from_numpy(acts[PROJ["o"]])), rtol=1e-12, atol=0)
+
+
+def test_synthetic_a_repeat_is_remembered_by_weight_input_and_options(fresh_memo, monkeypatch):
+    calls = []
+    real = fresh_memo.gptq
+    monkeypatch.setattr(fresh_memo, "gptq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, _, acts = _synthetic()
+    first = QuantizeInt4GptqPass(acts, block_size=64)
+    first(model)
+    assert len(calls) == 3 == len(fresh_memo._MEMO)
+    again, _, _ = _synthetic()
+    second = QuantizeInt4GptqPass(acts, block_size=64)
+    second(again)
+    assert len(calls) == 3 and second.gptq_log == first.gptq_log  # every weight a memo hit, its log kept
+    for key in PROJ:
+        for a, b in zip(_stored(model, key), _stored(again, key)):
+            np.testing.assert_array_equal(a, b)
+    _stored(again, "q")[0][:] = 0  # a caller writing into its copy does not reach the memo
+    QuantizeInt4GptqPass(acts, block_size=64)(third := _synthetic()[0])
+    np.testing.assert_array_equal(_stored(third, "q")[0], _stored(model, "q")[0])
+    for options in ({"damp": 0.02}, {"act_order": True}, {"clip": True}):
+        QuantizeInt4GptqPass(acts, block_size=64, **options)(_synthetic()[0])
+    assert len(calls) == 3 + 3 * 3  # other options: every weight again
+    other = {k: v * 2 for k, v in acts.items()}
+    QuantizeInt4GptqPass(other, block_size=64)(_synthetic()[0])
+    assert len(calls) == 15  # other calibration inputs: again
+    QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=1)[0])
+    assert len(calls) == 18  # other weights: again
+
+
+def test_synthetic_the_memo_drops_its_oldest_entries_beyond_its_budget(fresh_memo, monkeypatch):
+    model, _, acts = _synthetic()
+    QuantizeInt4GptqPass(acts, block_size=64)(_synthetic()[0])
+    sizes = [v[0].q.nbytes + v[0].scale.nbytes for v in fresh_memo._MEMO.values()]
+    assert len(sizes) == 3
+    monkeypatch.setattr(fresh_memo, "MEMO_BYTES", sum(sizes[:2]))
+    QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=1)[0])  # three new entries: three oldest go
+    assert len(fresh_memo._MEMO) == 2
+    monkeypatch.setattr(fresh_memo, "MEMO_BYTES", 0)
+    QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=2)[0])
+    assert len(fresh_memo._MEMO) == 1  # always the latest
+
+
+def test_synthetic_rounding_runs_on_one_thread_unless_the_weight_is_big(fresh_memo, monkeypatch):
+    threads = []
+    real = fresh_memo.gptq
+
+    def counted(*args):  # the count the pass set; the rounding itself on one thread (no OpenMP pool forked here)
+        threads.append(torch.get_num_threads())
+        torch.set_num_threads(1)
+        try:
+            return real(*args)
+        finally:
+            torch.set_num_threads(threads[-1])
+
+    monkeypatch.setattr(fresh_memo, "gptq", counted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model, _, acts = _synthetic()
+        QuantizeInt4GptqPass(acts, block_size=64)(model)
+        assert threads == [1, 1, 1]
+        monkeypatch.setattr(fresh_memo, "BIG_WEIGHT", SK * SN)
+        QuantizeInt4GptqPass(acts, block_size=64, damp=0.5)(_synthetic()[0])
+        assert threads[3:] == [2, 2, 2]
+        assert torch.get_num_threads() == 2  # given back after the pass
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_synthetic_options_are_checked_and_kept():
+    pass_ = QuantizeInt4GptqPass({}, block_size=32, damp=0.05, act_order=True, awq=True, clip=True,
+                                 targets=["model.layers.0.*"], exclude=["*o_proj"], include_lm_head=True, min_coverage=0.25)
+    assert (pass_.block, pass_.damp, pass_.act_order, pass_.awq, pass_.clip_scales) == (32, 0.05, True, True, True)
+    assert pass_.targets == ("model.layers.0.*",) and pass_.exclude == ("*o_proj",) and pass_.include_lm_head
+    assert pass_.min_coverage == 0.25 and pass_.clip is False  # AWQ's own clip search stays off
+    defaults = QuantizeInt4GptqPass({})
+    assert (defaults.block, defaults.damp, defaults.act_order, defaults.awq, defaults.clip_scales) == (128, 0.01, False, False, False)
+    assert defaults.targets == ("model.layers.*",) and defaults.exclude == () and not defaults.include_lm_head
+    assert defaults.gptq_log == {} and defaults.fallbacks == []
+    from passes.quant_coverage import DEFAULT_MIN_COVERAGE
+    assert defaults.min_coverage == DEFAULT_MIN_COVERAGE
+    for damp in (0, 1, -0.1, 1.5, True, "0.01", None):
+        with pytest.raises(ValueError, match=r"^damp must be a fraction of the Hessian's mean diagonal in \(0, 1\) "
+                           r"\(0.01 = 1%\), got "):
+            QuantizeInt4GptqPass({}, damp=damp)
+    assert QuantizeInt4GptqPass({}, damp=0.5).damp == 0.5
+    for option in ("act_order", "awq", "clip"):
+        with pytest.raises(ValueError, match=f"^{option} must be true or false \\(got 'yes'\\)$"):
+            QuantizeInt4GptqPass({}, **{option: "yes"})
+        with pytest.raises(ValueError, match=f"^{option} must be true or false \\(got 1\\)$"):
+            QuantizeInt4GptqPass({}, **{option: 1})
+
+
+def test_synthetic_without_activations_it_is_refused_before_any_weight_changes():
+    model, weights, _ = _synthetic()
+    with pytest.raises(ValueError, match=r"^quantize-int4-gptq needs calibration activations \(the driver runs "
+                       r"the calibrate stage\)$"):
+        QuantizeInt4GptqPass(None).requires(model)
+    model, _, acts = _synthetic()
+    QuantizeInt4GptqPass(acts, min_coverage=0.0).requires(model)  # with them: the coverage check only
+    model.graph.append(ir.node("Identity", [model.graph.initializers["wo"]], name="another_reader"))  # o_proj: shared
+    with pytest.raises(ir.passes.PreconditionError, match="^quantize-int4-gptq: only "):
+        QuantizeInt4GptqPass(acts, min_coverage=0.9).requires(model)
+
+
+def test_synthetic_hessian_of_no_rows_is_zero_not_a_division_by_zero():
+    h = hessian(torch.zeros(0, 3))
+    assert h.dtype == torch.float64 and h.shape == (3, 3) and not h.any()
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    torch.testing.assert_close(hessian(x), (2 / 2) * (x.double().T @ x.double()))
