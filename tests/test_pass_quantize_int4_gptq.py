@@ -417,14 +417,14 @@ def test_synthetic_rounding_runs_on_one_thread_unless_the_weight_is_big(fresh_me
             torch.set_num_threads(threads[-1])
 
     monkeypatch.setattr(fresh_memo, "gptq", counted)
+    (model, _, acts), big = _synthetic(), _synthetic()[0]  # built first: no torch op runs on two threads here
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model, _, acts = _synthetic()
         QuantizeInt4GptqPass(acts, block_size=64)(model)
         assert threads == [1, 1, 1]
         monkeypatch.setattr(fresh_memo, "BIG_WEIGHT", SK * SN)
-        QuantizeInt4GptqPass(acts, block_size=64, damp=0.5)(_synthetic()[0])
+        QuantizeInt4GptqPass(acts, block_size=64, damp=0.5)(big)
         assert threads[3:] == [2, 2, 2]
         assert torch.get_num_threads() == 2  # given back after the pass
     finally:
