@@ -361,6 +361,7 @@ def test_synthetic_paged_graph_computes_the_linear_graph_on_shuffled_blocks(tmp_
     assert [v.name for v in graph.inputs][:3] == ["input_ids", "position_ids", BLOCK_TABLES]
     tables_value = graph.inputs[2]
     assert tables_value.dtype == ir.DataType.INT32 and list(tables_value.shape) == ["batch", SC // block]
+    assert type(tables_value.shape[1]) is int  # a static dim, as TensorRT's profiles need
     nodes = [n for n in graph if n.domain == DOMAIN]
     assert [n.op_type for n in nodes] == [PAGED_OP, PAGED_OP] and all(n.inputs[8] is tables_value for n in nodes)
     assert (DOMAIN, PAGED_OP, "") in model.functions and (DOMAIN, OP, "") not in model.functions
@@ -382,14 +383,23 @@ def test_synthetic_paged_graph_computes_the_linear_graph_on_shuffled_blocks(tmp_
 @pytest.mark.parametrize("start,end,expected", [(0, 1, "input_ids"), (None, None, [2, 2, 16, 8]), (1, None, [2, 16, 8]),
                                                 (-2, None, [16, 8]), (0, 2, [2, 2])])
 def test_synthetic_shape_reads_of_a_cache_are_rewired_off_the_pool(tmp_path, start, end, expected):
+    _shape_reads(tmp_path, start, end, expected, as_output=False)
+
+
+def test_synthetic_a_shape_read_that_is_a_graph_output_stays_one(tmp_path):
+    _shape_reads(tmp_path, 1, None, [2, 16, 8], as_output=True)
+
+
+def _shape_reads(tmp_path, start, end, expected, as_output):
     """The exporter reads the batch size off a cache input; a pool's dim 0 counts blocks: the reads must give
     the linear cache's dims still (batch from input_ids, the rest as constants)."""
     from test_pass_attention_plugin import SB, SC, _decode_feeds, _decoder, _run_model
 
-    model = _decoder(shape_reads=[(start, end)])
+    model = _decoder(shape_reads=[(start, end)], shape_read_is_output=as_output)
     AttentionPluginPass(paged=True, block_size=4)(model)
     name = f"shape_read_{start}_{end}"
-    out = next(v for v in model.graph.outputs if v.name == name).producer().inputs[0]
+    out = model.graph.outputs[-1]  # the read's graph output, or the Identity's that reads it
+    out = out if as_output else out.producer().inputs[0]
     if expected == "input_ids":
         assert out.producer().op_type == "Shape" and out.producer().inputs[0].name == "input_ids"
         expected = [SB]
@@ -401,7 +411,7 @@ def test_synthetic_shape_reads_of_a_cache_are_rewired_off_the_pool(tmp_path, sta
     assert not [n for n in model.graph if n.op_type == "Shape" and n.inputs[0].name.startswith("past_")]
     tables = shuffled_block_tables(SB, SC // 4)
     got = _run_model(model, _paged_feeds(_decode_feeds(), tables, 4), tmp_path)
-    assert got[name].tolist() == expected
+    assert got[model.graph.outputs[-1].name].tolist() == expected
 
 
 @pytest.mark.parametrize("case,message", [
@@ -409,7 +419,7 @@ def test_synthetic_shape_reads_of_a_cache_are_rewired_off_the_pool(tmp_path, sta
                         r"rewired when the cache becomes a block pool$"),
     ("no input_ids", r"^shape_read_0_1 \(Shape\) reads cache input past_key_values\.0\.key: only Shape reads"),
     ("dynamic dim", r"^shape_read_1_None: dim 3 of past_key_values\.0\.key is dynamic$"),
-    ("not an input", r"^scatter\.0\.key: its cache .* is not a graph input \(nothing to page\)$"),
+    ("not an input", r"^scatter\.0\.key: its cache made\.0\.key is not a graph input \(nothing to page\)$"),
     ("twice", r"^graph already has a 'block_tables' input \(paged twice\?\)$"),
     ("capacity", r"^paged cache: capacity 16 \(--max-seq\) is not a multiple of block_size 32; pick a --max-seq that "
                  r"is, or a block_size that divides it$"),
@@ -442,3 +452,13 @@ def test_synthetic_paged_refusals_name_the_cause(case, message):
         else:
             pass_(model)
     AttentionPluginPass(paged=False).requires(_decoder()) if case in ("twice", "capacity") else None
+
+
+def test_synthetic_every_shape_read_of_a_cache_is_rewired(tmp_path):
+    from test_pass_attention_plugin import SB, SC, _decode_feeds, _decoder, _run_model
+
+    model = _decoder(shape_reads=[(0, 1), (1, None)])  # the batch read first, then the others of the same cache
+    AttentionPluginPass(paged=True, block_size=4)(model)
+    assert not [n for n in model.graph if n.op_type == "Shape" and n.inputs[0].name.startswith("past_")]
+    got = _run_model(model, _paged_feeds(_decode_feeds(), shuffled_block_tables(SB, SC // 4), 4), tmp_path)
+    assert [got[v.name].tolist() for v in model.graph.outputs[-2:]] == [[SB], [2, 16, 8]]

@@ -205,13 +205,14 @@ SCALE = 0.35
 
 
 def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, shape_reads=(), reader=None,
-             past_as_input=True, logits_positions=False, zero_head=False, drop_input=None, plain_kv=False):
+             past_as_input=True, logits_positions=False, zero_head=False, drop_input=None, plain_kv=False,
+             dtype=np.float16, shape_read_is_output=False):
     """The decoder graph; `shape_reads` adds Shape(past_key_values.0.key, start, end) nodes (as the exporter's
     batch-size reads), `reader` another op reading that cache, `zero_head` zeroes kv head 1's key projection."""
     from compiler.graph_io import LOGITS_AT
 
     rng = np.random.default_rng(7)
-    f16 = ir.DataType.FLOAT16
+    f16 = ir.DataType.from_numpy(np.dtype(dtype))  # FLOAT16 unless asked (an FP32 graph: before cast-fp16)
     i64 = ir.DataType.INT64
 
     def value(name, dtype, shape):
@@ -235,7 +236,7 @@ def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, s
         return node.outputs[0]
 
     width = SQ * SD
-    x = add("Gather", [init("embed", rng.standard_normal((SV, width)).astype(np.float16)), ids], axis=0)
+    x = add("Gather", [init("embed", rng.standard_normal((SV, width)).astype(dtype)), ids], axis=0)
     write_index = add("Gather", [pos, init("zero", np.array(0, np.int64))], axis=1)
     slots = add("Unsqueeze", [add("Range", [init("r0", np.array(0, np.int64)), init("cap", np.array(capacity, np.int64)),
                                            init("r1", np.array(1, np.int64))]), init("slot_axes", np.array([0, 1, 2], np.int64))])
@@ -244,7 +245,7 @@ def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, s
     for i in range(layers):
         heads = {}
         for name, h in (("q", SQ), ("k", SKV), ("v", SKV)):
-            w = (rng.standard_normal((width, h * SD)) / width ** 0.5).astype(np.float16)
+            w = (rng.standard_normal((width, h * SD)) / width ** 0.5).astype(dtype)
             if zero_head and name == "k":
                 w[:, SD:2 * SD] = 0
             y = add("Reshape", [add("MatMul", [x, init(f"w{name}{i}", w)]), init(f"shape_{name}{i}", np.array([0, 0, h, SD], np.int64))])
@@ -256,10 +257,11 @@ def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, s
             if past_as_input:
                 graph.inputs.append(past)
             else:  # a cache made inside the graph: nothing a pool could replace
-                past = add("Expand", [init(f"zeros{i}{kv}", np.zeros((1, SKV, capacity, SD), np.float16)),
+                past = add("Expand", [init(f"zeros{i}{kv}", np.zeros((1, SKV, capacity, SD), dtype)),
                                       add("Concat", [add("Shape", [ids], start=0, end=1),
                                                      init(f"rest{i}{kv}", np.array([SKV, capacity, SD], np.int64))], axis=0)])
                 past.type, past.shape = ir.TensorType(f16), ir.Shape(["batch", SKV, capacity, SD])
+                past.name = f"made.{i}.{kv}"
             if plain_kv:
                 caches[kv] = past
                 continue
@@ -283,7 +285,7 @@ def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, s
         x = add("Add", [x, o])
     if logits_positions:
         x = add("GatherND", [x, add("Unsqueeze", [graph.inputs[2], init("lp_axes", np.array([2], np.int64))])], batch_dims=1)
-    logits = add("MatMul", [x, init("lm_head", (rng.standard_normal((width, SV)) / width ** 0.5).astype(np.float16))])
+    logits = add("MatMul", [x, init("lm_head", (rng.standard_normal((width, SV)) / width ** 0.5).astype(dtype))])
     logits.name, logits.type, logits.shape = "logits", ir.TensorType(f16), ir.Shape(["batch", "seq", SV])
     for start, end in shape_reads:
         attrs = {} if start is None else {"start": start}
@@ -291,7 +293,7 @@ def _decoder(layers=2, capacity=SC, scales=None, is_causal=None, windows=None, s
             attrs["end"] = end
         node = ir.node("Shape", [graph.inputs[2 + logits_positions]], attributes=attrs, name=f"shape_read_{start}_{end}")
         graph.append(node)
-        out = add("Identity", [node.outputs[0]])
+        out = node.outputs[0] if shape_read_is_output else add("Identity", [node.outputs[0]])
         out.name = f"shape_read_{start}_{end}"
         graph.outputs.append(out)
     if reader:
@@ -343,6 +345,7 @@ def test_synthetic_each_layer_becomes_one_node_and_computes_the_native_graph(tmp
         for scale in node.inputs[6:8]:
             assert scale.is_initializer() and scale.dtype == ir.DataType.FLOAT and list(scale.shape) == [SKV]
             np.testing.assert_array_equal(scale.const_value.numpy(), np.ones(SKV, np.float32))  # unused for FP16
+            assert scale.const_value.dtype == ir.DataType.FLOAT  # the tensor as stored, not only the declared type
         assert [o.name for o in node.outputs] == [f"attention.{i}.out", f"present.{i}.key", f"present.{i}.value"]
         assert node.outputs[1].dtype == ir.DataType.FLOAT16 and list(node.outputs[1].shape) == ["batch", SKV, SC, SD]
         assert node.outputs[0].dtype == ir.DataType.FLOAT16 and list(node.outputs[0].shape) == ["batch", SQ, "seq", SD]
@@ -356,11 +359,15 @@ def test_synthetic_each_layer_becomes_one_node_and_computes_the_native_graph(tmp
     assert [n.op_type for n in model.graph].count("LessOrEqual") == 0  # the mask now lives in the body
 
 
-def test_synthetic_a_newer_default_opset_is_kept():
+def test_synthetic_a_newer_default_opset_is_kept_an_older_one_raised():
     model = _decoder()
     model.opset_imports[""] = 25
     AttentionPluginPass()(model)
     assert model.opset_imports[""] == 25
+    model = _decoder()
+    model.opset_imports[""] = 23
+    AttentionPluginPass().call(model)
+    assert model.opset_imports[""] == 24  # TensorScatter's opset, for the function body's ops
 
 
 def test_synthetic_fp8_cache_with_given_scales(tmp_path):
@@ -399,8 +406,15 @@ def test_synthetic_fp8_cache_with_given_scales(tmp_path):
     assert 0 < error < 0.15 * np.abs(want["logits"].astype(np.float32)).max()
     assert AttentionPluginFp8KvPass.from_context(PassContext(max_positions=SC, sliding_window=3)).kv_dtype == "float8e4m3fn"
     assert AttentionPluginFp8KvPass.from_context(PassContext(max_positions=SC, sliding_window=3)).window == 3
+    assert AttentionPluginFp8KvPass.from_context(PassContext(max_positions=SC), paged=True, margin=2.0).paged
     with pytest.raises(ir.passes.PreconditionError, match=r"^no FP8 scale for present\.1\.value \(scales has "):
         AttentionPluginPass(kv_dtype="float8e4m3fn", scales={k: v for k, v in scales.items() if k != "present.1.value"})(_decoder())
+    extra = {**{k: v for k, v in scales.items() if k != "present.1.value"}, "present.7.key": scales["present.0.key"],
+             "present.8.key": scales["present.0.key"]}  # five names: the first four are listed
+    with pytest.raises(ir.passes.PreconditionError) as info:
+        AttentionPluginPass(kv_dtype="float8e4m3fn", scales=extra).call(_decoder())
+    assert str(info.value) == ("no FP8 scale for present.1.value (scales has ['present.0.key', 'present.0.value', "
+                               "'present.1.key', 'present.7.key'])")
 
 
 @pytest.mark.parametrize("logits_positions", [False, True])
@@ -430,6 +444,13 @@ def test_synthetic_fp8_scales_are_calibrated_from_this_graphs_cache(tmp_path, lo
                 assert scale.const_value.numpy()[1] == np.finfo(np.float32).tiny
 
 
+def test_synthetic_an_fp32_graph_is_calibrated_on_its_fp32_cache():
+    pass_ = AttentionPluginPass(kv_dtype="float8e4m3fn", calibration_tokens=SC)
+    fp32, fp16 = pass_._calibrate(_decoder(dtype=np.float32)), pass_._calibrate(_decoder())
+    for name in fp16:  # the same weights, rounded to FP16 in one: the same scales to FP16 precision
+        np.testing.assert_allclose(fp32[name], fp16[name], rtol=5e-3)
+
+
 def test_synthetic_calibration_stops_at_the_cache_capacity():
     pass_ = AttentionPluginPass(kv_dtype="float8e4m3fn", calibration_tokens=10 * SC)
     scales = pass_._calibrate(_decoder())
@@ -438,11 +459,13 @@ def test_synthetic_calibration_stops_at_the_cache_capacity():
     more = AttentionPluginPass(kv_dtype="float8e4m3fn", calibration_tokens=SC)._calibrate(_decoder())
     for name in scales:  # same seed, every slot filled either way
         np.testing.assert_array_equal(scales[name], more[name])
+    fewer = AttentionPluginPass(kv_dtype="float8e4m3fn", calibration_tokens=SC // 2)._calibrate(_decoder())
+    assert any(not np.array_equal(scales[n], fewer[n]) for n in scales)  # half the slots: other amax
     other = AttentionPluginPass(kv_dtype="float8e4m3fn", calibration_tokens=SC, seed=1)._calibrate(_decoder())
     assert any(not np.array_equal(scales[n], other[n]) for n in scales)
 
 
-@pytest.mark.parametrize("window", [3, 0])
+@pytest.mark.parametrize("window", [3, 1, 0])
 def test_synthetic_a_window_masks_keys_older_than_it(tmp_path, window):
     """window 3 at position p: keys p-2..p only. Reference: the native graph with that band mask."""
     feeds = _decode_feeds(start=6)
@@ -479,6 +502,7 @@ def test_synthetic_a_window_masks_keys_older_than_it(tmp_path, window):
     ("no scatter", "^attention.0: K/V do not come from TensorScatter \\(run kv-cache-scatter before attention-plugin\\)$"),
     ("windows", r"^the layers' attention windows differ \(\[0, 4\], 0 = full\) and the plugin applies one window to "
                 r"every layer: use a native recipe \(fp16, int4-awq, ...\) or a cache of at most 4 positions$"),
+    ("capacity past the window", r"^the layers' attention windows differ \(\[0, 8\], 0 = full\)"),  # 16 > 8 = head dim
 ])
 def test_synthetic_graphs_it_cannot_take_are_refused_by_name(case, message):
     model = {"no position_ids": lambda: _decoder(drop_input="position_ids"),
@@ -487,7 +511,8 @@ def test_synthetic_graphs_it_cannot_take_are_refused_by_name(case, message):
              "no scale": lambda: _decoder(scales="none"),
              "causal": lambda: _decoder(is_causal=1),
              "no scatter": lambda: _decoder(plain_kv=True),
-             "windows": lambda: _decoder(windows=[0, 4])}[case]()
+             "windows": lambda: _decoder(windows=[0, 4]),
+             "capacity past the window": lambda: _decoder(windows=[0, SD])}[case]()
     with pytest.raises(ir.passes.PreconditionError, match=message):
         AttentionPluginPass().requires(model)
 
