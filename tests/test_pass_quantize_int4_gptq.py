@@ -291,6 +291,7 @@ def _stored(model, key):
     node = next(n for n in model.graph if n.name == key)
     dq = node.inputs[1].producer()
     assert dq.op_type == "DequantizeLinear" and dq.attributes["block_size"].as_int() == 64
+    assert dq.attributes["axis"].as_int() == 0  # blocks run down K, the weight's rows
     return dq.inputs[0].const_value.numpy().astype(np.int8), dq.inputs[1].const_value.numpy()
 
 
@@ -384,11 +385,13 @@ def test_synthetic_a_repeat_is_remembered_by_weight_input_and_options(fresh_memo
     for options in ({"damp": 0.02}, {"act_order": True}, {"clip": True}):
         QuantizeInt4GptqPass(acts, block_size=64, **options)(_synthetic()[0])
     assert len(calls) == 3 + 3 * 3  # other options: every weight again
-    other = {k: v * 2 for k, v in acts.items()}
+    QuantizeInt4GptqPass({**acts, PROJ["o"]: acts[PROJ["o"]] * 2}, block_size=64)(_synthetic()[0])
+    assert len(calls) == 13  # o_proj's calibration input changed: o_proj alone again
+    other = {k: v * 3 for k, v in acts.items()}
     QuantizeInt4GptqPass(other, block_size=64)(_synthetic()[0])
-    assert len(calls) == 15  # other calibration inputs: again
+    assert len(calls) == 16  # other calibration inputs: again
     QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=1)[0])
-    assert len(calls) == 18  # other weights: again
+    assert len(calls) == 19  # other weights: again
 
 
 def test_synthetic_the_memo_drops_its_oldest_entries_beyond_its_budget(fresh_memo, monkeypatch):
@@ -399,6 +402,11 @@ def test_synthetic_the_memo_drops_its_oldest_entries_beyond_its_budget(fresh_mem
     monkeypatch.setattr(fresh_memo, "MEMO_BYTES", sum(sizes[:2]))
     QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=1)[0])  # three new entries: three oldest go
     assert len(fresh_memo._MEMO) == 2
+    monkeypatch.setattr(fresh_memo, "MEMO_BYTES", sum(sizes[:2]) - 1)  # codes and scales both count
+    QuantizeInt4GptqPass(acts, block_size=64)(latest := _synthetic(seed=3)[0])
+    assert len(fresh_memo._MEMO) == 1
+    (kept, _), = fresh_memo._MEMO.values()  # the newest: o_proj of the last run
+    np.testing.assert_array_equal(kept.q.astype(np.int8), _stored(latest, "o")[0])
     monkeypatch.setattr(fresh_memo, "MEMO_BYTES", 0)
     QuantizeInt4GptqPass(acts, block_size=64)(_synthetic(seed=2)[0])
     assert len(fresh_memo._MEMO) == 1  # always the latest
@@ -417,6 +425,9 @@ def test_synthetic_rounding_runs_on_one_thread_unless_the_weight_is_big(fresh_me
             torch.set_num_threads(threads[-1])
 
     monkeypatch.setattr(fresh_memo, "gptq", counted)
+    after = []
+    real_error = fresh_memo.output_error
+    monkeypatch.setattr(fresh_memo, "output_error", lambda *a: after.append(torch.get_num_threads()) or real_error(*a))
     (model, _, acts), big = _synthetic(), _synthetic()[0]  # built first: no torch op runs on two threads here
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -426,6 +437,7 @@ def test_synthetic_rounding_runs_on_one_thread_unless_the_weight_is_big(fresh_me
         monkeypatch.setattr(fresh_memo, "BIG_WEIGHT", SK * SN)
         QuantizeInt4GptqPass(acts, block_size=64, damp=0.5)(big)
         assert threads[3:] == [2, 2, 2]
+        assert set(after) == {1}  # the losses after the rounding: one thread again
         assert torch.get_num_threads() == 2  # given back after the pass
     finally:
         torch.set_num_threads(before)
@@ -472,3 +484,55 @@ def test_synthetic_hessian_of_no_rows_is_zero_not_a_division_by_zero():
     assert h.dtype == torch.float64 and h.shape == (3, 3) and not h.any()
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     torch.testing.assert_close(hessian(x), (2 / 2) * (x.double().T @ x.double()))
+
+
+def test_gptq_defaults_are_one_percent_damping_in_order_without_clip():
+    torch.set_num_threads(1)
+    fit, _, w = _correlated_layer(seed=4, rows=256)
+    h = hessian(fit[:, :128])
+    w = w[:128, :64]
+    q, scale, damp = gptq(w, h, 64)
+    want = gptq(w, h, 64, 0.01, act_order=False, clip=False)
+    assert damp == 0.01 and np.array_equal(q, want[0]) and np.array_equal(scale, want[1])
+
+
+def test_gptq_clip_with_act_order_takes_each_original_blocks_clipped_scale():
+    """Static groups fix each block's scale from the unquantized weights: `_clipped_scales` of that block,
+    with that block's input energies, in the weight's dtype."""
+    from passes.quantize_int4_gptq import _clipped_scales
+
+    torch.set_num_threads(1)
+    fit, _, w = _correlated_layer(seed=5, rows=256)
+    h = hessian(fit[:, :128])
+    w = w[:128, :64]
+    _, scale, _ = gptq(w, h, 64, 0.01, act_order=True, clip=True)
+    energy = torch.diagonal(h).float()
+    for i in range(2):
+        block = torch.from_numpy(w[64 * i:64 * (i + 1)].astype(np.float32))
+        want = _clipped_scales(block, energy[64 * i:64 * (i + 1)], np.float16).numpy().astype(np.float16)
+        np.testing.assert_array_equal(scale[i], want)
+    assert scale.dtype == np.float16
+
+
+def test_clipped_scales_count_clamped_codes_and_keep_rtns_scale_on_ties():
+    """Columns of small weights and one large negative outlier: a clipped scale would put the outlier below
+    code -8, so the clamped error must count it (brute force here). With no input energy every ratio's error
+    is 0: the first, RTN's own scale, stays."""
+    from passes.quantize_int4_awq import CLIP_GRID
+    from passes.quantize_int4_gptq import _clipped_scales
+
+    g = torch.Generator().manual_seed(6)
+    block = torch.randn(64, 40, generator=g) * 0.01
+    block[torch.arange(40) % 64, torch.arange(40)] = -torch.linspace(0.03, 0.2, 40)  # one outlier per column
+    block = block.half().float()
+    energy = torch.rand(64, generator=g) + 0.5
+    got = _clipped_scales(block, energy, np.float16)
+    for col in range(40):
+        errors = []
+        for ratio in CLIP_GRID:
+            s = float(quantize_blockwise((block[:, col:col + 1] * ratio).numpy().astype(np.float16), 64)[1][0, 0])
+            code = torch.clamp(torch.round(block[:, col] / s), -8, 7)
+            errors.append((float((energy * (block[:, col] - code * s) ** 2).sum()), -ratio, s))
+        assert float(got[col]) == min(errors)[2], col
+    rtn = torch.from_numpy(quantize_blockwise(block.numpy().astype(np.float16), 64)[1][0].astype(np.float32))
+    torch.testing.assert_close(_clipped_scales(block, torch.zeros(64), np.float16), rtn, rtol=0, atol=0)
