@@ -484,6 +484,8 @@ def test_synthetic_hessian_of_no_rows_is_zero_not_a_division_by_zero():
     assert h.dtype == torch.float64 and h.shape == (3, 3) and not h.any()
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     torch.testing.assert_close(hessian(x), (2 / 2) * (x.double().T @ x.double()))
+    one = torch.tensor([[1.5, -2.0]])
+    torch.testing.assert_close(hessian(one), 2 * (one.double().T @ one.double()))  # one row: 2 x^T x / 1
 
 
 def test_gptq_defaults_are_one_percent_damping_in_order_without_clip():
@@ -494,6 +496,7 @@ def test_gptq_defaults_are_one_percent_damping_in_order_without_clip():
     q, scale, damp = gptq(w, h, 64)
     want = gptq(w, h, 64, 0.01, act_order=False, clip=False)
     assert damp == 0.01 and np.array_equal(q, want[0]) and np.array_equal(scale, want[1])
+    assert q.dtype == np.int8 and scale.dtype == np.float16  # codes as int8 (-8..7), scales in the weight's dtype
 
 
 def test_gptq_clip_with_act_order_takes_each_original_blocks_clipped_scale():
@@ -536,3 +539,28 @@ def test_clipped_scales_count_clamped_codes_and_keep_rtns_scale_on_ties():
         assert float(got[col]) == min(errors)[2], col
     rtn = torch.from_numpy(quantize_blockwise(block.numpy().astype(np.float16), 64)[1][0].astype(np.float32))
     torch.testing.assert_close(_clipped_scales(block, torch.zeros(64), np.float16), rtn, rtol=0, atol=0)
+
+
+def test_damping_is_raised_tenfold_per_failure_and_named_when_it_gives_up():
+    """Eigenvalues 1.2 and -0.2, mean diagonal 0.5: lambda = 0.5 damp must exceed 0.2, so 0.01 and 0.1 fail
+    and 1.0 (not 10) is the first that factorises; a hopeless matrix names the last damp tried, 0.01 x 10^4."""
+    h = torch.tensor([[0.5, 0.7], [0.7, 0.5]], dtype=torch.float64)
+    factor, damp = inverse_hessian_factor(h, 0.01)
+    assert damp == pytest.approx(1.0)
+    torch.testing.assert_close(factor.double().T @ factor.double(), torch.linalg.inv(h + 0.5 * torch.eye(2, dtype=torch.float64)),
+                               rtol=1e-5, atol=1e-6)
+    hopeless = torch.tensor([[1.0, 1e6], [1e6, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^the calibration Hessian is not positive definite even with damp 100$"):
+        inverse_hessian_factor(hopeless, 0.01)
+
+
+def test_dead_inputs_count_as_one_in_the_damping_mean():
+    """H_kk = 0 becomes 1 before the mean diagonal that sets lambda: the factor is that of (H' + lambda I)^-1."""
+    h = torch.diag(torch.tensor([4.0, 0.0, 2.0, 0.0], dtype=torch.float64))
+    h[0, 2] = h[2, 0] = 1.0
+    factor, _ = inverse_hessian_factor(h, 0.1)
+    dead_as_one = h.clone()
+    dead_as_one[1, 1] = dead_as_one[3, 3] = 1.0
+    lam = 0.1 * (4 + 1 + 2 + 1) / 4
+    want = torch.linalg.inv(dead_as_one + lam * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(factor.double().T @ factor.double(), want, rtol=1e-5, atol=1e-7)
