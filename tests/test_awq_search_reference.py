@@ -185,3 +185,82 @@ def test_quantize_clips_the_scaled_input_of_a_searched_target():
         qw = pass_.quantize(w, SimpleNamespace(name=name, block=64))
         assert np.array_equal(qw.q, rtn_q) and np.array_equal(qw.scale, rtn_scale), name
     assert not np.array_equal(p.quantize(w, SimpleNamespace(name="scaled", block=64)).scale, rtn_scale)  # it did clip
+
+
+def _group_graph(k=64, n=32, sibling=False):
+    """x -> RMSNormalization(gamma) -> MatMul(W) named model.layers.0.self_attn.q_proj; with `sibling`, the
+    norm's output is also read by a MatMul outside the targets (a reader a fold would change)."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(7)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 8, k]))
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 23})
+
+    def init(name, array):
+        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)),
+                     const_value=ir.tensor(array, name=name))
+        graph.register_initializer(v)
+        return v
+
+    gamma = init("gamma", rng.uniform(0.5, 1.5, k).astype(np.float32))
+    norm = ir.node("RMSNormalization", [x, gamma], name="norm")
+    graph.append(norm)
+    readers = [("model.layers.0.self_attn.q_proj", "q")] + ([("other.proj", "other")] if sibling else [])
+    for module, name in readers:
+        mm = ir.node("MatMul", [norm.outputs[0], init(f"{name}.w", (rng.standard_normal((k, n)) * 0.05).astype(np.float32))],
+                     name=name)
+        mm.metadata_props["pkg.torch.onnx.name_scopes"] = repr([module, "linear"])
+        mm.outputs[0].name = f"{name}.out"
+        graph.append(mm)
+        graph.outputs.append(mm.outputs[0])
+    activations = {"model.layers.0.self_attn.q_proj": (rng.standard_normal((256, k)) * np.linspace(0.1, 30, k)).astype(np.float32)}
+    return ir.Model(graph, ir_version=10), gamma, activations
+
+
+@pytest.mark.parametrize("sibling", [False, True])
+def test_a_group_is_folded_only_when_no_other_node_reads_its_input(sibling):
+    """The group's input also read by a MatMul outside the targets: folding 1/s into the norm would scale
+    that reader's input too, so the norm keeps its weight and the group is clipped without scales."""
+    model, gamma, activations = _group_graph(sibling=sibling)
+    before = gamma.const_value.numpy().copy()
+    p = awq.QuantizeInt4AwqPass(activations, block_size=64)
+    p(model)
+    assert p.quantized == ["model.layers.0.self_attn.q_proj"]
+    folded = not np.array_equal(gamma.const_value.numpy(), before)
+    assert folded is (not sibling)
+    assert ("model.layers.0.self_attn.q_proj" in p.search_log) is (not sibling)
+
+
+def test_made_from_the_build_context_with_the_recipe_options():
+    from passes import PassContext, make_pass
+
+    acts = {"model.layers.0.self_attn.q_proj": np.zeros((4, 64), np.float32)}
+    p = make_pass("quantize-int4-awq", PassContext(max_positions=256, activations=acts), {"block_size": 64, "clip": False})
+    assert p.activations is acts and p.block == 64 and p.clip is False
+
+
+def test_without_activations_the_message_names_the_calibrate_stage():
+    import onnx_ir as ir
+
+    model, _, _ = _group_graph()
+    with pytest.raises(ir.passes.PreconditionError) as info:
+        awq.QuantizeInt4AwqPass(None)(model)
+    assert str(info.value.__cause__) == "quantize-int4-awq needs calibration activations (the driver runs the calibrate stage)"
+
+
+def test_small_weights_search_on_one_thread_and_the_count_comes_back(monkeypatch):
+    """On small weights the searches are thousands of tiny tensor ops: one thread (NOTES: 15 s vs 161 s);
+    torch's own setting is restored after the pass."""
+    seen = []
+    real = awq.search_clip
+    real_f32 = awq._f32
+    monkeypatch.setattr(awq, "search_clip", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(awq, "_f32", lambda a: seen.append(torch.get_num_threads()) or real_f32(a))  # the weights' copies
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        model, _, activations = _group_graph()
+        awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
+        assert len(seen) >= 3 and set(seen) == {1} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
