@@ -19,6 +19,7 @@ from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
 from .kv_cache_scatter import KvCacheScatterPass
 from .last_position_logits import LastPositionLogitsPass
+from .quantize_fp8_w8a8 import QuantizeFp8Pass
 from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
 from .quantize_int4_gptq import QuantizeInt4GptqPass
@@ -34,7 +35,7 @@ class PassContext:
     """Build facts some passes need (e.g. how many positions the rotary table must cover)."""
 
     max_positions: int
-    # Calibration activations (HF module name -> [tokens, in_features] float32) for AWQ and GPTQ.
+    # Calibration activations (HF module name -> [tokens, in_features] float32) for AWQ, GPTQ and the W8A8 scales.
     activations: Mapping[str, Any] | None = None
     sliding_window: int = 0  # the model's attention window (0 = none); only plugin passes can honour it
 
@@ -56,6 +57,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "quantize-int8-wo": QuantizeInt8WoPass,
     "quantize-int8-embedding": QuantizeInt8EmbeddingPass,
     "quantize-fp8-wo": QuantizeFp8WoPass,
+    "quantize-fp8": QuantizeFp8Pass,
     "attention-plugin": AttentionPluginPass,
     "attention-plugin-fp8kv": AttentionPluginFp8KvPass,
 }
