@@ -80,3 +80,25 @@ def test_quantizing_build_without_quality_warns_that_wiring_alone_decided(tmp_pa
     report = json.loads((out / "report.json").read_text())
     assert report["quality"] is None and report["verdict_basis"] == "the validation prompt"
     assert any("wiring check alone" in w for w in report["warnings"]) and "wiring check alone" in result.stderr
+
+
+def test_fp8_w8a8_build_quantizes_weights_and_activations(tmp_path, cache_dir):
+    """`llmc build --recipe fp8`: every decoder matmul's weight FP8 and its input behind a calibrated FP8
+    Q/DQ in model.onnx, TensorRT-RTX built QUANTIZE layers for them, and held-out quality in budget."""
+    import onnx
+
+    out = tmp_path / "fp8"
+    result = CliRunner().invoke(main, ["build", "--recipe", "fp8", "-o", str(out), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "pass" and report["verdict_basis"] == "held-out quality and the validation prompt"
+    assert len(report["precision"]) == 28 and set(report["precision"].values()) == {"fp8-w8a8"}
+    q = report["quality"]
+    assert 0 < q["ppl_delta"] <= report["recipe"]["max_ppl_delta"] and q["kl_mean"] <= report["recipe"]["max_kl"]
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    quantizes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizes) == 4 * 4  # per block: the q/k/v input, o_proj's, the gate/up input, down_proj's
+    zeros = {i.name: i for i in proto.graph.initializer}
+    assert {zeros[n.input[2]].data_type for n in quantizes} == {onnx.TensorProto.FLOAT8E4M3FN}
+    assert report["engine"]["layer_types"]["QUANTIZE"] == len(quantizes)
+    assert report["weights"]["by_dtype"]["float8e4m3fn"]["elements"] >= 2_228_224  # the 28 block projections
