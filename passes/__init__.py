@@ -25,6 +25,7 @@ from .quantize_int4_awq import QuantizeInt4AwqPass
 from .quantize_int4_gptq import QuantizeInt4GptqPass
 from .quantize_int4_rtn import QuantizeInt4RtnPass
 from .quantize_int8_embedding import QuantizeInt8EmbeddingPass
+from .quantize_int8_sq import QuantizeInt8SqPass
 from .quantize_int8_wo import QuantizeInt8WoPass
 from .residual_fp32 import ResidualFp32Pass
 from .rotary_2d_cache import Rotary2DCachePass
@@ -58,6 +59,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "quantize-int8-embedding": QuantizeInt8EmbeddingPass,
     "quantize-fp8-wo": QuantizeFp8WoPass,
     "quantize-fp8": QuantizeFp8Pass,
+    "quantize-int8-sq": QuantizeInt8SqPass,
     "attention-plugin": AttentionPluginPass,
     "attention-plugin-fp8kv": AttentionPluginFp8KvPass,
 }
