@@ -5,11 +5,16 @@ Both builds share one stage cache, so the second reuses the export.
 
 import json
 
+import numpy as np
+import onnx
 import pytest
 import yaml
 from click.testing import CliRunner
+from onnx import numpy_helper
+from safetensors.numpy import load_file
 
 from compiler.commands.cli import main
+from compiler.frontend.default_model import default_model_dir
 from compiler.recipe import RECIPES_DIR
 
 
@@ -85,8 +90,6 @@ def test_quantizing_build_without_quality_warns_that_wiring_alone_decided(tmp_pa
 def test_fp8_w8a8_build_quantizes_weights_and_activations(tmp_path, cache_dir):
     """`llmc build --recipe fp8`: every decoder matmul's weight FP8 and its input behind a calibrated FP8
     Q/DQ in model.onnx, TensorRT-RTX built QUANTIZE layers for them, and held-out quality in budget."""
-    import onnx
-
     out = tmp_path / "fp8"
     result = CliRunner().invoke(main, ["build", "--recipe", "fp8", "-o", str(out), "--cache-dir", str(cache_dir)])
     assert result.exit_code == 0, result.output
@@ -102,3 +105,34 @@ def test_fp8_w8a8_build_quantizes_weights_and_activations(tmp_path, cache_dir):
     assert {zeros[n.input[2]].data_type for n in quantizes} == {onnx.TensorProto.FLOAT8E4M3FN}
     assert report["engine"]["layer_types"]["QUANTIZE"] == len(quantizes)
     assert report["weights"]["by_dtype"]["float8e4m3fn"]["elements"] >= 2_228_224  # the 28 block projections
+
+
+def test_int8_sq_build_folds_smoothing_and_quantizes_activations(tmp_path, cache_dir):
+    """`llmc build --recipe int8-sq`: INT8 weights, a calibrated INT8 Q/DQ on every decoder matmul's input,
+    SmoothQuant's scales in the norms (the artifact's norm weights differ from the checkpoint's)."""
+    out = tmp_path / "sq"
+    result = CliRunner().invoke(main, ["build", "--recipe", "int8-sq", "-o", str(out), "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "pass" and set(report["precision"].values()) == {"int8-sq"}
+    q = report["quality"]
+    assert q["ppl_delta"] <= report["recipe"]["max_ppl_delta"] and q["kl_mean"] <= report["recipe"]["max_kl"]
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in proto.graph.initializer}
+    quantizes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizes) == 16 and {inits[n.input[2]].data_type for n in quantizes} == {onnx.TensorProto.INT8}
+    assert report["engine"]["layer_types"]["QUANTIZE"] == 16
+    norm = numpy_helper.to_array(inits["model.model.layers.0.input_layernorm.weight"])
+    original = load_file(default_model_dir() / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    assert norm.shape == original.shape and not np.allclose(norm, original, rtol=1e-2)
+
+
+def test_w8a8_budget_miss_points_to_the_weight_only_recipes(tmp_path, cache_dir):
+    data = yaml.safe_load((RECIPES_DIR / "fp8.yaml").read_text())
+    data["max_ppl_delta"] = 0.0001
+    recipe = tmp_path / "fp8.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["build", "--recipe", str(recipe), "-o", str(tmp_path / "o"),
+                                       "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 5, result.output
+    assert "held-out perplexity rose" in result.stderr and "less aggressive recipe (fp8-wo or int8-wo)" in result.stderr

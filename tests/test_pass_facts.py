@@ -12,11 +12,12 @@ from passes import REGISTRY, LlmcPass, PassContext, make_pass, needs_calibration
 from compiler.recipe import load_recipe
 from passes.base import EXACT
 
-CALIBRATING = {"quantize-int4-awq", "quantize-int4-gptq", "quantize-fp8"}  # AWQ's scales; GPTQ's Hessian; FP8 activation scales
+CALIBRATING = {"quantize-int4-awq", "quantize-int4-gptq", "quantize-fp8", "quantize-int8-sq"}  # AWQ's scales; GPTQ's
+# Hessian; the W8A8 passes' activation scales (and SmoothQuant's)
 PLUGINS = {"attention-plugin", "attention-plugin-fp8kv"}  # write llmc:: custom-domain nodes
 FORMATS = {"quantize-int4-rtn": "int4-rtn", "quantize-int4-awq": "int4-awq", "quantize-int4-gptq": "int4-gptq",
            "quantize-int8-wo": "int8", "quantize-int8-embedding": "int8", "quantize-fp8-wo": "fp8",
-           "quantize-fp8": "fp8-w8a8"}
+           "quantize-fp8": "fp8-w8a8", "quantize-int8-sq": "int8-sq"}
 EXACT_REWRITES = {"gqa-native-attention", "kv-cache-scatter", "rotary-2d-cache"}  # re-association at most
 
 
@@ -44,7 +45,7 @@ def test_a_pass_that_declares_nothing_gets_the_safe_defaults():
 @pytest.mark.parametrize("recipe, calibrates, plugins, quantizing", [
     ("fp16", False, False, False), ("int4-rtn", False, False, True), ("int4-awq", True, False, True),
     ("int4-gptq", True, False, True), ("fp16-plugin", False, True, False), ("int8-wo", False, False, True),
-    ("fp8", True, False, True)])
+    ("fp8", True, False, True), ("int8-sq", True, False, True)])
 def test_recipes_get_their_facts_from_their_passes(recipe, calibrates, plugins, quantizing):
     passes = load_recipe(recipe).passes
     assert (needs_calibration(passes), needs_plugins(passes), quantizes(passes)) == (calibrates, plugins, quantizing)
