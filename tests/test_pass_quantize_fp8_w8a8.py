@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from compiler.engine.trt_logger import process_logger
 from passes import PassContext, QuantizeFp8Pass, make_pass
 from passes.weight_quant import matching_matmuls
 from helpers import build_with_backend, op_counts, run_onnx, save
@@ -113,7 +114,7 @@ def test_one_matmul_builds_with_tensorrt(weight_and_sample):
     model = one_matmul(w)
     QuantizeFp8Pass({"model.layers.0.mlp.down_proj": sample})(model)
     proto = ir.serde.serialize_model(model)
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = process_logger(trt)  # one per process: TensorRT keeps the first
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
