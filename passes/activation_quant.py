@@ -37,7 +37,7 @@ from .quant_coverage import DEFAULT_MIN_COVERAGE
 from .quantize_int4_awq import QuantizeInt4AwqPass, _set_const
 from .weight_quant import DEFAULT_TARGETS, Target, WeightQuantPass
 
-_NUMPY = {ir.DataType.FLOAT16: np.float16, ir.DataType.FLOAT: np.float32, ir.DataType.BFLOAT16: np.float32}
+_NUMPY = {ir.DataType.FLOAT16: np.float16, ir.DataType.FLOAT: np.float32}  # scale types = activation types
 
 
 def smoothing_scales(amax_x_K: np.ndarray, amax_w_K: np.ndarray, alpha: float) -> np.ndarray:
@@ -58,7 +58,8 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, consumers: list[ir.Node], scale
     """QuantizeLinear -> DequantizeLinear of `value` (per tensor, zero point 0), feeding input 0 of `consumers`."""
     dtype = _NUMPY.get(value.dtype)
     if dtype is None:
-        raise ValueError(f"{name}: activation dtype {value.dtype} has no Q/DQ scale type; run cast-fp16 first")
+        raise ValueError(f"{name}: a {value.dtype} activation gets no Q/DQ scale here (FP16 or FP32 only); "
+                         "run cast-fp16 before the pass")
     s_val = ir.Value(name=f"{name}.scale", const_value=ir.tensor(np.array(scale, dtype), name=f"{name}.scale"))
     s_val.type, s_val.shape = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtype))), ir.Shape([])
     z_val = ir.Value(name=f"{name}.zero", const_value=ir.tensor(zero, dtype=q_dtype, name=f"{name}.zero"))
