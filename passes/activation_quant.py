@@ -97,7 +97,7 @@ class ActivationQuantPass(WeightQuantPass):
         super().__init__(targets, exclude, include_lm_head, min_coverage)
         alpha = smoothing_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
-            raise ValueError(f"smoothing_alpha must be a number in [0, 1] or null for none (got {smoothing_alpha!r})")
+            raise ValueError(f"smoothing_alpha must be a number in [0, 1], or null for no smoothing (got {alpha!r})")
         self.activations, self.alpha = activations, alpha
         self.fallbacks: list[str] = []  # targets without a calibration sample: weight-only, input left float
         self.activation_scales: dict[str, float] = {}  # target -> its input's per-tensor scale
