@@ -229,6 +229,8 @@ def test_a_group_is_folded_only_when_no_other_node_reads_its_input(sibling):
     folded = not np.array_equal(gamma.const_value.numpy(), before)
     assert folded is (not sibling)
     assert ("model.layers.0.self_attn.q_proj" in p.search_log) is (not sibling)
+    # the scaled weight keeps the graph's float type, so the DequantizeLinear's scale and output do too
+    assert model.graph.initializers["q.w.scale"].const_value.numpy().dtype == np.float32
 
 
 def test_made_from_the_build_context_with_the_recipe_options():
