@@ -145,8 +145,10 @@ def test_options_are_checked_and_kept():
     p = awq.QuantizeInt4AwqPass({})
     assert (p.block, p.clip, p.targets, p.exclude, p.include_lm_head) == (128, "auto", DEFAULT_TARGETS, (), False)
     assert p.min_coverage == DEFAULT_MIN_COVERAGE and p.fallbacks == [] and p.search_log == {}
-    p = awq.QuantizeInt4AwqPass({"a": 1}, block_size=64, clip=False)
+    p = awq.QuantizeInt4AwqPass({"a": 1}, block_size=64, clip=False, include_lm_head=True, min_coverage=0.5,
+                                targets=["model.layers.1.*"], exclude=["*.o_proj"])
     assert p.block == 64 and p.clip is False and p.activations == {"a": 1}
+    assert (p.include_lm_head, p.min_coverage, p.targets, p.exclude) == (True, 0.5, ("model.layers.1.*",), ("*.o_proj",))
     with pytest.raises(ValueError, match=r"clip must be true, false or auto \(got 'yes'\)"):
         awq.QuantizeInt4AwqPass({}, clip="yes")
     with pytest.raises(ValueError, match="block_size must be one of"):
@@ -248,6 +250,37 @@ def test_without_activations_the_message_names_the_calibrate_stage():
     with pytest.raises(ir.passes.PreconditionError) as info:
         awq.QuantizeInt4AwqPass(None)(model)
     assert str(info.value.__cause__) == "quantize-int4-awq needs calibration activations (the driver runs the calibrate stage)"
+
+
+def test_f32_copies_so_the_callers_in_place_scaling_leaves_the_weight_alone():
+    for array in (np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(12, dtype=np.float16).reshape(3, 4)):
+        before = array.copy()
+        t = awq._f32(array)
+        t.mul_(2)
+        assert t.dtype == torch.float32 and np.array_equal(array, before)
+
+
+def test_activations_are_searched_in_float32():
+    p = awq.QuantizeInt4AwqPass({"a": np.ones((4, 8), np.float16)})
+    assert p._activation("a").dtype == torch.float32
+
+
+def test_big_weights_search_on_every_thread(monkeypatch):
+    """From BIG_WEIGHT elements (a 1B model's projections) the searches are GEMM-bound: every thread the
+    process had; the rest of the pass stays on one."""
+    searches, others = [], []
+    real, real_f32 = awq.search_clip, awq._f32
+    monkeypatch.setattr(awq, "search_clip", lambda *a: searches.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(awq, "_f32", lambda a: others.append(torch.get_num_threads()) or real_f32(a))
+    monkeypatch.setattr(awq, "BIG_WEIGHT", 64 * 32)  # exactly this graph's weight: the bound is inclusive
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        model, _, activations = _group_graph()
+        awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
+        assert searches == [3] and set(others) == {1} and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_small_weights_search_on_one_thread_and_the_count_comes_back(monkeypatch):
