@@ -16,7 +16,8 @@ of asymmetric INT4, which TensorRT's weight DequantizeLinear cannot express (zer
 no recipe emits it.
 
 `+emb8` variants also round the (tied) embedding table per row to INT8 as quantize-int8-embedding
-does (`quantize_per_channel_int8` of E^T), so the lm_head reads it too.
+does (`quantize_per_channel_int8` of E^T), so the lm_head reads it too; `+emb4` variants round it to
+block-wise INT4 along H as quantize-int4-embedding does (`quantize_rows_int4`; block 128, `-b64` and `-b32` smaller).
 
 Calibration rows: the build keeps 1024 evenly strided rows of its 4096 calibration tokens per layer
 (`calibrate(sample_rows=1024)`); this script keeps all 4096 and takes every 4th for the 1024-row
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compiler.frontend.calibrate import calibrate, tokenize_windows  # noqa: E402
 from compiler.frontend.corpus import default_calibration_text, default_eval_text  # noqa: E402
 from compiler.frontend.load import load_model  # noqa: E402
+from passes.quantize_int4_embedding import quantize_rows_int4  # noqa: E402
 from passes.quantize_int4_gptq import gptq, hessian  # noqa: E402
 from passes.quantize_int4_rtn import int4_block, quantize_blockwise  # noqa: E402
 from passes.quantize_int8_wo import quantize_per_channel_int8  # noqa: E402
@@ -67,6 +69,9 @@ VARIANTS = {
     "gptq-b128-rows4096-clip-act_order": ("gptq", 128, {"rows": 4096, "clip": True, "act_order": True}),
     "gptq-b64-rows4096-clip": ("gptq", 64, {"rows": 4096, "clip": True}),
     "fp16+emb8": ("none", 0, {"emb8": True}),
+    "fp16+emb4": ("none", 0, {"emb4": 128}),
+    "fp16+emb4-b64": ("none", 0, {"emb4": 64}),
+    "fp16+emb4-b32": ("none", 0, {"emb4": 32}),
     "rtn-b128+emb8": ("rtn", 128, {"emb8": True}),
 }
 
@@ -163,6 +168,12 @@ def main() -> None:
             qw = quantize_per_channel_int8(original_embedding.T.contiguous().numpy().astype(np.float16))
             with torch.no_grad():
                 embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32).T.copy()))
+        if emb4 := opts.pop("emb4", None):
+            table = original_embedding.numpy().astype(np.float16)
+            block, _ = int4_block(table.shape[1], emb4)
+            qw = quantize_rows_int4(table, block)
+            with torch.no_grad():
+                embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32)))
         awq_scales = _awq_scales(linears, original, cal, largest) if method == "awq" else {}
         for name, module in linears.items() if method != "none" else ():
             w_KN = original[name].T.contiguous().numpy().astype(np.float16)

@@ -22,6 +22,7 @@ from .last_position_logits import LastPositionLogitsPass
 from .quantize_fp8_w8a8 import QuantizeFp8Pass
 from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
+from .quantize_int4_embedding import QuantizeInt4EmbeddingPass
 from .quantize_int4_gptq import QuantizeInt4GptqPass
 from .quantize_int4_rtn import QuantizeInt4RtnPass
 from .quantize_int8_embedding import QuantizeInt8EmbeddingPass
@@ -57,6 +58,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "quantize-int4-gptq": QuantizeInt4GptqPass,
     "quantize-int8-wo": QuantizeInt8WoPass,
     "quantize-int8-embedding": QuantizeInt8EmbeddingPass,
+    "quantize-int4-embedding": QuantizeInt4EmbeddingPass,
     "quantize-fp8-wo": QuantizeFp8WoPass,
     "quantize-fp8": QuantizeFp8Pass,
     "quantize-int8-sq": QuantizeInt8SqPass,

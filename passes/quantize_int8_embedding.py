@@ -56,6 +56,7 @@ class QuantizeInt8EmbeddingPass(LlmcPass):
     weight_format = "int8"
     check_tolerance = (1.0, 0.75)
     recipe_name = "quantize-int8-embedding"
+    q_dtype = ir.DataType.INT8
 
     def __init__(self):
         super().__init__()
@@ -66,14 +67,21 @@ class QuantizeInt8EmbeddingPass(LlmcPass):
             what = readers(table)
             if any(r not in ("model.embed_tokens", "lm_head") for r in what):
                 continue  # read by something else too: a DQ there is not what that reader was tested with
-            qw = quantize_per_channel_int8(table.const_value.numpy().T)  # per column of E^T = per row of E
-            _replace_table(model.graph, table, QuantizedWeight(np.ascontiguousarray(qw.q.T), qw.scale, axis=0))
+            qw = self.quantize_table(table.const_value.numpy())
+            if qw is None:
+                continue
+            _replace_table(model.graph, table, qw, self.q_dtype)
             self.quantized.extend(sorted(set(what)))
         return ir.passes.PassResult(model, modified=bool(self.quantized))
 
+    def quantize_table(self, table_VH: np.ndarray) -> QuantizedWeight | None:
+        """The table's quantized form (q [V, H] and its DequantizeLinear attributes), or None to leave it."""
+        qw = quantize_per_channel_int8(table_VH.T)  # per column of E^T = per row of E
+        return QuantizedWeight(np.ascontiguousarray(qw.q.T), qw.scale, axis=0)
 
-def _replace_table(graph: ir.Graph, table: ir.Value, qw: QuantizedWeight) -> None:
-    dq = dequantize_linear(graph, table, qw, ir.DataType.INT8, f"{table.name}.dequantize")
+
+def _replace_table(graph: ir.Graph, table: ir.Value, qw: QuantizedWeight, dtype: ir.DataType) -> None:
+    dq = dequantize_linear(graph, table, qw, dtype, f"{table.name}.dequantize")
     first = min((node for node, _ in table.uses()), key=list(graph).index)
     graph.insert_before(first, dq)
     table.replace_all_uses_with(dq.outputs[0])

@@ -33,13 +33,13 @@ DEFAULT_TARGETS = ("model.layers.*",)
 @dataclasses.dataclass
 class QuantizedWeight:
     q: np.ndarray  # int4 / int8 / float8 values, [K, N]
-    scale: np.ndarray  # fp16: [K/block, N] (block-wise) or [N] (per output channel)
+    scale: np.ndarray  # fp16: [K/block, N] (block-wise, axis 0; [V, H/block] on axis 1) or [N] (per output channel)
     axis: int
     block_size: int | None = None
 
     def dequantize(self) -> np.ndarray:
         s = self.scale.astype(np.float32)
-        s = np.repeat(s, self.block_size, axis=0) if self.block_size else s[None, :]
+        s = np.repeat(s, self.block_size, axis=self.axis) if self.block_size else s[None, :]
         return (self.q.astype(np.float32) * s).astype(self.scale.dtype)
 
 

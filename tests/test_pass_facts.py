@@ -16,8 +16,8 @@ CALIBRATING = {"quantize-int4-awq", "quantize-int4-gptq", "quantize-fp8", "quant
 # Hessian; the W8A8 passes' activation scales (and SmoothQuant's)
 PLUGINS = {"attention-plugin", "attention-plugin-fp8kv"}  # write llmc:: custom-domain nodes
 FORMATS = {"quantize-int4-rtn": "int4-rtn", "quantize-int4-awq": "int4-awq", "quantize-int4-gptq": "int4-gptq",
-           "quantize-int8-wo": "int8", "quantize-int8-embedding": "int8", "quantize-fp8-wo": "fp8",
-           "quantize-fp8": "fp8-w8a8", "quantize-int8-sq": "int8-sq"}
+           "quantize-int8-wo": "int8", "quantize-int8-embedding": "int8", "quantize-int4-embedding": "int4-rtn",
+           "quantize-fp8-wo": "fp8", "quantize-fp8": "fp8-w8a8", "quantize-int8-sq": "int8-sq"}
 EXACT_REWRITES = {"gqa-native-attention", "kv-cache-scatter", "rotary-2d-cache"}  # re-association at most
 
 
