@@ -265,37 +265,34 @@ def test_activations_are_searched_in_float32():
     assert p._activation("a").dtype == torch.float32
 
 
+def _threads_seen(monkeypatch, big_weight=None):
+    """Runs the pass on _group_graph with torch's thread setting replaced by a counter (the process starts
+    at 3): returns the count each search and each float32 weight copy ran under, and the count after.
+    A counter, not real threads: raising torch's thread count in a forked test process (mutation runs)
+    can hang OpenMP."""
+    state = {"n": 3}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(n=n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    searches, copies = [], []
+    real, real_f32 = awq.search_clip, awq._f32
+    monkeypatch.setattr(awq, "search_clip", lambda *a: searches.append(state["n"]) or real(*a))
+    monkeypatch.setattr(awq, "_f32", lambda a: copies.append(state["n"]) or real_f32(a))
+    if big_weight is not None:
+        monkeypatch.setattr(awq, "BIG_WEIGHT", big_weight)
+    model, _, activations = _group_graph()
+    awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
+    return searches, copies, state["n"]
+
+
 def test_big_weights_search_on_every_thread(monkeypatch):
     """From BIG_WEIGHT elements (a 1B model's projections) the searches are GEMM-bound: every thread the
     process had; the rest of the pass stays on one."""
-    searches, others = [], []
-    real, real_f32 = awq.search_clip, awq._f32
-    monkeypatch.setattr(awq, "search_clip", lambda *a: searches.append(torch.get_num_threads()) or real(*a))
-    monkeypatch.setattr(awq, "_f32", lambda a: others.append(torch.get_num_threads()) or real_f32(a))
-    monkeypatch.setattr(awq, "BIG_WEIGHT", 64 * 32)  # exactly this graph's weight: the bound is inclusive
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        model, _, activations = _group_graph()
-        awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
-        assert searches == [3] and set(others) == {1} and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
+    searches, copies, after = _threads_seen(monkeypatch, big_weight=64 * 32)  # exactly this weight: inclusive
+    assert searches == [3] and set(copies) == {1} and after == 3
 
 
 def test_small_weights_search_on_one_thread_and_the_count_comes_back(monkeypatch):
     """On small weights the searches are thousands of tiny tensor ops: one thread (NOTES: 15 s vs 161 s);
     torch's own setting is restored after the pass."""
-    seen = []
-    real = awq.search_clip
-    real_f32 = awq._f32
-    monkeypatch.setattr(awq, "search_clip", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
-    monkeypatch.setattr(awq, "_f32", lambda a: seen.append(torch.get_num_threads()) or real_f32(a))  # the weights' copies
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        model, _, activations = _group_graph()
-        awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
-        assert len(seen) >= 3 and set(seen) == {1} and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(threads)
+    searches, copies, after = _threads_seen(monkeypatch)
+    assert searches == [1] and len(copies) >= 2 and set(copies) == {1} and after == 3
