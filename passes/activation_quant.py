@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from .quant_coverage import DEFAULT_MIN_COVERAGE
 from .quantize_int4_awq import QuantizeInt4AwqPass, _set_const
-from .weight_quant import DEFAULT_TARGETS, Target, WeightQuantPass
+from .weight_quant import DEFAULT_TARGETS, Target, WeightQuantPass, calibrated_groups
 
 _NUMPY = {ir.DataType.FLOAT16: np.float16, ir.DataType.FLOAT: np.float32}  # scale types = activation types
 
@@ -109,14 +109,9 @@ class ActivationQuantPass(WeightQuantPass):
         super().requires(model)
 
     def prepare(self, model: ir.Model, targets: list[Target]) -> None:
-        groups: dict[int, list[Target]] = {}
-        for t in targets:
-            groups.setdefault(id(t.node.inputs[0]), []).append(t)
-        for members in groups.values():
-            source = next((t.name for t in members if t.name in self.activations), None)
-            if source is None:
-                self.fallbacks.extend(t.name for t in members)
-                continue
+        groups, missing = calibrated_groups(targets, self.activations)
+        self.fallbacks.extend(missing)
+        for members, source in groups:
             shared = members[0].node.inputs[0]
             x = np.asarray(self.activations[source], np.float32)
             s = self._smooth(model, shared, members, x) if self.alpha is not None else None

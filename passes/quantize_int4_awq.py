@@ -34,7 +34,7 @@ import torch
 
 from .quant_coverage import DEFAULT_MIN_COVERAGE
 from .quantize_int4_rtn import INT4_MAX, check_block_size, column_slices, int4_block, quantize_blockwise
-from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass
+from .weight_quant import DEFAULT_TARGETS, QuantizedWeight, Target, WeightQuantPass, calibrated_groups
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
 CLIP_GRID = tuple(1.0 - i * 0.05 for i in range(8))  # 1.0 .. 0.65
@@ -232,14 +232,9 @@ class QuantizeInt4AwqPass(WeightQuantPass):
 
     # -- scale search and folding ------------------------------------------------------------------
     def prepare(self, model: ir.Model, targets: list[Target]) -> None:
-        groups: dict[int, list[Target]] = {}
-        for t in targets:
-            groups.setdefault(id(t.node.inputs[0]), []).append(t)
-        for members in groups.values():
-            source = next((t.name for t in members if t.name in self.activations), None)
-            if source is None:
-                self.fallbacks.extend(t.name for t in members)
-                continue
+        groups, missing = calibrated_groups(targets, self.activations)
+        self.fallbacks.extend(missing)
+        for members, source in groups:
             x = self._activation(source)
             # Folding 1/s into the producer changes its output for every consumer: only when all of
             # them are in this group (a sibling kept FP16 or quantized by another pass would be off by s).

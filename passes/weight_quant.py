@@ -127,6 +127,24 @@ def dequantize_linear(graph: ir.Graph, weight: ir.Value, qw: QuantizedWeight, dt
     return dq
 
 
+def calibrated_groups(targets: list[Target], activations) -> tuple[list[tuple[list[Target], str]], list[str]]:
+    """Targets that read one input (q/k/v, gate/up) grouped, each group with the name its calibration
+    sample is stored under (calibrate.py keeps one sample per input); and the names of the targets
+    whose group has no sample. The calibrated passes (AWQ, W8A8) scale and measure per group, since
+    whatever folds into the input's producer changes every reader of it."""
+    groups: dict[int, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(id(t.node.inputs[0]), []).append(t)
+    found, missing = [], []
+    for members in groups.values():
+        source = next((t.name for t in members if t.name in activations), None)
+        if source is None:
+            missing.extend(t.name for t in members)
+        else:
+            found.append((members, source))
+    return found, missing
+
+
 class WeightQuantPass(LlmcPass):
     """Base: select targets, quantize each weight with `quantize`, rewrite to DQ + MatMul."""
 

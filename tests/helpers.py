@@ -45,3 +45,19 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def build_with_backend(onnx_path: Path, tmp: Path, max_seq: int = 64):
     """Parse + build with TensorRT(-RTX); returns the EngineArtifact (layer types, I/O)."""
     return build_engine(onnx_path, tmp / "model.plan", BuildOptions(max_batch=2, max_seq=max_seq), get_backend())
+
+
+def trained_feeds(model: ir.Model, ids: np.ndarray) -> dict:
+    """Feeds for a decoder graph over token ids [B, T]: positions 0..T-1 and empty FP16 pasts."""
+    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))}
+    for v in model.graph.inputs[2:]:
+        feeds[v.name] = np.zeros([ids.shape[0] if not isinstance(d, int) else d for d in v.shape], np.float16)
+    return feeds
+
+
+def held_out_ids(trained, n=2, seq=48) -> np.ndarray:
+    """n consecutive seq-token windows of the held-out text, [n, seq]."""
+    from compiler.frontend.corpus import default_eval_text
+
+    ids = trained.tokenizer(default_eval_text()).input_ids
+    return np.array([ids[i * seq:(i + 1) * seq] for i in range(n)], np.int64)

@@ -11,7 +11,7 @@ import pytest
 from compiler.engine.trt_logger import process_logger
 from passes import PassContext, QuantizeFp8Pass, make_pass
 from passes.weight_quant import matching_matmuls, module_name
-from helpers import build_with_backend, op_counts, run_onnx
+from helpers import build_with_backend, held_out_ids, op_counts, run_onnx, trained_feeds
 
 E4M3_MAX = 448.0  # OCP FP8 spec: E4M3's largest finite magnitude (1.75 x 2^8)
 GROUPS_PER_LAYER = 4  # q/k/v share one input, gate/up another; o_proj and down_proj one each
@@ -150,19 +150,6 @@ def test_a_target_without_a_sample_stays_weight_only(weight_and_sample):
 
 # -- the trained model ------------------------------------------------------------------------------
 
-def _feeds(model: ir.Model, ids: np.ndarray) -> dict:
-    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))}
-    for v in model.graph.inputs[2:]:
-        feeds[v.name] = np.zeros([ids.shape[0] if not isinstance(d, int) else d for d in v.shape], np.float16)
-    return feeds
-
-
-def _text_ids(trained, n=2, seq=48):
-    from compiler.frontend.corpus import default_eval_text
-
-    ids = trained.tokenizer(default_eval_text()).input_ids
-    return np.array([ids[i * seq:(i + 1) * seq] for i in range(n)], np.int64)
-
 
 def test_graph_shape_after(trained_fp16, trained_calibration, trained):
     model = ir.load(trained_fp16)
@@ -197,10 +184,10 @@ def test_graph_shape_after(trained_fp16, trained_calibration, trained):
 def test_onnxruntime_close_to_fp16_and_to_weight_only(trained_fp16, trained_quantized, trained):
     """The activation quantization costs a bounded amount beyond the weight-only FP8 graph (same weights),
     and both stay near FP16 on real text (logits span about +-15)."""
-    ids = _text_ids(trained)
+    ids = held_out_ids(trained)
     w8a8, wo = trained_quantized("quantize-fp8"), trained_quantized("quantize-fp8-wo")
     model = ir.load(trained_fp16)
-    feeds = _feeds(model, ids)
+    feeds = trained_feeds(model, ids)
     fp16 = run_onnx(trained_fp16, feeds)["logits"]
     got, weight_only = run_onnx(w8a8, feeds)["logits"], run_onnx(wo, feeds)["logits"]
     assert not np.array_equal(got, weight_only)  # the activation Q/DQ changes something

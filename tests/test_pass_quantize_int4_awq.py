@@ -10,7 +10,7 @@ import pytest
 
 from passes import PassContext, QuantizeInt4AwqPass, make_pass
 from passes.weight_quant import matching_matmuls
-from helpers import build_with_backend, op_counts, run_onnx, save
+from helpers import build_with_backend, held_out_ids, op_counts, run_onnx, save, trained_feeds
 
 
 @pytest.fixture(autouse=True)
@@ -24,19 +24,6 @@ def fresh_search_memo():
     yield
     awq._MEMO.clear()
 
-
-def _feeds(model: ir.Model, ids: np.ndarray) -> dict:
-    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))}
-    for v in model.graph.inputs[2:]:
-        feeds[v.name] = np.zeros([ids.shape[0] if not isinstance(d, int) else d for d in v.shape], np.float16)
-    return feeds
-
-
-def _text_ids(trained, n=2, seq=48):
-    from compiler.frontend.corpus import default_eval_text
-
-    ids = trained.tokenizer(default_eval_text()).input_ids
-    return np.array([ids[i * seq:(i + 1) * seq] for i in range(n)], np.int64)
 
 
 def test_graph_shape_after(trained_fp16, trained_calibration, trained):
@@ -72,9 +59,9 @@ def test_scale_folding_alone_preserves_outputs(trained_fp16, trained_calibration
     pass_ = QuantizeInt4AwqPass(trained_calibration.activations, block_size=128)
     pass_.prepare(model, pass_.plan(model)[0])
     assert pass_.search_log
-    ids = _text_ids(trained)
-    got = run_onnx(save(model, tmp_path / "scaled.onnx"), _feeds(model, ids))["logits"]
-    want = run_onnx(trained_fp16, _feeds(model, ids))["logits"]
+    ids = held_out_ids(trained)
+    got = run_onnx(save(model, tmp_path / "scaled.onnx"), trained_feeds(model, ids))["logits"]
+    want = run_onnx(trained_fp16, trained_feeds(model, ids))["logits"]
     assert np.abs(got - want).max() < 0.08  # logits span ~[-15, 15]; FP16 rounding of rescaled weights
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.97
 

@@ -8,7 +8,7 @@ import pytest
 
 from passes import QuantizeInt8SqPass
 from passes.weight_quant import matching_matmuls
-from helpers import build_with_backend, op_counts, run_onnx
+from helpers import build_with_backend, op_counts, run_onnx, trained_feeds
 
 K, N, NAME = 64, 48, "model.layers.0.self_attn.q_proj"
 EPS = 1e-6
@@ -118,13 +118,6 @@ def test_activation_beyond_the_calibrated_range_saturates(case):
 
 # -- the trained model ------------------------------------------------------------------------------
 
-def _feeds(model: ir.Model, ids: np.ndarray) -> dict:
-    feeds = {"input_ids": ids, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))}
-    for v in model.graph.inputs[2:]:
-        feeds[v.name] = np.zeros([ids.shape[0] if not isinstance(d, int) else d for d in v.shape], np.float16)
-    return feeds
-
-
 def test_graph_shape_after(trained_fp16, trained_calibration, trained):
     model = ir.load(trained_fp16)
     before = op_counts(model)
@@ -154,7 +147,7 @@ def test_onnxruntime_smoothing_brings_int8_closer_to_fp16(trained_fp16, trained_
 
     ids = trained.tokenizer(default_eval_text()).input_ids
     ids = np.array([ids[i * 48:(i + 1) * 48] for i in range(2)], np.int64)
-    feeds = _feeds(ir.load(trained_fp16), ids)
+    feeds = trained_feeds(ir.load(trained_fp16), ids)
     fp16 = run_onnx(trained_fp16, feeds)["logits"]
     smooth = run_onnx(trained_quantized("quantize-int8-sq"), feeds)["logits"]
     plain = run_onnx(trained_quantized("quantize-int8-sq", smoothing_alpha=None), feeds)["logits"]
