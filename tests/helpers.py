@@ -61,3 +61,32 @@ def held_out_ids(trained, n=2, seq=48) -> np.ndarray:
 
     ids = trained.tokenizer(default_eval_text()).input_ids
     return np.array([ids[i * seq:(i + 1) * seq] for i in range(n)], np.int64)
+
+
+def norm_matmul_graph(k=64, n=32, sibling=False):
+    """x -> RMSNormalization(gamma) -> MatMul(W) named model.layers.0.self_attn.q_proj; with `sibling`, the
+    norm's output is also read by a MatMul outside the targets (a reader a fold would change)."""
+    rng = np.random.default_rng(7)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 8, k]))
+    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 23})
+
+    def init(name, array):
+        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)),
+                     const_value=ir.tensor(array, name=name))
+        graph.register_initializer(v)
+        return v
+
+    gamma = init("gamma", rng.uniform(0.5, 1.5, k).astype(np.float32))
+    norm = ir.node("RMSNormalization", [x, gamma], name="norm")
+    norm.outputs[0].type, norm.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, 8, k])
+    graph.append(norm)
+    readers = [("model.layers.0.self_attn.q_proj", "q")] + ([("other.proj", "other")] if sibling else [])
+    for module, name in readers:
+        mm = ir.node("MatMul", [norm.outputs[0], init(f"{name}.w", (rng.standard_normal((k, n)) * 0.05).astype(np.float32))],
+                     name=name)
+        mm.metadata_props["pkg.torch.onnx.name_scopes"] = repr([module, "linear"])
+        mm.outputs[0].name = f"{name}.out"
+        graph.append(mm)
+        graph.outputs.append(mm.outputs[0])
+    activations = {"model.layers.0.self_attn.q_proj": (rng.standard_normal((256, k)) * np.linspace(0.1, 30, k)).astype(np.float32)}
+    return ir.Model(graph, ir_version=10), gamma, activations

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import norm_matmul_graph
 from passes import quantize_int4_awq as awq
 
 
@@ -189,41 +190,11 @@ def test_quantize_clips_the_scaled_input_of_a_searched_target():
     assert not np.array_equal(p.quantize(w, SimpleNamespace(name="scaled", block=64)).scale, rtn_scale)  # it did clip
 
 
-def _group_graph(k=64, n=32, sibling=False):
-    """x -> RMSNormalization(gamma) -> MatMul(W) named model.layers.0.self_attn.q_proj; with `sibling`, the
-    norm's output is also read by a MatMul outside the targets (a reader a fold would change)."""
-    import onnx_ir as ir
-
-    rng = np.random.default_rng(7)
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 8, k]))
-    graph = ir.Graph([x], [], nodes=[], name="g", opset_imports={"": 23})
-
-    def init(name, array):
-        v = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(list(array.shape)),
-                     const_value=ir.tensor(array, name=name))
-        graph.register_initializer(v)
-        return v
-
-    gamma = init("gamma", rng.uniform(0.5, 1.5, k).astype(np.float32))
-    norm = ir.node("RMSNormalization", [x, gamma], name="norm")
-    graph.append(norm)
-    readers = [("model.layers.0.self_attn.q_proj", "q")] + ([("other.proj", "other")] if sibling else [])
-    for module, name in readers:
-        mm = ir.node("MatMul", [norm.outputs[0], init(f"{name}.w", (rng.standard_normal((k, n)) * 0.05).astype(np.float32))],
-                     name=name)
-        mm.metadata_props["pkg.torch.onnx.name_scopes"] = repr([module, "linear"])
-        mm.outputs[0].name = f"{name}.out"
-        graph.append(mm)
-        graph.outputs.append(mm.outputs[0])
-    activations = {"model.layers.0.self_attn.q_proj": (rng.standard_normal((256, k)) * np.linspace(0.1, 30, k)).astype(np.float32)}
-    return ir.Model(graph, ir_version=10), gamma, activations
-
-
 @pytest.mark.parametrize("sibling", [False, True])
 def test_a_group_is_folded_only_when_no_other_node_reads_its_input(sibling):
     """The group's input also read by a MatMul outside the targets: folding 1/s into the norm would scale
     that reader's input too, so the norm keeps its weight and the group is clipped without scales."""
-    model, gamma, activations = _group_graph(sibling=sibling)
+    model, gamma, activations = norm_matmul_graph(sibling=sibling)
     before = gamma.const_value.numpy().copy()
     p = awq.QuantizeInt4AwqPass(activations, block_size=64)
     p(model)
@@ -246,7 +217,7 @@ def test_made_from_the_build_context_with_the_recipe_options():
 def test_without_activations_the_message_names_the_calibrate_stage():
     import onnx_ir as ir
 
-    model, _, _ = _group_graph()
+    model, _, _ = norm_matmul_graph()
     with pytest.raises(ir.passes.PreconditionError) as info:
         awq.QuantizeInt4AwqPass(None)(model)
     assert str(info.value.__cause__) == "quantize-int4-awq needs calibration activations (the driver runs the calibrate stage)"
@@ -279,7 +250,7 @@ def _threads_seen(monkeypatch, big_weight=None):
     monkeypatch.setattr(awq, "_f32", lambda a: copies.append(state["n"]) or real_f32(a))
     if big_weight is not None:
         monkeypatch.setattr(awq, "BIG_WEIGHT", big_weight)
-    model, _, activations = _group_graph()
+    model, _, activations = norm_matmul_graph()
     awq.QuantizeInt4AwqPass(activations, block_size=64, clip=True)(model)
     return searches, copies, state["n"]
 
