@@ -58,6 +58,10 @@ VARIANTS = {
     "awq-b64": ("awq", 64, {"clip": True}),
     "awq-b32": ("awq", 32, {"clip": False}),
     "awq-b32-clip": ("awq", 32, {"clip": True}),
+    "awq-duo-b128": ("awq", 128, {"clip": True, "duo": True}),
+    "awq-duo-b64": ("awq", 64, {"clip": True, "duo": True}),
+    "awq-duo-b32": ("awq", 32, {"clip": False, "duo": True}),
+    "awq-duo-b32-clip": ("awq", 32, {"clip": True, "duo": True}),
     "awq-asym-b128": ("awq", 128, {"clip": False, "asym": True}),
     "awq-asym-b64": ("awq", 64, {"clip": False, "asym": True}),
     "gptq-b128": ("gptq", 128, {"rows": 1024}),
@@ -82,7 +86,7 @@ VARIANTS = {
 _AWQ_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def _awq_scales(linears, original, cal, largest):
+def _awq_scales(linears, original, cal, largest, duo=False):
     from passes.quantize_int4_awq import group_search_weight, search_rows, search_scales
 
     torch.set_num_threads(2)
@@ -97,7 +101,7 @@ def _awq_scales(linears, original, cal, largest):
             block, _ = int4_block(ws[0].shape[0], largest)
             x = torch.from_numpy(np.ascontiguousarray(cal.activations[names[0]], dtype=np.float32))
             w = group_search_weight(ws)
-            s, *_ = search_scales(search_rows(x, w), w, block)
+            s, *_ = search_scales(search_rows(x, w), w, block, duo=duo)
             scales.update({n: s for n in names})
     return scales
 
@@ -174,7 +178,7 @@ def main() -> None:
             qw = quantize_rows_int4(table, block)
             with torch.no_grad():
                 embedding.copy_(torch.from_numpy(qw.dequantize().astype(np.float32)))
-        awq_scales = _awq_scales(linears, original, cal, largest) if method == "awq" else {}
+        awq_scales = _awq_scales(linears, original, cal, largest, opts.get("duo", False)) if method == "awq" else {}
         for name, module in linears.items() if method != "none" else ():
             w_KN = original[name].T.contiguous().numpy().astype(np.float16)
             block, _ = int4_block(w_KN.shape[0], largest)

@@ -106,7 +106,7 @@ TOKENIZER_FILES = {"tokenizer.json": TOKENIZER_JSON_FIELDS, "tokenizer_config.js
 PASS_OPTION_FIELDS = {"block_size": Field("int", low=1, high=1 << 16, nullable=False),
                       "targets": Field("patterns", nullable=False), "exclude": Field("patterns", nullable=False),
                       "include_lm_head": Field("bool", nullable=False),
-                      "clip": Field("any", choices=(True, False, "auto"), nullable=False),
+                      "clip": Field("any", choices=(True, False), nullable=False),
                       "kv_dtype": Field("str", nullable=False)}
 
 # CLI values: (low, high) inclusive. --max-seq needs room for a prompt token and a decode step.

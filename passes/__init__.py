@@ -19,6 +19,7 @@ from .cleanup import CleanupPass
 from .gqa_native_attention import GqaNativeAttentionPass
 from .kv_cache_scatter import KvCacheScatterPass
 from .last_position_logits import LastPositionLogitsPass
+from .logits_fp32_topk import LogitsFp32TopKPass
 from .quantize_fp8_w8a8 import QuantizeFp8Pass
 from .quantize_fp8_wo import QuantizeFp8WoPass
 from .quantize_int4_awq import QuantizeInt4AwqPass
@@ -51,6 +52,7 @@ REGISTRY: dict[str, type[LlmcPass]] = {
     "gqa-native-attention": GqaNativeAttentionPass,
     "kv-cache-scatter": KvCacheScatterPass,
     "last-position-logits": LastPositionLogitsPass,
+    "logits-fp32-topk": LogitsFp32TopKPass,
     "cast-fp16": CastFp16Pass,
     "residual-fp32": ResidualFp32Pass,
     "quantize-int4-rtn": QuantizeInt4RtnPass,

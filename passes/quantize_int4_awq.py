@@ -69,19 +69,28 @@ def column_chunks(k: int, n: int) -> list[slice]:
     return column_slices(k, n, CHUNK_ELEMENTS)
 
 
-def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int) -> tuple[torch.Tensor, float, float, float]:
-    """Best per-input-channel scale s over ALPHA_GRID: returns (s, alpha, loss(alpha=0), best loss)."""
+def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int,
+                  duo: bool = False) -> tuple[torch.Tensor, float, float, float]:
+    """Best per-input-channel scale s over ALPHA_GRID: returns (s, alpha, loss(alpha=0), best loss).
+
+    duo: AutoAWQ's "duo scaling", s = mean|x|^alpha / mean|w / block max|^(1 - alpha) (alpha = 0 stays
+    s = 1). Not used by the pass: on Gemma 3 270M it screened worse than mean|x|^alpha at blocks 128 and
+    32 (benchmarks/gptq_sweep.py awq-duo-*, NOTES.md); kept for that screen."""
     chunks = column_chunks(*w_KN.shape)
     w_chunks = [w_KN[:, c].contiguous() for c in chunks] if len(chunks) > 1 else [w_KN]
     references = [x_TK @ w for w in w_chunks]
     count = x_TK.shape[0] * w_KN.shape[1]
     mean_abs = x_TK.abs().mean(dim=0).clamp(min=1e-8)
     scores: dict[float, tuple[float, torch.Tensor]] = {}
+    if duo:
+        k, n = w_KN.shape
+        wb = w_KN.abs().reshape(k // block, block, n)
+        w_mean = (wb / (wb.amax(dim=1, keepdim=True) + 1e-6)).reshape(k, n).mean(dim=1)
 
     def score(alpha: float) -> None:
         if alpha in scores:
             return
-        s = mean_abs.pow(alpha)
+        s = mean_abs.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4) if duo and alpha > 0 else mean_abs.pow(alpha)
         s = (s / (s.max() * s.min()).sqrt()).clamp(min=1e-4)
         x_scaled = x_TK / s
         scores[alpha] = (sum(float((x_scaled @ _fake_quant(w * s[:, None], block) - ref).pow(2).sum())
@@ -200,14 +209,14 @@ class QuantizeInt4AwqPass(WeightQuantPass):
         finally:
             torch.set_num_threads(1)
 
-    def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool | str = "auto",
+    def __init__(self, activations: Mapping[str, np.ndarray] | None, block_size: int = 128, clip: bool = True,
                  targets=DEFAULT_TARGETS, exclude=(), include_lm_head: bool = False,
                  min_coverage: float = DEFAULT_MIN_COVERAGE):
         super().__init__(targets, exclude, include_lm_head, min_coverage)
         self.block = check_block_size(block_size)  # the largest block; a matmul may get a smaller one
         self.activations = activations
-        if clip not in (True, False, "auto"):
-            raise ValueError(f"clip must be true, false or auto (got {clip!r})")
+        if clip not in (True, False):
+            raise ValueError(f"clip must be true or false (got {clip!r})")
         self.clip = clip
         self._threads = torch.get_num_threads()
         self.fallbacks: list[str] = []
@@ -223,12 +232,6 @@ class QuantizeInt4AwqPass(WeightQuantPass):
 
     def block_for(self, k: int) -> tuple[int | None, str | None]:
         return int4_block(k, self.block)
-
-    def clips(self, block: int) -> bool:
-        """auto: clip search at blocks of 64 / 128 only, judged per matmul's block. Measured on the
-        trained model (NOTES.md): at block 128 it halves RTN's perplexity delta; at block 32 (8x more
-        clip ratios, each fitted on 32 weights) it lowered calibration MSE and KL but raised held-out perplexity."""
-        return block >= 64 if self.clip == "auto" else self.clip
 
     # -- scale search and folding ------------------------------------------------------------------
     def prepare(self, model: ir.Model, targets: list[Target]) -> None:
@@ -291,7 +294,7 @@ class QuantizeInt4AwqPass(WeightQuantPass):
 
     def quantize(self, weight_KN: np.ndarray, target: Target) -> QuantizedWeight:
         clip = None
-        if self.clips(target.block) and target.name in self._inputs:
+        if self.clip and target.name in self._inputs:
             source, s = self._inputs[target.name]
             x = self._activation(source) if s is None else self._activation(source) / s
             clip = self._search(search_clip, x, _f32(weight_KN), target.block).numpy()

@@ -168,6 +168,17 @@ FINAL_FP32_PASSES = ("cleanup", "rotary-2d-cache", "gqa-native-attention", "kv-c
 CAPACITY = 128
 
 
+def fp16_lowering() -> list[str]:
+    """The fp16 recipe's passes up to its FP32 logits (logits-fp32-topk, its last): the graph the quantizing
+    recipes quantize and end with (recipes/int4-*.yaml stop at last-position-logits), so a quantization
+    test's FP16 graph is the one those recipes lower to."""
+    from compiler.recipe import load_recipe
+
+    passes = list(load_recipe("fp16").passes)
+    assert passes[-1] == "logits-fp32-topk"
+    return passes[:-1]
+
+
 def final_graph(loaded, path: Path, passes=FINAL_FP32_PASSES, capacity: int = CAPACITY, exported: Path | None = None) -> Path:
     """Export (or reuse `exported`) + the fp16 recipe's rewrites (without the FP16 lowering unless asked)."""
     import onnx_ir as ir
@@ -213,10 +224,8 @@ def final_fp32(loaded_models, llmc_cache, model_dirs, exported):
 
 @pytest.fixture(scope="session")
 def final_fp16_llama(llama, llmc_cache, llama_export) -> Path:
-    """The fp16 recipe's graph for the tiny Llama, from the session's export."""
-    from compiler.recipe import load_recipe
-
-    return final_graph(llama, llmc_cache / "final-llama-fp16.onnx", passes=load_recipe("fp16").passes,
+    """The fp16 recipe's graph for the tiny Llama up to its FP32 logits (fp16_lowering), from the session's export."""
+    return final_graph(llama, llmc_cache / "final-llama-fp16.onnx", passes=fp16_lowering(),
                        exported=llama_export[0])
 
 
@@ -232,12 +241,12 @@ def trained():
 
 @pytest.fixture(scope="session")
 def trained_fp16(trained, exported, tmp_path_factory) -> Path:
-    """The fp16 recipe's graph of the trained model (capacity 256), made once per run from its one export."""
+    """The fp16 recipe's graph of the trained model up to its FP32 logits (fp16_lowering; capacity 256), made
+    once per run from its one export."""
     from compiler.frontend.default_model import default_model_dir
-    from compiler.recipe import load_recipe
 
     def make(folder: Path):
-        final_graph(trained, folder / "model.onnx", passes=load_recipe("fp16").passes, capacity=256,
+        final_graph(trained, folder / "model.onnx", passes=fp16_lowering(), capacity=256,
                     exported=exported(default_model_dir(), trained))
 
     return _once(tmp_path_factory, "trained-fp16", make) / "model.onnx"

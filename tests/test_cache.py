@@ -126,7 +126,7 @@ def test_manifest_lists_every_file_with_hash_and_versions(cached_build):
     assert manifest["backend"]["name"] == report["backend"]["name"]
     assert manifest["backend"]["version"] == report["backend"]["version"]
     build = manifest["build"]
-    assert (build["recipe"], build["max_batch"], build["max_seq"], build["dtype"]) == ("fp16", 1, 128, "float16")
+    assert (build["recipe"], build["max_batch"], build["max_seq"], build["dtype"]) == ("fp16", 1, 128, "float32")  # logits-fp32-topk
     assert build["recipe_sha256"] == file_sha256(report["recipe"]["source"])
 
 

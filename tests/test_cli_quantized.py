@@ -62,7 +62,7 @@ def test_perplexity_budget_fails_the_build_with_the_figure(tmp_path, cache_dir):
     result = CliRunner().invoke(main, ["build", "--recipe", str(recipe), "-o", str(out), "--cache-dir", str(cache_dir)])
     assert result.exit_code == 5, result.output
     assert "held-out perplexity rose" in result.stderr and "max_ppl_delta 0.01%" in result.stderr
-    assert "less aggressive recipe (int8-wo or fp8-wo" in result.stderr
+    assert "less aggressive recipe (int4-gptq, int8-wo or fp8-wo)" in result.stderr
     assert not out.exists()
     report = json.loads((tmp_path / "strict.failed" / "report.json").read_text())
     assert report["status"] == "fail" and report["quality"]["ppl_delta"] > 0.0001
@@ -136,3 +136,15 @@ def test_w8a8_budget_miss_points_to_the_weight_only_recipes(tmp_path, cache_dir)
                                        "--cache-dir", str(cache_dir)])
     assert result.exit_code == 5, result.output
     assert "held-out perplexity rose" in result.stderr and "less aggressive recipe (fp8-wo or int8-wo)" in result.stderr
+
+
+@pytest.mark.parametrize("recipe, hint", [
+    ("int4-awq", "int4-gptq, int8-wo or fp8-wo"),  # the INT4 recipe that lost least on Gemma 3 270M
+    ("int4-gptq", "int8-wo or fp8-wo"),           # never suggests itself
+    ("int8-sq", "fp8-wo or int8-wo"),
+    ("fp8-wo", "fp16"),
+])
+def test_a_failed_build_suggests_a_less_aggressive_recipe(recipe, hint):
+    from compiler.driver.build import _safer_recipe
+
+    assert _safer_recipe(recipe) == hint

@@ -33,10 +33,9 @@ def _tiny(root, name, **shape):
 
 
 def _fp16_graph(loaded, exported, path):
-    from conftest import final_graph
-    from compiler.recipe import load_recipe
+    from conftest import final_graph, fp16_lowering
 
-    return final_graph(loaded, path, passes=load_recipe("fp16").passes, capacity=CAPACITY,
+    return final_graph(loaded, path, passes=fp16_lowering(), capacity=CAPACITY,
                        exported=exported(loaded.path, loaded))
 
 

@@ -22,13 +22,12 @@ CAPACITY = 256
 
 @pytest.fixture(scope="module")
 def graphs(trained, exported, tmp_path_factory):
-    """(before, after) paths: the fp16 recipe's graph without its last pass, and with it (the recipe's own)."""
+    """(before, after) paths: the fp16 recipe's lowering without this pass, and with it."""
     from compiler.frontend.default_model import default_model_dir
-    from compiler.recipe import load_recipe
-    from conftest import final_graph
+    from conftest import final_graph, fp16_lowering
 
-    recipe = load_recipe("fp16").passes
-    assert recipe[-1] == "last-position-logits"  # every recipe ends with it (recipes/*.yaml)
+    recipe = fp16_lowering()
+    assert recipe[-1] == "last-position-logits"  # every recipe has it last, but fp16's FP32 logits (recipes/*.yaml)
     folder = tmp_path_factory.mktemp("last-position")
     before = final_graph(trained, folder / "before.onnx", passes=recipe[:-1], capacity=CAPACITY,
                          exported=exported(default_model_dir(), trained))

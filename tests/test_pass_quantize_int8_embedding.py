@@ -16,15 +16,14 @@ CAPACITY, VOCAB, HIDDEN = 64, 512, 128
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory, exported):
-    """(loaded tiny Gemma 3, its fp16-recipe graph)."""
-    from conftest import final_graph
+    """(loaded tiny Gemma 3, its fp16-recipe graph up to the FP32 logits)."""
+    from conftest import final_graph, fp16_lowering
     from compiler.frontend.default_model import make_tiny_model
     from compiler.frontend.load import load_model
-    from compiler.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("tied")
     loaded = load_model(make_tiny_model(root / "gemma3", "gemma3", vocab_size=VOCAB, hidden_size=HIDDEN, seed=3))
-    path = final_graph(loaded, root / "fp16.onnx", passes=load_recipe("fp16").passes, capacity=CAPACITY,
+    path = final_graph(loaded, root / "fp16.onnx", passes=fp16_lowering(), capacity=CAPACITY,
                        exported=exported(loaded.path, loaded))
     return loaded, path
 

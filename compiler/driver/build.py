@@ -308,8 +308,8 @@ def write_manifest_for(state: BuildState, report: dict, directory: Path) -> None
 
 
 def _safer_recipe(name: str) -> str:
-    if name.startswith("int4"):
-        return "int8-wo or fp8-wo, or int4-awq with a smaller block_size"
+    if name.startswith("int4"):  # int4-gptq: the INT4 recipe that lost least on Gemma 3 270M (benchmarks/NOTES.md)
+        return "int8-wo or fp8-wo" if name.startswith("int4-gptq") else "int4-gptq, int8-wo or fp8-wo"
     if name in ("fp8", "int8-sq"):  # W8A8: the weight-only 8-bit recipes keep activations FP16
         return "fp8-wo or int8-wo"
     return "fp16"
