@@ -42,6 +42,7 @@ def topk_two_stage(logits, chunk=1024):
     """Each chunk's max, the K best chunks, TopK inside those K chunks: every one of the K best values lies in
     a chunk whose max is among the K best maxima (at most K - 1 chunks can hold a larger value)."""
     b, v = logits.shape
+    chunk = max(c for c in range(1, chunk + 1) if v % c == 0)  # the largest divisor of v up to `chunk`
     chunks = logits.view(b, v // chunk, chunk)
     best = torch.topk(chunks.amax(-1), K, dim=-1, sorted=False).indices  # [B, K]
     picked = chunks.gather(1, best[:, :, None].expand(b, K, chunk)).view(b, K * chunk)

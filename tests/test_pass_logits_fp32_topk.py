@@ -87,10 +87,34 @@ def test_a_tie_in_fp16_goes_to_the_larger_fp32_logit(tied):
 
 
 def test_options_are_checked():
-    assert LogitsFp32TopKPass().k == 16 and LogitsFp32TopKPass(k=3840).k == 3840
+    assert (LogitsFp32TopKPass().k, LogitsFp32TopKPass().chunk) == (16, 0) and LogitsFp32TopKPass(k=3840).k == 3840
     for bad in (0, 3841, 2.0, True, "8"):
         with pytest.raises(ValueError, match="k must be an integer from 1 to 3840"):
             LogitsFp32TopKPass(k=bad)
+    assert LogitsFp32TopKPass(chunk=0).chunk == 0
+    for bad in (-1, 1.5, True, 1 << 21):
+        with pytest.raises(ValueError, match=r"chunk must be 0 \(one TopK over the vocabulary\) or a positive integer"):
+            LogitsFp32TopKPass(chunk=bad)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk, topks", [(0, 1), (256, 2), (1024, 1)])  # 8192 / 1024 = 8 chunks < K: one TopK
+def test_the_chunked_topk_finds_the_same_k_best(tied, chunk, topks):
+    """Each chunk's max, the K best chunks, TopK inside them: the K best logits whichever way, refined."""
+    rng = np.random.default_rng(11)
+    table = (rng.standard_normal((8192, 64)) * 0.3).astype(np.float16)
+    x = rng.standard_normal((2, 3, 64)).astype(np.float16)
+    model = _lm_head_graph(table, tied)
+    LogitsFp32TopKPass(k=16, chunk=chunk)(model)
+    assert sum(n.op_type == "TopK" for n in model.graph) == topks
+    got = _run(model, x)
+    exact = x.astype(np.float32) @ table.T.astype(np.float32)
+    fp16 = exact.astype(np.float16).astype(np.float32)
+    refined = np.abs(got - fp16) > 0  # the refined entries are the only ones off the FP16 values
+    assert (refined.sum(-1) <= 16).all() and (refined.sum(-1) >= 8).all()
+    top = np.argsort(-exact, axis=-1)[..., :8]  # well inside the 16 (at the 16th, FP16 order may differ)
+    np.testing.assert_allclose(np.take_along_axis(got, top, -1), np.take_along_axis(exact, top, -1), rtol=0, atol=1e-5)
+    assert (got.argmax(-1) == exact.argmax(-1)).all()
 
 
 def test_a_softcap_after_the_lm_head_is_refused_by_name():
@@ -106,11 +130,13 @@ def test_a_softcap_after_the_lm_head_is_refused_by_name():
         LogitsFp32TopKPass()(model)
 
 
-@pytest.fixture(scope="module")
-def graphs(trained_fp16, tmp_path_factory):
-    """(before, after, model after): the fp16 recipe's graph of the trained model without and with the pass."""
+@pytest.fixture(scope="module", params=[0, 64], ids=["one-topk", "chunked"])
+def graphs(request, trained_fp16, tmp_path_factory):
+    """(before, after, model after): the fp16 recipe's graph of the trained model without and with the pass,
+    with one TopK (the default) and with the two-stage one (chunks of 64 of its 1024 logits)."""
     model = ir.load(trained_fp16)
-    assert LogitsFp32TopKPass()(model).modified
+    assert LogitsFp32TopKPass(chunk=request.param)(model).modified
+    assert sum(n.op_type == "TopK" for n in model.graph) == (1 if request.param == 0 else 2)
     return trained_fp16, save(model, tmp_path_factory.mktemp("logits-fp32") / "model.onnx"), model
 
 
@@ -120,13 +146,13 @@ def test_graph_shape_after(graphs):
     _, _, model = graphs
     assert REGISTRY["logits-fp32-topk"] is LogitsFp32TopKPass and load_recipe("fp16").passes[-1] == "logits-fp32-topk"
     counts = op_counts(model)
-    assert counts["TopK"] == counts["ScatterElements"] == 1
+    assert counts["ScatterElements"] == 1 and counts["TopK"] in (1, 2)
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     scatter = logits.producer()
     assert logits.dtype == ir.DataType.FLOAT and scatter.op_type == "ScatterElements"
     wide, indices, refined = scatter.inputs
     assert wide.producer().op_type == "Cast" and wide.producer().inputs[0].producer().op_type == "MatMul"
-    assert indices.producer().op_type == "TopK" and refined.producer().op_type == "Squeeze"
+    assert indices.producer().op_type in ("TopK", "Add") and refined.producer().op_type == "Squeeze"
     gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[1] is indices)
     lm_head = wide.producer().inputs[0].producer()
     assert gather.inputs[0] is lm_head.inputs[1] and gather.attributes["axis"].as_int() == 1  # its [H, V] weight
