@@ -86,8 +86,46 @@ def test_a_tie_in_fp16_goes_to_the_larger_fp32_logit(tied):
     assert gathers[0].attributes["axis"].as_int() == (0 if tied else 1)
 
 
+def test_a_transpose_without_perm_is_a_tied_table_too():
+    """Transpose's default perm reverses the axes: [1, 0] for the table, so its rows are gathered."""
+    table, x, low, high = _tie()
+    model = _lm_head_graph(table, tied=True)
+    transpose = next(n for n in model.graph if n.op_type == "Transpose")
+    del transpose.attributes["perm"]
+    assert LogitsFp32TopKPass(k=4)(model).modified
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.inputs[0].name == "table" and gather.attributes["axis"].as_int() == 0
+    assert int(_run(model, x)[0, 0].argmax()) == high
+
+
+def test_an_identity_transpose_is_gathered_by_column():
+    """Only a [1, 0] Transpose reads a [vocab, hidden] table: Transpose(perm [0, 1]) of the [hidden, vocab] weight
+    is the weight itself, so its output is gathered by column."""
+    table, x, low, high = _tie()
+    model = _lm_head_graph(table, tied=False)
+    weight = model.graph.initializers["lm_head.weight"]
+    identity = ir.node("Transpose", [weight], attributes={"perm": [0, 1]}, name="identity")
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    model.graph.insert_before(matmul, identity)
+    matmul.replace_input_with(1, identity.outputs[0])
+    assert LogitsFp32TopKPass(k=4)(model).modified
+    gather = next(n for n in model.graph if n.op_type == "Gather")
+    assert gather.inputs[0] is identity.outputs[0] and gather.attributes["axis"].as_int() == 1
+    assert int(_run(model, x)[0, 0].argmax()) == high
+
+
+def test_logits_of_unknown_width_get_the_one_topk():
+    """`chunk` needs the vocabulary to split it; without a shape on `logits` the pass keeps the one TopK."""
+    table, x, low, high = _tie()
+    model = _lm_head_graph(table, tied=False)
+    model.graph.outputs[0].shape = None
+    assert LogitsFp32TopKPass(k=4, chunk=4)(model).modified
+    assert sum(n.op_type == "TopK" for n in model.graph) == 1 and int(_run(model, x)[0, 0].argmax()) == high
+
+
 def test_options_are_checked():
     assert (LogitsFp32TopKPass().k, LogitsFp32TopKPass().chunk) == (16, 0) and LogitsFp32TopKPass(k=3840).k == 3840
+    assert LogitsFp32TopKPass(k=1).k == 1 and LogitsFp32TopKPass(k=16, chunk=1 << 20).chunk == 1 << 20  # the bounds
     for bad in (0, 3841, 2.0, True, "8"):
         with pytest.raises(ValueError, match="k must be an integer from 1 to 3840"):
             LogitsFp32TopKPass(k=bad)
@@ -98,7 +136,7 @@ def test_options_are_checked():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("chunk, topks", [(0, 1), (256, 2), (1024, 1)])  # 8192 / 1024 = 8 chunks < K: one TopK
+@pytest.mark.parametrize("chunk, topks", [(0, 1), (256, 2), (1024, 1), (300, 1)])  # 8 chunks < K; 300 does not divide
 def test_the_chunked_topk_finds_the_same_k_best(tied, chunk, topks):
     """Each chunk's max, the K best chunks, TopK inside them: the K best logits whichever way, refined."""
     rng = np.random.default_rng(11)
@@ -157,7 +195,8 @@ def test_graph_shape_after(graphs):
     lm_head = wide.producer().inputs[0].producer()
     assert gather.inputs[0] is lm_head.inputs[1] and gather.attributes["axis"].as_int() == 1  # its [H, V] weight
     assert model.graph.initializers["llmc.logits_fp32.k"].const_value.numpy().tolist() == [16]
-    assert not LogitsFp32TopKPass()(model).modified  # once is enough
+    assert all(len(n.outputs) == 2 for n in model.graph if n.op_type == "TopK")  # values, indices
+    assert LogitsFp32TopKPass()(model).modified is False  # once is enough
 
 
 def test_onnxruntime_before_vs_after(graphs):
