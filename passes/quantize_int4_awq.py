@@ -74,8 +74,9 @@ def search_scales(x_TK: torch.Tensor, w_KN: torch.Tensor, block: int,
     """Best per-input-channel scale s over ALPHA_GRID: returns (s, alpha, loss(alpha=0), best loss).
 
     duo: AutoAWQ's "duo scaling", s = mean|x|^alpha / mean|w / block max|^(1 - alpha) (alpha = 0 stays
-    s = 1). Not used by the pass: on Gemma 3 270M it screened worse than mean|x|^alpha at blocks 128 and
-    32 (benchmarks/gptq_sweep.py awq-duo-*, NOTES.md); kept for that screen."""
+    s = 1). Not used by the pass: on Gemma 3 270M it screened 3.5 points worse than mean|x|^alpha at block
+    128, 2.2 worse at block 32 without the clip search and 0.6 better with it (benchmarks/gptq_sweep.py
+    awq-duo-*, NOTES.md); kept for that screen."""
     chunks = column_chunks(*w_KN.shape)
     w_chunks = [w_KN[:, c].contiguous() for c in chunks] if len(chunks) > 1 else [w_KN]
     references = [x_TK @ w for w in w_chunks]
