@@ -67,7 +67,8 @@ class LogitsFp32TopKPass(LlmcPass):
         if logits is not matmul.outputs[0]:
             raise ir.passes.PreconditionError(
                 f"logits-fp32-topk needs the lm_head MatMul to write `logits` itself; found "
-                f"{logits.producer().op_type} after it (a softcap?): put the pass before those ops are added")
+                f"{logits.producer().op_type} after it (a softcap?), which it cannot refine through: use a recipe "
+                f"without logits-fp32-topk for this model")
         hidden, weight = matmul.inputs
         nodes: list[ir.Node] = []
 
