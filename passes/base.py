@@ -8,6 +8,7 @@ may let the logits move.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 # (max |logit diff| vs the graph before the pass, min greedy agreement with it). Exact rewrites
@@ -25,3 +26,11 @@ class LlmcPass(ir.passes.InPlacePass):
     def from_context(cls, ctx, **options) -> "LlmcPass":
         """The pass as a recipe names it: its options from the recipe, build facts from `ctx`."""
         return cls(**options)
+
+
+def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A typed, shaped initializer holding `array` (shapes, axes, sizes a rewrite feeds its new nodes)."""
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type, value.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value

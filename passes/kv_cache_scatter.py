@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from compiler.graph_io import PRESENT_RE, past_name
 
-from .base import LlmcPass
+from .base import LlmcPass, register_constant
 
 POSITION_IDS = "position_ids"
 OPSET = 24  # TensorScatter
@@ -41,13 +41,6 @@ def layer_windows(model: ir.Model) -> tuple[int, ...]:
     """The per-layer windows the export recorded (empty: no layer slides)."""
     text = model.graph.metadata_props.get(LAYER_WINDOWS, "")
     return tuple(int(w) for w in text.split(",")) if text else ()
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type, value.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 def _cache_concats(model: ir.Model) -> list[tuple[ir.Node, ir.Value, ir.Value]]:
@@ -108,10 +101,10 @@ class KvCacheScatterPass(LlmcPass):
         first = graph.node(0)
 
         # write_index[b] = position_ids[b, 0]; slot[j] = j for j < capacity; mask = slot <= position.
-        zero = _const(graph, "kv_cache.zero", np.array(0, np.int64))
-        one = _const(graph, "kv_cache.one", np.array(1, np.int64))
-        slot_axes = _const(graph, "kv_cache.slot_axes", np.array([0, 1, 2], np.int64))
-        pos_axes = _const(graph, "kv_cache.pos_axes", np.array([1, 3], np.int64))
+        zero = register_constant(graph, "kv_cache.zero", np.array(0, np.int64))
+        one = register_constant(graph, "kv_cache.one", np.array(1, np.int64))
+        slot_axes = register_constant(graph, "kv_cache.slot_axes", np.array([0, 1, 2], np.int64))
+        pos_axes = register_constant(graph, "kv_cache.pos_axes", np.array([1, 3], np.int64))
         some_past = concats[0][1]
         nodes = [
             ir.node("Gather", [position_ids, zero], attributes={"axis": 1}, name="kv_cache.write_index"),
@@ -129,7 +122,7 @@ class KvCacheScatterPass(LlmcPass):
         masks = {0: mask}
         for window in sorted({w for w in attention_windows.values() if w > 0}):
             # in_window = slot > pos - window, the same Bx1xSxT broadcast as the causal mask
-            floor = ir.node("Sub", [nodes[5].outputs[0], _const(graph, f"kv_cache.window_{window}",
+            floor = ir.node("Sub", [nodes[5].outputs[0], register_constant(graph, f"kv_cache.window_{window}",
                                                                  np.array(window, np.int64))],
                             name=f"kv_cache.window_floor_{window}")
             inside = ir.node("Greater", [nodes[4].outputs[0], floor.outputs[0]], name=f"kv_cache.in_window_{window}")

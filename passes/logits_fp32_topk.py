@@ -33,12 +33,13 @@ a DequantizeLinear) is gathered by column.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
-from .base import LlmcPass
+from .base import LlmcPass, register_constant
 from .last_position_logits import lm_head
 
-F32, I64 = ir.DataType.FLOAT, ir.DataType.INT64
+F32 = ir.DataType.FLOAT
 PREFIX, LOGITS = "llmc.logits_fp32", "logits"
 
 
@@ -79,10 +80,7 @@ class LogitsFp32TopKPass(LlmcPass):
             return node.outputs[0]
 
         def const(name, values):
-            value = ir.Value(name=f"{PREFIX}.{name}", shape=ir.Shape([len(values)]), type=ir.TensorType(I64),
-                             const_value=ir.tensor(values, dtype=I64))
-            graph.register_initializer(value)
-            return value
+            return register_constant(graph, f"{PREFIX}.{name}", np.array(values, np.int64))
 
         logits.name = f"{PREFIX}.fp16"
         wide = add("Cast", [logits], "wide", to=F32)

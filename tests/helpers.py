@@ -42,6 +42,15 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in ex.run(feeds).items()}
 
 
+def run_small(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    """A hand-built graph with one input `x`, on onnxruntime's CPU provider (the executor of every numerics
+    claim here), straight from memory; its one output as float32."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float32)
+
+
 def build_with_backend(onnx_path: Path, tmp: Path, max_seq: int = 64):
     """Parse + build with TensorRT(-RTX); returns the EngineArtifact (layer types, I/O)."""
     return build_engine(onnx_path, tmp / "model.plan", BuildOptions(max_batch=2, max_seq=max_seq), get_backend())

@@ -11,7 +11,7 @@ import pytest
 from compiler.engine.trt_logger import process_logger
 from passes import PassContext, QuantizeFp8Pass, make_pass
 from passes.weight_quant import matching_matmuls, module_name
-from helpers import build_with_backend, held_out_ids, op_counts, run_onnx, trained_feeds
+from helpers import build_with_backend, held_out_ids, op_counts, run_onnx, run_small, trained_feeds
 
 E4M3_MAX = 448.0  # OCP FP8 spec: E4M3's largest finite magnitude (1.75 x 2^8)
 GROUPS_PER_LAYER = 4  # q/k/v share one input, gate/up another; o_proj and down_proj one each
@@ -49,14 +49,6 @@ def one_matmul(w_KN: np.ndarray) -> ir.Model:
     mm.outputs[0].name, mm.outputs[0].type, mm.outputs[0].shape = "y", ir.TensorType(ir.DataType.FLOAT16), ir.Shape(["b", "s", N])
     graph = ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 23}, name="g")
     return ir.Model(graph, ir_version=11)
-
-
-def run_small(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    """onnxruntime on the CPU, the executor of every numerics claim here."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0].astype(np.float32)
 
 
 @pytest.fixture

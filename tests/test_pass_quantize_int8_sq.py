@@ -8,7 +8,7 @@ import pytest
 
 from passes import QuantizeInt8SqPass
 from passes.weight_quant import matching_matmuls
-from helpers import build_with_backend, op_counts, run_onnx, trained_feeds
+from helpers import build_with_backend, op_counts, run_onnx, run_small, trained_feeds
 
 K, N, NAME = 64, 48, "model.layers.0.self_attn.q_proj"
 EPS = 1e-6
@@ -45,13 +45,6 @@ def fake_quant_int8(x16: np.ndarray, scale: float) -> np.ndarray:
 def fake_quant_weight(w_KN: np.ndarray) -> np.ndarray:
     scale = (np.abs(w_KN.astype(np.float32)).max(axis=0) / 127).astype(w_KN.dtype).astype(np.float32)
     return np.clip(np.rint(w_KN.astype(np.float32) / scale), -127, 127) * scale
-
-
-def run_small(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0].astype(np.float32)
 
 
 @pytest.fixture
